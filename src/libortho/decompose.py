@@ -1,0 +1,258 @@
+"""Offline decomposition of a Hugging Face causal LM into base + ortho streams.
+
+Sequential, block by block, in the order the data flows (the GPTQ scheme): the calibration
+activations entering block k come out of the *already decomposed* blocks before it, so memory
+stays at one block plus the activations. Inside a block, linears that read the same input
+(q/k/v; gate/up) form one stage; with ``true_sequential`` each stage sees the outputs of the
+stages before it already quantized.
+
+The base stream is calibrated with the ortho stream *off* (alpha = 0 while propagating), so
+the base is exactly plain GPTQ whatever the selector: alpha = 0 is the null model by
+construction, and one quantization pass serves every selector/rho (see :func:`select_ortho`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import psutil
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from libortho.config import DecomposeConfig, SelectConfig
+from libortho.curvature import HessianAccumulator
+from libortho.models.layers import block_linears, decoder_blocks
+from libortho.quant import quantize
+from libortho.runtime import OrthoLinear, replace_module
+from libortho.select import global_threshold, impact_scores, optimal_values, threshold_mask, topk_mask
+from libortho.streams import BaseStream, SparseOrtho
+
+
+class _StopForward(Exception):
+    """Raised by the capture hook once block 0's inputs are recorded."""
+
+
+@dataclass(eq=False)
+class LayerRecord:
+    """What re-selecting the ortho stream of one linear needs: W, its base stream and H."""
+
+    weight: torch.Tensor
+    base: BaseStream
+    hessian: torch.Tensor
+    quant_info: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(eq=False)
+class DecompositionResult:
+    """The patched model's per-layer streams plus timing and memory figures."""
+
+    base: dict[str, BaseStream]
+    ortho: dict[str, SparseOrtho]
+    records: dict[str, LayerRecord]
+    stats: dict[str, Any]
+
+
+def _batches(calib: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
+    if calib.dim() != 2 or calib.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"calibration must be a (n, seq_len) integer tensor, got "
+                         f"{tuple(calib.shape)} {calib.dtype}")
+    if calib.shape[0] == 0:
+        raise ValueError("calibration set is empty")
+    return [calib[i:i + batch_size] for i in range(0, calib.shape[0], batch_size)]
+
+
+@torch.no_grad()
+def capture_block_inputs(model: nn.Module, calib: torch.Tensor, batch_size: int,
+                         ) -> tuple[list[torch.Tensor], list[dict[str, Any]]]:
+    """Run the model up to decoder block 0; return its hidden-state inputs and kwargs per batch."""
+    first = decoder_blocks(model)[0]
+    hidden: list[torch.Tensor] = []
+    kwargs_list: list[dict[str, Any]] = []
+
+    def hook(_mod: nn.Module, args: tuple, kwargs: dict) -> None:
+        hs = args[0] if args else kwargs.pop("hidden_states")
+        hidden.append(hs.detach())
+        kw = {k: v for k, v in kwargs.items() if k not in ("hidden_states", "past_key_values")}
+        kw["use_cache"] = False
+        kwargs_list.append(kw)
+        raise _StopForward
+
+    handle = first.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for batch in _batches(calib, batch_size):
+            try:
+                model(input_ids=batch, use_cache=False)
+            except _StopForward:
+                pass
+    finally:
+        handle.remove()
+    return hidden, kwargs_list
+
+
+def _block_out(block: nn.Module, hs: torch.Tensor, kw: dict[str, Any]) -> torch.Tensor:
+    out = block(hs, **kw)
+    return out[0] if isinstance(out, tuple) else out
+
+
+@torch.no_grad()
+def _linear_stages(block: nn.Module, linears: dict[str, nn.Linear], hs: torch.Tensor,
+                   kw: dict[str, Any]) -> list[list[str]]:
+    """Group the block's linears into stages of shared input, in call order."""
+    order: list[tuple[str, int]] = []
+    handles = [lin.register_forward_pre_hook(
+        lambda _m, args, n=name: order.append((n, args[0].data_ptr()))) for name, lin in linears.items()]
+    try:
+        _block_out(block, hs[:1], kw_slice(kw, 1))
+    finally:
+        for h in handles:
+            h.remove()
+    stages: list[list[str]] = []
+    seen: dict[int, int] = {}
+    for name, ptr in order:
+        if any(name in s for s in stages):
+            continue
+        if ptr in seen:
+            stages[seen[ptr]].append(name)
+        else:
+            seen[ptr] = len(stages)
+            stages.append([name])
+    missing = [n for n in linears if not any(n in s for s in stages)]
+    return stages + ([missing] if missing else [])
+
+
+def kw_slice(kw: dict[str, Any], n: int) -> dict[str, Any]:
+    """Slice batch-dimensioned tensors (and tuples of them) in block kwargs to the first n rows."""
+    def cut(v: Any) -> Any:
+        if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] > n:
+            return v[:n]
+        if isinstance(v, tuple):
+            return tuple(cut(x) for x in v)
+        return v
+    return {k: cut(v) for k, v in kw.items()}
+
+
+@torch.no_grad()
+def _accumulate(block: nn.Module, linears: dict[str, nn.Linear], names: list[str],
+                hidden: list[torch.Tensor], kws: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    """Hessians of the named linears' inputs over all calibration batches (shared when inputs are)."""
+    accs: dict[str, HessianAccumulator] = {}
+    handles = []
+    for name in names:
+        lin = linears[name]
+        accs[name] = HessianAccumulator(lin.in_features)
+        handles.append(lin.register_forward_pre_hook(
+            lambda _m, args, n=name: accs[n].add_batch(args[0].detach().float())))
+    try:
+        for hs, kw in zip(hidden, kws, strict=True):
+            _block_out(block, hs, kw)
+    finally:
+        for h in handles:
+            h.remove()
+    return {n: a.H for n, a in accs.items()}
+
+
+def make_ortho(weight: torch.Tensor, base: BaseStream, H: torch.Tensor, cfg: SelectConfig,
+               threshold: float | None = None) -> SparseOrtho:
+    """Score the residual of one layer, pick its support and store the chosen values."""
+    R = weight.float() - base.dequantize()
+    scores = impact_scores(cfg.selector, R, H)
+    if threshold is not None:
+        mask = scores >= threshold
+    elif cfg.tau is not None:
+        mask = threshold_mask(scores, cfg.tau)
+    else:
+        mask = topk_mask(scores, cfg.rho)
+    values = optimal_values(R, H, mask) if cfg.values == "optimal" else R
+    return SparseOrtho.from_mask(values, mask, cfg.dtype)
+
+
+def select_ortho(records: dict[str, LayerRecord], cfg: SelectConfig) -> dict[str, SparseOrtho]:
+    """Ortho streams for every recorded layer (per-layer rho, global rho, or threshold tau)."""
+    threshold = None
+    if cfg.scope == "global" and cfg.tau is None:
+        scores = [impact_scores(cfg.selector, r.weight.float() - r.base.dequantize(), r.hessian)
+                  for r in records.values()]
+        threshold = global_threshold(scores, cfg.rho)
+        del scores
+    return {n: make_ortho(r.weight, r.base, r.hessian, cfg, threshold) for n, r in records.items()}
+
+
+def attach_ortho(model: nn.Module, ortho: dict[str, SparseOrtho], alpha: float = 1.0) -> None:
+    """Give the model's OrthoLinear layers their ortho streams and set alpha."""
+    mods = dict(model.named_modules())
+    for name, o in ortho.items():
+        mod = mods.get(name)
+        if not isinstance(mod, OrthoLinear):
+            raise KeyError(f"{name!r} is not an OrthoLinear layer of this model")
+        mod.set_ortho(o)
+        mod.alpha = alpha
+
+
+def _quantize_stage(prefix: str, linears: dict[str, nn.Linear], names: list[str],
+                    hessians: dict[str, torch.Tensor], cfg: DecomposeConfig, block: nn.Module,
+                    result: DecompositionResult, keep: bool) -> None:
+    for name in names:
+        lin = linears[name]
+        W = lin.weight.detach().float()
+        res = quantize(W, cfg.quant, hessians[name])
+        base = res.to_stream()
+        full = f"{prefix}.{name}"
+        result.base[full] = base
+        if cfg.ortho and cfg.select.scope == "layer":
+            result.ortho[full] = make_ortho(W, base, hessians[name], cfg.select)
+        if keep:
+            result.records[full] = LayerRecord(W.clone(), base, hessians[name],
+                                               {k: v for k, v in res.info.items() if k != "losses"})
+        bias = None if lin.bias is None else lin.bias.detach().clone()
+        replace_module(block, name, OrthoLinear(base, None, bias, alpha=0.0))
+
+
+@torch.no_grad()
+def decompose(model: nn.Module, calibration: torch.Tensor, config: DecomposeConfig | None = None,
+              keep_records: bool = False, true_sequential: bool = True, alpha: float = 1.0,
+              progress: bool = True, on_block: Callable[[int], None] | None = None,
+              ) -> DecompositionResult:
+    """Replace every decoder-block linear of ``model`` by an :class:`OrthoLinear` (in place).
+
+    ``calibration``: (n, seq_len) token ids of public text for the base stream's Hessians.
+    ``keep_records`` keeps W, base and H of every layer so :func:`select_ortho` can rebuild
+    the ortho stream for other selectors/rho without recalibrating (needed for global scope).
+    """
+    cfg = config or DecomposeConfig()
+    keep = keep_records or (cfg.ortho and cfg.select.scope == "global")
+    model.eval()
+    t0, rss0 = time.perf_counter(), psutil.Process().memory_info().rss
+    peak = rss0
+    result = DecompositionResult({}, {}, {}, {})
+    hidden, kws = capture_block_inputs(model, calibration, cfg.batch_size)
+    blocks = decoder_blocks(model)
+    prefixes = {id(m): n for n, m in model.named_modules()}
+    for k, block in enumerate(tqdm(blocks, desc="decompose", disable=not progress, unit="block")):
+        prefix = prefixes[id(block)]
+        linears = {n: m for n, m in block_linears(block).items()
+                   if not any(s in f"{prefix}.{n}" for s in cfg.skip)}
+        stages = _linear_stages(block, linears, hidden[0], kws[0])
+        if not true_sequential:
+            stages = [[n for s in stages for n in s]]
+        for stage in stages:
+            hessians = _accumulate(block, linears, stage, hidden, kws)
+            _quantize_stage(prefix, linears, stage, hessians, cfg, block, result, keep)
+            peak = max(peak, psutil.Process().memory_info().rss)
+        hidden = [_block_out(block, hs, kw) for hs, kw in zip(hidden, kws, strict=True)]
+        if on_block is not None:
+            on_block(k)
+    if cfg.ortho:
+        if cfg.select.scope == "global":
+            result.ortho = select_ortho(result.records, cfg.select)
+        attach_ortho(model, result.ortho, alpha)
+    if not keep_records:
+        result.records = {}
+    result.stats = {"wall_s": time.perf_counter() - t0, "peak_rss_mb": peak / 2**20,
+                    "rss_growth_mb": (peak - rss0) / 2**20, "blocks": len(blocks),
+                    "layers": len(result.base), "calib_tokens": int(calibration.numel()),
+                    "true_sequential": true_sequential}
+    return result

@@ -1,0 +1,85 @@
+"""Impact scores of residual entries ``R = W - Q``, one registry for all selectors.
+
+Every score is a pure function ``(R, H) -> scores`` of the same shape as R; larger means the
+entry matters more to the layer's output and belongs in the ortho stream.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+ScoreFn = Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]
+SELECTORS: dict[str, ScoreFn] = {}
+
+
+def register_selector(name: str) -> Callable[[ScoreFn], ScoreFn]:
+    """Decorator adding a score function to :data:`SELECTORS` under ``name``."""
+
+    def wrap(fn: ScoreFn) -> ScoreFn:
+        if name in SELECTORS:
+            raise ValueError(f"selector {name!r} registered twice")
+        SELECTORS[name] = fn
+        return fn
+
+    return wrap
+
+
+def damped_hessian(H: torch.Tensor, damp: float = 0.01) -> torch.Tensor:
+    """H with dead columns set to 1 and ``damp * mean(diag H)`` added, as GPTQ does."""
+    H = H.clone().double()
+    diag = torch.diagonal(H)
+    dead = diag == 0
+    diag[dead] = 1.0
+    diag += damp * float(diag.mean())
+    return H
+
+
+def inverse_hessian_diag(H: torch.Tensor, damp: float = 0.01) -> torch.Tensor:
+    """``diag(H^-1)`` of the damped Hessian, raising the damping until Cholesky succeeds."""
+    for attempt in range(8):
+        Hd = damped_hessian(H, damp * 10**attempt)
+        L, info = torch.linalg.cholesky_ex(Hd)
+        if int(info) == 0:
+            Linv = torch.linalg.solve_triangular(L, torch.eye(L.shape[0], dtype=L.dtype), upper=False)
+            return (Linv * Linv).sum(0).float()
+    raise ValueError("Hessian is not positive definite even with damping raised 10^7-fold")
+
+
+def _need_h(name: str, H: torch.Tensor | None, R: torch.Tensor) -> torch.Tensor:
+    if H is None:
+        raise ValueError(f"selector {name!r} needs the layer Hessian H")
+    if H.shape != (R.shape[1], R.shape[1]):
+        raise ValueError(f"H has shape {tuple(H.shape)}, expected {(R.shape[1], R.shape[1])}")
+    return H
+
+
+@register_selector("magnitude")
+def magnitude_score(R: torch.Tensor, H: torch.Tensor | None = None) -> torch.Tensor:
+    """``R_ij^2``: the residual's own size, blind to curvature."""
+    return R.float().square()
+
+
+@register_selector("obs")
+def obs_saliency(R: torch.Tensor, H: torch.Tensor | None = None) -> torch.Tensor:
+    """``R_ij^2 / [H^-1]_jj``: optimal-brain-surgeon saliency (seed 002 eq. 8)."""
+    H = _need_h("obs", H, R)
+    return R.float().square() / inverse_hessian_diag(H).clamp_min(1e-30)[None, :]
+
+
+@register_selector("diag")
+def diag_score(R: torch.Tensor, H: torch.Tensor | None = None) -> torch.Tensor:
+    """``R_ij^2 * H_jj``: the literal diagonal-Hessian approximation (seed 001 §3.1)."""
+    H = _need_h("diag", H, R)
+    return R.float().square() * torch.diagonal(H).float()[None, :]
+
+
+def impact_scores(name: str, R: torch.Tensor, H: torch.Tensor | None) -> torch.Tensor:
+    """Dispatch to the registered selector ``name``."""
+    if name not in SELECTORS:
+        raise ValueError(f"unknown selector {name!r}; available: {sorted(SELECTORS)}")
+    scores = SELECTORS[name](R, H)
+    if not torch.isfinite(scores).all():
+        raise ValueError(f"selector {name!r} produced non-finite scores (NaN/inf in R or H?)")
+    return scores

@@ -1,0 +1,79 @@
+"""The dense base stream: packed b-bit codes plus per-group fp16 scales and zero points.
+
+Dequantized value of entry (i, j): ``(code[i, j] - zero[i, g(j)]) * scale[i, g(j)]`` with
+``g(j) = j // group_size``; the last group may be partial. Storage only: no ``nn.Module``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from libortho.config import SUPPORTED_BITS
+from libortho.quant.pack import pack_codes, packed_row_bytes, unpack_codes
+
+
+def num_groups(d_in: int, group_size: int) -> int:
+    """Number of column groups along ``in_features`` (the last may be partial)."""
+    return (d_in + group_size - 1) // group_size
+
+
+def expand_groups(t: torch.Tensor, d_in: int, group_size: int) -> torch.Tensor:
+    """Repeat per-group columns ``(d_out, n_groups)`` to per-column ``(d_out, d_in)``."""
+    return t.repeat_interleave(group_size, dim=1)[:, :d_in]
+
+
+@dataclass(frozen=True, eq=False)
+class BaseStream:
+    """Packed integer codes + fp16 group parameters of one weight matrix ``(d_out, d_in)``."""
+
+    packed: torch.Tensor  # uint8 (d_out, packed_row_bytes(d_in, bits))
+    scales: torch.Tensor  # fp16 (d_out, n_groups)
+    zeros: torch.Tensor  # fp16 (d_out, n_groups), in code units (may be fractional)
+    bits: int
+    group_size: int
+    shape: tuple[int, int]
+
+    def __post_init__(self) -> None:
+        d_out, d_in = self.shape
+        if self.bits not in SUPPORTED_BITS:
+            raise ValueError(f"unsupported bits {self.bits}")
+        ng = num_groups(d_in, self.group_size)
+        if tuple(self.packed.shape) != (d_out, packed_row_bytes(d_in, self.bits)):
+            raise ValueError(f"packed codes have shape {tuple(self.packed.shape)}, expected "
+                             f"{(d_out, packed_row_bytes(d_in, self.bits))}")
+        for name in ("scales", "zeros"):
+            t = getattr(self, name)
+            if tuple(t.shape) != (d_out, ng):
+                raise ValueError(f"{name} have shape {tuple(t.shape)}, expected {(d_out, ng)}")
+
+    @classmethod
+    def from_codes(cls, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                   bits: int, group_size: int) -> BaseStream:
+        """Pack unpacked codes ``(d_out, d_in)``; scales/zeros are stored as fp16."""
+        d_out, d_in = codes.shape
+        return cls(
+            packed=pack_codes(codes, bits),
+            scales=scales.detach().to(torch.float16).contiguous().clone(),
+            zeros=zeros.detach().to(torch.float16).contiguous().clone(),
+            bits=bits,
+            group_size=group_size,
+            shape=(int(d_out), int(d_in)),
+        )
+
+    def codes(self) -> torch.Tensor:
+        """Unpacked uint8 codes ``(d_out, d_in)``."""
+        return unpack_codes(self.packed, self.bits, self.shape[1])
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Dense dequantized weight Q ``(d_out, d_in)``, computed in fp32 then cast."""
+        d_in = self.shape[1]
+        s = expand_groups(self.scales.float(), d_in, self.group_size)
+        z = expand_groups(self.zeros.float(), d_in, self.group_size)
+        return ((self.codes().float() - z) * s).to(dtype)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of storage (codes + scales + zeros)."""
+        return sum(t.numel() * t.element_size() for t in (self.packed, self.scales, self.zeros))
