@@ -17,15 +17,15 @@ __all__ = [
 
 _LAZY = {
     "DecomposeConfig": "libortho.config", "QuantConfig": "libortho.config",
-    "SelectConfig": "libortho.config", "decompose": "libortho.decompose",
-    "select_ortho": "libortho.decompose", "load": "libortho.checkpoint", "save": "libortho.checkpoint",
+    "SelectConfig": "libortho.config", "decompose": "libortho.pipeline",
+    "select_ortho": "libortho.pipeline", "load": "libortho.checkpoint", "save": "libortho.checkpoint",
     "set_alpha": "libortho.runtime", "get_alpha": "libortho.runtime",
 }
 
 if TYPE_CHECKING:  # pragma: no cover
     from libortho.checkpoint import load, save
     from libortho.config import DecomposeConfig, QuantConfig, SelectConfig
-    from libortho.decompose import decompose, select_ortho
+    from libortho.pipeline import decompose, select_ortho
     from libortho.runtime import get_alpha, set_alpha
 
 

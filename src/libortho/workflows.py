@@ -12,10 +12,10 @@ from rich.console import Console
 from libortho.checkpoint import load, save
 from libortho.config import DecomposeConfig
 from libortho.data import calibration_blocks, load_corpus, token_blocks
-from libortho.decompose import decompose
 from libortho.eval import perplexity
 from libortho.io import read_decomposition
 from libortho.models import load_model
+from libortho.pipeline import decompose
 from libortho.runtime import set_alpha
 
 

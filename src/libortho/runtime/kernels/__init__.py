@@ -1,0 +1,1 @@
+"""Compute kernels for the base and ortho streams (CPU now; a Triton GPU path is planned)."""

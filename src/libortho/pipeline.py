@@ -13,6 +13,7 @@ construction, and one quantization pass serves every selector/rho (see :func:`se
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -84,10 +85,8 @@ def capture_block_inputs(model: nn.Module, calib: torch.Tensor, batch_size: int,
     handle = first.register_forward_pre_hook(hook, with_kwargs=True)
     try:
         for batch in _batches(calib, batch_size):
-            try:
+            with contextlib.suppress(_StopForward):
                 model(input_ids=batch, use_cache=False)
-            except _StopForward:
-                pass
     finally:
         handle.remove()
     return hidden, kwargs_list
@@ -102,9 +101,9 @@ def _block_out(block: nn.Module, hs: torch.Tensor, kw: dict[str, Any]) -> torch.
 def _linear_stages(block: nn.Module, linears: dict[str, nn.Linear], hs: torch.Tensor,
                    kw: dict[str, Any]) -> list[list[str]]:
     """Group the block's linears into stages of shared input, in call order."""
-    order: list[tuple[str, int]] = []
+    order: list[tuple[str, torch.Tensor]] = []  # holding the inputs keeps their addresses unique
     handles = [lin.register_forward_pre_hook(
-        lambda _m, args, n=name: order.append((n, args[0].data_ptr()))) for name, lin in linears.items()]
+        lambda _m, args, n=name: order.append((n, args[0]))) for name, lin in linears.items()]
     try:
         _block_out(block, hs[:1], kw_slice(kw, 1))
     finally:
@@ -112,13 +111,14 @@ def _linear_stages(block: nn.Module, linears: dict[str, nn.Linear], hs: torch.Te
             h.remove()
     stages: list[list[str]] = []
     seen: dict[int, int] = {}
-    for name, ptr in order:
+    for name, x in order:
         if any(name in s for s in stages):
             continue
-        if ptr in seen:
-            stages[seen[ptr]].append(name)
+        key = id(x)
+        if key in seen:
+            stages[seen[key]].append(name)
         else:
-            seen[ptr] = len(stages)
+            seen[key] = len(stages)
             stages.append([name])
     missing = [n for n in linears if not any(n in s for s in stages)]
     return stages + ([missing] if missing else [])
@@ -192,6 +192,11 @@ def attach_ortho(model: nn.Module, ortho: dict[str, SparseOrtho], alpha: float =
         mod.alpha = alpha
 
 
+def needs_calibration(cfg: DecomposeConfig) -> bool:
+    """Whether the decomposition needs layer Hessians (GPTQ base, or a curvature selector)."""
+    return cfg.quant.method != "rtn" or (cfg.ortho and cfg.select.selector != "magnitude")
+
+
 def _quantize_stage(prefix: str, linears: dict[str, nn.Linear], names: list[str],
                     hessians: dict[str, torch.Tensor], cfg: DecomposeConfig, block: nn.Module,
                     result: DecompositionResult, keep: bool) -> None:
@@ -212,15 +217,16 @@ def _quantize_stage(prefix: str, linears: dict[str, nn.Linear], names: list[str]
 
 
 @torch.no_grad()
-def decompose(model: nn.Module, calibration: torch.Tensor, config: DecomposeConfig | None = None,
+def decompose(model: nn.Module, calibration: torch.Tensor | None, config: DecomposeConfig | None = None,
               keep_records: bool = False, true_sequential: bool = True, alpha: float = 1.0,
               progress: bool = True, on_block: Callable[[int], None] | None = None,
-              ) -> DecompositionResult:
+              max_blocks: int | None = None) -> DecompositionResult:
     """Replace every decoder-block linear of ``model`` by an :class:`OrthoLinear` (in place).
 
     ``calibration``: (n, seq_len) token ids of public text for the base stream's Hessians.
     ``keep_records`` keeps W, base and H of every layer so :func:`select_ortho` can rebuild
     the ortho stream for other selectors/rho without recalibrating (needed for global scope).
+    ``max_blocks`` decomposes only the first blocks (tests, quick looks); the rest stay dense.
     """
     cfg = config or DecomposeConfig()
     keep = keep_records or (cfg.ortho and cfg.select.scope == "global")
@@ -228,13 +234,21 @@ def decompose(model: nn.Module, calibration: torch.Tensor, config: DecomposeConf
     t0, rss0 = time.perf_counter(), psutil.Process().memory_info().rss
     peak = rss0
     result = DecompositionResult({}, {}, {}, {})
-    hidden, kws = capture_block_inputs(model, calibration, cfg.batch_size)
-    blocks = decoder_blocks(model)
+    calibrate = needs_calibration(cfg)
+    if calibrate:
+        if calibration is None:
+            raise ValueError("this configuration needs calibration data (GPTQ or a curvature selector)")
+        hidden, kws = capture_block_inputs(model, calibration, cfg.batch_size)
+    blocks = decoder_blocks(model)[:max_blocks]
     prefixes = {id(m): n for n, m in model.named_modules()}
     for k, block in enumerate(tqdm(blocks, desc="decompose", disable=not progress, unit="block")):
         prefix = prefixes[id(block)]
         linears = {n: m for n, m in block_linears(block).items()
                    if not any(s in f"{prefix}.{n}" for s in cfg.skip)}
+        if not calibrate:  # RTN + magnitude: no curvature and no forward passes needed
+            eye = {n: torch.eye(m.in_features) for n, m in linears.items()}
+            _quantize_stage(prefix, linears, list(linears), eye, cfg, block, result, keep)
+            continue
         stages = _linear_stages(block, linears, hidden[0], kws[0])
         if not true_sequential:
             stages = [[n for s in stages for n in s]]
@@ -253,6 +267,6 @@ def decompose(model: nn.Module, calibration: torch.Tensor, config: DecomposeConf
         result.records = {}
     result.stats = {"wall_s": time.perf_counter() - t0, "peak_rss_mb": peak / 2**20,
                     "rss_growth_mb": (peak - rss0) / 2**20, "blocks": len(blocks),
-                    "layers": len(result.base), "calib_tokens": int(calibration.numel()),
+                    "layers": len(result.base), "calib_tokens": 0 if calibration is None else int(calibration.numel()),
                     "true_sequential": true_sequential}
     return result

@@ -1,0 +1,114 @@
+"""GPTQ: quantize columns one at a time, pushing each column's error onto the later columns.
+
+The update uses the upper Cholesky factor U of the damped inverse Hessian: quantizing column q
+with error e costs ``e^2 / U_qq^2`` and is compensated by ``W[:, q:] -= e / U_qq * U[q, q:]``.
+Columns go in blocks with lazy updates of the columns after the block. Group parameters are fit
+on the error-updated columns when a group's first column is reached, or, with act-order, once
+up front on the original columns (static groups), so the stored layout stays in column order.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from libortho.config import QuantConfig
+from libortho.quant.grid import (
+    QuantResult,
+    check_weight,
+    dequantize_with_params,
+    fit_grid,
+    fit_group_params,
+    quantize_with_params,
+)
+
+MAX_DAMP_RAISES = 6
+
+
+def prepare_hessian(W: torch.Tensor, H: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Copy W and H; zero the weights of dead inputs (H_jj == 0) and set their H_jj to 1."""
+    if H.shape != (W.shape[1], W.shape[1]):
+        raise ValueError(f"H has shape {tuple(H.shape)}, expected {(W.shape[1], W.shape[1])} for W {tuple(W.shape)}")
+    if not torch.isfinite(H).all():
+        raise ValueError("Hessian contains NaN or inf")
+    W, H = W.clone(), H.clone().to(W.dtype)
+    dead = torch.diagonal(H) == 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+    return W, H, dead
+
+
+def inverse_cholesky(H: torch.Tensor, damp: float) -> tuple[torch.Tensor, float]:
+    """Upper Cholesky factor of ``(H + damp * mean(diag H) I)^-1``, raising damp x10 on failure."""
+    mean_diag = float(torch.diagonal(H).mean())
+    eye = torch.eye(H.shape[0], dtype=H.dtype)
+    for _ in range(MAX_DAMP_RAISES + 1):
+        L, info = torch.linalg.cholesky_ex(H + damp * mean_diag * eye)
+        if int(info) == 0:
+            U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+            if int(info) == 0 and torch.isfinite(U).all():
+                return U, damp
+        damp *= 10
+    raise ValueError(f"Hessian is not positive definite even with damping {damp / 10:g} x mean(diag H)")
+
+
+def _group_columns(W: torch.Tensor, W1: torch.Tensor, Err1: torch.Tensor, U: torch.Tensor,
+                   i1: int, i: int, end: int) -> torch.Tensor:
+    """Current (fully error-updated) values of columns ``i1+i .. end`` inside and past the block."""
+    i2 = i1 + W1.shape[1]
+    inside = W1[:, i:min(end, i2) - i1]
+    if end <= i2:
+        return inside
+    pending = Err1[:, :i] @ U[i1:i1 + i, i2:end] if i else 0.0
+    return torch.cat([inside, W[:, i2:end] - pending], 1)
+
+
+def gptq_quantize(W: torch.Tensor, cfg: QuantConfig, H: torch.Tensor) -> QuantResult:
+    """GPTQ of ``W (d_out, d_in)`` against the layer Hessian ``H (d_in, d_in)``."""
+    check_weight(W)
+    if H is None:
+        raise ValueError("GPTQ needs the layer Hessian H")
+    t0 = time.perf_counter()
+    dtype = torch.float64 if W.dtype == torch.float64 else torch.float32
+    W, H, dead = prepare_hessian(W.detach().to(dtype), H.detach())
+    d_out, d_in = W.shape
+    g, maxq = cfg.group_size, 2**cfg.bits - 1
+    ng = (d_in + g - 1) // g
+    scales = torch.zeros(d_out, ng, dtype=dtype)
+    zeros = torch.zeros(d_out, ng, dtype=dtype)
+    perm = torch.arange(d_in)
+    if cfg.act_order:
+        s, z = fit_grid(W, cfg)  # static groups: fit on the original columns
+        scales, zeros = s.to(dtype), z.to(dtype)
+        perm = torch.argsort(torch.diagonal(H), descending=True, stable=True)
+        W, H = W[:, perm], H[perm][:, perm]
+    U, damp = inverse_cholesky(H, cfg.damp)
+    codes = torch.zeros(d_out, d_in, dtype=dtype)
+    losses = torch.zeros(d_out, d_in, dtype=dtype)
+    for i1 in range(0, d_in, cfg.block_size):
+        i2 = min(i1 + cfg.block_size, d_in)
+        W1, U1 = W[:, i1:i2].clone(), U[i1:i2, i1:i2]
+        Err1 = torch.zeros_like(W1)
+        for i in range(i2 - i1):
+            col = int(perm[i1 + i])
+            grp = col // g
+            if not cfg.act_order and col % g == 0:
+                s, z = fit_group_params(_group_columns(W, W1, Err1, U, i1, i, min(col + g, d_in)),
+                                        cfg.bits, cfg.symmetric, cfg.grid)
+                scales[:, grp], zeros[:, grp] = s, z
+            s, z = scales[:, grp], zeros[:, grp]
+            w, d = W1[:, i], U1[i, i]
+            c = quantize_with_params(w, s, z, cfg.bits)
+            err = (w - dequantize_with_params(c, s, z)) / d
+            codes[:, i1 + i] = c
+            losses[:, i1 + i] = err.square() / 2
+            W1[:, i:] -= err[:, None] * U1[i, i:][None, :]
+            Err1[:, i] = err
+        W[:, i2:] -= Err1 @ U[i1:i2, i2:]
+    inv = torch.argsort(perm)
+    codes, losses = codes[:, inv], losses[:, inv]
+    col_losses = losses.sum(0).float()
+    info = {"method": "gptq", "damp": damp, "act_order": cfg.act_order, "dead_columns": int(dead.sum()),
+            "losses": col_losses, "loss": float(col_losses.sum()), "time_s": time.perf_counter() - t0}
+    return QuantResult(codes.clamp(0, maxq).to(torch.uint8), scales.float(), zeros.float(), cfg.bits, g, info)

@@ -1,0 +1,153 @@
+"""Group-wise integer grids: scale/zero fitting (min-max, MSE clipping, HQQ), codes, QuantResult.
+
+A group is ``group_size`` consecutive columns (along ``in_features``) of one row; the last group
+may be partial. Dequantized value: ``(code - zero) * scale``. Scales and zeros are rounded to
+fp16 when fitted, so what the quantizer computes with is exactly what the stream stores.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from libortho.config import QuantConfig
+from libortho.streams.base import BaseStream, expand_groups, num_groups
+
+MIN_SCALE = 1e-6
+
+
+def _fp16(t: torch.Tensor) -> torch.Tensor:
+    """Round to the nearest fp16 value, keep the original dtype."""
+    return t.to(torch.float16).to(t.dtype)
+
+
+def quantize_with_params(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+    """Integer codes ``clamp(round(w / scale + zero), 0, 2^b - 1)`` (a float tensor of integers)."""
+    return torch.clamp(torch.round(w / scale + zero), 0, 2**bits - 1)
+
+
+def dequantize_with_params(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """``(codes - zero) * scale``."""
+    return (codes - zero) * scale
+
+
+def _minmax(w: torch.Tensor, bits: int, symmetric: bool, shrink: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    maxq = 2**bits - 1
+    if symmetric:
+        amax = w.abs().amax(1) * shrink
+        scale = _fp16((2 * amax / maxq).clamp_min(MIN_SCALE))
+        zero = torch.full_like(scale, (maxq + 1) / 2)
+        return scale, zero
+    lo, hi = w.amin(1) * shrink, w.amax(1) * shrink
+    scale = _fp16(((hi - lo) / maxq).clamp_min(MIN_SCALE))
+    zero = torch.round(-lo / scale)  # may lie outside [0, maxq] for one-signed groups: that is fine
+    # near-constant groups would need a huge zero point: use a range that includes 0 instead
+    wide = zero.abs() > 1024
+    if bool(wide.any()):
+        lo0, hi0 = torch.minimum(lo, torch.zeros_like(lo)), torch.maximum(hi, torch.zeros_like(hi))
+        s0 = _fp16(((hi0 - lo0) / maxq).clamp_min(MIN_SCALE))
+        scale = torch.where(wide, s0, scale)
+        zero = torch.where(wide, torch.clamp(torch.round(-lo0 / s0), 0, maxq), zero)
+    return scale, zero
+
+
+def _sq_err(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+    s, z = scale[:, None], zero[:, None]
+    return (dequantize_with_params(quantize_with_params(w, s, z, bits), s, z) - w).square().sum(1)
+
+
+def _mse_search(w: torch.Tensor, bits: int, symmetric: bool, steps: int = 80,
+                min_shrink: float = 0.2) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row, the clipping factor (1 down to ``min_shrink``) with least squared error."""
+    best_s, best_z = _minmax(w, bits, symmetric)
+    best_e = _sq_err(w, best_s, best_z, bits)
+    for shrink in torch.linspace(1.0, min_shrink, steps)[1:].tolist():
+        s, z = _minmax(w, bits, symmetric, shrink)
+        e = _sq_err(w, s, z, bits)
+        better = e < best_e
+        best_s, best_z, best_e = (torch.where(better, s, best_s), torch.where(better, z, best_z),
+                                  torch.where(better, e, best_e))
+    return best_s, best_z
+
+
+def _hqq_zero(w: torch.Tensor, bits: int, iters: int = 20, p: float = 0.7, beta: float = 10.0,
+              kappa: float = 1.01) -> tuple[torch.Tensor, torch.Tensor]:
+    """HQQ-style half-quadratic refinement of a float zero point (scale fixed from min-max).
+
+    Alternates a generalised soft-threshold of the error (the lp, p < 1, proximal step) with the
+    closed-form zero update; keeps, per row, the iterate with the least squared error.
+    """
+    scale, zero = _minmax(w, bits, symmetric=False)
+    s = scale[:, None]
+    z = zero[:, None].clone()
+    best_z, best_e = zero.clone(), _sq_err(w, scale, zero, bits)
+    for _ in range(iters):
+        q = quantize_with_params(w, s, z, bits)
+        err = w - dequantize_with_params(q, s, z)
+        shrunk = torch.sign(err) * torch.relu(err.abs() - err.abs().clamp_min(1e-12).pow(p - 1) / beta)
+        z = _fp16((q - (w - shrunk) / s).mean(1, keepdim=True))
+        e = _sq_err(w, scale, z[:, 0], bits)
+        better = e < best_e
+        best_z, best_e = torch.where(better, z[:, 0], best_z), torch.where(better, e, best_e)
+        beta *= kappa
+    return scale, best_z
+
+
+def fit_group_params(w: torch.Tensor, bits: int, symmetric: bool = False, method: str = "minmax",
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero point (each ``(rows,)``, fp16-exact) for one column group ``w (rows, cols)``."""
+    if method == "minmax":
+        return _minmax(w, bits, symmetric)
+    if method == "mse":
+        return _mse_search(w, bits, symmetric)
+    if method == "hqq":
+        if symmetric:
+            raise ValueError("the hqq grid optimises a free zero point: use symmetric=False")
+        return _hqq_zero(w, bits)
+    raise ValueError(f"unknown grid method {method!r} (minmax, mse, hqq)")
+
+
+def fit_grid(W: torch.Tensor, cfg: QuantConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scales and zeros ``(d_out, n_groups)`` for every column group of ``W``."""
+    d_in, g = W.shape[1], cfg.group_size
+    pairs = [fit_group_params(W[:, j:j + g], cfg.bits, cfg.symmetric, cfg.grid) for j in range(0, d_in, g)]
+    return torch.stack([p[0] for p in pairs], 1), torch.stack([p[1] for p in pairs], 1)
+
+
+@dataclass(frozen=True, eq=False)
+class QuantResult:
+    """Integer codes + per-group scale/zero of one matrix, and what the quantizer measured."""
+
+    codes: torch.Tensor  # uint8 (d_out, d_in)
+    scales: torch.Tensor  # fp32 (d_out, n_groups), fp16-exact
+    zeros: torch.Tensor  # fp32 (d_out, n_groups), fp16-exact, in code units
+    bits: int
+    group_size: int
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        d_out, d_in = self.codes.shape
+        ng = num_groups(d_in, self.group_size)
+        if self.scales.shape != (d_out, ng) or self.zeros.shape != (d_out, ng):
+            raise ValueError(f"scales/zeros must be {(d_out, ng)}")
+
+    def dequantize(self) -> torch.Tensor:
+        """Dense fp32 ``Q`` ``(d_out, d_in)`` — identical to ``to_stream().dequantize()``."""
+        d_in = self.codes.shape[1]
+        s = expand_groups(self.scales.float(), d_in, self.group_size)
+        z = expand_groups(self.zeros.float(), d_in, self.group_size)
+        return (self.codes.float() - z) * s
+
+    def to_stream(self) -> BaseStream:
+        """Pack into the storage format of the base stream."""
+        return BaseStream.from_codes(self.codes, self.scales, self.zeros, self.bits, self.group_size)
+
+
+def check_weight(W: torch.Tensor, name: str = "weight") -> None:
+    """Refuse non-2-D or non-finite weights with a message naming the problem."""
+    if W.dim() != 2:
+        raise ValueError(f"{name} must be 2-D (d_out, d_in), got shape {tuple(W.shape)}")
+    if not torch.isfinite(W).all():
+        raise ValueError(f"{name} contains NaN or inf")
