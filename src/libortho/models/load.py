@@ -2,48 +2,86 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from libortho.models.assets import ensure_smollm2, strip_gguf_quantizer
 from libortho.models.tiny import ByteTokenizer, build_tiny_llama
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-ALIASES = ("smollm2-135m", "smollm2", "tiny")
+log = logging.getLogger(__name__)
+SMOLLM2_ALIASES = ("smollm2-135m", "smollm2", "smollm2-135m-instruct")
+ALIASES = (*SMOLLM2_ALIASES, "tiny")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
+
+
+def resolve_spec(spec: str | Path) -> tuple[Path, str | None]:
+    """(directory, gguf file name or None) for a model alias, a local HF directory or a ``.gguf`` file."""
+    name = str(spec)
+    if name in SMOLLM2_ALIASES:
+        return ensure_smollm2(), None
+    path = Path(name).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"model {name!r} not found: give one of {', '.join(ALIASES)}, a local Hugging Face "
+                                "directory or a .gguf file (nothing is downloaded from a hub)")
+    if path.is_file():
+        if path.suffix.lower() != ".gguf":
+            raise ValueError(f"{path} is a file but not a .gguf: give a Hugging Face model directory or a GGUF file")
+        return path.parent, path.name
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path / 'config.json'} not found: {path} is not a Hugging Face model directory")
+    return path, None
+
+
+def _load_tokenizer(path: Path, gguf_file: str | None) -> Any:
+    """The tokenizer stored with the model, or None (with a warning) when there is none."""
+    from transformers import AutoTokenizer
+
+    if (path / ByteTokenizer.FILE).is_file():
+        return ByteTokenizer.from_pretrained(path)
+    if gguf_file is None and not any((path / f).is_file() for f in TOKENIZER_FILES):
+        log.warning("no tokenizer files in %s: returning tokenizer None", path)
+        return None
+    kw: dict[str, Any] = {"local_files_only": True}
+    if gguf_file is not None:
+        kw["gguf_file"] = gguf_file
+    try:
+        return AutoTokenizer.from_pretrained(path, **kw)
+    except (OSError, ValueError, KeyError) as err:
+        log.warning("tokenizer of %s could not be loaded (%s): returning tokenizer None", path, err)
+        return None
+
+
+def _load_causal_lm(path: Path, gguf_file: str | None, dtype: torch.dtype) -> nn.Module:
+    """``AutoModelForCausalLM.from_pretrained`` from local files, with errors that name the path."""
+    from transformers import AutoModelForCausalLM
+
+    kw: dict[str, Any] = {"local_files_only": True, "dtype": dtype}
+    if gguf_file is not None:
+        kw["gguf_file"] = gguf_file
+    where = path / gguf_file if gguf_file else path
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **kw)
+    except ValueError as err:
+        if "Unrecognized configuration class" in str(err) or "AutoModelForCausalLM" in str(err):
+            raise ValueError(f"{where} does not hold a causal language model: {err}") from err
+        raise ValueError(f"{where} could not be loaded as a causal language model: {err}") from err
+    except OSError as err:
+        raise FileNotFoundError(f"{where}: model weights could not be read ({err})") from err
+    if gguf_file is not None:
+        strip_gguf_quantizer(model)  # dequantized on load: plain fp32 from here on
+    return model
 
 
 def load_model(spec: str | Path, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, Any]:
-    """(model, tokenizer) for ``smollm2-135m``, ``tiny``, a local HF directory or a ``.gguf`` file."""
-    name = str(spec)
-    if name in ("smollm2-135m", "smollm2"):
-        path: Path = ensure_smollm2()
-    elif name == "tiny":
-        return build_tiny_llama().to(dtype), ByteTokenizer()
-    else:
-        path = Path(name)
-        if not path.exists():
-            raise FileNotFoundError(f"model {name!r} not found: give {', '.join(ALIASES)}, a local directory "
-                                    "or a .gguf file (nothing is downloaded from a hub)")
-    kw: dict[str, Any] = {"local_files_only": True}
-    if path.is_file():
-        if path.suffix != ".gguf":
-            raise ValueError(f"{path} is a file but not a .gguf; give a HF model directory or a GGUF file")
-        path, kw["gguf_file"] = path.parent, path.name
-    elif not (path / "config.json").exists():
-        raise FileNotFoundError(f"{path} has no config.json: not a Hugging Face model directory")
-    try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kw)
-    except ValueError as err:
-        raise ValueError(f"{path} does not hold a causal language model: {err}") from err
-    if (path / ByteTokenizer.FILE).exists():
-        tok: Any = ByteTokenizer()
-    else:
-        tok = AutoTokenizer.from_pretrained(path, **kw)
-    if "gguf_file" in kw:
-        strip_gguf_quantizer(model)  # dequantized on load: plain fp32 from here on
-    return model.eval(), tok
+    """(model in eval mode, tokenizer or None) for ``smollm2-135m``, ``tiny``, a HF directory or a ``.gguf``."""
+    if str(spec) == "tiny":
+        return build_tiny_llama().to(dtype).eval(), ByteTokenizer()
+    path, gguf_file = resolve_spec(spec)
+    model = _load_causal_lm(path, gguf_file, dtype)
+    return model.eval(), _load_tokenizer(path, gguf_file)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from libortho.config import SUPPORTED_BITS
-from libortho.quant.pack import pack_codes, packed_row_bytes, unpack_codes
+from libortho.streams.pack import pack_codes, packed_row_bytes, unpack_codes
 
 
 def num_groups(d_in: int, group_size: int) -> int:

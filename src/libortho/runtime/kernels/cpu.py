@@ -11,9 +11,9 @@ INT4PACK_GROUP_SIZES = (32, 64, 128, 256)
 
 
 def int4pack_supported(bits: int, group_size: int, d_out: int, d_in: int) -> bool:
-    """Whether ``_weight_int4pack_mm_for_cpu`` can serve this layer (4-bit, whole groups, even K)."""
+    """Whether ``_weight_int4pack_mm_for_cpu`` can serve this layer (4-bit, whole groups, N % 16 == 0)."""
     return (bits == 4 and group_size in INT4PACK_GROUP_SIZES and d_in % group_size == 0
-            and d_in % 2 == 0 and hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"))
+            and d_in % 2 == 0 and d_out % 16 == 0 and hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"))
 
 
 def prepare_int4pack(stream: BaseStream) -> tuple[torch.Tensor, torch.Tensor]:
