@@ -10,7 +10,8 @@ from libortho.streams import BaseStream, SparseOrtho
 def _streams():
     g = torch.Generator().manual_seed(0)
     codes = torch.randint(0, 16, (6, 20), generator=g).to(torch.uint8)
-    base = {"l.a": BaseStream.from_codes(codes, torch.rand(6, 3, generator=g), torch.rand(6, 3, generator=g) * 15, 4, 8)}
+    scales, zeros = torch.rand(6, 3, generator=g), torch.rand(6, 3, generator=g) * 15
+    base = {"l.a": BaseStream.from_codes(codes, scales, zeros, 4, 8)}
     ortho = {"l.a": SparseOrtho.from_mask(torch.randn(6, 20, generator=g), torch.rand(6, 20, generator=g) < 0.1)}
     rest = {"embed.weight": torch.randn(10, 4, generator=g)}
     return base, ortho, rest

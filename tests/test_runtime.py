@@ -20,7 +20,8 @@ def _layer(d_out, d_in, gs, bits=4, rho=0.02, seed=0, ortho=True):
 
 
 @pytest.mark.parametrize("d_out,d_in,gs,bits,kernel", [
-    (96, 128, 64, 4, "int4pack"), (48, 96, 32, 4, "int4pack"), (40, 96, 32, 4, "dense-bfloat16"), (24, 100, 32, 4, "dense-bfloat16"),
+    (96, 128, 64, 4, "int4pack"), (48, 96, 32, 4, "int4pack"), (40, 96, 32, 4, "dense-bfloat16"),
+    (24, 100, 32, 4, "dense-bfloat16"),
     (24, 64, 16, 3, "dense-bfloat16")])
 def test_base_and_ortho_paths_match_dense_reference(d_out, d_in, gs, bits, kernel) -> None:
     W, base, ortho, mask = _layer(d_out, d_in, gs, bits)
