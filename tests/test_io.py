@@ -1,73 +1,180 @@
-"""The two-stream file format: round trip, physical separation, hashes, atomicity."""
+"""The decomposition file format: round trip, locked model, corruption, atomicity."""
+
+import json
+import logging
+from pathlib import Path
 
 import pytest
 import torch
 
-from libortho.io import CorruptDecompositionError, read_decomposition, write_decomposition
+import libortho.io as lio
+from libortho.io import (
+    CorruptDecompositionError,
+    atomic_write_json,
+    read_decomposition,
+    sha256_file,
+    write_decomposition,
+)
 from libortho.streams import BaseStream, SparseOrtho
 
 
-def _streams():
-    g = torch.Generator().manual_seed(0)
-    codes = torch.randint(0, 16, (6, 20), generator=g).to(torch.uint8)
-    scales, zeros = torch.rand(6, 3, generator=g), torch.rand(6, 3, generator=g) * 15
-    base = {"l.a": BaseStream.from_codes(codes, scales, zeros, 4, 8)}
-    ortho = {"l.a": SparseOrtho.from_mask(torch.randn(6, 20, generator=g), torch.rand(6, 20, generator=g) < 0.1)}
-    rest = {"embed.weight": torch.randn(10, 4, generator=g)}
+def _streams(seed: int = 0) -> tuple[dict, dict, dict]:
+    """Two layers (one with a partial group, one with an empty ortho stream) and a few rest tensors."""
+    g = torch.Generator().manual_seed(seed)
+    base, ortho = {}, {}
+    for name, (d_out, d_in), bits in (("layers.0.q", (8, 48), 4), ("layers.0.down", (6, 20), 8)):
+        codes = torch.randint(0, 2**bits, (d_out, d_in), generator=g, dtype=torch.uint8)
+        n_groups = -(-d_in // 16)
+        scales, zeros = torch.rand(d_out, n_groups, generator=g), torch.rand(d_out, n_groups, generator=g) * 8
+        base[name] = BaseStream.from_codes(codes, scales, zeros, bits, 16)
+        flat = torch.randperm(d_out * d_in, generator=g)[:10] if bits == 4 else torch.zeros(0, dtype=torch.long)
+        ortho[name] = SparseOrtho.from_flat(flat, torch.randn(flat.numel(), generator=g), (d_out, d_in))
+    rest = {"embed.weight": torch.randn(16, 8, generator=g), "norm.weight": torch.ones(8, dtype=torch.bfloat16)}
     return base, ortho, rest
 
 
-def _write(path, **kw):
+def _write(out: Path, with_ortho: bool = True, **kw) -> Path:
     base, ortho, rest = _streams()
-    return write_decomposition(path, base, ortho, rest, config={"k": 1}, provenance={"p": "t"}, **kw), base, ortho, rest
+    return write_decomposition(out, base, ortho if with_ortho else None, rest, config={"bits": 4, "rho": 0.01},
+                               provenance={"source_model": "unit-test"}, **kw)
 
 
-def test_roundtrip_and_separate_files(tmp_path) -> None:
-    out, base, ortho, rest = _write(tmp_path / "d")
-    assert sorted(p.name for p in out.iterdir()) == ["base.safetensors", "libortho.json", "ortho.safetensors",
-                                                     "rest.safetensors"]
+def test_round_trip_preserves_every_tensor(tmp_path) -> None:
+    base, ortho, rest = _streams()
+    tok = tmp_path / "tokenizer.json"
+    tok.write_text('{"vocab": 3}')
+    out = write_decomposition(tmp_path / "dec", base, ortho, rest, config={"bits": 4}, provenance={"source_model": "x"},
+                              extra_files={"tokenizer.json": tok}, hf_config={"model_type": "llama"})
+    assert sorted(p.name for p in out.iterdir()) == ["base.safetensors", "config.json", "libortho.json",
+                                                    "ortho.safetensors", "rest.safetensors", "tokenizer.json"]
     dec = read_decomposition(out)
-    b, o = dec.base["l.a"], dec.ortho["l.a"]
-    assert torch.equal(b.packed, base["l.a"].packed) and torch.equal(b.scales, base["l.a"].scales)
-    assert torch.equal(o.indices, ortho["l.a"].indices) and torch.equal(o.values, ortho["l.a"].values)
-    assert torch.equal(dec.rest["embed.weight"], rest["embed.weight"])
-    assert dec.manifest["layers"]["l.a"]["nnz"] == ortho["l.a"].nnz
-    assert set(dec.manifest["files"]) == {"base.safetensors", "ortho.safetensors", "rest.safetensors"}
+    assert not dec.ortho_missing and dec.path == out
+    for n, b in base.items():
+        got = dec.base[n]
+        assert (got.bits, got.group_size, got.shape) == (b.bits, b.group_size, b.shape)
+        assert all(torch.equal(getattr(got, k), getattr(b, k)) for k in ("packed", "scales", "zeros"))
+        assert torch.equal(dec.ortho[n].indices, ortho[n].indices) and torch.equal(dec.ortho[n].values, ortho[n].values)
+    assert dec.ortho["layers.0.down"].nnz == 0
+    assert all(torch.equal(dec.rest[k], v) and dec.rest[k].dtype == v.dtype for k, v in rest.items())
+    m = dec.manifest
+    assert m["format_version"] == lio.FORMAT_VERSION and m["config"] == {"bits": 4}
+    assert m["layers"]["layers.0.q"] == {"bits": 4, "group_size": 16, "shape": [8, 48], "nnz": 10,
+                                         "ortho_dtype": "float16"}
+    assert {"libortho", "torch", "written"} <= set(m["provenance"]) and m["provenance"]["source_model"] == "x"
+    assert m["files"]["base.safetensors"]["sha256"] == sha256_file(out / "base.safetensors")
+    assert "libortho.json" not in m["files"] and json.loads((out / "config.json").read_text())["model_type"] == "llama"
 
 
-def test_missing_ortho_locks_and_corruption_is_refused(tmp_path) -> None:
-    out, *_ = _write(tmp_path / "d")
+def test_base_and_ortho_live_in_separate_files(tmp_path) -> None:
+    from safetensors import safe_open
+
+    out = _write(tmp_path / "dec")
+    with safe_open(out / "base.safetensors", "pt") as f:
+        assert all(k.rsplit(".", 1)[1] in ("packed", "scales", "zeros") for k in f.keys())  # noqa: SIM118
+    with safe_open(out / "ortho.safetensors", "pt") as f:
+        assert sorted(f.keys()) == sorted(f"{n}.{k}" for n in ("layers.0.q", "layers.0.down")  # noqa: SIM118
+                                          for k in ("indices", "values"))
+        assert f.get_tensor("layers.0.q.indices").dtype == torch.int32
+
+
+def test_missing_ortho_gives_a_locked_model(tmp_path, caplog) -> None:
+    out = _write(tmp_path / "dec")
     (out / "ortho.safetensors").unlink()
-    dec = read_decomposition(out)
-    assert dec.ortho is None and dec.ortho_missing
-    original = (out / "base.safetensors").read_bytes()
-    data = bytearray(original)
-    data[-3] ^= 0xFF
-    (out / "base.safetensors").write_bytes(bytes(data))
-    with pytest.raises(CorruptDecompositionError, match="SHA-256"):
+    with caplog.at_level(logging.WARNING, logger="libortho.io"):
+        dec = read_decomposition(out)
+    assert dec.ortho is None and dec.ortho_missing and len(dec.base) == 2
+    assert "ortho stream not found: model locked at alpha=0" in caplog.text
+    never = read_decomposition(_write(tmp_path / "never", with_ortho=False))
+    assert never.ortho_missing and not never.manifest["has_ortho"]
+    unloaded = read_decomposition(_write(tmp_path / "full"), load_ortho=False)
+    assert unloaded.ortho is None and not unloaded.ortho_missing
+
+
+@pytest.mark.parametrize("name", ["base.safetensors", "ortho.safetensors", "rest.safetensors"])
+def test_flipped_byte_is_detected(tmp_path, name) -> None:
+    out = _write(tmp_path / "dec")
+    data = bytearray((out / name).read_bytes())
+    data[-3] ^= 0x01
+    (out / name).write_bytes(bytes(data))
+    with pytest.raises(CorruptDecompositionError, match=name):
         read_decomposition(out)
-    (out / "base.safetensors").write_bytes(original)
-    (out / "rest.safetensors").write_bytes((out / "rest.safetensors").read_bytes()[:-10])
+    if name == "ortho.safetensors":  # a present but corrupted ortho file is never silently skipped
+        with pytest.raises(CorruptDecompositionError, match=name):
+            read_decomposition(out, load_ortho=False)
+
+
+def test_truncated_file_is_detected_with_and_without_verification(tmp_path) -> None:
+    out = _write(tmp_path / "dec")
+    p = out / "base.safetensors"
+    p.write_bytes(p.read_bytes()[:-40])
     with pytest.raises(CorruptDecompositionError, match="truncated"):
-        read_decomposition(out, verify=True)
+        read_decomposition(out)
+    with pytest.raises(CorruptDecompositionError, match="base.safetensors"):
+        read_decomposition(out, verify=False)
+
+
+def test_missing_manifest_or_base_is_file_not_found(tmp_path) -> None:
+    out = _write(tmp_path / "dec")
+    (out / "base.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="base.safetensors"):
+        read_decomposition(out)
     (out / "libortho.json").unlink()
-    with pytest.raises(FileNotFoundError, match="not a libortho decomposition"):
+    with pytest.raises(FileNotFoundError, match="libortho.json"):
+        read_decomposition(out)
+    with pytest.raises(FileNotFoundError, match="not found"):
+        read_decomposition(tmp_path / "nothing-here")
+
+
+def test_corrupt_manifest_is_refused(tmp_path) -> None:
+    out = _write(tmp_path / "dec")
+    (out / "libortho.json").write_text("{not json")
+    with pytest.raises(CorruptDecompositionError, match="libortho.json"):
+        read_decomposition(out)
+    (out / "libortho.json").write_text(json.dumps({"format_version": 99}))
+    with pytest.raises(CorruptDecompositionError, match="version"):
         read_decomposition(out)
 
 
-def test_failed_write_leaves_nothing_and_no_overwrite(tmp_path, monkeypatch) -> None:
-    import libortho.io as io
-
-    def boom(*a, **k):
+def test_exception_mid_write_leaves_nothing(tmp_path, monkeypatch) -> None:
+    def boom(*_a, **_k):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(io, "atomic_write_json", boom)
+    monkeypatch.setattr(lio, "atomic_write_json", boom)  # fails after the tensor files are written
     with pytest.raises(RuntimeError, match="disk full"):
-        _write(tmp_path / "d")
+        _write(tmp_path / "dec")
     assert list(tmp_path.iterdir()) == []
-    monkeypatch.undo()
-    _write(tmp_path / "d")
-    with pytest.raises(FileExistsError, match="not empty"):
-        _write(tmp_path / "d")
-    _write(tmp_path / "d", overwrite=True)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["d"]
+
+
+def test_overwrite_is_refused_unless_asked(tmp_path) -> None:
+    out = _write(tmp_path / "dec")
+    before = sha256_file(out / "libortho.json")
+    with pytest.raises(FileExistsError, match="overwrite"):
+        _write(out)
+    assert sha256_file(out / "libortho.json") == before
+    (out / "stale.txt").write_text("old")
+    _write(out, with_ortho=False, overwrite=True)
+    assert not (out / "stale.txt").exists() and not (out / "ortho.safetensors").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dec"]  # no temp or old copies left behind
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert read_decomposition(_write(empty)).manifest["has_ortho"]
+
+
+def test_inconsistent_streams_are_refused(tmp_path) -> None:
+    base, ortho, rest = _streams()
+    ortho["layers.9.x"] = SparseOrtho.empty((2, 2))
+    with pytest.raises(ValueError, match="no base stream"):
+        write_decomposition(tmp_path / "dec", base, ortho, rest, {}, {})
+    assert not (tmp_path / "dec").exists()
+
+
+def test_atomic_write_json_and_sha256(tmp_path) -> None:
+    p = atomic_write_json(tmp_path / "sub" / "r.json", {"a": torch.tensor([1, 2]), "p": Path("/x"),
+                                                         "d": torch.float16})
+    assert json.loads(p.read_text()) == {"a": [1, 2], "p": "/x", "d": "torch.float16"}
+    assert [x.name for x in p.parent.iterdir()] == ["r.json"]
+    with pytest.raises(TypeError):
+        atomic_write_json(tmp_path / "bad.json", {"x": object()})
+    assert not (tmp_path / "bad.json").exists() and sorted(x.name for x in tmp_path.iterdir()) == ["sub"]
+    (tmp_path / "f").write_bytes(b"abc")
+    assert sha256_file(tmp_path / "f") == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"

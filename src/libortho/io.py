@@ -1,19 +1,23 @@
 """The on-disk decomposition format: separate base/ortho/rest safetensors + a manifest written last.
 
-A directory holds ``base.safetensors`` (packed codes, scales, zeros per layer),
-``ortho.safetensors`` (sorted int32 flat indices + values per layer; optional, physically
-separate), ``rest.safetensors`` (embeddings, norms, biases...), tokenizer files, ``config.json``
-and ``libortho.json`` (format version, config, provenance, per-layer metadata, per-file SHA-256).
-Everything is written into a temporary sibling directory and renamed into place, so a crash
-leaves no half-written output; loading verifies every hash.
+A directory holds ``base.safetensors`` (``{layer}.packed`` / ``.scales`` / ``.zeros``),
+``ortho.safetensors`` (``{layer}.indices`` int32 sorted flat indices / ``.values``; optional and
+physically separate), ``rest.safetensors`` (embeddings, norms, biases...), tokenizer files,
+``config.json`` and ``libortho.json`` (format version, config, provenance, per-layer bits /
+group size / shape / nnz, per-file SHA-256 and size). Everything is written into a temporary
+sibling directory and renamed into place, so a crash leaves no half-written output; reading
+verifies every present file against the manifest. This module knows nothing of ``nn.Module``.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import enum
 import hashlib
 import json
 import logging
 import os
+import platform
 import shutil
 import tempfile
 import time
@@ -30,6 +34,7 @@ from libortho.streams import BaseStream, SparseOrtho
 FORMAT_VERSION = 1
 MANIFEST = "libortho.json"
 BASE, ORTHO, REST = "base.safetensors", "ortho.safetensors", "rest.safetensors"
+RESERVED = (MANIFEST, BASE, ORTHO, REST)
 log = logging.getLogger(__name__)
 
 
@@ -38,7 +43,7 @@ class CorruptDecompositionError(ValueError):
 
 
 def sha256_file(path: str | Path) -> str:
-    """Hex SHA-256 of a file, streamed."""
+    """Hex SHA-256 of a file, read in 1 MiB chunks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -46,15 +51,32 @@ def sha256_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
+def _json_default(o: Any) -> Any:
+    """JSON for the odd types configs carry: tensors, paths, dtypes, dataclasses, enums, sets."""
+    if isinstance(o, torch.Tensor):
+        return o.tolist()
+    if isinstance(o, Path | torch.dtype):
+        return str(o)
+    if dataclasses.is_dataclass(o) and not isinstance(o, type):
+        return dataclasses.asdict(o)
+    if isinstance(o, enum.Enum):
+        return o.value
+    if isinstance(o, set | frozenset):
+        return sorted(o, key=str)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
 def atomic_write_json(path: str | Path, obj: Any) -> Path:
-    """Write JSON to a temporary file beside ``path`` and rename it into place."""
+    """Write JSON to a temporary file beside ``path``, fsync it, and rename it into place."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w") as f:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
             json.dump(obj, f, indent=2, default=_json_default)
             f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -62,15 +84,17 @@ def atomic_write_json(path: str | Path, obj: Any) -> Path:
     return path
 
 
-def _json_default(o: Any) -> Any:
-    if isinstance(o, torch.Tensor):
-        return o.tolist()
-    if isinstance(o, Path):
-        return str(o)
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+def _check_streams(base: dict[str, BaseStream], ortho: dict[str, SparseOrtho] | None) -> None:
+    """Refuse ortho layers without a base stream, or whose shape differs from it."""
+    for name, o in (ortho or {}).items():
+        if name not in base:
+            raise ValueError(f"ortho stream {name!r} has no base stream")
+        if tuple(o.shape) != tuple(base[name].shape):
+            raise ValueError(f"ortho stream {name!r} has shape {tuple(o.shape)}, base has {tuple(base[name].shape)}")
 
 
 def _layer_meta(base: dict[str, BaseStream], ortho: dict[str, SparseOrtho] | None) -> dict[str, dict]:
+    """Per-layer bits, group size, shape, nnz and ortho value dtype for the manifest."""
     meta = {}
     for name, b in base.items():
         o = None if ortho is None else ortho.get(name)
@@ -80,36 +104,73 @@ def _layer_meta(base: dict[str, BaseStream], ortho: dict[str, SparseOrtho] | Non
     return meta
 
 
+def _provenance(provenance: dict) -> dict:
+    """Caller provenance plus library, torch, safetensors and Python versions and the write time."""
+    import safetensors
+
+    import libortho
+
+    return {"libortho": libortho.__version__, "torch": torch.__version__, "safetensors": safetensors.__version__,
+            "python": platform.python_version(), "written": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            **provenance}
+
+
+def _write_payload(tmp: Path, base: dict[str, BaseStream], ortho: dict[str, SparseOrtho] | None,
+                   rest: dict[str, torch.Tensor], extra_files: dict[str, Path], hf_config: dict | None) -> None:
+    """Write the tensor files, tokenizer/extra files and ``config.json`` into ``tmp``."""
+    save_file({f"{n}.{k}": getattr(b, k).detach().cpu().contiguous() for n, b in base.items()
+               for k in ("packed", "scales", "zeros")}, tmp / BASE, metadata={"format": "libortho-base"})
+    if ortho is not None:
+        save_file({f"{n}.{k}": getattr(o, k).detach().cpu().contiguous() for n, o in ortho.items()
+                   for k in ("indices", "values")}, tmp / ORTHO, metadata={"format": "libortho-ortho"})
+    save_file({k: v.detach().cpu().contiguous() for k, v in rest.items()}, tmp / REST,
+              metadata={"format": "libortho-rest"})
+    for name, src in extra_files.items():
+        if name in RESERVED or Path(name).name != name:
+            raise ValueError(f"extra file name {name!r} is reserved or not a plain file name")
+        shutil.copyfile(src, tmp / name)
+    if hf_config is not None:
+        (tmp / "config.json").write_text(json.dumps(hf_config, indent=2, default=_json_default) + "\n")
+
+
+def _replace_dir(new: Path, out: Path) -> None:
+    """Rename ``new`` to ``out``; an existing ``out`` is first moved aside, then deleted."""
+    old = None
+    if out.exists() or out.is_symlink():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}-{time.time_ns()}")
+        os.replace(out, old)
+    try:
+        os.replace(new, out)
+    except BaseException:
+        if old is not None:
+            os.replace(old, out)
+        raise
+    if old is not None:
+        if old.is_dir() and not old.is_symlink():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.unlink(missing_ok=True)
+
+
 def write_decomposition(out_dir: str | Path, base: dict[str, BaseStream], ortho: dict[str, SparseOrtho] | None,
                         rest: dict[str, torch.Tensor], config: dict, provenance: dict,
                         extra_files: dict[str, Path] | None = None, hf_config: dict | None = None,
                         overwrite: bool = False) -> Path:
-    """Write a decomposition atomically (temp dir + rename, manifest last); returns ``out_dir``."""
+    """Write a decomposition atomically (temp dir beside ``out_dir``, manifest last, rename); returns ``out_dir``."""
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise FileExistsError(f"{out} exists and is not empty (pass overwrite=True to replace it)")
+    _check_streams(base, ortho)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
     try:
-        save_file({f"{n}.{k}": getattr(b, k).contiguous() for n, b in base.items()
-                   for k in ("packed", "scales", "zeros")}, tmp / BASE)
-        if ortho is not None:
-            save_file({f"{n}.{k}": getattr(o, k).contiguous() for n, o in ortho.items()
-                       for k in ("indices", "values")}, tmp / ORTHO)
-        save_file({k: v.contiguous() for k, v in rest.items()}, tmp / REST)
-        for name, src in (extra_files or {}).items():
-            shutil.copyfile(src, tmp / name)
-        if hf_config is not None:
-            (tmp / "config.json").write_text(json.dumps(hf_config, indent=2, default=_json_default))
+        _write_payload(tmp, base, ortho, rest, {k: Path(v) for k, v in (extra_files or {}).items()}, hf_config)
         files = {p.name: {"sha256": sha256_file(p), "size": p.stat().st_size}
                  for p in sorted(tmp.iterdir()) if p.is_file()}
-        manifest = {"format_version": FORMAT_VERSION, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                    "config": config, "provenance": provenance, "layers": _layer_meta(base, ortho),
-                    "files": files}
+        manifest = {"format_version": FORMAT_VERSION, "has_ortho": ortho is not None, "config": config,
+                    "provenance": _provenance(provenance), "layers": _layer_meta(base, ortho), "files": files}
         atomic_write_json(tmp / MANIFEST, manifest)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        _replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -129,54 +190,80 @@ class Decomposition:
 
 
 def _verify(path: Path, files: dict[str, dict], names: list[str]) -> None:
+    """Check size then SHA-256 of each named file against the manifest."""
     for name in names:
         p = path / name
         want = files.get(name)
         if want is None:
-            raise CorruptDecompositionError(f"{p} is not listed in the manifest")
-        if p.stat().st_size != want["size"]:
-            raise CorruptDecompositionError(f"{p} has {p.stat().st_size} bytes, manifest says {want['size']} "
+            raise CorruptDecompositionError(f"{p} is not listed in the manifest {path / MANIFEST}")
+        size = p.stat().st_size
+        if size != want["size"]:
+            raise CorruptDecompositionError(f"{p} has {size} bytes, the manifest says {want['size']} "
                                             "(truncated or replaced)")
         if sha256_file(p) != want["sha256"]:
-            raise CorruptDecompositionError(f"{p} does not match its SHA-256 in the manifest (corrupted)")
+            raise CorruptDecompositionError(f"{p} does not match its SHA-256 in the manifest (corrupted or modified)")
 
 
 def _load(p: Path) -> dict[str, torch.Tensor]:
+    """``safetensors.torch.load_file`` with parse errors turned into :class:`CorruptDecompositionError`."""
     try:
         return load_file(p)
-    except (SafetensorError, OSError, ValueError) as err:
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
         raise CorruptDecompositionError(f"{p} cannot be read as safetensors: {err}") from err
 
 
-def read_decomposition(path: str | Path, load_ortho: bool = True, verify: bool = True) -> Decomposition:
-    """Read and (by default) hash-verify a saved decomposition."""
-    path = Path(path)
+def _read_manifest(path: Path) -> dict[str, Any]:
+    """The parsed, version-checked manifest of a decomposition directory."""
     mpath = path / MANIFEST
-    if not mpath.exists():
+    if not path.is_dir():
+        raise FileNotFoundError(f"decomposition directory {path} not found")
+    if not mpath.is_file():
         raise FileNotFoundError(f"{mpath} not found: {path} is not a libortho decomposition (or was not finished)")
     try:
-        manifest = json.loads(mpath.read_text())
-    except json.JSONDecodeError as err:
+        manifest = json.loads(mpath.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise CorruptDecompositionError(f"{mpath} is not valid JSON: {err}") from err
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise CorruptDecompositionError(f"{mpath}: unsupported format version {manifest.get('format_version')!r}")
+    if not isinstance(manifest, dict) or manifest.get("format_version") != FORMAT_VERSION:
+        version = manifest.get("format_version") if isinstance(manifest, dict) else None
+        raise CorruptDecompositionError(f"{mpath}: unsupported format version {version!r} (expected {FORMAT_VERSION})")
+    for key in ("layers", "files"):
+        if not isinstance(manifest.get(key), dict):
+            raise CorruptDecompositionError(f"{mpath} has no {key!r} table")
+    return manifest
+
+
+def _build_streams(path: Path, layers: dict[str, dict], use_ortho: bool
+                   ) -> tuple[dict[str, BaseStream], dict[str, SparseOrtho] | None]:
+    """Base (and optionally ortho) stream objects from the tensor files and per-layer metadata."""
+    raw = _load(path / BASE)
+    try:
+        base = {n: BaseStream(raw[f"{n}.packed"], raw[f"{n}.scales"], raw[f"{n}.zeros"], int(m["bits"]),
+                              int(m["group_size"]), (int(m["shape"][0]), int(m["shape"][1])))
+                for n, m in layers.items()}
+        if not use_ortho:
+            return base, None
+        o = _load(path / ORTHO)
+        ortho = {n: SparseOrtho(o[f"{n}.indices"], o[f"{n}.values"], base[n].shape)
+                 for n in layers if f"{n}.indices" in o}
+    except (KeyError, ValueError, TypeError, IndexError) as err:
+        raise CorruptDecompositionError(f"{path}: tensors do not match the manifest's layer table: {err}") from err
+    return base, ortho
+
+
+def read_decomposition(path: str | Path, load_ortho: bool = True, verify: bool = True) -> Decomposition:
+    """Read a saved decomposition, by default verifying every present file's size and SHA-256."""
+    path = Path(path)
+    manifest = _read_manifest(path)
     for required in (BASE, REST):
-        if not (path / required).exists():
+        if not (path / required).is_file():
             raise FileNotFoundError(f"{path / required} is missing: the decomposition is incomplete")
-    has_ortho = (path / ORTHO).exists()
+    has_ortho = (path / ORTHO).is_file()
     use_ortho = load_ortho and has_ortho
     if verify:
-        _verify(path, manifest["files"], [BASE, REST] + ([ORTHO] if use_ortho else []) +
-                [n for n in manifest["files"] if n not in (BASE, REST, ORTHO) and (path / n).exists()])
-    raw = _load(path / BASE)
-    layers = manifest["layers"]
-    base = {n: BaseStream(raw[f"{n}.packed"], raw[f"{n}.scales"], raw[f"{n}.zeros"], m["bits"], m["group_size"],
-                          tuple(m["shape"])) for n, m in layers.items()}
-    ortho = None
-    if use_ortho:
-        o = _load(path / ORTHO)
-        ortho = {n: SparseOrtho(o[f"{n}.indices"], o[f"{n}.values"], tuple(layers[n]["shape"]))
-                 for n in layers if f"{n}.indices" in o}
-    elif load_ortho:
-        log.warning("ortho stream not found in %s: model locked at alpha = 0", path)
+        extras = [n for n in manifest["files"] if n not in (BASE, REST, ORTHO) and (path / n).is_file()]
+        _verify(path, manifest["files"], [BASE, REST, *([ORTHO] if has_ortho else []), *extras])
+    base, ortho = _build_streams(path, manifest["layers"], use_ortho)
+    if not has_ortho:
+        why = "deleted or withheld" if ORTHO in manifest["files"] else "never saved"
+        log.warning("ortho stream not found: model locked at alpha=0 (%s, %s)", path / ORTHO, why)
     return Decomposition(base, ortho, _load(path / REST), manifest, path, ortho_missing=not has_ortho)

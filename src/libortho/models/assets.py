@@ -98,10 +98,19 @@ def _convert(gguf: Path, out: Path) -> None:
     strip_gguf_quantizer(model)
     model.save_pretrained(out)
     tok.save_pretrained(out)
-    cfg_path = out / "config.json"
-    cfg = json.loads(cfg_path.read_text())
-    if cfg.pop("quantization_config", None) is not None:  # belt and braces: must reload as plain fp32
-        cfg_path.write_text(json.dumps(cfg, indent=2) + "\n")
+    _drop_keys(out / "config.json", ("quantization_config",))  # belt and braces: reload as plain fp32
+    _drop_keys(out / "tokenizer_config.json", ("local_files_only",))
+    for p in out.iterdir():
+        p.chmod(0o644)  # save_pretrained may create 0600 files; the cache is shared
+
+
+def _drop_keys(path: Path, keys: tuple[str, ...]) -> None:
+    """Remove top-level ``keys`` from a JSON file when present."""
+    if not path.is_file():
+        return
+    obj = json.loads(path.read_text())
+    if any(k in obj for k in keys):
+        path.write_text(json.dumps({k: v for k, v in obj.items() if k not in keys}, indent=2) + "\n")
 
 
 def _swap_into_place(new: Path, target: Path) -> None:
