@@ -44,6 +44,9 @@ def _logits(model: torch.nn.Module, probe: torch.Tensor) -> torch.Tensor:
 def run_group(fp: torch.nn.Module, tok, gs: int, calib: torch.Tensor, evals: torch.Tensor,
               args: argparse.Namespace, rows: list[dict], save_dir: Path | None) -> dict:
     """All rows for one group size; returns the GPTQ decomposition stats."""
+    if args.only_baselines:
+        run_baselines(fp, gs, evals, args.baselines, rows)
+        return {}
     probe = evals[:1, :128]
     rtn = copy.deepcopy(fp)
     r = decompose(rtn, None, DecomposeConfig(quant=QuantConfig(group_size=gs, method="rtn"), ortho=False),
@@ -76,14 +79,21 @@ def run_group(fp: torch.nn.Module, tok, gs: int, calib: torch.Tensor, evals: tor
             save(model, save_dir / f"smol-g{gs}-obs1", config=cfg.to_dict(), tokenizer=tok, overwrite=True,
                  provenance={"source_model": "smollm2-135m", "stats": stats})
     del model, res
-    if args.baselines:
-        from libortho.eval.baselines import BASELINES
-    for name in args.baselines:
+    run_baselines(fp, gs, evals, args.baselines, rows)
+    return stats
+
+
+def run_baselines(fp: torch.nn.Module, gs: int, evals: torch.Tensor, names: list[str], rows: list[dict]) -> None:
+    """External INT4 baselines (HQQ, optimum-quanto) at the same group size."""
+    if not names:
+        return
+    from libortho.eval.baselines import BASELINES
+
+    for name in names:
         m = copy.deepcopy(fp)
         info = BASELINES[name](m, bits=4, group_size=gs)
         rows.append({"method": f"{name} INT4", "group_size": gs, "ppl": _ppl(m, evals, f"{name} g{gs}"), **info})
         del m
-    return stats
 
 
 def main() -> None:
@@ -100,6 +110,7 @@ def main() -> None:
     ap.add_argument("--n-eval", type=int, default=16)
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--fast", action="store_true", help="one Hessian pass per block (not true-sequential)")
+    ap.add_argument("--only-baselines", action="store_true", help="FP32 + external baselines only")
     ap.add_argument("--save-dir", type=Path, default=Path("bench/results"))
     args = ap.parse_args()
     torch.manual_seed(0)
