@@ -25,6 +25,9 @@ def ppl_section(tab: dict, extra_rows: list[dict]) -> list[str]:
            "| method | group | selector | rho | ortho values | PPL alpha=1 | PPL alpha=0 | vs FP32 | "
            "gap closed | bits/param |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        if "error" in r:
+            out.append(f"| {r['method']} | {r.get('group_size', '-')} | failed: {r['error']} | | | | | | | |")
+            continue
         p1 = r.get("ppl_alpha1", r.get("ppl"))
         p0 = r.get("ppl_alpha0")
         bpp = r.get("total_bits_per_param", r.get("bits_per_param", 32.0))

@@ -71,7 +71,9 @@ def quanto_quantize_model(model: nn.Module, bits: int = 4, group_size: int = 64,
     """optimum-quanto int4 weights (activations untouched) on every block linear.
 
     quanto picks its own group size (128, or the largest multiple of 32 below it dividing
-    ``in_features``); we override it before freezing so all methods share ``group_size``.
+    ``in_features``); we override it before freezing so all methods share ``group_size``, except
+    where ``group_size`` does not divide ``in_features`` (quanto needs whole groups): those layers
+    keep quanto's choice, reported in ``group_size_fallbacks``.
     """
     if bits != 4:
         raise ValueError("the quanto baseline is wired for 4-bit weights (qint4) only")
@@ -79,14 +81,17 @@ def quanto_quantize_model(model: nn.Module, bits: int = 4, group_size: int = 64,
     t0 = time.perf_counter()
     linears = find_linears(model, skip)
     total_bits = params = 0
+    fallbacks: dict[str, int | None] = {}
     for name, lin in linears.items():
         qlin = oq.nn.QLinear.from_module(lin, weights=oq.qint4)
-        if lin.in_features % group_size:
-            raise ValueError(f"quanto needs group_size to divide in_features ({name}: {lin.in_features})")
-        qlin.weight_group_size = group_size
+        if lin.in_features % group_size == 0:
+            qlin.weight_group_size = group_size
+        else:  # quanto needs whole groups: keep its own choice for this layer and say so
+            fallbacks[name] = qlin.weight_group_size
         qlin.freeze()
         replace_module(model, name, qlin)
-        total_bits += _group_bits(lin.out_features, lin.in_features, bits, group_size)
+        total_bits += _group_bits(lin.out_features, lin.in_features, bits, qlin.weight_group_size or lin.in_features)
         params += lin.out_features * lin.in_features
     return {"name": "quanto", "bits": bits, "group_size": group_size, "time_s": time.perf_counter() - t0,
-            "bits_per_param": total_bits / params, "bits_note": "codes + fp16 scale and shift per group"}
+            "bits_per_param": total_bits / params, "bits_note": "codes + fp16 scale and shift per group",
+            "group_size_fallbacks": sorted(set(fallbacks.values()), key=str), "layers_with_fallback": len(fallbacks)}
