@@ -1,4 +1,4 @@
-"""Storage formats: BaseStream dequantization and validation, SparseOrtho sorting and views."""
+"""Storage formats: BaseStream dequantization and validation, SparseOrtho sorting, views and validation."""
 
 import pytest
 import torch
@@ -7,40 +7,106 @@ from libortho.streams import BaseStream, SparseOrtho
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
-def test_base_stream_dequantizes_by_hand(bits) -> None:
-    g = torch.Generator().manual_seed(bits)
-    d_out, d_in, gs = 3, 11, 4  # partial last group
+@pytest.mark.parametrize("d_in,gs", [(11, 4), (16, 8), (7, 16)])  # partial last group, whole groups, one group
+def test_base_stream_round_trip_matches_hand_dequantization(bits, d_in, gs) -> None:
+    g = torch.Generator().manual_seed(bits * 100 + d_in)
+    d_out, ng = 3, -(-d_in // gs)
     codes = torch.randint(0, 2**bits, (d_out, d_in), generator=g).to(torch.uint8)
-    scales, zeros = torch.rand(d_out, 3, generator=g), torch.rand(d_out, 3, generator=g) * 2**bits
+    scales = torch.rand(d_out, ng, generator=g) + 0.01
+    zeros = torch.rand(d_out, ng, generator=g) * (2**bits - 1)  # fractional zero points
     s = BaseStream.from_codes(codes, scales, zeros, bits, gs)
+    sh, zh = scales.half().float(), zeros.half().float()  # stored as fp16
     ref = torch.empty(d_out, d_in)
     for i in range(d_out):
         for j in range(d_in):
-            ref[i, j] = (codes[i, j] - zeros.half().float()[i, j // gs]) * scales.half().float()[i, j // gs]
+            ref[i, j] = (float(codes[i, j]) - zh[i, j // gs]) * sh[i, j // gs]
     assert torch.equal(s.codes(), codes)
-    torch.testing.assert_close(s.dequantize(), ref)
-    assert s.nbytes == s.packed.numel() + 2 * 2 * d_out * 3
+    assert s.scales.dtype == s.zeros.dtype == torch.float16
+    torch.testing.assert_close(s.dequantize(), ref, rtol=1e-6, atol=1e-6)
+    assert s.dequantize(torch.bfloat16).dtype == torch.bfloat16
+    assert s.packed.shape == (d_out, (d_in * bits + 7) // 8)
+    assert s.nbytes == s.packed.numel() + 2 * 2 * d_out * ng
 
 
-def test_base_stream_validates_shapes() -> None:
+def test_base_stream_from_codes_copies_its_inputs() -> None:
+    scales, zeros = torch.ones(2, 1, dtype=torch.float16), torch.zeros(2, 1, dtype=torch.float16)
+    s = BaseStream.from_codes(torch.zeros(2, 4, dtype=torch.uint8), scales, zeros, 4, 4)
+    scales.fill_(7)
+    assert float(s.scales.max()) == 1.0
+
+
+def test_base_stream_validates_shapes_and_bits() -> None:
+    u8 = torch.uint8
     with pytest.raises(ValueError, match="scales"):
-        BaseStream(torch.zeros(2, 4, dtype=torch.uint8), torch.zeros(2, 1), torch.zeros(2, 2), 4, 4, (2, 8))
+        BaseStream(torch.zeros(2, 4, dtype=u8), torch.zeros(2, 1), torch.zeros(2, 2), 4, 4, (2, 8))
+    with pytest.raises(ValueError, match="zeros"):
+        BaseStream(torch.zeros(2, 4, dtype=u8), torch.zeros(2, 2), torch.zeros(3, 2), 4, 4, (2, 8))
     with pytest.raises(ValueError, match="packed"):
-        BaseStream(torch.zeros(2, 3, dtype=torch.uint8), torch.zeros(2, 2), torch.zeros(2, 2), 4, 4, (2, 8))
-
-
-def test_sparse_ortho_views_and_validation() -> None:
-    dense = torch.zeros(4, 5)
-    dense[3, 1], dense[0, 4], dense[2, 2] = 1.5, -2.0, 0.25
-    o = SparseOrtho.from_flat(torch.tensor([16, 4, 12]), torch.tensor([1.5, -2.0, 0.25]), (4, 5), "fp32")
-    assert o.indices.tolist() == [4, 12, 16] and o.nnz == 3 and o.density == pytest.approx(3 / 20)
-    assert torch.equal(o.to_dense(), dense)
-    assert torch.equal(o.to_csr().to_dense(), dense)
-    assert o.nbytes == 3 * 4 + 3 * 4
-    assert SparseOrtho.from_mask(dense, dense != 0, "fp16").values.dtype == torch.float16
-    with pytest.raises(ValueError, match="strictly increasing"):
-        SparseOrtho(torch.tensor([3, 1], dtype=torch.int32), torch.zeros(2), (2, 2))
+        BaseStream(torch.zeros(2, 3, dtype=u8), torch.zeros(2, 2), torch.zeros(2, 2), 4, 4, (2, 8))
+    with pytest.raises(ValueError, match="bits"):
+        BaseStream(torch.zeros(2, 4, dtype=u8), torch.zeros(2, 2), torch.zeros(2, 2), 5, 4, (2, 8))
     with pytest.raises(ValueError, match="out of range"):
-        SparseOrtho(torch.tensor([0, 9], dtype=torch.int32), torch.zeros(2), (2, 2))
+        BaseStream.from_codes(torch.full((2, 4), 16), torch.ones(2, 1), torch.zeros(2, 1), 4, 4)
+
+
+def _example() -> tuple[torch.Tensor, SparseOrtho]:
+    dense = torch.zeros(4, 5)
+    dense[3, 1], dense[0, 4], dense[2, 2], dense[2, 0] = 1.5, -2.0, 0.25, 3.0
+    o = SparseOrtho.from_flat(torch.tensor([16, 4, 12, 10]), torch.tensor([1.5, -2.0, 0.25, 3.0]), (4, 5), "fp32")
+    return dense, o
+
+
+def test_sparse_ortho_from_flat_sorts_and_views_agree() -> None:
+    dense, o = _example()
+    assert o.indices.dtype == torch.int32 and o.indices.tolist() == [4, 10, 12, 16]
+    assert o.values.tolist() == [-2.0, 3.0, 0.25, 1.5]  # values follow their indices
+    assert o.nnz == 4 and o.density == pytest.approx(4 / 20)
+    assert o.nbytes == 4 * 4 + 4 * 4
+    rows, cols = o.rows_cols()
+    assert rows.tolist() == [0, 2, 2, 3] and cols.tolist() == [4, 0, 2, 1]
+    assert torch.equal(o.to_dense(), dense)
+    csr = o.to_csr()
+    assert csr.layout == torch.sparse_csr and torch.equal(csr.to_dense(), dense)
+    assert csr.crow_indices().tolist() == [0, 1, 1, 3, 4]
+
+
+@pytest.mark.parametrize("dtype,torch_dtype,size", [("fp16", torch.float16, 2), ("bf16", torch.bfloat16, 2),
+                                                    ("fp32", torch.float32, 4)])
+def test_sparse_ortho_from_mask_dtypes(dtype, torch_dtype, size) -> None:
+    dense, _ = _example()
+    o = SparseOrtho.from_mask(dense, dense != 0, dtype)
+    assert o.values.dtype == torch_dtype and o.indices.tolist() == [4, 10, 12, 16]
+    assert o.nbytes == 4 * 4 + 4 * size
+    assert torch.equal(o.to_dense(), dense.to(torch_dtype).float())  # these values are exact in every dtype
+    x = torch.randn(5, 3)
+    torch.testing.assert_close(o.to_csr() @ x, dense @ x)
+
+
+def test_sparse_ortho_random_csr_equals_dense() -> None:
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(37, 53, generator=g)
+    mask = torch.rand(37, 53, generator=g) < 0.05
+    o = SparseOrtho.from_mask(W, mask, "fp32")
+    assert o.nnz == int(mask.sum())
+    assert torch.equal(o.to_csr().to_dense(), W * mask)
+    assert SparseOrtho.empty((3, 4)).to_dense().abs().sum() == 0 and SparseOrtho.empty((3, 4)).nnz == 0
+
+
+def test_sparse_ortho_validation() -> None:
+    i32 = torch.int32
+    with pytest.raises(ValueError, match="strictly increasing"):
+        SparseOrtho(torch.tensor([3, 1], dtype=i32), torch.zeros(2), (2, 2))
+    with pytest.raises(ValueError, match="strictly increasing"):
+        SparseOrtho(torch.tensor([1, 1], dtype=i32), torch.zeros(2), (2, 2))  # duplicates
+    with pytest.raises(ValueError, match="out of range"):
+        SparseOrtho(torch.tensor([0, 4], dtype=i32), torch.zeros(2), (2, 2))
+    with pytest.raises(ValueError, match="out of range"):
+        SparseOrtho(torch.tensor([-1, 2], dtype=i32), torch.zeros(2), (2, 2))
     with pytest.raises(ValueError, match="int32"):
         SparseOrtho(torch.tensor([0, 1]), torch.zeros(2), (2, 2))
+    with pytest.raises(ValueError, match="differ in shape"):
+        SparseOrtho(torch.tensor([0, 1], dtype=i32), torch.zeros(3), (2, 2))
+    with pytest.raises(ValueError, match="same shape"):
+        SparseOrtho.from_mask(torch.zeros(2, 2), torch.zeros(2, 3, dtype=torch.bool))
+    with pytest.raises(ValueError, match="unknown ortho dtype"):
+        SparseOrtho.from_flat(torch.tensor([0]), torch.zeros(1), (2, 2), "fp8")

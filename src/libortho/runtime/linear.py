@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import math
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -10,35 +12,48 @@ from torch import nn
 from libortho.runtime.kernels import cpu
 from libortho.streams import BaseStream, SparseOrtho
 
+LOCKED_MESSAGE = ("the ortho stream of this layer was not loaded (withheld or deleted): "
+                  "it is locked at alpha = 0")
+
 
 class OrthoLinear(nn.Module):
-    """A linear layer stored as a packed INT-b base stream plus an optional sparse ortho stream.
+    """A linear layer stored as a b-bit base stream plus an optional sparse ortho stream.
 
-    ``alpha`` is a plain float so the switch costs one Python branch per call; at ``alpha == 0``
-    the ortho stream is not touched at all (the null test). Without an ortho stream the layer is
-    locked at ``alpha = 0``.
+    ``alpha`` is a plain Python float, so the switch costs one branch per call; at ``alpha == 0``
+    the ortho stream is not touched (the null test). Without an ortho stream the layer is locked
+    at ``alpha = 0``. Kernel tensors are non-persistent buffers; saving goes through
+    ``base_stream``/``ortho_stream`` (the storage objects), so ``state_dict`` holds only the bias.
     """
 
     def __init__(self, base: BaseStream, ortho: SparseOrtho | None = None, bias: torch.Tensor | None = None,
                  alpha: float = 1.0, base_dtype: torch.dtype = torch.bfloat16) -> None:
         super().__init__()
         self.out_features, self.in_features = base.shape
+        if bias is not None and tuple(bias.shape) != (self.out_features,):
+            raise ValueError(f"bias has shape {tuple(bias.shape)}, expected ({self.out_features},)")
         self.base_stream = base
         self.base_dtype = base_dtype
-        if cpu.int4pack_supported(base.bits, base.group_size, *base.shape):
-            packed, sz = cpu.prepare_int4pack(base)
-            self.register_buffer("_packed", packed, persistent=False)
-            self.register_buffer("_scales_zeros", sz, persistent=False)
-            self.kernel = "int4pack"
-        else:
-            self.register_buffer("_dense", cpu.dense_weight(base, base_dtype), persistent=False)
-            self.kernel = f"dense-{str(base_dtype).removeprefix('torch.')}"
+        self._int4 = cpu.int4pack_supported(base.bits, base.group_size, *base.shape)
+        self.register_buffer("_packed", None, persistent=False)
+        self.register_buffer("_scales_zeros", None, persistent=False)
+        self.register_buffer("_weight", None, persistent=False)
+        self.register_buffer("_csr", None, persistent=False)
+        self._build_base()
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
         self.ortho_stream: SparseOrtho | None = None
-        self._csr: torch.Tensor | None = None
         self._alpha = 0.0
         self.set_ortho(ortho)
         self.alpha = alpha if ortho is not None else 0.0
+
+    @property
+    def kernel(self) -> str:
+        """Name of the base kernel: ``int4pack`` or ``dense-<dtype>``."""
+        return "int4pack" if self._int4 else "dense-" + str(self.base_dtype).removeprefix("torch.")
+
+    @property
+    def locked(self) -> bool:
+        """True when no ortho stream is attached (alpha is pinned to 0)."""
+        return self._csr is None
 
     @property
     def alpha(self) -> float:
@@ -49,29 +64,61 @@ class OrthoLinear(nn.Module):
         value = float(value)
         if not math.isfinite(value):
             raise ValueError(f"alpha must be finite, got {value}")
-        if value != 0.0 and self.ortho_stream is None:
-            raise RuntimeError("this layer has no ortho stream (not loaded or withheld): it is locked at alpha = 0")
+        if value != 0.0 and self._csr is None:
+            raise RuntimeError(LOCKED_MESSAGE)
         self._alpha = value
 
+    def _build_base(self) -> None:
+        """(Re)build the kernel-ready base tensors from the base stream."""
+        if self._int4:
+            self._packed, self._scales_zeros = cpu.prepare_int4pack(self.base_stream)
+        else:
+            self._weight = cpu.dense_base_weight(self.base_stream, self.base_dtype)
+
     def set_ortho(self, ortho: SparseOrtho | None) -> None:
-        """Attach (or detach, with None) the sparse ortho stream at run time."""
+        """Attach (or detach, with None) the sparse ortho stream at run time; detaching sets alpha to 0."""
         if ortho is not None and tuple(ortho.shape) != (self.out_features, self.in_features):
-            raise ValueError(f"ortho shape {ortho.shape} does not match layer {(self.out_features, self.in_features)}")
+            raise ValueError(f"ortho shape {tuple(ortho.shape)} does not match layer "
+                             f"{(self.out_features, self.in_features)}")
         self.ortho_stream = ortho
-        self._csr = None if ortho is None else ortho.to_csr(torch.float32)
+        self._csr = None if ortho is None else cpu.ortho_csr(ortho)
         if ortho is None:
             self._alpha = 0.0
 
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> OrthoLinear:
+        """``.to()``/``.half()`` move the bias; kernel tensors keep the dtypes their kernels need."""
+        super()._apply(fn, recurse)
+        if self._csr is not None and self._csr.dtype != cpu.ORTHO_DTYPE:
+            self._csr = cpu.ortho_csr(self.ortho_stream)
+        expected = cpu.INT4PACK_DTYPE if self._int4 else self.base_dtype
+        held = self._scales_zeros if self._int4 else self._weight
+        if held.dtype != expected:
+            self._build_base()
+        return self
+
+    def __deepcopy__(self, memo: dict) -> OrthoLinear:
+        """Deep copy; torch cannot deep-copy sparse CSR tensors, so the copy rebuilds its CSR from its stream."""
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        state = dict(self.__dict__, _buffers={k: None if k == "_csr" else v for k, v in self._buffers.items()})
+        for key, value in state.items():
+            object.__setattr__(new, key, copy.deepcopy(value, memo))
+        if new.ortho_stream is not None:
+            new._csr = cpu.ortho_csr(new.ortho_stream)
+        return new
+
     def base_forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.kernel == "int4pack":
+        """``x @ Q^T`` (no bias) as a fresh tensor of ``x.dtype``."""
+        if self._int4:
             return cpu.int4pack_matmul(x, self._packed, self._scales_zeros, self.base_stream.group_size,
                                        self.out_features)
-        return cpu.dense_matmul(x, self._dense)
+        return cpu.dense_base_matmul(x, self._weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``base(x) [+ alpha * ortho(x)] + bias``; output dtype equals ``x.dtype``."""
         y = self.base_forward(x)
-        if self._alpha != 0.0:
-            y = y + self._alpha * cpu.sparse_matmul(x, self._csr)
+        if self._alpha != 0.0 and self._csr is not None:
+            y = cpu.sparse_ortho_addmm_(y, x, self._csr, self._alpha)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y
@@ -79,13 +126,16 @@ class OrthoLinear(nn.Module):
     def effective_weight(self, alpha: float | None = None) -> torch.Tensor:
         """Dense fp32 ``Q + alpha * W_ortho`` (analysis and tests; not used by forward)."""
         a = self._alpha if alpha is None else float(alpha)
-        W = self.base_stream.dequantize()
-        if a != 0.0 and self.ortho_stream is not None:
-            W = W + a * self.ortho_stream.to_dense()
+        W = self.base_stream.dequantize(torch.float32)
+        if a != 0.0:
+            if self.ortho_stream is None:
+                raise RuntimeError(LOCKED_MESSAGE)
+            W = W + a * self.ortho_stream.to_dense(torch.float32)
         return W
 
     def extra_repr(self) -> str:
-        o = self.ortho_stream
-        dens = f"nnz={o.nnz}, density={o.density:.4%}" if o is not None else "ortho=None (locked)"
-        return (f"in={self.in_features}, out={self.out_features}, bits={self.base_stream.bits}, "
-                f"group={self.base_stream.group_size}, {dens}, alpha={self._alpha:g}, kernel={self.kernel}")
+        b, o = self.base_stream, self.ortho_stream
+        ortho = f"nnz={o.nnz}, density={o.density:.4%}" if o is not None else "ortho=None (locked)"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bits={b.bits}, "
+                f"group_size={b.group_size}, {ortho}, alpha={self._alpha:g}, bias={self.bias is not None}, "
+                f"kernel={self.kernel}")
