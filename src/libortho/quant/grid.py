@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from libortho.config import QuantConfig
-from libortho.streams.base import BaseStream, expand_groups, num_groups
+from libortho.streams.base import BaseStream, dequantize_codes, num_groups
 
 MIN_SCALE = 1e-6
 
@@ -135,10 +135,7 @@ class QuantResult:
 
     def dequantize(self) -> torch.Tensor:
         """Dense fp32 ``Q`` ``(d_out, d_in)`` — identical to ``to_stream().dequantize()``."""
-        d_in = self.codes.shape[1]
-        s = expand_groups(self.scales.float(), d_in, self.group_size)
-        z = expand_groups(self.zeros.float(), d_in, self.group_size)
-        return (self.codes.float() - z) * s
+        return dequantize_codes(self.codes, self.scales, self.zeros, self.group_size)
 
     def to_stream(self) -> BaseStream:
         """Pack into the storage format of the base stream."""

@@ -24,6 +24,15 @@ def expand_groups(t: torch.Tensor, d_in: int, group_size: int) -> torch.Tensor:
     return t.repeat_interleave(group_size, dim=1)[:, :d_in]
 
 
+def dequantize_codes(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
+                     ) -> torch.Tensor:
+    """fp32 ``(code - zero[g(j)]) * scale[g(j)]`` for unpacked codes ``(d_out, d_in)``."""
+    d_in = codes.shape[1]
+    s = expand_groups(scales.float(), d_in, group_size)
+    z = expand_groups(zeros.float(), d_in, group_size)
+    return (codes.float() - z) * s
+
+
 @dataclass(frozen=True, eq=False)
 class BaseStream:
     """Packed integer codes + fp16 group parameters of one weight matrix ``(d_out, d_in)``."""
@@ -68,10 +77,7 @@ class BaseStream:
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Dense dequantized weight Q ``(d_out, d_in)``, computed in fp32 then cast."""
-        d_in = self.shape[1]
-        s = expand_groups(self.scales.float(), d_in, self.group_size)
-        z = expand_groups(self.zeros.float(), d_in, self.group_size)
-        return ((self.codes().float() - z) * s).to(dtype)
+        return dequantize_codes(self.codes(), self.scales, self.zeros, self.group_size).to(dtype)
 
     @property
     def nbytes(self) -> int:

@@ -83,9 +83,10 @@ class SparseOrtho:
         out[self.indices.to(torch.int64)] = self.values.to(dtype)
         return out.view(self.shape)
 
-    def to_csr(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    def to_csr(self, dtype: torch.dtype = torch.float32, index_dtype: torch.dtype = torch.int64) -> torch.Tensor:
         """A ``torch.sparse_csr`` view ``(d_out, d_in)`` for compute (values cast to ``dtype``)."""
         rows, cols = self.rows_cols()
         crow = torch.zeros(self.shape[0] + 1, dtype=torch.int64)
         crow[1:] = torch.cumsum(torch.bincount(rows, minlength=self.shape[0]), 0)
-        return torch.sparse_csr_tensor(crow, cols, self.values.to(dtype), size=self.shape)
+        return torch.sparse_csr_tensor(crow.to(index_dtype), cols.to(index_dtype), self.values.to(dtype).contiguous(),
+                                       size=self.shape, check_invariants=False)

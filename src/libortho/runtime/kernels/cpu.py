@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from libortho.streams.base import BaseStream, expand_groups
+from libortho.streams.base import BaseStream
 from libortho.streams.ortho import SparseOrtho
 
 INT4PACK_GROUP_SIZES = (32, 64, 128, 256)
@@ -72,10 +72,7 @@ def int4pack_matmul(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: tor
 
 def dense_base_weight(stream: BaseStream, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     """The fallback path's cached weight: Q dequantized in fp32, then cast once to ``dtype``."""
-    d_in = stream.shape[1]
-    s = expand_groups(stream.scales.float(), d_in, stream.group_size)
-    z = expand_groups(stream.zeros.float(), d_in, stream.group_size)
-    return ((stream.codes().float() - z) * s).to(dtype).contiguous()
+    return stream.dequantize(dtype).contiguous()
 
 
 def dense_base_matmul(x: torch.Tensor, weight_dense: torch.Tensor) -> torch.Tensor:
@@ -85,15 +82,7 @@ def dense_base_matmul(x: torch.Tensor, weight_dense: torch.Tensor) -> torch.Tens
 
 def ortho_csr(ortho: SparseOrtho, dtype: torch.dtype = ORTHO_DTYPE) -> torch.Tensor:
     """CSR ``(d_out, d_in)`` with int32 indices (faster in MKL than int64) and ``dtype`` values."""
-    d_out, d_in = ortho.shape
-    flat = ortho.indices.to(torch.int64)
-    rows = flat // d_in
-    crow = torch.zeros(d_out + 1, dtype=torch.int64)
-    crow[1:] = torch.cumsum(torch.bincount(rows, minlength=d_out), 0)
-    cols = (flat - rows * d_in).to(torch.int32)
-    vals = ortho.values.to(dtype).contiguous()
-    return torch.sparse_csr_tensor(crow.to(torch.int32), cols, vals, size=(d_out, d_in),
-                                   check_invariants=False)
+    return ortho.to_csr(dtype, index_dtype=torch.int32)
 
 
 def sparse_ortho_matmul(x: torch.Tensor, csr: torch.Tensor) -> torch.Tensor:
