@@ -8,7 +8,7 @@ export LIBORTHO_CACHE ?= $(HOME)/.cache/libortho
 export TOKENIZERS_PARALLELISM := false
 export HF_HUB_OFFLINE := 1
 
-.PHONY: setup assets test demo bench lint clean
+.PHONY: setup assets test demo bench lint clean realistic
 
 $(STAMP): requirements.lock pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -35,8 +35,16 @@ test: assets
 	$(PY) -m ruff check src tests bench
 	$(PY) -m pytest -q -n 2 --dist loadfile
 
-demo: assets
-	$(PY) -m libortho.cli demo
+# The main job on the embedded default: a tiny Llama trained inside the run (no model download).
+demo: $(STAMP) $(LIBORTHO_CACHE)/.fortunes
+	$(PY) -m libortho.cli experiment kill-switch --model tiny --out runs/demo --fresh
+
+# The realistic run (~40 min on 2 cores): SmolLM2-135M; the report is copied to docs/results/.
+realistic: assets
+	$(PY) -m libortho.cli experiment kill-switch --model smollm2-135m --out runs/kill-switch-smollm2-135m
+	mkdir -p docs/results/kill_switch_smollm2
+	cp runs/kill-switch-smollm2-135m/result.json docs/results/kill_switch_smollm2/result.json
+	$(PY) -m libortho.cli report docs/results/kill_switch_smollm2/result.json
 
 bench: assets
 	$(PY) bench/run_all.py

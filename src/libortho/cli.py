@@ -96,6 +96,80 @@ def info(path: Path) -> None:
     console.print({k: v for k, v in d.items() if k != "layers"})
 
 
+experiment_app = typer.Typer(no_args_is_help=True, help="Experiments that test the seed documents' claims.")
+app.add_typer(experiment_app, name="experiment")
+
+
+def _floats(text: str | None) -> tuple[float, ...] | None:
+    return None if text is None else tuple(float(x) for x in text.split(",") if x.strip())
+
+
+def _names(text: str | None) -> tuple[str, ...] | None:
+    return None if text is None else tuple(x.strip() for x in text.split(",") if x.strip())
+
+
+@experiment_app.command("kill-switch")
+def kill_switch(
+    model: Annotated[str, typer.Option(help="tiny (trained in the run), smollm2-135m, a HF dir or .gguf")] = "tiny",
+    out: Annotated[Path | None, typer.Option(help="output folder (default runs/kill-switch-<model>)")] = None,
+    config: Annotated[Path | None, typer.Option(help="JSON file of KillSwitchConfig fields to override")] = None,
+    seed: int | None = None,
+    alphas: Annotated[str | None, typer.Option(help="comma-separated alpha values")] = None,
+    selector: str | None = None, rho: float | None = None, group_size: int | None = None,
+    select_calibration: Annotated[str | None, typer.Option(help="public or private")] = None,
+    unlearning: Annotated[str | None, typer.Option(help="comma-separated baselines")] = None,
+    general: Annotated[str | None, typer.Option(help="general corpus (default: fortunes, else python-docs)")] = None,
+    fresh: Annotated[bool, typer.Option(help="retrain everything instead of reusing cached models")] = False,
+    quiet: bool = False,
+) -> None:
+    """Fine-tune on public text + private canaries, decompose, sweep alpha, compare with baselines, report."""
+    from dataclasses import replace
+
+    from libortho.experiments.config import KillSwitchConfig, preset, with_overrides
+    from libortho.experiments.kill_switch import RESULT_FILE, run_kill_switch
+    from libortho.report.kill_switch import main_table, render_report
+
+    try:
+        cfg = preset(model)
+        if config is not None:
+            cfg = KillSwitchConfig.from_dict({**cfg.to_dict(), **json.loads(config.read_text())})
+        cfg = with_overrides(cfg, seed=seed, alphas=_floats(alphas), select_calibration=select_calibration,
+                             unlearning=_names(unlearning), general=general)
+        sel = {k: v for k, v in {"selector": selector, "rho": rho}.items() if v is not None}
+        if sel:
+            cfg = replace(cfg, select=replace(cfg.select, **sel))
+        if group_size is not None:
+            cfg = replace(cfg, quant=replace(cfg.quant, group_size=group_size))
+        out = out or Path("runs") / f"kill-switch-{Path(model).name}"
+        result = run_kill_switch(cfg, out, progress=not quiet, fresh=fresh, console=Console(stderr=True))
+        paths = render_report(out / RESULT_FILE)
+    except (ValueError, FileNotFoundError, KeyError, json.JSONDecodeError) as err:
+        _fail(str(err))
+    _print_table(main_table(result))
+    console.print(f"result: {out / RESULT_FILE}\nreport: {paths['markdown']}\n        {paths['html']}")
+
+
+def _print_table(t: object) -> None:
+    table = Table(*t.header, title=t.caption, title_justify="left")
+    for row in t.rows:
+        table.add_row(*[c.replace("**", "") for c in row])
+    console.print(table)
+
+
+@app.command()
+def report(result: Annotated[Path, typer.Argument(help="an experiment's result.json")],
+           out: Annotated[Path | None, typer.Option(help="where to write (default: beside RESULT)")] = None) -> None:
+    """Render plots and the Markdown + HTML report of an experiment result."""
+    from libortho.report.kill_switch import main_table, render_report
+
+    try:
+        paths = render_report(result, out)
+        _print_table(main_table(json.loads(result.read_text())))
+    except (ValueError, FileNotFoundError, KeyError) as err:
+        _fail(str(err))
+    console.print(f"report: {paths['markdown']}\n        {paths['html']}")
+
+
 @app.command()
 def demo(out: Path = Path("runs/demo"), model: str = "smollm2-135m") -> None:
     """Decompose the embedded default model, compare perplexity at alpha 0 and 1, generate."""

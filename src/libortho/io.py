@@ -66,15 +66,14 @@ def _json_default(o: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
-def atomic_write_json(path: str | Path, obj: Any) -> Path:
-    """Write JSON to a temporary file beside ``path``, fsync it, and rename it into place."""
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """Write text to a temporary file beside ``path``, fsync it, and rename it into place."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=2, default=_json_default)
-            f.write("\n")
+            f.write(text)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -82,6 +81,11 @@ def atomic_write_json(path: str | Path, obj: Any) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> Path:
+    """Write JSON (indented, odd types converted) atomically; see :func:`atomic_write_text`."""
+    return atomic_write_text(path, json.dumps(obj, indent=2, default=_json_default) + "\n")
 
 
 def _check_streams(base: dict[str, BaseStream], ortho: dict[str, SparseOrtho] | None) -> None:

@@ -45,6 +45,12 @@ class LayerRecord:
     base: BaseStream
     hessian: torch.Tensor
     quant_info: dict[str, Any] = field(default_factory=dict)
+    select_hessian: torch.Tensor | None = None  # from the selector's own calibration set, when given
+
+    @property
+    def selection_hessian(self) -> torch.Tensor:
+        """The curvature the selector scores with: its own calibration's when given, else the base's."""
+        return self.hessian if self.select_hessian is None else self.select_hessian
 
 
 @dataclass(eq=False)
@@ -174,11 +180,11 @@ def select_ortho(records: dict[str, LayerRecord], cfg: SelectConfig) -> dict[str
     """Ortho streams for every recorded layer (per-layer rho, global rho, or threshold tau)."""
     threshold = None
     if cfg.scope == "global" and cfg.tau is None:
-        scores = [impact_scores(cfg.selector, r.weight.float() - r.base.dequantize(), r.hessian)
+        scores = [impact_scores(cfg.selector, r.weight.float() - r.base.dequantize(), r.selection_hessian)
                   for r in records.values()]
         threshold = global_threshold(scores, cfg.rho)
         del scores
-    return {n: make_ortho(r.weight, r.base, r.hessian, cfg, threshold) for n, r in records.items()}
+    return {n: make_ortho(r.weight, r.base, r.selection_hessian, cfg, threshold) for n, r in records.items()}
 
 
 def attach_ortho(model: nn.Module, ortho: dict[str, SparseOrtho], alpha: float = 1.0) -> None:
@@ -199,7 +205,8 @@ def needs_calibration(cfg: DecomposeConfig) -> bool:
 
 def _quantize_stage(prefix: str, linears: dict[str, nn.Linear], names: list[str],
                     hessians: dict[str, torch.Tensor], cfg: DecomposeConfig, block: nn.Module,
-                    result: DecompositionResult, keep: bool) -> None:
+                    result: DecompositionResult, keep: bool,
+                    select_hessians: dict[str, torch.Tensor] | None = None) -> None:
     for name in names:
         lin = linears[name]
         W = lin.weight.detach().float()
@@ -207,11 +214,12 @@ def _quantize_stage(prefix: str, linears: dict[str, nn.Linear], names: list[str]
         base = res.to_stream()
         full = f"{prefix}.{name}"
         result.base[full] = base
+        H_sel = None if select_hessians is None else select_hessians[name]
         if cfg.ortho and cfg.select.scope == "layer":
-            result.ortho[full] = make_ortho(W, base, hessians[name], cfg.select)
+            result.ortho[full] = make_ortho(W, base, hessians[name] if H_sel is None else H_sel, cfg.select)
         if keep:
             result.records[full] = LayerRecord(W.clone(), base, hessians[name],
-                                               {k: v for k, v in res.info.items() if k != "losses"})
+                                               {k: v for k, v in res.info.items() if k != "losses"}, H_sel)
         bias = None if lin.bias is None else lin.bias.detach().clone()
         replace_module(block, name, OrthoLinear(base, None, bias, alpha=0.0))
 
@@ -220,10 +228,14 @@ def _quantize_stage(prefix: str, linears: dict[str, nn.Linear], names: list[str]
 def decompose(model: nn.Module, calibration: torch.Tensor | None, config: DecomposeConfig | None = None,
               keep_records: bool = False, true_sequential: bool = True, alpha: float = 1.0,
               progress: bool = True, on_block: Callable[[int], None] | None = None,
-              max_blocks: int | None = None) -> DecompositionResult:
+              max_blocks: int | None = None, select_calibration: torch.Tensor | None = None,
+              ) -> DecompositionResult:
     """Replace every decoder-block linear of ``model`` by an :class:`OrthoLinear` (in place).
 
     ``calibration``: (n, seq_len) token ids of public text for the base stream's Hessians.
+    ``select_calibration``: optional token ids (e.g. the private records) whose Hessians the
+    selector scores with instead; they flow through the same already-decomposed blocks, and the
+    base stream never sees them.
     ``keep_records`` keeps W, base and H of every layer so :func:`select_ortho` can rebuild
     the ortho stream for other selectors/rho without recalibrating (needed for global scope).
     ``max_blocks`` decomposes only the first blocks (tests, quick looks); the rest stay dense.
@@ -239,6 +251,11 @@ def decompose(model: nn.Module, calibration: torch.Tensor | None, config: Decomp
         if calibration is None:
             raise ValueError("this configuration needs calibration data (GPTQ or a curvature selector)")
         hidden, kws = capture_block_inputs(model, calibration, cfg.batch_size)
+    sel_hidden: list[torch.Tensor] | None = None
+    if select_calibration is not None:
+        if not (cfg.ortho and calibrate):
+            raise ValueError("select_calibration needs an ortho stream and a calibrated (GPTQ or curvature) run")
+        sel_hidden, sel_kws = capture_block_inputs(model, select_calibration, cfg.batch_size)
     blocks = decoder_blocks(model)[:max_blocks]
     prefixes = {id(m): n for n, m in model.named_modules()}
     for k, block in enumerate(tqdm(blocks, desc="decompose", disable=not progress, unit="block")):
@@ -254,9 +271,12 @@ def decompose(model: nn.Module, calibration: torch.Tensor | None, config: Decomp
             stages = [[n for s in stages for n in s]]
         for stage in stages:
             hessians = _accumulate(block, linears, stage, hidden, kws)
-            _quantize_stage(prefix, linears, stage, hessians, cfg, block, result, keep)
+            sel = None if sel_hidden is None else _accumulate(block, linears, stage, sel_hidden, sel_kws)
+            _quantize_stage(prefix, linears, stage, hessians, cfg, block, result, keep, sel)
             peak = max(peak, psutil.Process().memory_info().rss)
         hidden = [_block_out(block, hs, kw) for hs, kw in zip(hidden, kws, strict=True)]
+        if sel_hidden is not None:
+            sel_hidden = [_block_out(block, hs, kw) for hs, kw in zip(sel_hidden, sel_kws, strict=True)]
         if on_block is not None:
             on_block(k)
     if cfg.ortho:
@@ -268,5 +288,6 @@ def decompose(model: nn.Module, calibration: torch.Tensor | None, config: Decomp
     result.stats = {"wall_s": time.perf_counter() - t0, "peak_rss_mb": peak / 2**20,
                     "rss_growth_mb": (peak - rss0) / 2**20, "blocks": len(blocks),
                     "layers": len(result.base), "calib_tokens": 0 if calibration is None else int(calibration.numel()),
+                    "select_calib_tokens": 0 if select_calibration is None else int(select_calibration.numel()),
                     "true_sequential": true_sequential}
     return result

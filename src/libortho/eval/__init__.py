@@ -1,4 +1,4 @@
-"""Evaluation metrics (perplexity, and later canaries, exposure, MIA, reasoning)."""
+"""Evaluation: perplexity, canary extraction, exposure, membership inference, and the privacy harness."""
 
 from libortho.eval.perplexity import PerplexityResult, perplexity, token_nll
 

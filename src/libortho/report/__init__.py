@@ -1,0 +1,1 @@
+"""Figures and Markdown / self-contained HTML reports rendered from experiment result JSON."""

@@ -1,0 +1,66 @@
+"""Trained models of an experiment, cached on disk under a key so a re-run can reuse them.
+
+A model is saved with ``save_pretrained`` into a temporary sibling directory, its metadata
+(``libortho-run.json``: the key, wall time and log of how it was made) is written last, and the
+directory is renamed into place. A later run with the same key loads it instead of training
+again and says so (``reused: true``, with the original wall time).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from libortho.io import atomic_write_json
+
+META = "libortho-run.json"
+
+
+def _canonical(obj: Any) -> Any:
+    """JSON round trip, so tuples and lists (and other equivalent spellings) compare equal."""
+    return json.loads(json.dumps(obj, sort_keys=True, default=str))
+
+
+def load_saved_model(path: Path) -> nn.Module:
+    """A causal LM saved by :func:`cached_model` (fp32, eval mode)."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, local_files_only=True).eval()
+
+
+def cached_model(path: str | Path, key: dict[str, Any], build: Callable[[], tuple[nn.Module, dict[str, Any]]],
+                 fresh: bool = False) -> tuple[nn.Module, dict[str, Any]]:
+    """The model stored at ``path`` under ``key``, or ``build()``'s (then stored); returns (model, info).
+
+    ``info`` holds what ``build`` reported plus ``wall_s`` and ``reused``.
+    """
+    path = Path(path)
+    meta_path = path / META
+    if not fresh and meta_path.is_file():
+        meta = json.loads(meta_path.read_text())
+        if meta.get("key") == _canonical(key):
+            return load_saved_model(path), {**meta["info"], "reused": True}
+    t0 = time.perf_counter()
+    model, info = build()
+    info = {**info, "wall_s": info.get("wall_s", time.perf_counter() - t0), "reused": False}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
+    try:
+        model.save_pretrained(tmp)
+        atomic_write_json(tmp / META, {"key": _canonical(key), "info": info})
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return model.eval(), info

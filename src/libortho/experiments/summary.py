@@ -1,0 +1,94 @@
+"""Derived figures of a kill-switch result: one table row per method, and the seed's claims checked.
+
+Everything here is computed from the measured metrics in the result dict, never typed in; the
+report renders this summary and nothing else.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+SEED_CLAIMS = {
+    "leak_reduction": "alpha = 0 removes 99.8% of canary leakage (extraction)",
+    "general_loss": "general capability changes by < 2% at alpha = 0",
+    "private_error_ratio": "private error ratio err_p(off) / err_p(on) > 1.5",
+    "general_error_ratio": "general error ratio err_g(off) / err_g(on) < 2.0",
+    "private_error_explodes": "private error explodes (> 10x) at alpha = 0",
+}
+
+
+def skill_retained(ppl_pre: float, ppl_x: float, ppl_ft: float) -> float | None:
+    """``(PPL_pre - PPL_x) / (PPL_pre - PPL_ft)``: 1 keeps the whole fine-tuning gain on the domain, 0 none."""
+    gain = ppl_pre - ppl_ft
+    if abs(gain) < 1e-12:
+        return None
+    return (ppl_pre - ppl_x) / gain
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    if a is None or b is None or b == 0:
+        return None
+    return a / b
+
+
+def method_row(name: str, entry: dict[str, Any], pre: dict[str, Any], ft: dict[str, Any]) -> dict[str, Any]:
+    """The table row of one method."""
+    m = entry["metrics"]
+    aucs = {a: v["auc"] for a, v in m["mia"].items()}
+    best = max(aucs, key=lambda a: aucs[a])
+    cost = entry.get("cost", {})
+    return {
+        "name": name, "label": entry["label"], "group": entry["group"], "alpha": entry.get("alpha"),
+        "extraction": m["extraction"]["rate"], "extraction_by_repeats": m["extraction"]["by_repeats"],
+        "exposure": m["exposure"]["mean"], "exposure_by_repeats": m["exposure"]["by_repeats"],
+        "mia_auc": aucs, "mia_best_attack": best, "mia_best_auc": aucs[best],
+        "mia_tpr_1pct": {a: v["tpr_at_1pct_fpr"] for a, v in m["mia"].items()},
+        "private_nll": m["private_nll"], "ppl_domain": m["ppl_domain"], "ppl_general": m["ppl_general"],
+        "nll_general": m["nll_general"],
+        "skill_retained": skill_retained(pre["ppl_domain"], m["ppl_domain"], ft["ppl_domain"]),
+        "general_ppl_change_vs_ft": _ratio(m["ppl_general"], ft["ppl_general"]) - 1 if ft["ppl_general"] else None,
+        "wall_s": cost.get("wall_s"), "reused": cost.get("reused", False),
+        "bits_per_param": cost.get("total_bits_per_param"),
+    }
+
+
+def _claim(key: str, measured: float | None, holds: bool | None, detail: str, seed_value: str) -> dict[str, Any]:
+    return {"key": key, "claim": SEED_CLAIMS[key], "seed_value": seed_value, "measured": measured,
+            "holds": holds, "detail": detail}
+
+
+def check_claims(rows: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """The seed's kill-switch claims, each with the value we measured (alpha = 0 vs alpha = 1)."""
+    off, on = rows.get("libortho_a0"), rows.get("libortho_a1")
+    if off is None or on is None:
+        return []
+    claims = []
+    red = None if on["extraction"] == 0 else 1 - off["extraction"] / on["extraction"]
+    claims.append(_claim("leak_reduction", red, None if red is None else red >= 0.998,
+                         f"extraction {on['extraction']:.3f} at alpha=1 -> {off['extraction']:.3f} at alpha=0"
+                         + (" (nothing extracted at alpha=1: the reduction is undefined)" if red is None else ""),
+                         ">= 99.8%"))
+    gl = off["ppl_general"] / on["ppl_general"] - 1
+    claims.append(_claim("general_loss", gl, abs(gl) < 0.02,
+                         f"general perplexity {on['ppl_general']:.3f} -> {off['ppl_general']:.3f}", "< 2%"))
+    pr = _ratio(off["private_nll"], on["private_nll"])
+    claims.append(_claim("private_error_ratio", pr, None if pr is None else pr > 1.5,
+                         f"secret-token NLL {on['private_nll']:.3f} -> {off['private_nll']:.3f}", "> 1.5"))
+    claims.append(_claim("private_error_explodes", pr, None if pr is None else pr > 10,
+                         "same ratio as above", "> 10x"))
+    gr = _ratio(off["nll_general"], on["nll_general"])
+    claims.append(_claim("general_error_ratio", gr, None if gr is None else gr < 2.0,
+                         f"general NLL {on['nll_general']:.4f} -> {off['nll_general']:.4f}", "< 2.0"))
+    return claims
+
+
+def summarise(result: dict[str, Any]) -> dict[str, Any]:
+    """Table rows for every method, the claims, and the figures that answer the experiment's question."""
+    methods = result["methods"]
+    pre, ft = methods["pre"]["metrics"], methods["ft"]["metrics"]
+    rows = {n: method_row(n, e, pre, ft) for n, e in methods.items()}
+    answer = {k: {"extraction": rows[k]["extraction"], "exposure": rows[k]["exposure"],
+                  "skill_retained": rows[k]["skill_retained"], "ppl_general": rows[k]["ppl_general"]}
+              for k in ("ft", "libortho_a0", "libortho_a1", "rtn_int4", "retrain") if k in rows}
+    return {"rows": rows, "claims": check_claims(rows), "answer": answer,
+            "fine_tuning_gain_ppl": pre["ppl_domain"] - ft["ppl_domain"]}

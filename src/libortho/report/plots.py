@@ -1,0 +1,104 @@
+"""Figures of a kill-switch result (matplotlib, Agg backend, PNG), drawn from the summary rows only."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+REFERENCES = (("ft", "FP fine-tuned", "tab:red", "--"), ("retrain", "retrain w/o private", "tab:green", ":"),
+              ("pre", "pre-fine-tune", "tab:gray", "-."))
+GROUP_STYLE = {"reference": ("tab:gray", "s"), "quantized": ("tab:purple", "D"), "libortho": ("tab:blue", "o"),
+               "unlearning": ("tab:orange", "^")}
+
+
+def _save(fig: Any, path: Path) -> Path:
+    """Write a PNG atomically (temp file beside it, then rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=120, bbox_inches="tight")
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        Path(tmp).unlink(missing_ok=True)
+    return path
+
+
+def _sweep(result: dict[str, Any]) -> list[dict[str, Any]]:
+    rows = result["summary"]["rows"]
+    return sorted((rows[n] for n in result["alpha_sweep"] if n in rows), key=lambda r: r["alpha"])
+
+
+def _refs(ax: Any, rows: dict[str, Any], key: str) -> None:
+    for name, label, color, style in REFERENCES:
+        if name in rows and rows[name].get(key) is not None:
+            ax.axhline(rows[name][key], color=color, linestyle=style, linewidth=1.2, label=label)
+
+
+def alpha_figure(result: dict[str, Any], path: Path) -> Path:
+    """Seed figure 1: canary extraction and exposure vs alpha, per repetition count, with references."""
+    rows, sweep = result["summary"]["rows"], _sweep(result)
+    alphas = [r["alpha"] for r in sweep]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, key, by, ylabel in ((axes[0], "extraction", "extraction_by_repeats", "canary extraction rate"),
+                                (axes[1], "exposure", "exposure_by_repeats", "mean exposure (bits)")):
+        ax.plot(alphas, [r[key] for r in sweep], "o-", color="tab:blue", linewidth=2.2, label="LibOrtho (all)")
+        for rep in sorted(sweep[0][by], key=int) if sweep else []:
+            ax.plot(alphas, [r[by][rep] for r in sweep], ".-", alpha=0.6, linewidth=1, label=f"LibOrtho, {rep}x seen")
+        _refs(ax, rows, key)
+        ax.set_xlabel("alpha (ortho stream coefficient)")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylim(-0.03, 1.03)
+    axes[1].legend(fontsize=8, loc="best")
+    fig.suptitle("Privacy kill switch: leakage vs alpha")
+    return _save(fig, path)
+
+
+def perplexity_figure(result: dict[str, Any], path: Path) -> Path:
+    """Perplexity on the public domain and on the general corpus vs alpha, with references."""
+    rows, sweep = result["summary"]["rows"], _sweep(result)
+    alphas = [r["alpha"] for r in sweep]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, key, title in ((axes[0], "ppl_domain", "public domain (held out)"),
+                           (axes[1], "ppl_general", "general corpus (held out)")):
+        ax.plot(alphas, [r[key] for r in sweep], "o-", color="tab:blue", linewidth=2.2, label="LibOrtho")
+        _refs(ax, rows, key)
+        if "rtn_int4" in rows:
+            ax.axhline(rows["rtn_int4"][key], color="tab:purple", linestyle="--", linewidth=1, label="INT4 RTN")
+        ax.set_title(title)
+        ax.set_xlabel("alpha")
+        ax.set_ylabel("perplexity")
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=8)
+    return _save(fig, path)
+
+
+def plane_figure(result: dict[str, Any], path: Path) -> Path:
+    """The leakage/utility plane: skill retained (x) against extraction and exposure (y), one point per method."""
+    rows = result["summary"]["rows"]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
+    for ax, key, ylabel in ((axes[0], "extraction", "canary extraction rate"),
+                            (axes[1], "exposure", "mean exposure (bits)")):
+        for r in rows.values():
+            if r["skill_retained"] is None or r["name"] == "gptq_int4":
+                continue
+            color, marker = GROUP_STYLE.get(r["group"], ("black", "x"))
+            ax.scatter(r["skill_retained"], r[key], color=color, marker=marker, s=50, zorder=3)
+            ax.annotate(r["label"], (r["skill_retained"], r[key]), fontsize=7, xytext=(4, 3),
+                        textcoords="offset points")
+        ax.set_xlabel("skill retained on the public domain (1 = full fine-tuning gain)")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+    handles = [plt.Line2D([], [], color=c, marker=m, linestyle="", label=g) for g, (c, m) in GROUP_STYLE.items()]
+    axes[1].legend(handles=handles, fontsize=8, loc="best")
+    fig.suptitle("Leakage vs utility: lower-right is better")
+    return _save(fig, path)

@@ -1,0 +1,247 @@
+"""Full fine-tuning of a Hugging Face causal LM: AdamW, gradient accumulation, warm-up + decay,
+clipping, a progress bar, resumable checkpoints, and determinism by seed.
+
+The loss is the token-mean cross-entropy over every label that is not ``-100`` in an optimizer
+step (all micro-batches together), so gradient accumulation gives the same update as one big
+batch. The data order comes from a generator seeded with ``TrainConfig.seed``; the same seed,
+data and model give the same weights.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from libortho.data.records import IGNORE, TokenRows
+
+Schedule = Literal["constant", "linear", "cosine"]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation settings.
+
+    steps: optimizer steps (None: ``epochs`` passes over the rows); batch_size: rows per
+    micro-batch; grad_accum: micro-batches per step; warmup: fraction of steps with a linear
+    ramp; schedule: decay after warm-up; max_grad_norm: clipping (0 disables).
+    """
+
+    lr: float = 1e-4
+    steps: int | None = None
+    epochs: float = 1.0
+    batch_size: int = 8
+    grad_accum: int = 1
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.95)
+    warmup: float = 0.05
+    schedule: Schedule = "cosine"
+    max_grad_norm: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.steps is not None and self.steps < 1:
+            raise ValueError(f"steps must be >= 1, got {self.steps}")
+        if not self.epochs > 0:
+            raise ValueError(f"epochs must be > 0, got {self.epochs}")
+        if self.batch_size < 1 or self.grad_accum < 1:
+            raise ValueError("batch_size and grad_accum must be >= 1")
+        if not 0 <= self.warmup < 1:
+            raise ValueError(f"warmup is a fraction of the steps in [0, 1), got {self.warmup}")
+        if self.schedule not in ("constant", "linear", "cosine"):
+            raise ValueError(f"unknown schedule {self.schedule!r} (constant, linear, cosine)")
+
+    def total_steps(self, n_rows: int) -> int:
+        """Optimizer steps this config takes on ``n_rows`` rows."""
+        if self.steps is not None:
+            return self.steps
+        per_step = self.batch_size * self.grad_accum
+        return max(1, math.ceil(self.epochs * n_rows / per_step))
+
+
+@dataclass
+class TrainLog:
+    """What a training run did: per-step losses, tokens, wall time, and whether it resumed."""
+
+    steps: int = 0
+    tokens: int = 0
+    wall_s: float = 0.0
+    losses: list[float] = field(default_factory=list)
+    resumed_from: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def lr_factor(step: int, total: int, warmup: float, schedule: Schedule) -> float:
+    """Learning-rate multiplier at (0-based) ``step``: linear warm-up, then constant/linear/cosine decay."""
+    n_warm = int(warmup * total)
+    if step < n_warm:
+        return (step + 1) / n_warm
+    if schedule == "constant" or total <= n_warm:
+        return 1.0
+    frac = (step - n_warm) / max(1, total - n_warm)
+    return 1.0 - frac if schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * frac))
+
+
+def batch_order(n_rows: int, total_steps: int, rows_per_step: int, seed: int) -> torch.Tensor:
+    """Row indices for every step ``(total_steps, rows_per_step)``: seeded reshuffle at each epoch."""
+    if n_rows < 1:
+        raise ValueError("no training rows")
+    need = total_steps * rows_per_step
+    gen = torch.Generator().manual_seed(seed)
+    parts = [torch.randperm(n_rows, generator=gen) for _ in range(math.ceil(need / n_rows))]
+    return torch.cat(parts)[:need].view(total_steps, rows_per_step)
+
+
+def causal_lm_loss_sum(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Sum of next-token cross-entropy over labels != -100, and how many there were."""
+    logits = model(input_ids=input_ids, use_cache=False).logits
+    target = labels[:, 1:]
+    loss = nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+                                       target.reshape(-1), ignore_index=IGNORE, reduction="sum")
+    return loss, int((target != IGNORE).sum())
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW over trainable parameters; no weight decay on biases, norms and embeddings (1-D or embedding)."""
+    decay, no_decay = [], []
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    for p in model.parameters():
+        if p.requires_grad:
+            (no_decay if p.dim() < 2 or id(p) in embeddings else decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=cfg.betas)
+
+
+def save_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer, step: int,
+                    log: TrainLog, cfg: TrainConfig) -> Path:
+    """Model weights, optimizer state, step and log, written to a temp dir and renamed (state.json last)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
+    try:
+        state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
+        save_file(_untie(state), tmp / "model.safetensors")
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        (tmp / "state.json").write_text(json.dumps({"step": step, "log": log.to_dict(), "config": asdict(cfg)}))
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def _untie(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Drop tensors that share storage with an earlier one (safetensors refuses shared tensors)."""
+    seen: set[tuple[int, int]] = set()
+    out = {}
+    for k, v in state.items():
+        key = (v.untyped_storage().data_ptr(), v.storage_offset())
+        if key in seen:
+            continue
+        seen.add(key)
+        out[k] = v
+    return out
+
+
+def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer,
+                    cfg: TrainConfig) -> tuple[int, TrainLog]:
+    """Restore a checkpoint written by :func:`save_checkpoint`; refuses one made with another config."""
+    path = Path(path)
+    meta_path = path / "state.json"
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"{meta_path} not found: {path} is not a finished training checkpoint")
+    meta = json.loads(meta_path.read_text())
+    if meta["config"] != json.loads(json.dumps(asdict(cfg))):
+        raise ValueError(f"checkpoint {path} was written with a different TrainConfig: {meta['config']}")
+    missing, unexpected = model.load_state_dict(load_file(path / "model.safetensors"), strict=False)
+    tied = {k for k in missing if k.endswith("lm_head.weight")}
+    if set(missing) - tied or unexpected:
+        raise ValueError(f"checkpoint {path} does not match the model (missing {missing[:3]}, "
+                         f"unexpected {unexpected[:3]})")
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+    return int(meta["step"]), TrainLog(**meta["log"])
+
+
+def _micro_batches(data: TokenRows, idx: torch.Tensor, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    for i in range(0, idx.numel(), batch_size):
+        sub = idx[i:i + batch_size]
+        yield data.input_ids[sub], data.labels[sub]
+
+
+def train(model: nn.Module, data: TokenRows, cfg: TrainConfig, progress: bool = True, desc: str = "train",
+          checkpoint_dir: str | Path | None = None, checkpoint_every: int = 0,
+          on_step: Callable[[int, float], None] | None = None) -> TrainLog:
+    """Fine-tune every trainable parameter of ``model`` on ``data`` (in place); returns the log.
+
+    With ``checkpoint_dir`` a checkpoint is written every ``checkpoint_every`` steps and at the end,
+    and a run finds and resumes from an existing one (same config) instead of starting over.
+    """
+    total = cfg.total_steps(len(data))
+    order = batch_order(len(data), total, cfg.batch_size * cfg.grad_accum, cfg.seed)
+    opt = make_optimizer(model, cfg)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, cfg.warmup, cfg.schedule))
+    log, start = TrainLog(), 0
+    ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    if ckpt is not None and (ckpt / "state.json").is_file():
+        start, log = load_checkpoint(ckpt, model, opt, cfg)
+        log.resumed_from = start
+        for _ in range(start):
+            sched.step()
+    torch.manual_seed(cfg.seed)
+    was_training = model.training
+    model.train()
+    t0 = time.perf_counter() - log.wall_s
+    bar = tqdm(range(start, total), desc=desc, disable=not progress, unit="step", initial=start, total=total)
+    try:
+        for step in bar:
+            loss = _step(model, opt, data, order[step], cfg)
+            sched.step()
+            log.steps, log.wall_s = step + 1, time.perf_counter() - t0
+            log.losses.append(loss)
+            log.tokens += int((data.labels[order[step]] != IGNORE).sum())
+            bar.set_postfix(loss=f"{loss:.3f}")
+            if on_step is not None:
+                on_step(step, loss)
+            if ckpt is not None and checkpoint_every and (step + 1) % checkpoint_every == 0 and step + 1 < total:
+                save_checkpoint(ckpt, model, opt, step + 1, log, cfg)
+    finally:
+        model.train(was_training)
+    if ckpt is not None:
+        save_checkpoint(ckpt, model, opt, total, log, cfg)
+    return log
+
+
+def _step(model: nn.Module, opt: torch.optim.Optimizer, data: TokenRows, idx: torch.Tensor,
+          cfg: TrainConfig) -> float:
+    """One optimizer step over ``idx`` (split into micro-batches); returns the token-mean loss."""
+    n_tok = max(1, int((data.labels[idx][:, 1:] != IGNORE).sum()))
+    total = 0.0
+    for ids, labels in _micro_batches(data, idx, cfg.batch_size):
+        loss_sum, _ = causal_lm_loss_sum(model, ids, labels)
+        if not torch.isfinite(loss_sum):
+            raise FloatingPointError("non-finite training loss: lower the learning rate or check the data")
+        (loss_sum / n_tok).backward()
+        total += float(loss_sum.detach())
+    if cfg.max_grad_norm > 0:
+        nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return total / n_tok
