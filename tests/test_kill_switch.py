@@ -136,3 +136,20 @@ def test_cli_runs_the_experiment_and_the_report(tmp_path) -> None:
     assert not (tmp_path / "x").exists()
     missing = runner.invoke(app, ["report", str(tmp_path / "nope.json")])
     assert missing.exit_code == 2 and "not found" in missing.output
+
+
+def test_unsupported_or_missing_models_are_refused_before_any_work(tmp_path) -> None:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from libortho.models import ByteTokenizer
+
+    gpt2 = tmp_path / "gpt2"
+    GPT2LMHeadModel(GPT2Config(vocab_size=259, n_embd=32, n_layer=1, n_head=2, n_positions=64)).save_pretrained(gpt2)
+    ByteTokenizer().save_pretrained(gpt2)
+    runner = CliRunner()
+    res = runner.invoke(app, ["experiment", "kill-switch", "--model", str(gpt2), "--out", str(tmp_path / "o")])
+    assert res.exit_code == 2 and "Conv1D" in res.output
+    res = runner.invoke(app, ["experiment", "kill-switch", "--model", str(tmp_path / "none"), "--out",
+                              str(tmp_path / "o")])
+    assert res.exit_code == 2 and "not found" in res.output
+    assert not (tmp_path / "o").exists()

@@ -127,7 +127,7 @@ def kill_switch(
 
     from libortho.experiments.config import KillSwitchConfig, preset, with_overrides
     from libortho.experiments.kill_switch import RESULT_FILE, run_kill_switch
-    from libortho.report.kill_switch import main_table, render_report
+    from libortho.report.kill_switch import compact_table, render_report
 
     try:
         cfg = preset(model)
@@ -143,28 +143,29 @@ def kill_switch(
         out = out or Path("runs") / f"kill-switch-{Path(model).name}"
         result = run_kill_switch(cfg, out, progress=not quiet, fresh=fresh, console=Console(stderr=True))
         paths = render_report(out / RESULT_FILE)
-    except (ValueError, FileNotFoundError, KeyError, json.JSONDecodeError) as err:
+    except (ValueError, FileNotFoundError, KeyError, FloatingPointError, json.JSONDecodeError) as err:
         _fail(str(err))
-    _print_table(main_table(result))
+    _print_table(compact_table(result))
     console.print(f"result: {out / RESULT_FILE}\nreport: {paths['markdown']}\n        {paths['html']}")
 
 
 def _print_table(t: object) -> None:
+    """A report table on the terminal (at least 120 columns wide, also when piped to a file)."""
     table = Table(*t.header, title=t.caption, title_justify="left")
     for row in t.rows:
         table.add_row(*[c.replace("**", "") for c in row])
-    console.print(table)
+    Console(width=max(console.width, 120)).print(table)
 
 
 @app.command()
 def report(result: Annotated[Path, typer.Argument(help="an experiment's result.json")],
            out: Annotated[Path | None, typer.Option(help="where to write (default: beside RESULT)")] = None) -> None:
     """Render plots and the Markdown + HTML report of an experiment result."""
-    from libortho.report.kill_switch import main_table, render_report
+    from libortho.report.kill_switch import compact_table, render_report
 
     try:
         paths = render_report(result, out)
-        _print_table(main_table(json.loads(result.read_text())))
+        _print_table(compact_table(json.loads(result.read_text())))
     except (ValueError, FileNotFoundError, KeyError) as err:
         _fail(str(err))
     console.print(f"report: {paths['markdown']}\n        {paths['html']}")

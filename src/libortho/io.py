@@ -21,6 +21,8 @@ import platform
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -66,6 +68,17 @@ def _json_default(o: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def default_mode(directory: bool = False) -> int:
+    """Permissions a plain ``open``/``mkdir`` would give (temp files and dirs are created private)."""
+    return (0o777 if directory else 0o666) & ~_umask()
+
+
 def atomic_write_text(path: str | Path, text: str) -> Path:
     """Write text to a temporary file beside ``path``, fsync it, and rename it into place."""
     path = Path(path)
@@ -76,6 +89,7 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, default_mode())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -156,6 +170,22 @@ def _replace_dir(new: Path, out: Path) -> None:
             old.unlink(missing_ok=True)
 
 
+@contextmanager
+def atomic_directory(path: str | Path) -> Iterator[Path]:
+    """Yield a fresh temporary directory beside ``path``; on success it replaces ``path`` (an old one is
+    moved aside, then deleted), on any error it is removed and ``path`` is left as it was."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
+    try:
+        yield tmp
+        os.chmod(tmp, default_mode(directory=True))
+        _replace_dir(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def write_decomposition(out_dir: str | Path, base: dict[str, BaseStream], ortho: dict[str, SparseOrtho] | None,
                         rest: dict[str, torch.Tensor], config: dict, provenance: dict,
                         extra_files: dict[str, Path] | None = None, hf_config: dict | None = None,
@@ -165,19 +195,13 @@ def write_decomposition(out_dir: str | Path, base: dict[str, BaseStream], ortho:
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise FileExistsError(f"{out} exists and is not empty (pass overwrite=True to replace it)")
     _check_streams(base, ortho)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-    try:
+    with atomic_directory(out) as tmp:
         _write_payload(tmp, base, ortho, rest, {k: Path(v) for k, v in (extra_files or {}).items()}, hf_config)
         files = {p.name: {"sha256": sha256_file(p), "size": p.stat().st_size}
                  for p in sorted(tmp.iterdir()) if p.is_file()}
         manifest = {"format_version": FORMAT_VERSION, "has_ortho": ortho is not None, "config": config,
                     "provenance": _provenance(provenance), "layers": _layer_meta(base, ortho), "files": files}
         atomic_write_json(tmp / MANIFEST, manifest)
-        _replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

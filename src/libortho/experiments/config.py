@@ -105,14 +105,15 @@ def preset(model: str) -> KillSwitchConfig:
 
     The tiny byte-level model, pre-trained for a few minutes, memorises slowly: records seen 16
     times in 4 epochs are not extractable (measured), so the demo inserts members 4, 16 and 64
-    times. Pre-trained models memorise far faster and use the issue's (1, 4, 16) in one epoch.
+    times. Pre-trained models memorise far faster and use the issue's (1, 4, 16), over two epochs
+    (in one epoch SmolLM2-135M extracted 1 of 24 canaries: too little signal to measure a switch).
     """
     if model == "tiny":
         return KillSwitchConfig(repeats=(4, 16, 64))
     return KillSwitchConfig(
         model=model, repeats=(1, 4, 16), block_len=128, public_blocks=320, eval_len=256, eval_blocks=16,
         general_blocks=16, digits_len=3,
-        finetune=TrainConfig(lr=2e-4, epochs=1.0, batch_size=8, warmup=0.05),
+        finetune=TrainConfig(lr=2e-4, epochs=2.0, batch_size=8, warmup=0.05),
         unlearn=UnlearnConfig(steps=20, lr=2e-5, batch_size=8, retain_batch_size=4),
         calib_blocks=32, calib_len=256,
         harness=HarnessConfig(exposure_samples=64, batch_size=8))

@@ -31,7 +31,7 @@ from libortho.experiments.config import KillSwitchConfig
 from libortho.experiments.store import cached_model
 from libortho.experiments.summary import summarise
 from libortho.io import atomic_write_json
-from libortho.models import build_tiny_llama, load_model
+from libortho.models import build_tiny_llama, decoder_blocks, load_model, refuse_conv1d
 from libortho.pipeline import decompose
 from libortho.runtime import set_alpha
 from libortho.train.loop import train
@@ -187,6 +187,8 @@ def _load_pre_and_tokenizer(cfg: KillSwitchConfig) -> tuple[Callable[[], nn.Modu
     model, tok = load_model(cfg.model)
     if tok is None:
         raise ValueError(f"model {cfg.model!r} has no tokenizer: the experiment needs one")
+    decoder_blocks(model)  # refuse unsupported layouts and GPT-2 Conv1D layers before any training
+    refuse_conv1d(model)
     del model
     return (lambda: load_model(cfg.model)[0]), tok
 

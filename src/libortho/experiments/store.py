@@ -9,9 +9,6 @@ again and says so (``reused: true``, with the original wall time).
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -20,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from libortho.io import atomic_write_json
+from libortho.io import atomic_directory, atomic_write_json
 
 META = "libortho-run.json"
 
@@ -52,15 +49,7 @@ def cached_model(path: str | Path, key: dict[str, Any], build: Callable[[], tupl
     t0 = time.perf_counter()
     model, info = build()
     info = {**info, "wall_s": info.get("wall_s", time.perf_counter() - t0), "reused": False}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
-    try:
+    with atomic_directory(path) as tmp:
         model.save_pretrained(tmp)
         atomic_write_json(tmp / META, {"key": _canonical(key), "info": info})
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return model.eval(), info

@@ -10,7 +10,7 @@ from typing import Any
 
 SEED_CLAIMS = {
     "leak_reduction": "alpha = 0 removes 99.8% of canary leakage (extraction)",
-    "general_loss": "general capability changes by < 2% at alpha = 0",
+    "general_loss": "general capability drops by < 2% at alpha = 0 (general perplexity rises < 2%)",
     "private_error_ratio": "private error ratio err_p(off) / err_p(on) > 1.5",
     "general_error_ratio": "general error ratio err_g(off) / err_g(on) < 2.0",
     "private_error_explodes": "private error explodes (> 10x) at alpha = 0",
@@ -40,7 +40,9 @@ def method_row(name: str, entry: dict[str, Any], pre: dict[str, Any], ft: dict[s
     return {
         "name": name, "label": entry["label"], "group": entry["group"], "alpha": entry.get("alpha"),
         "extraction": m["extraction"]["rate"], "extraction_by_repeats": m["extraction"]["by_repeats"],
+        "per_canary_extracted": [bool(c["extracted"]) for c in m["per_canary"]],
         "exposure": m["exposure"]["mean"], "exposure_by_repeats": m["exposure"]["by_repeats"],
+        "exposure_by_kind": m["exposure"]["by_kind"], "exposure_nonmember": m["exposure"]["nonmember_mean"],
         "mia_auc": aucs, "mia_best_attack": best, "mia_best_auc": aucs[best],
         "mia_tpr_1pct": {a: v["tpr_at_1pct_fpr"] for a, v in m["mia"].items()},
         "private_nll": m["private_nll"], "ppl_domain": m["ppl_domain"], "ppl_general": m["ppl_general"],
@@ -64,13 +66,16 @@ def check_claims(rows: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
         return []
     claims = []
     red = None if on["extraction"] == 0 else 1 - off["extraction"] / on["extraction"]
+    n = len(off["per_canary_extracted"])
     claims.append(_claim("leak_reduction", red, None if red is None else red >= 0.998,
-                         f"extraction {on['extraction']:.3f} at alpha=1 -> {off['extraction']:.3f} at alpha=0"
+                         f"extracted {sum(on['per_canary_extracted'])}/{n} canaries at alpha=1 -> "
+                         f"{sum(off['per_canary_extracted'])}/{n} at alpha=0"
                          + (" (nothing extracted at alpha=1: the reduction is undefined)" if red is None else ""),
                          ">= 99.8%"))
     gl = off["ppl_general"] / on["ppl_general"] - 1
-    claims.append(_claim("general_loss", gl, abs(gl) < 0.02,
-                         f"general perplexity {on['ppl_general']:.3f} -> {off['ppl_general']:.3f}", "< 2%"))
+    claims.append(_claim("general_loss", gl, gl < 0.02,
+                         f"general perplexity {on['ppl_general']:.3f} at alpha=1 -> {off['ppl_general']:.3f} at alpha=0"
+                         + (" (lower at alpha=0)" if gl < 0 else ""), "< 2%"))
     pr = _ratio(off["private_nll"], on["private_nll"])
     claims.append(_claim("private_error_ratio", pr, None if pr is None else pr > 1.5,
                          f"secret-token NLL {on['private_nll']:.3f} -> {off['private_nll']:.3f}", "> 1.5"))

@@ -60,7 +60,7 @@ def to_markdown(blocks: list[Block], relative_to: Path) -> str:
             lines += ["| " + " | ".join(c.replace("|", "\\|") for c in r) + " |" for r in b.rows]
             out.append(("*" + b.caption + "*\n\n" if b.caption else "") + "\n".join(lines))
         elif isinstance(b, Figure):
-            rel = Path(b.path).resolve().relative_to(relative_to.resolve()) if Path(b.path).is_absolute() else b.path
+            rel = Path(b.path).resolve().relative_to(relative_to.resolve())
             out.append(f"![{b.caption}]({rel.as_posix()})\n\n*{b.caption}*")
         elif isinstance(b, Code):
             out.append("```\n" + b.text.rstrip() + "\n```")

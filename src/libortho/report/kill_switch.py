@@ -50,6 +50,15 @@ def main_table(result: dict[str, Any]) -> Table:
                  "(PPL_pre - PPL_ft) on the held-out public domain.")
 
 
+def compact_table(result: dict[str, Any]) -> Table:
+    """The main table's key columns, for a terminal."""
+    body = [[r["label"], _f(r["extraction"], ".2f"), _f(r["exposure"], ".1f"), _f(r["mia_best_auc"], ".2f"),
+             _f(r["private_nll"], ".2f"), _f(r["ppl_domain"], ".2f"), _f(r["ppl_general"], ".2f"),
+             _f(r["skill_retained"], ".2f")] for r in _ordered(result)]
+    return Table(["method", "extract", "exposure", "MIA AUC", "secret NLL", "PPL dom", "PPL gen", "skill"], body,
+                 "kill switch: leakage (extraction, exposure bits, best MIA AUC, secret NLL) and utility")
+
+
 def repeats_table(result: dict[str, Any]) -> Table:
     """Extraction and exposure split by how often a canary was seen in fine-tuning."""
     rows = _ordered(result)
@@ -58,6 +67,22 @@ def repeats_table(result: dict[str, Any]) -> Table:
                            for k in reps]] for r in rows]
     return Table(["method", *[f"seen {k}x: extraction / exposure" for k in reps]], body,
                  "Memorisation grows with repetition; the kill switch should act where it is strongest.")
+
+
+def exposure_table(result: dict[str, Any]) -> Table:
+    """Mean member exposure per secret kind (exact or estimated, with its maximum), for the key methods."""
+    rows = result["summary"]["rows"]
+    keys = [k for k in ("pre", "ft", "rtn_int4", *result["alpha_sweep"], "retrain") if k in rows]
+    canaries = result["methods"]["ft"]["metrics"]["per_canary"]
+    kinds = list(rows["ft"]["exposure_by_kind"])
+    meta = {k: next(c for c in canaries if c["kind"] == k) for k in kinds}
+    head = [f"{k} ({meta[k]['exposure_method']}, max {meta[k]['exposure_max']:.0f})" for k in kinds]
+    body = [[rows[k]["label"], *[_f(rows[k]["exposure_by_kind"][kind], ".2f") for kind in kinds],
+             _f(rows[k]["exposure_nonmember"], ".2f")] for k in keys]
+    return Table(["method", *head, "non-members (exact kinds)"], body,
+                 "Exposure in bits by secret kind. Estimated exposures extrapolate a skew-normal fit into its tail "
+                 "and are clipped at log2|R|, so one well-memorised secret can dominate a mean; non-members give "
+                 "the never-seen baseline.")
 
 
 def mia_table(result: dict[str, Any]) -> Table:
@@ -149,6 +174,7 @@ def build_blocks(result: dict[str, Any], fig_dir: Path) -> list[Block]:
         Heading("All methods"), main_table(result),
         figs[2], figs[0], figs[1],
         Heading("By repetition count"), repeats_table(result),
+        Heading("Exposure by secret kind"), exposure_table(result),
         Heading("Membership inference"), mia_table(result),
         Heading("Setup"), Code(setup_text(result)),
         Para("Notes: the INT4 GPTQ row is LibOrtho at alpha = 0 (the base stream is calibrated with the ortho "

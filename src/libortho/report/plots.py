@@ -9,6 +9,8 @@ from typing import Any
 
 import matplotlib
 
+from libortho.io import default_mode
+
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
@@ -25,6 +27,7 @@ def _save(fig: Any, path: Path) -> Path:
     os.close(fd)
     try:
         fig.savefig(tmp, dpi=120, bbox_inches="tight")
+        os.chmod(tmp, default_mode())
         os.replace(tmp, path)
     finally:
         plt.close(fig)
@@ -82,19 +85,29 @@ def perplexity_figure(result: dict[str, Any], path: Path) -> Path:
     return _save(fig, path)
 
 
-def plane_figure(result: dict[str, Any], path: Path) -> Path:
-    """The leakage/utility plane: skill retained (x) against extraction and exposure (y), one point per method."""
+def plane_figure(result: dict[str, Any], path: Path, x_min: float = -1.0) -> Path:
+    """The leakage/utility plane: skill retained (x) against extraction and exposure (y), one point per method.
+
+    Methods that lose more than ``-x_min`` times the fine-tuning gain are drawn at the left edge,
+    labelled with their true value; the alpha sweep is one connected line, labelled at its ends.
+    """
     rows = result["summary"]["rows"]
+    pts = [r for r in rows.values() if r["skill_retained"] is not None and r["name"] != "gptq_int4"]
+    sweep = _sweep(result)
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
     for ax, key, ylabel in ((axes[0], "extraction", "canary extraction rate"),
                             (axes[1], "exposure", "mean exposure (bits)")):
-        for r in rows.values():
-            if r["skill_retained"] is None or r["name"] == "gptq_int4":
-                continue
+        ax.plot([max(x_min, r["skill_retained"]) for r in sweep], [r[key] for r in sweep], "-", color="tab:blue",
+                alpha=0.5, zorder=2)
+        for i, r in enumerate(pts):
+            x = max(x_min, r["skill_retained"])
             color, marker = GROUP_STYLE.get(r["group"], ("black", "x"))
-            ax.scatter(r["skill_retained"], r[key], color=color, marker=marker, s=50, zorder=3)
-            ax.annotate(r["label"], (r["skill_retained"], r[key]), fontsize=7, xytext=(4, 3),
-                        textcoords="offset points")
+            ax.scatter(x, r[key], color=color, marker="<" if x > r["skill_retained"] else marker, s=50, zorder=3)
+            if r["group"] == "libortho" and r["alpha"] not in (sweep[0]["alpha"], sweep[-1]["alpha"]):
+                continue
+            label = r["label"] + (f" (skill {r['skill_retained']:.1f})" if x > r["skill_retained"] else "")
+            ax.annotate(label, (x, r[key]), fontsize=7, xytext=(5, 4 + 7 * (i % 3)), textcoords="offset points")
+        ax.set_xlim(x_min - 0.08, max(1.15, max(r["skill_retained"] for r in pts) + 0.1))
         ax.set_xlabel("skill retained on the public domain (1 = full fine-tuning gain)")
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)

@@ -11,9 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -26,6 +23,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from libortho.data.records import IGNORE, TokenRows
+from libortho.io import atomic_directory
 
 Schedule = Literal["constant", "linear", "cosine"]
 
@@ -132,19 +130,11 @@ def save_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.O
                     log: TrainLog, cfg: TrainConfig) -> Path:
     """Model weights, optimizer state, step and log, written to a temp dir and renamed (state.json last)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
-    try:
+    with atomic_directory(path) as tmp:
         state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
         save_file(_untie(state), tmp / "model.safetensors")
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         (tmp / "state.json").write_text(json.dumps({"step": step, "log": log.to_dict(), "config": asdict(cfg)}))
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return path
 
 
