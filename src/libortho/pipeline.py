@@ -103,6 +103,26 @@ def _block_out(block: nn.Module, hs: torch.Tensor, kw: dict[str, Any]) -> torch.
     return out[0] if isinstance(out, tuple) else out
 
 
+@dataclass(eq=False)
+class _Flow:
+    """Calibration activations entering the current decoder block (per batch), with the block kwargs."""
+
+    hidden: list[torch.Tensor]
+    kws: list[dict[str, Any]]
+
+    @classmethod
+    def capture(cls, model: nn.Module, tokens: torch.Tensor, batch_size: int) -> _Flow:
+        return cls(*capture_block_inputs(model, tokens, batch_size))
+
+    def hessians(self, block: nn.Module, linears: dict[str, nn.Linear], names: list[str]) -> dict[str, torch.Tensor]:
+        return _accumulate(block, linears, names, self.hidden, self.kws)
+
+    @torch.no_grad()
+    def advance(self, block: nn.Module) -> None:
+        """Run the (already decomposed) block: its outputs are the next block's inputs."""
+        self.hidden = [_block_out(block, hs, kw) for hs, kw in zip(self.hidden, self.kws, strict=True)]
+
+
 @torch.no_grad()
 def _linear_stages(block: nn.Module, linears: dict[str, nn.Linear], hs: torch.Tensor,
                    kw: dict[str, Any]) -> list[list[str]]:
@@ -247,36 +267,31 @@ def decompose(model: nn.Module, calibration: torch.Tensor | None, config: Decomp
     peak = rss0
     result = DecompositionResult({}, {}, {}, {})
     calibrate = needs_calibration(cfg)
-    if calibrate:
-        if calibration is None:
-            raise ValueError("this configuration needs calibration data (GPTQ or a curvature selector)")
-        hidden, kws = capture_block_inputs(model, calibration, cfg.batch_size)
-    sel_hidden: list[torch.Tensor] | None = None
-    if select_calibration is not None:
-        if not (cfg.ortho and calibrate):
-            raise ValueError("select_calibration needs an ortho stream and a calibrated (GPTQ or curvature) run")
-        sel_hidden, sel_kws = capture_block_inputs(model, select_calibration, cfg.batch_size)
+    if calibrate and calibration is None:
+        raise ValueError("this configuration needs calibration data (GPTQ or a curvature selector)")
+    if select_calibration is not None and not (cfg.ortho and calibrate):
+        raise ValueError("select_calibration needs an ortho stream and a calibrated (GPTQ or curvature) run")
+    flow = _Flow.capture(model, calibration, cfg.batch_size) if calibrate else None
+    sel_flow = None if select_calibration is None else _Flow.capture(model, select_calibration, cfg.batch_size)
     blocks = decoder_blocks(model)[:max_blocks]
     prefixes = {id(m): n for n, m in model.named_modules()}
     for k, block in enumerate(tqdm(blocks, desc="decompose", disable=not progress, unit="block")):
         prefix = prefixes[id(block)]
         linears = {n: m for n, m in block_linears(block).items()
                    if not any(s in f"{prefix}.{n}" for s in cfg.skip)}
-        if not calibrate:  # RTN + magnitude: no curvature and no forward passes needed
+        if flow is None:  # RTN + magnitude: no curvature and no forward passes needed
             eye = {n: torch.eye(m.in_features) for n, m in linears.items()}
             _quantize_stage(prefix, linears, list(linears), eye, cfg, block, result, keep)
             continue
-        stages = _linear_stages(block, linears, hidden[0], kws[0])
-        if not true_sequential:
-            stages = [[n for s in stages for n in s]]
-        for stage in stages:
-            hessians = _accumulate(block, linears, stage, hidden, kws)
-            sel = None if sel_hidden is None else _accumulate(block, linears, stage, sel_hidden, sel_kws)
-            _quantize_stage(prefix, linears, stage, hessians, cfg, block, result, keep, sel)
+        stages = _linear_stages(block, linears, flow.hidden[0], flow.kws[0])
+        for stage in stages if true_sequential else [[n for s in stages for n in s]]:
+            sel = None if sel_flow is None else sel_flow.hessians(block, linears, stage)
+            _quantize_stage(prefix, linears, stage, flow.hessians(block, linears, stage), cfg, block, result, keep,
+                            sel)
             peak = max(peak, psutil.Process().memory_info().rss)
-        hidden = [_block_out(block, hs, kw) for hs, kw in zip(hidden, kws, strict=True)]
-        if sel_hidden is not None:
-            sel_hidden = [_block_out(block, hs, kw) for hs, kw in zip(sel_hidden, sel_kws, strict=True)]
+        for f in (flow, sel_flow):
+            if f is not None:
+                f.advance(block)
         if on_block is not None:
             on_block(k)
     if cfg.ortho:
@@ -286,8 +301,8 @@ def decompose(model: nn.Module, calibration: torch.Tensor | None, config: Decomp
     if not keep_records:
         result.records = {}
     result.stats = {"wall_s": time.perf_counter() - t0, "peak_rss_mb": peak / 2**20,
-                    "rss_growth_mb": (peak - rss0) / 2**20, "blocks": len(blocks),
-                    "layers": len(result.base), "calib_tokens": 0 if calibration is None else int(calibration.numel()),
+                    "rss_growth_mb": (peak - rss0) / 2**20, "blocks": len(blocks), "layers": len(result.base),
+                    "calib_tokens": 0 if calibration is None else int(calibration.numel()),
                     "select_calib_tokens": 0 if select_calibration is None else int(select_calibration.numel()),
                     "true_sequential": true_sequential}
     return result
