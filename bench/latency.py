@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
+from libortho.atomic import atomic_write_json
 from libortho.checkpoint import load
-from libortho.io import atomic_write_json
 from libortho.models import load_model
 from libortho.runtime import set_alpha
 

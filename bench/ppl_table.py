@@ -18,11 +18,11 @@ from pathlib import Path
 
 import torch
 
+from libortho.atomic import atomic_write_json
 from libortho.checkpoint import save
 from libortho.config import DecomposeConfig, QuantConfig, SelectConfig
 from libortho.data import calibration_blocks, load_corpus, token_blocks
 from libortho.eval import perplexity
-from libortho.io import atomic_write_json
 from libortho.models import load_model
 from libortho.pipeline import attach_ortho, decompose, select_ortho
 from libortho.runtime import set_alpha

@@ -8,13 +8,8 @@ import pytest
 import torch
 
 import libortho.io as lio
-from libortho.io import (
-    CorruptDecompositionError,
-    atomic_write_json,
-    read_decomposition,
-    sha256_file,
-    write_decomposition,
-)
+from libortho.atomic import atomic_write_json, sha256_file
+from libortho.io import CorruptDecompositionError, read_decomposition, write_decomposition
 from libortho.streams import BaseStream, SparseOrtho
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+from libortho.version import __version__  # noqa: F401  (re-exported)
 
 __all__ = [
     "DecomposeConfig", "QuantConfig", "SelectConfig", "decompose", "get_alpha", "load", "save",

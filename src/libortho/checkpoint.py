@@ -18,9 +18,9 @@ from accelerate import init_empty_weights
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-import libortho
 from libortho.io import read_decomposition, write_decomposition
 from libortho.runtime import OrthoLinear, ortho_layers, replace_module, set_alpha
+from libortho.version import __version__
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ def save(model: nn.Module, out_dir: str | Path, config: dict[str, Any] | None = 
     base, ortho, rest = split_state(model)
     if not base:
         raise ValueError("model has no OrthoLinear layers: run libortho.decompose first")
-    prov = {"libortho": libortho.__version__, "torch": torch.__version__, **(provenance or {})}
+    prov = {"libortho": __version__, "torch": torch.__version__, **(provenance or {})}
     with tempfile.TemporaryDirectory(prefix="libortho-tok-") as tmp:
         extra: dict[str, Path] = {}
         if tokenizer is not None:

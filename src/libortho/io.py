@@ -11,18 +11,11 @@ verifies every present file against the manifest. This module knows nothing of `
 
 from __future__ import annotations
 
-import dataclasses
-import enum
-import hashlib
 import json
 import logging
-import os
 import platform
 import shutil
-import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,7 +24,9 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from libortho.atomic import atomic_directory, atomic_write_json, json_default, sha256_file
 from libortho.streams import BaseStream, SparseOrtho
+from libortho.version import __version__
 
 FORMAT_VERSION = 1
 MANIFEST = "libortho.json"
@@ -42,64 +37,6 @@ log = logging.getLogger(__name__)
 
 class CorruptDecompositionError(ValueError):
     """A file of a saved decomposition does not match its manifest (hash, size) or cannot be parsed."""
-
-
-def sha256_file(path: str | Path) -> str:
-    """Hex SHA-256 of a file, read in 1 MiB chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _json_default(o: Any) -> Any:
-    """JSON for the odd types configs carry: tensors, paths, dtypes, dataclasses, enums, sets."""
-    if isinstance(o, torch.Tensor):
-        return o.tolist()
-    if isinstance(o, Path | torch.dtype):
-        return str(o)
-    if dataclasses.is_dataclass(o) and not isinstance(o, type):
-        return dataclasses.asdict(o)
-    if isinstance(o, enum.Enum):
-        return o.value
-    if isinstance(o, set | frozenset):
-        return sorted(o, key=str)
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def default_mode(directory: bool = False) -> int:
-    """Permissions a plain ``open``/``mkdir`` would give (temp files and dirs are created private)."""
-    return (0o777 if directory else 0o666) & ~_umask()
-
-
-def atomic_write_text(path: str | Path, text: str) -> Path:
-    """Write text to a temporary file beside ``path``, fsync it, and rename it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, default_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def atomic_write_json(path: str | Path, obj: Any) -> Path:
-    """Write JSON (indented, odd types converted) atomically; see :func:`atomic_write_text`."""
-    return atomic_write_text(path, json.dumps(obj, indent=2, default=_json_default) + "\n")
 
 
 def _check_streams(base: dict[str, BaseStream], ortho: dict[str, SparseOrtho] | None) -> None:
@@ -126,9 +63,7 @@ def _provenance(provenance: dict) -> dict:
     """Caller provenance plus library, torch, safetensors and Python versions and the write time."""
     import safetensors
 
-    import libortho
-
-    return {"libortho": libortho.__version__, "torch": torch.__version__, "safetensors": safetensors.__version__,
+    return {"libortho": __version__, "torch": torch.__version__, "safetensors": safetensors.__version__,
             "python": platform.python_version(), "written": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             **provenance}
 
@@ -148,42 +83,7 @@ def _write_payload(tmp: Path, base: dict[str, BaseStream], ortho: dict[str, Spar
             raise ValueError(f"extra file name {name!r} is reserved or not a plain file name")
         shutil.copyfile(src, tmp / name)
     if hf_config is not None:
-        (tmp / "config.json").write_text(json.dumps(hf_config, indent=2, default=_json_default) + "\n")
-
-
-def _replace_dir(new: Path, out: Path) -> None:
-    """Rename ``new`` to ``out``; an existing ``out`` is first moved aside, then deleted."""
-    old = None
-    if out.exists() or out.is_symlink():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}-{time.time_ns()}")
-        os.replace(out, old)
-    try:
-        os.replace(new, out)
-    except BaseException:
-        if old is not None:
-            os.replace(old, out)
-        raise
-    if old is not None:
-        if old.is_dir() and not old.is_symlink():
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            old.unlink(missing_ok=True)
-
-
-@contextmanager
-def atomic_directory(path: str | Path) -> Iterator[Path]:
-    """Yield a fresh temporary directory beside ``path``; on success it replaces ``path`` (an old one is
-    moved aside, then deleted), on any error it is removed and ``path`` is left as it was."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
-    try:
-        yield tmp
-        os.chmod(tmp, default_mode(directory=True))
-        _replace_dir(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        (tmp / "config.json").write_text(json.dumps(hf_config, indent=2, default=json_default) + "\n")
 
 
 def write_decomposition(out_dir: str | Path, base: dict[str, BaseStream], ortho: dict[str, SparseOrtho] | None,

@@ -21,6 +21,7 @@ import torch
 from rich.console import Console
 from torch import nn
 
+from libortho.atomic import atomic_write_json
 from libortho.config import DecomposeConfig
 from libortho.data import calibration_blocks, load_corpus, token_blocks
 from libortho.data.canaries import Canary, make_canaries, private_documents
@@ -30,7 +31,6 @@ from libortho.eval.harness import PrivacyHarness
 from libortho.experiments.config import KillSwitchConfig
 from libortho.experiments.store import cached_model
 from libortho.experiments.summary import summarise
-from libortho.io import atomic_write_json
 from libortho.models import build_tiny_llama, decoder_blocks, load_model, refuse_conv1d
 from libortho.pipeline import decompose
 from libortho.runtime import set_alpha
@@ -153,9 +153,9 @@ def environment() -> dict[str, Any]:
     """Versions and machine facts recorded with every result."""
     import transformers
 
-    import libortho
+    from libortho.version import __version__
 
-    return {"libortho": libortho.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
+    return {"libortho": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
             "python": platform.python_version(), "machine": platform.machine(), "threads": torch.get_num_threads(),
             "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from libortho.io import atomic_directory, atomic_write_json
+from libortho.atomic import atomic_directory, atomic_write_json
 
 META = "libortho-run.json"
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -18,6 +17,8 @@ import time
 import zipfile
 from pathlib import Path
 from typing import Any
+
+from libortho.atomic import replace_dir
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -113,17 +114,6 @@ def _drop_keys(path: Path, keys: tuple[str, ...]) -> None:
         path.write_text(json.dumps({k: v for k, v in obj.items() if k not in keys}, indent=2) + "\n")
 
 
-def _swap_into_place(new: Path, target: Path) -> None:
-    """Rename ``new`` to ``target``; an old ``target`` is moved aside first and removed after."""
-    old = None
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{os.getpid()}-{time.time_ns()}")
-        os.replace(target, old)
-    os.replace(new, target)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def ensure_smollm2(force: bool = False) -> Path:
     """Path of the fp32 SmolLM2-135M-Instruct checkpoint, converting it from the GGUF on first use."""
     target = smollm2_dir()
@@ -142,7 +132,7 @@ def ensure_smollm2(force: bool = False) -> Path:
         (out / MARKER).write_text(json.dumps({"source": str(gguf), "created": time.time()}) + "\n")
         if is_complete(target) and not force:  # another process finished first
             return target
-        _swap_into_place(out, target)
+        replace_dir(out, target)
     _say(f"done in {time.perf_counter() - t0:.0f} s")
     return target
 

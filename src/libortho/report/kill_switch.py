@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from libortho.io import atomic_write_text
+from libortho.atomic import atomic_write_text
 from libortho.report.document import Block, Code, Figure, Heading, Para, Table, to_html, to_markdown
 from libortho.report.plots import alpha_figure, perplexity_figure, plane_figure
 

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import matplotlib
 
-from libortho.io import default_mode
+from libortho.atomic import atomic_write_file
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -22,17 +20,10 @@ GROUP_STYLE = {"reference": ("tab:gray", "s"), "quantized": ("tab:purple", "D"),
 
 def _save(fig: Any, path: Path) -> Path:
     """Write a PNG atomically (temp file beside it, then rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=120, bbox_inches="tight")
-        os.chmod(tmp, default_mode())
-        os.replace(tmp, path)
+        return atomic_write_file(path, lambda tmp: fig.savefig(tmp, dpi=120, bbox_inches="tight"), suffix=".png")
     finally:
         plt.close(fig)
-        Path(tmp).unlink(missing_ok=True)
-    return path
 
 
 def _sweep(result: dict[str, Any]) -> list[dict[str, Any]]:

@@ -22,8 +22,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from libortho.atomic import atomic_directory
 from libortho.data.records import IGNORE, TokenRows
-from libortho.io import atomic_directory
 
 Schedule = Literal["constant", "linear", "cosine"]
 
