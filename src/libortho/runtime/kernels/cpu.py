@@ -20,6 +20,8 @@ Constraints of the INT4 kernel found by experiment on torch 2.13 (CPU):
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from libortho.streams.base import BaseStream
@@ -82,7 +84,9 @@ def dense_base_matmul(x: torch.Tensor, weight_dense: torch.Tensor) -> torch.Tens
 
 def ortho_csr(ortho: SparseOrtho, dtype: torch.dtype = ORTHO_DTYPE) -> torch.Tensor:
     """CSR ``(d_out, d_in)`` with int32 indices (faster in MKL than int64) and ``dtype`` values."""
-    return ortho.to_csr(dtype, index_dtype=torch.int32)
+    with warnings.catch_warnings():  # torch's one-time "Sparse CSR tensor support is in beta state" notice
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state", category=UserWarning)
+        return ortho.to_csr(dtype, index_dtype=torch.int32)
 
 
 def sparse_ortho_matmul(x: torch.Tensor, csr: torch.Tensor) -> torch.Tensor:
