@@ -6,10 +6,24 @@ configuration with :func:`dataclasses.asdict` and a saved decomposition can be r
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 SUPPORTED_BITS = (2, 3, 4, 8)
+
+
+def _check_registered(kind: str, name: str, module: str, registry: str) -> None:
+    """Refuse a name missing from a registry, at construction: a typo must fail before any calibration.
+
+    The registry module is imported here, lazily, so this file stays importable without torch and
+    selectors/quantizers registered by user code before the config is built are accepted.
+    """
+    import importlib
+
+    names = getattr(importlib.import_module(module), registry)
+    if name not in names:
+        raise ValueError(f"unknown {kind} {name!r}; registered: {', '.join(sorted(names))}")
 
 QuantMethod = Literal["rtn", "gptq"]
 GridMethod = Literal["minmax", "mse", "hqq"]
@@ -47,9 +61,8 @@ class QuantConfig:
             raise ValueError(f"group_size must be >= 1, got {self.group_size}")
         if self.grid not in ("minmax", "mse", "hqq"):
             raise ValueError(f"unknown grid method {self.grid!r} (minmax, mse, hqq)")
-        if self.method not in ("rtn", "gptq"):
-            raise ValueError(f"unknown quantization method {self.method!r} (rtn, gptq)")
-        if not 0 < self.damp < 1:
+        _check_registered("quantization method", self.method, "libortho.quant", "QUANTIZERS")
+        if not 0 < self.damp < 1:  # also refuses NaN
             raise ValueError(f"damp must be in (0, 1), got {self.damp}")
         if self.block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {self.block_size}")
@@ -73,7 +86,8 @@ class SelectConfig:
     dtype: OrthoDtype = "fp16"
 
     def __post_init__(self) -> None:
-        if not 0 <= self.rho <= 1:
+        _check_registered("selector", self.selector, "libortho.select", "SELECTORS")
+        if not 0 <= self.rho <= 1:  # also refuses NaN
             raise ValueError(f"rho must be in [0, 1], got {self.rho}")
         if self.scope not in ("layer", "global"):
             raise ValueError(f"scope must be 'layer' or 'global', got {self.scope!r}")
@@ -81,8 +95,8 @@ class SelectConfig:
             raise ValueError(f"values must be 'residual' or 'optimal', got {self.values!r}")
         if self.dtype not in ("fp16", "bf16", "fp32"):
             raise ValueError(f"ortho dtype must be fp16, bf16 or fp32, got {self.dtype!r}")
-        if self.tau is not None and self.tau < 0:
-            raise ValueError(f"tau must be >= 0, got {self.tau}")
+        if self.tau is not None and not 0 <= self.tau < math.inf:
+            raise ValueError(f"tau must be a finite number >= 0, got {self.tau}")
 
 
 @dataclass(frozen=True)
@@ -99,6 +113,10 @@ class DecomposeConfig:
     skip: tuple[str, ...] = ("lm_head",)
     ortho: bool = True
     batch_size: int = 8
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable copy (tuples become lists)."""

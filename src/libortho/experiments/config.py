@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
 from typing import Any, Literal
 
 from libortho.config import QuantConfig, SelectConfig
@@ -64,8 +65,9 @@ class KillSwitchConfig:
             raise ValueError(f"unknown unlearning method(s) {unknown}; registered: {sorted(UNLEARNING)}")
         if self.select_calibration not in ("public", "private"):
             raise ValueError(f"select_calibration must be 'public' or 'private', got {self.select_calibration!r}")
-        if not self.alphas or any(a < 0 for a in self.alphas):
-            raise ValueError("alphas must be a non-empty list of values >= 0")
+        bad = [a for a in self.alphas if not 0 <= a <= 1]  # also refuses NaN
+        if not self.alphas or bad:
+            raise ValueError(f"alphas must be a non-empty list of values in [0, 1] (the privacy switch), got {bad}")
         for name in ("block_len", "public_blocks", "eval_len", "eval_blocks", "general_blocks", "calib_blocks",
                      "calib_len", "canaries_per_kind", "pretrain_blocks"):
             if getattr(self, name) < 1:
@@ -117,6 +119,18 @@ def preset(model: str) -> KillSwitchConfig:
         unlearn=UnlearnConfig(steps=20, lr=2e-5, batch_size=8, retain_batch_size=4),
         calib_blocks=32, calib_len=256,
         harness=HarnessConfig(exposure_samples=64, batch_size=8))
+
+
+def check_inputs(cfg: KillSwitchConfig) -> None:
+    """Refuse, before any training, a model or corpus that does not exist (names only: nothing is loaded)."""
+    from libortho.data.corpora import check_source
+    from libortho.models.load import ALIASES
+
+    if cfg.model not in ALIASES and not Path(cfg.model).expanduser().exists():
+        raise FileNotFoundError(f"model {cfg.model!r} not found: give one of {', '.join(ALIASES)}, a local Hugging "
+                                "Face directory or a .gguf file")
+    for source in (cfg.domain, *(() if cfg.general == "auto" else (cfg.general,))):
+        check_source(source)
 
 
 def with_overrides(cfg: KillSwitchConfig, **kw: Any) -> KillSwitchConfig:
