@@ -146,3 +146,27 @@ def test_smollm2_loads_as_plain_fp32(smollm2_dir) -> None:
     with torch.no_grad():
         logits = model(ids).logits
     assert logits.shape == (1, ids.shape[1], model.config.vocab_size) and torch.isfinite(logits).all()
+
+
+def test_require_tokenizer_refuses_before_reading_weights(tmp_path, tiny_llama, monkeypatch) -> None:
+    import libortho.models.load as ml
+
+    tiny_llama.save_pretrained(tmp_path)
+    monkeypatch.setattr(ml, "_load_causal_lm", lambda *a, **k: pytest.fail("weights were read"))
+    with pytest.raises(FileNotFoundError, match="has no tokenizer files"):
+        load_model(tmp_path, require_tokenizer=True)
+    monkeypatch.undo()
+    (tmp_path / "tokenizer.json").write_text("{not a tokenizer")  # present but unreadable
+    with pytest.raises(ValueError, match="could not be loaded"):
+        load_model(tmp_path, require_tokenizer=True)
+
+
+def test_decompositions_load_their_tokenizer_with_the_model_loader(tmp_path) -> None:
+    """One tokenizer loader: checkpoint.load returns what models.load.load_tokenizer gives for the directory."""
+    import libortho.checkpoint as ck
+    from libortho.models import load_tokenizer
+
+    assert ck.load_tokenizer is load_tokenizer and not hasattr(ck, "_load_tokenizer")
+    ByteTokenizer().save_pretrained(tmp_path)
+    assert isinstance(load_tokenizer(tmp_path), ByteTokenizer)
+    assert load_tokenizer(tmp_path / "empty-dir-does-not-exist") is None

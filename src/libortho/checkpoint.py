@@ -8,7 +8,6 @@ this module only maps between a live model full of :class:`OrthoLinear` layers a
 from __future__ import annotations
 
 import json
-import logging
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -16,13 +15,12 @@ from typing import Any
 import torch
 from accelerate import init_empty_weights
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM
 
-from libortho.io import read_decomposition, write_decomposition
+from libortho.io import REST, CorruptDecompositionError, Decomposition, read_decomposition, write_decomposition
+from libortho.models.load import load_tokenizer
 from libortho.runtime import OrthoLinear, ortho_layers, replace_module, set_alpha
 from libortho.version import __version__
-
-log = logging.getLogger(__name__)
 
 
 def split_state(model: nn.Module) -> tuple[dict, dict, dict[str, torch.Tensor]]:
@@ -66,48 +64,66 @@ def save(model: nn.Module, out_dir: str | Path, config: dict[str, Any] | None = 
                                    hf_config=hf_config, overwrite=overwrite)
 
 
-def _load_tokenizer(path: Path) -> Any:
-    from libortho.models.tiny import ByteTokenizer
-
-    if (path / "byte_tokenizer.json").exists():
-        return ByteTokenizer.from_pretrained(path)
+def _hf_config(path: Path) -> Any:
+    """The transformers config of a decomposition, from its ``config.json``; errors name the file."""
+    cfg_path = path / "config.json"
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"{cfg_path} is missing: cannot rebuild the model architecture")
     try:
-        return AutoTokenizer.from_pretrained(path, local_files_only=True)
-    except (OSError, ValueError) as err:
-        log.warning("no tokenizer loaded from %s: %s", path, err)
-        return None
+        d = json.loads(cfg_path.read_text(encoding="utf-8"))
+        return AutoConfig.for_model(**d)
+    except (json.JSONDecodeError, UnicodeDecodeError, TypeError, ValueError, KeyError) as err:
+        raise CorruptDecompositionError(f"{cfg_path} does not describe a transformers model: {err}") from err
+
+
+def _attach_streams(model: nn.Module, dec: Decomposition, base_dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Replace each manifest layer by an OrthoLinear; returns the rest tensors not consumed as biases.
+
+    A layer the architecture lacks, or whose shape differs, is a corrupt (or mismatched) decomposition.
+    """
+    rest = dict(dec.rest)
+    for name, stream in dec.base.items():
+        try:
+            old = model.get_submodule(name)
+        except AttributeError:
+            old = None
+        if not isinstance(old, nn.Linear):
+            what = "has no such layer" if old is None else f"has a {type(old).__name__} there, not a Linear"
+            raise CorruptDecompositionError(f"{dec.path}: the manifest names layer {name!r} but the "
+                                            f"{model.config.model_type} architecture in config.json {what}")
+        if (old.out_features, old.in_features) != tuple(stream.shape):
+            raise CorruptDecompositionError(f"{dec.path}: layer {name!r} is {tuple(stream.shape)} in the manifest, "
+                                            f"{(old.out_features, old.in_features)} in config.json's architecture")
+        ortho = dec.ortho.get(name) if dec.ortho is not None else None
+        bias = rest.pop(f"{name}.bias", None)
+        replace_module(model, name, OrthoLinear(stream, ortho, bias, alpha=0.0, base_dtype=base_dtype))
+    return rest
 
 
 def load(path: str | Path, alpha: float = 1.0, load_ortho: bool = True, verify: bool = True,
          base_dtype: torch.dtype = torch.bfloat16) -> tuple[nn.Module, Any]:
-    """Rebuild a decomposed model (and its tokenizer) from a directory written by :func:`save`.
+    """Rebuild a decomposed model (and its tokenizer, or None) from a directory written by :func:`save`.
 
-    Without ``ortho.safetensors`` (deleted or withheld) the model runs locked at alpha = 0.
+    Without ``ortho.safetensors`` (deleted or withheld), or with ``load_ortho=False``, the model runs
+    locked at alpha = 0 whatever ``alpha`` says; :func:`libortho.io.read_decomposition` warns when
+    the file is missing. Callers that must not run at another alpha than asked check
+    ``ortho_layers(model)`` or the directory first (the CLI refuses).
     """
     path = Path(path)
     dec = read_decomposition(path, load_ortho=load_ortho, verify=verify)
-    cfg_path = path / "config.json"
-    if not cfg_path.exists():
-        raise FileNotFoundError(f"{cfg_path} is missing: cannot rebuild the model architecture")
-    hf_config = AutoConfig.for_model(**json.loads(cfg_path.read_text()))
+    hf_config = _hf_config(path)
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(hf_config)
-    rest = dict(dec.rest)
-    for name, stream in dec.base.items():
-        ortho = dec.ortho.get(name) if dec.ortho is not None else None
-        bias = rest.pop(f"{name}.bias", None)
-        replace_module(model, name, OrthoLinear(stream, ortho, bias, alpha=0.0, base_dtype=base_dtype))
+    rest = _attach_streams(model, dec, base_dtype)
     _missing, unexpected = model.load_state_dict(rest, strict=False, assign=True)
     if unexpected:
-        raise ValueError(f"rest.safetensors holds tensors this architecture lacks: {unexpected[:5]}")
+        raise CorruptDecompositionError(f"{path / REST} holds tensors this architecture lacks: {unexpected[:5]}")
     if getattr(hf_config, "tie_word_embeddings", False):
         model.tie_weights()
     still_meta = [n for n, p in model.named_parameters() if p.is_meta]
     if still_meta:
-        raise ValueError(f"decomposition is missing tensors: {still_meta[:5]}")
+        raise CorruptDecompositionError(f"{path}: the decomposition is missing tensors: {still_meta[:5]}")
     model.eval()
     if dec.ortho is not None:
         set_alpha(model, alpha)
-    else:
-        log.warning("ortho stream not loaded from %s: model locked at alpha = 0", path)
-    return model, _load_tokenizer(path)
+    return model, load_tokenizer(path)

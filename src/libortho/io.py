@@ -115,6 +115,7 @@ class Decomposition:
     manifest: dict[str, Any]
     path: Path
     ortho_missing: bool = False
+    missing_files: tuple[str, ...] = ()  # listed in the manifest but absent (ortho.safetensors excepted)
 
 
 def _verify(path: Path, files: dict[str, dict], names: list[str]) -> None:
@@ -157,7 +158,25 @@ def _read_manifest(path: Path) -> dict[str, Any]:
     for key in ("layers", "files"):
         if not isinstance(manifest.get(key), dict):
             raise CorruptDecompositionError(f"{mpath} has no {key!r} table")
+    _check_file_table(mpath, manifest["files"])
+    bad = [n for n, m in manifest["layers"].items() if not isinstance(m, dict)]
+    if bad:
+        raise CorruptDecompositionError(f"{mpath}: layer entry {bad[0]!r} is not a table")
     return manifest
+
+
+def _check_file_table(mpath: Path, files: dict[str, Any]) -> None:
+    """Each manifest file entry is a plain file name with an integer ``size`` and a hex ``sha256``."""
+    for name, entry in files.items():
+        if not name or Path(name).name != name or name in (".", ".."):
+            raise CorruptDecompositionError(f"{mpath}: file entry {name!r} is not a plain file name")
+        if not isinstance(entry, dict):
+            raise CorruptDecompositionError(f"{mpath}: file entry {name!r} is not a table")
+        size, digest = entry.get("size"), entry.get("sha256")
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            raise CorruptDecompositionError(f"{mpath}: file entry {name!r} has no valid 'size' (got {size!r})")
+        if not isinstance(digest, str) or len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+            raise CorruptDecompositionError(f"{mpath}: file entry {name!r} has no valid 'sha256' (got {digest!r})")
 
 
 def _build_streams(path: Path, layers: dict[str, dict], use_ortho: bool
@@ -194,4 +213,6 @@ def read_decomposition(path: str | Path, load_ortho: bool = True, verify: bool =
     if not has_ortho:
         why = "deleted or withheld" if ORTHO in manifest["files"] else "never saved"
         log.warning("ortho stream not found: model locked at alpha=0 (%s, %s)", path / ORTHO, why)
-    return Decomposition(base, ortho, _load(path / REST), manifest, path, ortho_missing=not has_ortho)
+    missing = tuple(n for n in manifest["files"] if n != ORTHO and not (path / n).is_file())
+    return Decomposition(base, ortho, _load(path / REST), manifest, path, ortho_missing=not has_ortho,
+                         missing_files=missing)

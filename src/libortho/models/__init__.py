@@ -13,12 +13,12 @@ _LAZY = {
     "cache_root": "assets", "ensure_smollm2": "assets", "smollm2_dir": "assets",
     "UnsupportedModelError": "layers", "block_linears": "layers", "block_prefix": "layers",
     "decoder_blocks": "layers", "find_linears": "layers", "refuse_conv1d": "layers",
-    "load_model": "load",
+    "has_tokenizer_files": "load", "load_model": "load", "load_tokenizer": "load",
     "ByteTokenizer": "tiny", "build_tiny_llama": "tiny", "tiny_llama_config": "tiny",
 }
 __all__ = ["ByteTokenizer", "UnsupportedModelError", "block_linears", "block_prefix", "build_tiny_llama",
-           "cache_root", "decoder_blocks", "ensure_smollm2", "find_linears", "load_model", "refuse_conv1d",
-           "smollm2_dir", "tiny_llama_config"]
+           "cache_root", "decoder_blocks", "ensure_smollm2", "find_linears", "has_tokenizer_files", "load_model",
+           "load_tokenizer", "refuse_conv1d", "smollm2_dir", "tiny_llama_config"]
 
 if TYPE_CHECKING:  # pragma: no cover
     from libortho.models.assets import cache_root, ensure_smollm2, smollm2_dir
@@ -30,7 +30,7 @@ if TYPE_CHECKING:  # pragma: no cover
         find_linears,
         refuse_conv1d,
     )
-    from libortho.models.load import load_model
+    from libortho.models.load import has_tokenizer_files, load_model, load_tokenizer
     from libortho.models.tiny import ByteTokenizer, build_tiny_llama, tiny_llama_config
 
 

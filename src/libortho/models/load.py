@@ -38,13 +38,23 @@ def resolve_spec(spec: str | Path) -> tuple[Path, str | None]:
     return path, None
 
 
-def _load_tokenizer(path: Path, gguf_file: str | None) -> Any:
-    """The tokenizer stored with the model, or None (with a warning) when there is none."""
+def has_tokenizer_files(path: str | Path) -> bool:
+    """Whether a directory holds tokenizer files we know how to load (checked without loading them)."""
+    path = Path(path)
+    return (path / ByteTokenizer.FILE).is_file() or any((path / f).is_file() for f in TOKENIZER_FILES)
+
+
+def load_tokenizer(path: str | Path, gguf_file: str | None = None) -> Any:
+    """The tokenizer stored in a model or decomposition directory, or None (with a warning) when there is none.
+
+    The one tokenizer loader of the package: model directories and saved decompositions both use it.
+    """
     from transformers import AutoTokenizer
 
+    path = Path(path)
     if (path / ByteTokenizer.FILE).is_file():
         return ByteTokenizer.from_pretrained(path)
-    if gguf_file is None and not any((path / f).is_file() for f in TOKENIZER_FILES):
+    if gguf_file is None and not has_tokenizer_files(path):
         log.warning("no tokenizer files in %s: returning tokenizer None", path)
         return None
     kw: dict[str, Any] = {"local_files_only": True}
@@ -78,10 +88,21 @@ def _load_causal_lm(path: Path, gguf_file: str | None, dtype: torch.dtype) -> nn
     return model
 
 
-def load_model(spec: str | Path, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, Any]:
-    """(model in eval mode, tokenizer or None) for ``smollm2-135m``, ``tiny``, a HF directory or a ``.gguf``."""
+def load_model(spec: str | Path, dtype: torch.dtype = torch.float32,
+               require_tokenizer: bool = False) -> tuple[nn.Module, Any]:
+    """(model in eval mode, tokenizer or None) for ``smollm2-135m``, ``tiny``, a HF directory or a ``.gguf``.
+
+    ``require_tokenizer``: refuse a directory without tokenizer files *before* reading its weights,
+    and a tokenizer that does not load (callers that tokenize text need one).
+    """
     if str(spec) == "tiny":
         return build_tiny_llama().to(dtype).eval(), ByteTokenizer()
     path, gguf_file = resolve_spec(spec)
+    if require_tokenizer and gguf_file is None and not has_tokenizer_files(path):
+        raise FileNotFoundError(f"{path} has no tokenizer files ({', '.join(TOKENIZER_FILES)}): "
+                                "copy the model's tokenizer into it")
     model = _load_causal_lm(path, gguf_file, dtype)
-    return model.eval(), _load_tokenizer(path, gguf_file)
+    tok = load_tokenizer(path, gguf_file)
+    if require_tokenizer and tok is None:
+        raise ValueError(f"the tokenizer in {path} could not be loaded (see the warning above)")
+    return model.eval(), tok
