@@ -97,6 +97,31 @@ def token_blocks(docs: list[str], tokenizer: Any, block_len: int, n_blocks: int 
     return grid[rows].clone()
 
 
+def whole_text_blocks(docs: list[str], tokenizer: Any, block_len: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Every token of ``docs`` (a user's own text, not split), as consecutive blocks in order.
+
+    Returns ``(full, tail)``: ``full`` is ``(n, block_len)`` (``n`` may be 0) and ``tail`` the last
+    partial block ``(1, r)`` when it holds ``r >= 2`` tokens (one token predicts nothing), else None.
+    Documents are joined with the tokenizer's EOS between them, not after the last one (the end of
+    the file is not text to predict).
+    """
+    if block_len < 2:
+        raise ValueError(f"block_len must be >= 2, got {block_len}")
+    docs = [d for d in docs if d.strip()]
+    if not docs:
+        raise ValueError("the text is empty: nothing to score")
+    ids = tokenize_stream(docs, tokenizer)
+    if getattr(tokenizer, "eos_token_id", None) is not None:
+        ids = ids[:-1]
+    if len(ids) < 2:
+        raise ValueError(f"the text has {len(ids)} token(s): at least 2 are needed to score one prediction")
+    n_full = len(ids) // block_len
+    full = torch.tensor(ids[: n_full * block_len], dtype=torch.long).view(n_full, block_len)
+    rest = ids[n_full * block_len:]
+    tail = torch.tensor(rest, dtype=torch.long).view(1, -1) if len(rest) >= 2 else None
+    return full, tail
+
+
 def _shares(n_blocks: int, k: int) -> list[int]:
     """``n_blocks`` split into ``k`` near-equal integer parts (the first ones get the remainder)."""
     return [n_blocks // k + (1 if i < n_blocks % k else 0) for i in range(k)]

@@ -89,14 +89,40 @@ def fortune_texts(root: Path = FORTUNES_DIR) -> list[str]:
 
 
 def read_text_files(paths: Iterable[str | Path]) -> list[str]:
-    """The contents of text files, one document each (UTF-8, undecodable bytes replaced)."""
+    """The contents of text files, one document each.
+
+    A user's file must be UTF-8 text: undecodable bytes are refused, naming the file and the offset,
+    rather than silently replaced (a binary or Latin-1 file would otherwise be scored as noise).
+    """
     docs = []
     for p in paths:
         p = Path(p)
         if not p.is_file():
             raise FileNotFoundError(f"text file {p} not found")
-        docs.append(p.read_text(encoding="utf-8", errors="replace"))
+        try:
+            docs.append(p.read_bytes().decode("utf-8"))
+        except UnicodeDecodeError as err:
+            raise ValueError(f"{p} is not UTF-8 text (byte {err.object[err.start]:#04x} at offset {err.start})"
+                             ) from err
     return docs
+
+
+def is_named_corpus(name: str | Path) -> bool:
+    """Whether ``name`` is one of :data:`CORPORA` (a named corpus, evaluated on its held-out split)."""
+    return str(name) in CORPORA
+
+
+def check_source(name_or_path: str | Path) -> None:
+    """Refuse, without reading anything, a corpus that is neither a named corpus nor an existing path."""
+    if is_named_corpus(name_or_path):
+        return
+    key = str(name_or_path)
+    if Path(key).expanduser().exists():
+        return
+    if "/" in key or "\\" in key or "." in Path(key).name:  # looks like a path: say which file is missing
+        raise FileNotFoundError(f"text file {key} not found")
+    raise FileNotFoundError(f"unknown corpus {key!r}: give one of {sorted(CORPORA)}, a .txt file "
+                            "or a directory of .txt files")
 
 
 def stdlib_docstrings(root: Path | None = None) -> list[str]:
@@ -145,5 +171,5 @@ def load_corpus(name_or_path: str | Path) -> list[str]:
         if not files:
             raise FileNotFoundError(f"{p} holds no .txt files")
         return read_text_files(files)
-    raise FileNotFoundError(f"unknown corpus {key!r}: give one of {sorted(CORPORA)}, a .txt file or a directory "
-                            "of .txt files")
+    check_source(key)  # raises, naming a missing file or an unknown corpus name
+    raise FileNotFoundError(f"{p} is neither a text file nor a directory of .txt files")
