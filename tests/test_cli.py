@@ -1,7 +1,11 @@
-"""The CLI end to end on the tiny model: decompose, info, ppl, generate, and its error messages."""
+"""The CLI end to end on the tiny model: decompose, info, ppl, generate, and what each prints."""
 
+import math
+import re
 from pathlib import Path
 
+import pytest
+import torch
 from typer.testing import CliRunner
 
 from libortho.cli import app
@@ -10,26 +14,100 @@ runner = CliRunner()
 TEXT = "It is a truth universally acknowledged, that a single man in possession of a good fortune. " * 40
 
 
-def _decompose(tmp: Path, *extra: str):
+def _decompose(tmp: Path, out: str = "out", *extra: str):
     corpus = tmp / "corpus.txt"
     corpus.write_text(TEXT)
-    return runner.invoke(app, ["decompose", "tiny", str(tmp / "out"), "--group-size", "32", "--rho", "0.02",
+    return runner.invoke(app, ["decompose", "tiny", str(tmp / out), "--group-size", "32", "--rho", "0.02",
                                "--calib", str(corpus), "--n-calib", "4", "--seq-len", "32", *extra])
 
 
-def test_cli_roundtrip(tmp_path) -> None:
-    res = _decompose(tmp_path)
-    assert res.exit_code == 0, res.output
-    assert (tmp_path / "out" / "libortho.json").exists()
-    info = runner.invoke(app, ["info", str(tmp_path / "out")])
+def _ppl_line(output: str) -> dict[str, float]:
+    m = re.search(r"ppl=([\d.]+) nll=([\d.]+) alpha=([\d.]+) tokens=(\d+)", output)
+    assert m, output
+    return {"ppl": float(m[1]), "nll": float(m[2]), "alpha": float(m[3]), "tokens": int(m[4])}
+
+
+def _reference_nll(model: torch.nn.Module, ids: list[int], seq_len: int) -> float:
+    """Mean next-token NLL over consecutive blocks, written out here (not the library's helpers)."""
+    total, count = 0.0, 0
+    for i in range(0, len(ids), seq_len):
+        block = torch.tensor(ids[i:i + seq_len]).view(1, -1)
+        if block.shape[1] < 2:
+            continue
+        with torch.no_grad():
+            logp = torch.log_softmax(model(input_ids=block).logits.double(), -1)
+        total -= float(logp[0, :-1].gather(-1, block[0, 1:, None]).sum())
+        count += block.shape[1] - 1
+    return total / count
+
+
+@pytest.fixture(scope="module")
+def decomposed(tmp_path_factory) -> Path:
+    """A full decomposition ``out`` and an independent base-only one ``base`` (``--no-ortho``), same calibration."""
+    tmp = tmp_path_factory.mktemp("cli")
+    for out, extra in (("out", ()), ("base", ("--no-ortho",))):
+        res = _decompose(tmp, out, *extra)
+        assert res.exit_code == 0, res.output
+    return tmp
+
+
+def test_cli_roundtrip_alpha_reaches_the_model(decomposed) -> None:
+    import libortho
+
+    out, corpus = decomposed / "out", decomposed / "corpus.txt"
+    info = runner.invoke(app, ["info", str(out)])
     assert info.exit_code == 0 and "mlp.down_proj" in info.output and "total_bits_per_param" in info.output
-    corpus = str(tmp_path / "corpus.txt")
+    got = {}
     for alpha in ("0", "1"):
-        ppl = runner.invoke(app, ["ppl", str(tmp_path / "out"), "--alpha", alpha, "--text", corpus,
+        res = runner.invoke(app, ["ppl", str(out), "--alpha", alpha, "--text", str(corpus),
                                   "--n-blocks", "2", "--seq-len", "32"])
-        assert ppl.exit_code == 0 and "ppl=" in ppl.output, ppl.output
-    gen = runner.invoke(app, ["generate", str(tmp_path / "out"), "Hello", "--alpha", "0", "--max-new-tokens", "4"])
-    assert gen.exit_code == 0, gen.output
+        assert res.exit_code == 0, res.output
+        got[alpha] = _ppl_line(res.output)
+        assert got[alpha]["alpha"] == float(alpha) and got[alpha]["tokens"] == 2 * 31
+    assert got["0"]["nll"] != got["1"]["nll"]  # fails if --alpha is ignored
+    ids = list(TEXT.encode("utf-8"))[:64]  # the byte tokenizer: one token per UTF-8 byte
+    model, _ = libortho.load(out, alpha=1.0)
+    for alpha in ("0", "1"):
+        libortho.set_alpha(model, float(alpha))
+        want = _reference_nll(model, ids, 32)
+        assert got[alpha]["nll"] == pytest.approx(want, abs=2e-5)
+        assert got[alpha]["ppl"] == pytest.approx(math.exp(want), rel=1e-4)
+
+
+def test_generate_at_alpha_0_is_the_base_only_model(decomposed) -> None:
+    def gen(path: Path, alpha: str) -> str:
+        res = runner.invoke(app, ["generate", str(path), "Hello", "--alpha", alpha, "--max-new-tokens", "16"])
+        assert res.exit_code == 0, res.output
+        return res.stdout
+
+    at0 = gen(decomposed / "out", "0")
+    assert at0 == gen(decomposed / "base", "0")  # an independent decomposition saved without ortho
+    assert at0 != gen(decomposed / "out", "1")  # and alpha = 1 does reach generation
+
+
+def test_ppl_scores_a_users_file_whole(decomposed, tmp_path) -> None:
+    """A 12,000-character file: every block of 512 plus the partial last one, token count printed."""
+    text = ("Call me Ishmael. Some years ago, never mind how long precisely, having little money. " * 150)[:12000]
+    f = tmp_path / "mine.txt"
+    f.write_text(text)
+    res = runner.invoke(app, ["ppl", str(decomposed / "out"), "--alpha", "1", "--text", str(f)])
+    assert res.exit_code == 0, res.output
+    line = _ppl_line(res.output)
+    n_full, tail = divmod(12000, 512)  # 23 blocks of 512 and 224 tokens left
+    assert line["tokens"] == n_full * 511 + tail - 1
+    assert "23 blocks of 512 + 1 of 224" in res.output and "the whole text" in res.output
+    import libortho
+
+    model, _ = libortho.load(decomposed / "out", alpha=1.0)
+    assert line["nll"] == pytest.approx(_reference_nll(model, list(text.encode()), 512), abs=2e-5)
+
+
+def test_ppl_on_a_named_corpus_keeps_the_heldout_split(decomposed) -> None:
+    res = runner.invoke(app, ["ppl", str(decomposed / "out"), "--alpha", "0", "--text", "shakespeare",
+                              "--n-blocks", "3", "--seq-len", "64"])
+    assert res.exit_code == 0, res.output
+    assert _ppl_line(res.output)["tokens"] == 3 * 63
+    assert "sampled from the held-out split of shakespeare" in res.output
 
 
 def test_cli_errors_are_clear_and_leave_nothing(tmp_path) -> None:

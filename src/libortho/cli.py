@@ -1,46 +1,98 @@
-"""The ``libortho`` command line: thin wrappers that parse, call the library and print."""
+"""The ``libortho`` command line: thin wrappers that validate, call the library and print.
+
+Input errors are one line on stderr and exit code 2, never a traceback (``LIBORTHO_DEBUG=1`` re-raises
+them, for bug reports). Nothing heavy is imported at module level: ``--help`` and input errors answer
+in well under a second, and the library's workflows validate paths and numbers before they import
+torch or load a model.
+"""
 
 from __future__ import annotations
 
 import json
+import logging
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import typer  # noqa: E402
 from rich.console import Console  # noqa: E402
+from rich.markup import escape  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
+# Known import-time noise of third-party packages, dropped by exact message: transformers imports
+# torchao whenever it is installed (transformers/quantizers/auto.py -> quantizer_torchao), which logs
+# its optional CUDA extensions it cannot load on a CPU machine and registers enums torch now warns about.
+_NOISE = {"torchao": "Failed to load ", "torch.utils._pytree": "is an Enum subclass and is now natively supported"}
+
+
+class _DropNoise(logging.Filter):
+    """Drop one logger's records whose message contains a known fragment; keep everything else."""
+
+    def __init__(self, fragment: str) -> None:
+        super().__init__()
+        self.fragment = fragment
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.fragment not in record.getMessage()
+
+
+for _name, _fragment in _NOISE.items():
+    logging.getLogger(_name).addFilter(_DropNoise(_fragment))
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Split an LLM into an INT-b base stream and a sparse ortho stream with an alpha switch.")
 console = Console()
+err_console = Console(stderr=True, soft_wrap=True, highlight=False)
+INPUT_ERRORS = (ValueError, OSError, KeyError, RuntimeError, FloatingPointError)
 
 
 def _fail(msg: str) -> None:
-    console.print(f"[bold red]error:[/] {msg}")
+    """One line on stderr, exit code 2."""
+    err_console.print(f"[bold red]error:[/] {escape(' '.join(str(msg).split()))}", markup=True)
     raise typer.Exit(2)
+
+
+@contextmanager
+def _input_errors() -> Iterator[None]:
+    """Turn the library's refusals into :func:`_fail` (a one-line message) unless LIBORTHO_DEBUG is set."""
+    try:
+        yield
+    except INPUT_ERRORS as err:
+        if os.environ.get("LIBORTHO_DEBUG"):
+            raise
+        msg = err.args[0] if isinstance(err, KeyError) and err.args else err
+        _fail(str(msg) or type(err).__name__)
+
+
+DecDir = Annotated[Path, typer.Argument(help="a saved decomposition directory", metavar="DIR", show_default=False)]
+AlphaOpt = Annotated[float, typer.Option(help="the privacy switch, in [0, 1]: 0 = base stream only, 1 = full ortho")]
 
 
 @app.command()
 def decompose(
-    model: Annotated[str, typer.Argument(help="smollm2-135m, tiny, a HF directory or a .gguf file")],
-    out: Annotated[Path, typer.Argument(help="output directory (must not exist unless --overwrite)")],
+    model: Annotated[str, typer.Argument(help="smollm2-135m, tiny, a HF directory or a .gguf file", metavar="MODEL")],
+    out: Annotated[Path, typer.Argument(help="output directory (new or empty unless --overwrite)", metavar="OUT")],
     bits: int = 4, group_size: int = 128, method: str = "gptq", grid: str = "minmax",
     act_order: bool = False, symmetric: bool = False,
     rho: float = 0.01, selector: str = "obs", scope: str = "layer",
     tau: Annotated[float | None, typer.Option(help="score threshold (overrides rho)")] = None,
     values: str = "residual", ortho_dtype: str = "fp16", no_ortho: bool = False,
-    calib: Annotated[list[str], typer.Option(help="corpus name or text file; repeat to mix")] = None,
+    calib: Annotated[list[str] | None, typer.Option(help="corpus name or text file; repeat to mix")] = None,
     n_calib: int = 128, seq_len: int = 512, seed: int = 0, overwrite: bool = False,
 ) -> None:
     """Decompose MODEL into base + ortho streams and save them to OUT."""
-    from libortho.config import DecomposeConfig, QuantConfig, SelectConfig
-    from libortho.workflows import decompose_and_save
+    with _input_errors():
+        from libortho.workflows import check_out_dir
 
-    try:
+        check_out_dir(out, overwrite)  # before importing torch: a wrong OUT answers at once
+        from libortho.config import DecomposeConfig, QuantConfig, SelectConfig
+        from libortho.workflows import decompose_and_save
+
         cfg = DecomposeConfig(
             quant=QuantConfig(bits=bits, group_size=group_size, method=method, grid=grid,
                               act_order=act_order, symmetric=symmetric),
@@ -49,45 +101,42 @@ def decompose(
             ortho=not no_ortho)
         summary = decompose_and_save(model, out, cfg, calib or ["shakespeare"], n_calib, seq_len,
                                      seed, overwrite)
-    except (ValueError, FileNotFoundError, FileExistsError) as err:
-        _fail(str(err))
     console.print_json(json.dumps(summary))
 
 
 @app.command()
-def generate(path: Path, prompt: str, alpha: float = 1.0, max_new_tokens: int = 40) -> None:
-    """Greedy-generate a continuation of PROMPT with the decomposition at PATH."""
-    from libortho.workflows import generate_text
+def generate(path: DecDir, prompt: str, alpha: AlphaOpt = 1.0, max_new_tokens: int = 40) -> None:
+    """Greedy-generate a continuation of PROMPT with the decomposition in DIR."""
+    with _input_errors():
+        from libortho.workflows import generate_text
 
-    try:
-        console.print(generate_text(path, prompt, alpha, max_new_tokens))
-    except (ValueError, FileNotFoundError, RuntimeError) as err:
-        _fail(str(err))
+        text = generate_text(path, prompt, alpha, max_new_tokens)
+    console.print(text, markup=False, highlight=False, soft_wrap=True)
 
 
 @app.command()
-def ppl(path: Path, alpha: float = 1.0,
-        text: Annotated[str, typer.Option(help="corpus name or text file")] = "shakespeare",
-        n_blocks: int = 32, seq_len: int = 512, seed: int = 0) -> None:
-    """Perplexity of the decomposition at PATH on held-out TEXT at a given alpha."""
-    from libortho.workflows import perplexity_of
+def ppl(path: DecDir, alpha: AlphaOpt = 1.0,
+        text: Annotated[str, typer.Option(help="corpus name (held-out split) or your text file (scored whole)")]
+        = "shakespeare",
+        n_blocks: Annotated[int | None, typer.Option(help="blocks: corpus default 32; a file: only the first N")]
+        = None,
+        seq_len: int = 512, seed: int = 0) -> None:
+    """Perplexity of the decomposition in DIR on TEXT at a given alpha."""
+    with _input_errors():
+        from libortho.workflows import perplexity_of
 
-    try:
         res = perplexity_of(path, alpha, text, n_blocks, seq_len, seed)
-    except (ValueError, FileNotFoundError, RuntimeError) as err:
-        _fail(str(err))
-    console.print(f"ppl={res['ppl']:.4f} nll={res['nll']:.5f} tokens={res['tokens']} alpha={alpha}")
+    console.print(f"ppl={res['ppl']:.4f} nll={res['nll']:.5f} alpha={alpha:g} tokens={res['tokens']} "
+                  f"(tokens scored; {res['scope']})", markup=False, highlight=False, soft_wrap=True)
 
 
 @app.command()
-def info(path: Path) -> None:
+def info(path: DecDir) -> None:
     """Sizes, bits per parameter and ortho density per layer of a saved decomposition."""
-    from libortho.workflows import describe
+    with _input_errors():
+        from libortho.workflows import describe
 
-    try:
         d = describe(path)
-    except (ValueError, FileNotFoundError) as err:
-        _fail(str(err))
     table = Table("layer", "shape", "bits", "group", "ortho nnz", "density")
     for row in d["layers"]:
         table.add_row(row["name"], "x".join(map(str, row["shape"])), str(row["bits"]),
@@ -96,16 +145,33 @@ def info(path: Path) -> None:
     console.print({k: v for k, v in d.items() if k != "layers"})
 
 
-experiment_app = typer.Typer(no_args_is_help=True, help="Experiments that test the seed documents' claims.")
+experiment_app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False,
+                             help="Experiments that test the seed documents' claims.")
 app.add_typer(experiment_app, name="experiment")
 
 
 def _floats(text: str | None) -> tuple[float, ...] | None:
-    return None if text is None else tuple(float(x) for x in text.split(",") if x.strip())
+    if text is None:
+        return None
+    try:
+        return tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError as err:
+        raise ValueError(f"--alphas must be comma-separated numbers, got {text!r}") from err
 
 
 def _names(text: str | None) -> tuple[str, ...] | None:
     return None if text is None else tuple(x.strip() for x in text.split(",") if x.strip())
+
+
+def _config_file(path: Path) -> dict[str, Any]:
+    """A JSON object of KillSwitchConfig fields."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is not valid JSON: {err}") from err
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a JSON object of kill-switch config fields, not {type(data).__name__}")
+    return data
 
 
 @experiment_app.command("kill-switch")
@@ -114,7 +180,7 @@ def kill_switch(
     out: Annotated[Path | None, typer.Option(help="output folder (default runs/kill-switch-<model>)")] = None,
     config: Annotated[Path | None, typer.Option(help="JSON file of KillSwitchConfig fields to override")] = None,
     seed: int | None = None,
-    alphas: Annotated[str | None, typer.Option(help="comma-separated alpha values")] = None,
+    alphas: Annotated[str | None, typer.Option(help="comma-separated alpha values in [0, 1]")] = None,
     selector: str | None = None, rho: float | None = None, group_size: int | None = None,
     select_calibration: Annotated[str | None, typer.Option(help="public or private")] = None,
     unlearning: Annotated[str | None, typer.Option(help="comma-separated baselines")] = None,
@@ -125,14 +191,16 @@ def kill_switch(
     """Fine-tune on public text + private canaries, decompose, sweep alpha, compare with baselines, report."""
     from dataclasses import replace
 
-    from libortho.experiments.config import KillSwitchConfig, preset, with_overrides
-    from libortho.experiments.kill_switch import RESULT_FILE, run_kill_switch
-    from libortho.report.kill_switch import compact_table, render_report
+    with _input_errors():
+        out = out or Path("runs") / f"kill-switch-{Path(model).name}"
+        if out.exists() and not out.is_dir():
+            raise FileExistsError(f"{out} exists and is a file, not a directory: give a folder for --out")
+        overrides = _config_file(config) if config is not None else {}
+        from libortho.experiments.config import KillSwitchConfig, check_inputs, preset, with_overrides
 
-    try:
         cfg = preset(model)
-        if config is not None:
-            cfg = KillSwitchConfig.from_dict({**cfg.to_dict(), **json.loads(config.read_text())})
+        if overrides:
+            cfg = KillSwitchConfig.from_dict({**cfg.to_dict(), **overrides})
         cfg = with_overrides(cfg, seed=seed, alphas=_floats(alphas), select_calibration=select_calibration,
                              unlearning=_names(unlearning), general=general)
         sel = {k: v for k, v in {"selector": selector, "rho": rho}.items() if v is not None}
@@ -140,16 +208,17 @@ def kill_switch(
             cfg = replace(cfg, select=replace(cfg.select, **sel))
         if group_size is not None:
             cfg = replace(cfg, quant=replace(cfg.quant, group_size=group_size))
-        out = out or Path("runs") / f"kill-switch-{Path(model).name}"
+        check_inputs(cfg)  # every name and path is known before any training starts
+        from libortho.experiments.kill_switch import RESULT_FILE, run_kill_switch
+        from libortho.report.kill_switch import compact_table, render_report
+
         result = run_kill_switch(cfg, out, progress=not quiet, fresh=fresh, console=Console(stderr=True))
         paths = render_report(out / RESULT_FILE)
-    except (ValueError, FileNotFoundError, KeyError, FloatingPointError, json.JSONDecodeError) as err:
-        _fail(str(err))
     _print_table(compact_table(result))
     console.print(f"result: {out / RESULT_FILE}\nreport: {paths['markdown']}\n        {paths['html']}")
 
 
-def _print_table(t: object) -> None:
+def _print_table(t: Any) -> None:
     """A report table on the terminal (at least 120 columns wide, also when piped to a file)."""
     table = Table(*t.header, title=t.caption, title_justify="left")
     for row in t.rows:
@@ -157,26 +226,47 @@ def _print_table(t: object) -> None:
     Console(width=max(console.width, 120)).print(table)
 
 
+def _result_json(path: Path) -> dict[str, Any]:
+    """An experiment's result.json, refused early when it is not one (nothing is written then)."""
+    if not path.is_file():
+        raise FileNotFoundError(f"result file {path} not found")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is not valid JSON: {err}") from err
+    if not isinstance(data, dict) or data.get("experiment") != "kill_switch" or "summary" not in data:
+        raise ValueError(f"{path} is not a kill-switch result.json (no 'experiment': 'kill_switch' / 'summary')")
+    return data
+
+
 @app.command()
-def report(result: Annotated[Path, typer.Argument(help="an experiment's result.json")],
+def report(result: Annotated[Path, typer.Argument(help="an experiment's result.json", metavar="RESULT")],
            out: Annotated[Path | None, typer.Option(help="where to write (default: beside RESULT)")] = None) -> None:
     """Render plots and the Markdown + HTML report of an experiment result."""
-    from libortho.report.kill_switch import compact_table, render_report
+    with _input_errors():
+        data = _result_json(result)
+        if out is not None and out.exists() and not out.is_dir():
+            raise FileExistsError(f"{out} exists and is a file, not a directory: give a folder for --out")
+        from libortho.report.kill_switch import compact_table, render_report
 
-    try:
         paths = render_report(result, out)
-        _print_table(compact_table(json.loads(result.read_text())))
-    except (ValueError, FileNotFoundError, KeyError) as err:
-        _fail(str(err))
+    _print_table(compact_table(data))
     console.print(f"report: {paths['markdown']}\n        {paths['html']}")
 
 
 @app.command()
-def demo(out: Path = Path("runs/demo"), model: str = "smollm2-135m") -> None:
+def demo(out: Annotated[Path, typer.Option(help="output directory (new or empty unless --overwrite)")]
+         = Path("runs/libortho-demo"),
+         model: str = "smollm2-135m",
+         overwrite: Annotated[bool, typer.Option(help="replace OUT if it exists and is not empty")] = False) -> None:
     """Decompose the embedded default model, compare perplexity at alpha 0 and 1, generate."""
-    from libortho.workflows import run_demo
+    with _input_errors():
+        from libortho.workflows import check_out_dir
 
-    run_demo(model, out, console)
+        check_out_dir(out, overwrite)
+        from libortho.workflows import run_demo
+
+        run_demo(model, out, console, overwrite=overwrite)
 
 
 if __name__ == "__main__":
