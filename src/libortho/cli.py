@@ -141,7 +141,7 @@ def info(path: DecDir) -> None:
     for row in d["layers"]:
         table.add_row(row["name"], "x".join(map(str, row["shape"])), str(row["bits"]),
                       str(row["group_size"]), str(row["nnz"]), f"{row['density']:.4%}")
-    console.print(table)
+    Console(width=max(console.width, 120)).print(table)  # full layer names, also when piped
     console.print({k: v for k, v in d.items() if k != "layers"})
 
 
