@@ -111,7 +111,7 @@ def generate(path: DecDir, prompt: str, alpha: AlphaOpt = 1.0, max_new_tokens: i
         from libortho.workflows import generate_text
 
         text = generate_text(path, prompt, alpha, max_new_tokens)
-    console.print(text, markup=False, highlight=False, soft_wrap=True)
+    typer.echo(text)  # the model's text verbatim: no markup, emoji codes or wrapping
 
 
 @app.command()
@@ -126,8 +126,8 @@ def ppl(path: DecDir, alpha: AlphaOpt = 1.0,
         from libortho.workflows import perplexity_of
 
         res = perplexity_of(path, alpha, text, n_blocks, seq_len, seed)
-    console.print(f"ppl={res['ppl']:.4f} nll={res['nll']:.5f} alpha={alpha:g} tokens={res['tokens']} "
-                  f"(tokens scored; {res['scope']})", markup=False, highlight=False, soft_wrap=True)
+    typer.echo(f"ppl={res['ppl']:.4f} nll={res['nll']:.5f} alpha={alpha:g} tokens={res['tokens']} "
+               f"(tokens scored; {res['scope']})")
 
 
 @app.command()
