@@ -100,6 +100,9 @@ def test_ppl_scores_a_users_file_whole(decomposed, tmp_path) -> None:
 
     model, _ = libortho.load(decomposed / "out", alpha=1.0)
     assert line["nll"] == pytest.approx(_reference_nll(model, list(text.encode()), 512), abs=2e-5)
+    f.write_text("x" * 65)  # two blocks of 32 and one token left over, which predicts nothing
+    res = runner.invoke(app, ["ppl", str(decomposed / "out"), "--alpha", "0", "--text", str(f), "--seq-len", "32"])
+    assert res.exit_code == 0 and _ppl_line(res.output)["tokens"] == 2 * 31 and "2 blocks of 32 from" in res.output
 
 
 def test_ppl_on_a_named_corpus_keeps_the_heldout_split(decomposed) -> None:
