@@ -32,36 +32,45 @@ def global_threshold(scores: list[torch.Tensor], rho: float) -> float:
     return float(torch.kthvalue(flat, total - k + 1).values)
 
 
-def optimal_values(E: torch.Tensor, H: torch.Tensor, mask: torch.Tensor, damp: float = 0.01,
-                   chunk: int = 256) -> torch.Tensor:
+# Batches of per-row systems hold at most this many float64 entries (32 MiB): rows with large
+# supports are solved one by one, small ones many at a time.
+SOLVE_BATCH_ENTRIES = 1 << 22
+
+
+def optimal_values(E: torch.Tensor, H: torch.Tensor, mask: torch.Tensor, damp: float = 0.01) -> torch.Tensor:
     """Ortho values on ``mask`` minimising ``(e - d)^T H (e - d)`` per row with the base fixed.
 
     ``E = W - Q`` is the full residual; on each row's support S the solution is
-    ``d_S = (H_SS)^-1 (H e)_S`` (damped like GPTQ). Rows are solved in padded batches.
-    Returns a dense matrix that is zero off the support.
+    ``d_S = (H_SS)^-1 (H e)_S`` with H damped like GPTQ (:func:`damped_hessian`: dead inputs get
+    ``H_jj = 1``, then ``damp * mean(diag H)`` is added to the diagonal). Rows are grouped by support
+    size, so no system is padded, and each group is solved in batches of bounded memory by Cholesky.
+    Cholesky, not LU: torch's batched LU solve on CPU fails with "Parameter 6 was incorrect on entry
+    to DLASWP" for systems of ~150 unknowns or more when more than one thread runs (pytorch#142815).
+    A system whose block is not positive definite is solved alone by LU. Returns a dense matrix
+    (dtype of E) that is zero off the support.
     """
+    if E.shape != mask.shape or H.shape != (E.shape[1], E.shape[1]):
+        raise ValueError(f"optimal values need E and mask of one shape and H (d_in, d_in); got E {tuple(E.shape)}, "
+                         f"mask {tuple(mask.shape)}, H {tuple(H.shape)}")
     Hd = damped_hessian(H, damp)
-    E64 = E.double()
-    HE = E64 @ Hd  # (d_out, d_in): row i is (H e_i)^T since H is symmetric
-    out = torch.zeros_like(E64)
+    HE = E.double() @ Hd  # (d_out, d_in): row i is (H e_i)^T since H is symmetric
+    out = torch.zeros_like(HE)
     counts = mask.sum(1)
-    rows = torch.nonzero(counts, as_tuple=False).flatten()
-    for start in range(0, rows.numel(), chunk):
-        r = rows[start:start + chunk]
-        kmax = int(counts[r].max())
-        cols = torch.zeros(r.numel(), kmax, dtype=torch.long)
-        valid = torch.zeros(r.numel(), kmax, dtype=torch.bool)
-        for t, i in enumerate(r.tolist()):
-            c = torch.nonzero(mask[i], as_tuple=False).flatten()
-            cols[t, : c.numel()] = c
-            valid[t, : c.numel()] = True
-        A = Hd[cols.unsqueeze(-1), cols.unsqueeze(-2)]  # (b, k, k)
-        pair = valid.unsqueeze(-1) & valid.unsqueeze(-2)
-        eye = torch.eye(kmax, dtype=A.dtype).expand_as(A)
-        A = torch.where(pair, A, eye)
-        b = torch.where(valid, HE[r.unsqueeze(-1), cols], torch.zeros((), dtype=A.dtype))
-        d = torch.linalg.solve(A, b.unsqueeze(-1)).squeeze(-1)
-        for t, i in enumerate(r.tolist()):
-            n = int(valid[t].sum())
-            out[i, cols[t, :n]] = d[t, :n]
+    for k in torch.unique(counts[counts > 0]).tolist():
+        rows = torch.nonzero(counts == k, as_tuple=False).flatten()
+        per = max(1, SOLVE_BATCH_ENTRIES // (k * k))
+        for start in range(0, rows.numel(), per):
+            r = rows[start:start + per]
+            cols = torch.nonzero(mask[r], as_tuple=False)[:, 1].view(r.numel(), k)  # row-major: k per row
+            out[r.unsqueeze(-1), cols] = _solve_spd(Hd[cols.unsqueeze(-1), cols.unsqueeze(-2)],
+                                                    HE[r.unsqueeze(-1), cols])
     return out.to(E.dtype)
+
+
+def _solve_spd(A: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Solve ``A x = b`` for a batch ``A (n, k, k)``, ``b (n, k)``: Cholesky, LU one by one where it fails."""
+    L, info = torch.linalg.cholesky_ex(A)
+    x = torch.cholesky_solve(b.unsqueeze(-1), L).squeeze(-1)
+    for t in torch.nonzero(info, as_tuple=False).flatten().tolist():
+        x[t] = torch.linalg.solve(A[t], b[t])
+    return x
