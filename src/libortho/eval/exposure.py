@@ -10,7 +10,11 @@ model never saw has about 1-2 bits.
   one token whatever its neighbours (bytes; SmolLM2's digits), all ``A^n`` secrets are scored from
   ``A^(n-1)`` stems: the last position's distribution gives all ``A`` endings at once.
 - Estimated otherwise: score a uniform sample of candidates, fit a skew-normal to their negative
-  log-likelihoods, and read ``rank/|R|`` as the fitted CDF at the secret's value.
+  log-likelihoods, and read ``rank/|R|`` as the fitted CDF at the secret's value. With 64 samples
+  this read is checked against exact enumeration on SmolLM2 in ``experiments/exposure_check.py``
+  (``docs/results/exposure_check``); :func:`empirical_exposure` is the assumption-free alternative
+  (the secret's rank among the samples): binomial sampling noise only, but it cannot read past
+  ``log2(n + 1)`` bits.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from libortho.data.canaries import Canary
+from libortho.data.canaries import Canary, SecretSpace
 from libortho.data.records import encode_many, separator_id
 
 
@@ -184,16 +188,22 @@ def _tokenized_candidates(tokenizer: Any, canary: Canary, frees: list[str]) -> t
     return fulls[0][:ctx_len], [f[ctx_len:] for f in fulls]
 
 
-def exact_exposure(model: nn.Module, tokenizer: Any, canary: Canary, batch_size: int = 256) -> ExposureResult:
-    """Exposure by scoring every candidate of the secret's space."""
+def candidate_scores(model: nn.Module, tokenizer: Any, canary: Canary, batch_size: int = 256) -> torch.Tensor:
+    """Log-probability of every candidate of the secret's space after the shared context ``(|R|,)``, in
+    :meth:`SecretSpace.enumerate` order (char-wise from stems when the tokenizer allows, else one by one)."""
     space = canary.space
     layout = char_layout(tokenizer, canary)
     if layout is not None:
-        scores = enumerate_charwise(model, layout, space.n_free, batch_size)
-    else:
-        frees = ["".join(c) for c in itertools.product(space.alphabet, repeat=space.n_free)]
-        context, conts = _tokenized_candidates(tokenizer, canary, frees)
-        scores = score_continuations(model, context, conts, batch_size)
+        return enumerate_charwise(model, layout, space.n_free, batch_size)
+    frees = ["".join(c) for c in itertools.product(space.alphabet, repeat=space.n_free)]
+    context, conts = _tokenized_candidates(tokenizer, canary, frees)
+    return score_continuations(model, context, conts, batch_size)
+
+
+def exact_exposure(model: nn.Module, tokenizer: Any, canary: Canary, batch_size: int = 256) -> ExposureResult:
+    """Exposure by scoring every candidate of the secret's space."""
+    space = canary.space
+    scores = candidate_scores(model, tokenizer, canary, batch_size)
     idx = space.index(canary.secret)
     secret = float(scores[idx])
     others = torch.cat([scores[:idx], scores[idx + 1:]])
@@ -218,18 +228,39 @@ def skewnorm_exposure(secret_nll: float, sample_nlls: np.ndarray, size_log2: flo
     return float(min(size_log2, max(0.0, -log_cdf / math.log(2))))
 
 
+def empirical_exposure(secret_score: float, sample_scores: np.ndarray, size_log2: float) -> float:
+    """``-log2 (r / (n + 1))`` with ``r`` the secret's mid-rank among itself and ``n`` sampled candidates
+    (higher score is likelier), in [0, log2|R|]: no distributional assumption, but it cannot read past
+    ``log2(n + 1)`` bits (a secret likelier than every sample gets exactly that: a lower bound)."""
+    sample_scores = np.asarray(sample_scores, dtype=np.float64)
+    if sample_scores.size < 1 or not np.isfinite(sample_scores).all() or not math.isfinite(secret_score):
+        raise ValueError("the empirical rank needs at least one sample and finite scores")
+    rank = 1.0 + np.sum(sample_scores > secret_score) + 0.5 * np.sum(sample_scores == secret_score)
+    return float(min(size_log2, max(0.0, math.log2(sample_scores.size + 1) - math.log2(rank))))
+
+
+def sample_candidates(space: SecretSpace, secret: str, n_samples: int, seed: int = 0) -> list[str]:
+    """The free parts of ``n_samples`` candidates drawn uniformly (with replacement) from ``space`` minus
+    ``secret``, reproducibly from ``seed`` and the secret: the sample :func:`estimated_exposure` scores."""
+    if space.size < 2:
+        raise ValueError("exposure needs a secret space with more than one candidate")
+    if n_samples < 1:
+        raise ValueError(f"n_samples must be >= 1, got {n_samples}")
+    rng = random.Random(f"{seed}:{secret}")
+    own = space.free_part(secret)
+    frees: list[str] = []
+    while len(frees) < n_samples:
+        cand = space.free_part(space.sample(rng))
+        if cand != own:
+            frees.append(cand)
+    return frees
+
+
 def estimated_exposure(model: nn.Module, tokenizer: Any, canary: Canary, n_samples: int = 256, seed: int = 0,
                        batch_size: int = 64) -> ExposureResult:
     """Exposure from ``n_samples`` uniformly drawn candidates and a skew-normal fit (Carlini et al. §4.3)."""
     space = canary.space
-    if space.size < 2:
-        raise ValueError("exposure needs a secret space with more than one candidate")
-    rng = random.Random(f"{seed}:{canary.secret}")
-    frees = [space.free_part(canary.secret)]
-    while len(frees) < n_samples + 1:
-        cand = space.free_part(space.sample(rng))
-        if cand != frees[0]:
-            frees.append(cand)
+    frees = [space.free_part(canary.secret), *sample_candidates(space, canary.secret, n_samples, seed)]
     context, conts = _tokenized_candidates(tokenizer, canary, frees)
     scores = score_continuations(model, context, conts, batch_size)
     secret, sample = float(scores[0]), scores[1:].numpy()
