@@ -19,13 +19,19 @@ def _layer(d_out: int, d_in: int, n: int, seed: int, dtype=torch.float64):
     return W, X, acc.H
 
 
-@pytest.mark.parametrize("d_out,d_in,gs,block,act_order,bits", [
-    (6, 24, 8, 8, False, 4), (5, 30, 7, 12, False, 3), (4, 16, 16, 5, True, 4),
-    (3, 20, 6, 8, True, 2), (4, 18, 32, 4, False, 8),
+@pytest.mark.parametrize("d_out,d_in,gs,block,act_order,bits,sym", [
+    (6, 24, 8, 8, False, 4, False), (5, 30, 7, 12, False, 3, False), (4, 16, 16, 5, True, 4, False),
+    (3, 20, 6, 8, True, 2, False), (4, 18, 32, 4, False, 8, False), (5, 24, 8, 6, False, 4, True),
+    (4, 20, 5, 7, True, 3, True),
 ])
-def test_gptq_equals_slow_reference(d_out, d_in, gs, block, act_order, bits) -> None:
-    W, _, H = _layer(d_out, d_in, 64, seed=d_in + gs)
-    cfg = QuantConfig(bits=bits, group_size=gs, block_size=block, act_order=act_order)
+def test_gptq_equals_slow_reference(d_out, d_in, gs, block, act_order, bits, sym) -> None:
+    W, X, H = _layer(d_out, d_in, 64, seed=d_in + gs)
+    if act_order:  # a dead input too: zero weight, H_jj = 1
+        X[:, 3] = 0.0
+        acc = HessianAccumulator(d_in, dtype=X.dtype)
+        acc.add_batch(X)
+        H = acc.H
+    cfg = QuantConfig(bits=bits, group_size=gs, block_size=block, act_order=act_order, symmetric=sym)
     res = gptq_quantize(W, cfg, H)
     ref = reference_gptq(W, H, cfg, res.info["damp"])
     torch.testing.assert_close(res.dequantize().double(), ref, rtol=0, atol=1e-5)

@@ -1,34 +1,54 @@
 """OrthoLinear and its CPU kernels: dense references, the alpha switch, the null test, isolation, patching."""
 
 import copy
+import warnings
 
 import pytest
 import torch
 
+from libortho.config import QuantConfig
+from libortho.quant import rtn_quantize
 from libortho.runtime import OrthoLinear, alpha_scope, get_alpha, ortho_layers, replace_module, set_alpha
 from libortho.runtime.kernels import cpu
 from libortho.streams import BaseStream, SparseOrtho
 
 
-def _minmax_stream(W: torch.Tensor, bits: int, gs: int) -> BaseStream:
-    """Round-to-nearest asymmetric min-max quantization per group of ``gs`` columns (last may be partial)."""
+def _raw_stream(W: torch.Tensor, bits: int, gs: int) -> BaseStream:
+    """Min-max over each group's own range, fp16 scale, fractional zero point: a foreign writer's stream.
+
+    Nothing keeps the zero point in range: one-signed groups get zeros outside ``[0, 2^b - 1]``, and
+    the scales are not bf16-exact, so the INT4 kernel cannot serve it within its bound.
+    """
     d_out, d_in = W.shape
     ng = -(-d_in // gs)
     Wp = torch.nn.functional.pad(W, (0, ng * gs - d_in), value=float("nan")).view(d_out, ng, gs)
-    lo = torch.nan_to_num(Wp, nan=float("inf")).amin(-1).clamp(max=0.0)
-    hi = torch.nan_to_num(Wp, nan=float("-inf")).amax(-1).clamp(min=0.0)
-    scale = ((hi - lo) / (2**bits - 1)).clamp(min=1e-8).half().float()
-    zero = (-lo / scale).half().float()  # fractional zero point, as fp16 stores it
+    lo = torch.nan_to_num(Wp, nan=float("inf")).amin(-1)
+    hi = torch.nan_to_num(Wp, nan=float("-inf")).amax(-1)
+    scale = ((hi - lo) / (2**bits - 1)).clamp(min=1e-4).half().float()
+    zero = (-lo / scale).half().float()
     s, z = (t.repeat_interleave(gs, 1)[:, :d_in] for t in (scale, zero))
     codes = torch.clamp(torch.round(W / s + z), 0, 2**bits - 1).to(torch.uint8)
     return BaseStream.from_codes(codes, scale, zero, bits, gs)
 
 
-def _layer(d_out: int, d_in: int, gs: int, bits: int = 4, rho: float = 0.02, seed: int = 0,
-           dtype: str = "fp32") -> tuple[torch.Tensor, BaseStream, SparseOrtho, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
+def _grid_stream(W: torch.Tensor, bits: int, gs: int) -> BaseStream:
+    """What decompose stores: the library's min-max grid (bf16-exact scales, zeros in range)."""
+    return rtn_quantize(W, QuantConfig(bits=bits, group_size=gs, method="rtn")).to_stream()
+
+
+def _weights(d_out: int, d_in: int, g: torch.Generator) -> torch.Tensor:
+    """Random weights; every 4th row all-positive and the next all-negative (zero points out of range if allowed)."""
     W = torch.randn(d_out, d_in, generator=g) * 0.05
-    base = _minmax_stream(W, bits, gs)
+    W[0::4] = W[0::4].abs() + 0.02
+    W[1::4] = -W[1::4].abs() - 0.03
+    return W
+
+
+def _layer(d_out: int, d_in: int, gs: int, bits: int = 4, rho: float = 0.02, seed: int = 0,
+           dtype: str = "fp32", source: str = "grid") -> tuple[torch.Tensor, BaseStream, SparseOrtho, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    W = _weights(d_out, d_in, g)
+    base = (_grid_stream if source == "grid" else _raw_stream)(W, bits, gs)
     mask = torch.rand(d_out, d_in, generator=g) < rho
     return W, base, SparseOrtho.from_mask(W - base.dequantize(), mask, dtype), mask
 
@@ -48,9 +68,10 @@ def test_int4pack_constraints() -> None:
     assert not cpu.int4pack_supported(4, 32, 40, 128)  # N % 16
 
 
+@pytest.mark.parametrize("source", ["grid", "raw"])
 @pytest.mark.parametrize("d_out,d_in,gs", [(96, 128, 64), (48, 96, 32), (16, 256, 256), (32, 256, 128)])
-def test_int4pack_matches_dense_reference(d_out, d_in, gs) -> None:
-    _, base, _, _ = _layer(d_out, d_in, gs)
+def test_int4pack_matches_dense_reference(d_out, d_in, gs, source) -> None:
+    _, base, _, _ = _layer(d_out, d_in, gs, source=source)
     packed, sz = cpu.prepare_int4pack(base)
     assert packed.dtype == torch.uint8 and packed.shape == (d_out, d_in // 2)
     assert sz.dtype == torch.bfloat16 and sz.shape == (d_in // gs, d_out, 2)
@@ -62,6 +83,11 @@ def test_int4pack_matches_dense_reference(d_out, d_in, gs) -> None:
     q_kernel = (base.codes().float() - 8) * s + off
     torch.testing.assert_close(y, x.bfloat16().float() @ q_kernel.T, rtol=1e-2, atol=1e-3)
     assert _rel(y, x @ base.dequantize().T) < 1e-2
+    # zero points outside [0, 15] (raw streams) are served, but only within a larger error
+    z = base.zeros.float()
+    assert bool(((z < 0) | (z > 15)).any()) == (source == "raw")
+    worst = float(cpu.int4pack_step_error(base, sz).max())
+    assert (worst <= cpu.INT4PACK_MAX_STEP_ERROR) == (source == "grid")
 
 
 @pytest.mark.parametrize("d_out,d_in,gs,bits", [(40, 96, 32, 4), (24, 100, 32, 4), (32, 64, 16, 4),
@@ -114,8 +140,9 @@ def test_sparse_ortho_matmul_any_leading_dims() -> None:
 @pytest.mark.parametrize("d_out,d_in,gs,bits", [(64, 128, 32, 4), (30, 100, 32, 4), (1536 // 8, 576 // 8, 72, 4),
                                                 (32, 64, 16, 3), (48, 64, 64, 2)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_null_test_bit_identical(d_out, d_in, gs, bits, dtype) -> None:
-    _, base, ortho, _ = _layer(d_out, d_in, gs, bits)
+@pytest.mark.parametrize("source", ["grid", "raw"])
+def test_null_test_bit_identical(d_out, d_in, gs, bits, dtype, source) -> None:
+    _, base, ortho, _ = _layer(d_out, d_in, gs, bits, source=source)
     bias = torch.randn(d_out)
     with_o, without = OrthoLinear(base, ortho, bias, alpha=0.0), OrthoLinear(base, None, bias)
     for shape in [(1, d_in), (7, d_in), (2, 3, d_in)]:
@@ -199,7 +226,7 @@ def test_patching_and_alpha_controls() -> None:
     assert set_alpha(model, 1.0, pattern="^0$") == 1
 
 
-def _tiny_llama(gs: int, with_ortho: bool, seed: int = 0) -> torch.nn.Module:
+def _tiny_llama(gs: int, with_ortho: bool, seed: int = 0, source: str = "grid") -> torch.nn.Module:
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(seed)
     cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -209,18 +236,22 @@ def _tiny_llama(gs: int, with_ortho: bool, seed: int = 0) -> torch.nn.Module:
     for name, mod in list(model.model.layers.named_modules()):
         if isinstance(mod, torch.nn.Linear):
             W = mod.weight.detach().float()
-            base = _minmax_stream(W, 4, gs)
+            base = (_grid_stream if source == "grid" else _raw_stream)(W, 4, gs)
             mask = torch.rand(W.shape, generator=g) < 0.02
             ortho = SparseOrtho.from_mask(W - base.dequantize(), mask) if with_ortho else None
             replace_module(model.model.layers, name, OrthoLinear(base, ortho, mod.bias, alpha=0.0))
     return model
 
 
-@pytest.mark.parametrize("gs,kernel", [(32, "int4pack"), (16, "dense-bfloat16")])
-def test_null_test_inside_llama(gs, kernel) -> None:
-    model, plain = _tiny_llama(gs, True), _tiny_llama(gs, False)
+@pytest.mark.parametrize("gs,source,kernels", [(32, "grid", {"int4pack"}), (16, "grid", {"dense-bfloat16"}),
+                                                (32, "raw", {"int4pack", "dense-float32"})])
+def test_null_test_inside_llama(gs, source, kernels) -> None:
+    """At alpha = 0 a model with ortho streams gives the logits of the same base without them, on every kernel."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", cpu.KernelFallbackWarning)
+        model, plain = _tiny_llama(gs, True, source=source), _tiny_llama(gs, False, source=source)
     layers = ortho_layers(model)
-    assert len(layers) == 14 and {m.kernel for m in layers.values()} == {kernel}
+    assert len(layers) == 14 and {m.kernel for m in layers.values()} == kernels  # raw: some layers fall back
     ids = torch.randint(1, 128, (2, 9), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         assert torch.equal(model(ids).logits, plain(ids).logits)

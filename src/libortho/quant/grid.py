@@ -1,8 +1,17 @@
 """Group-wise integer grids: scale/zero fitting (min-max, MSE clipping, HQQ), codes, QuantResult.
 
 A group is ``group_size`` consecutive columns (along ``in_features``) of one row; the last group
-may be partial. Dequantized value: ``(code - zero) * scale``. Scales and zeros are rounded to
-fp16 when fitted, so what the quantizer computes with is exactly what the stream stores.
+may be partial. Dequantized value: ``(code - zero) * scale``.
+
+Every grid keeps two invariants, so that what the quantizer computes with is exactly what the
+stream stores *and* what the CPU INT4 kernel (bf16 scale and offset) computes with:
+
+* scales are bf16-representable numbers (8 significant bits) no smaller than 2^-14, the smallest
+  normal fp16, so fp16 stores them exactly; min-max scales are rounded *up* to that grid, so the
+  group's range stays covered and the error of an in-range entry is at most half a step;
+* zero points lie in ``[0, 2^b - 1]`` (min-max ranges always include 0, as in GPTQ; HQQ's
+  fractional zero is clamped to that interval), so the kernel's offset ``(8 - zero) * scale``
+  is at most 8 steps and its bf16 rounding stays below 1/32 of a step.
 """
 
 from __future__ import annotations
@@ -15,12 +24,27 @@ import torch
 from libortho.config import QuantConfig
 from libortho.streams.base import BaseStream, dequantize_codes, num_groups
 
-MIN_SCALE = 1e-6
+MIN_SCALE = 2.0**-14  # smallest normal fp16: a subnormal scale has too few bits to cover its range
+MAX_SCALE = 65280.0  # largest bf16 value that fp16 can hold
 
 
 def _fp16(t: torch.Tensor) -> torch.Tensor:
     """Round to the nearest fp16 value, keep the original dtype."""
     return t.to(torch.float16).to(t.dtype)
+
+
+def grid_scale(raw: torch.Tensor) -> torch.Tensor:
+    """The smallest bf16-representable scale >= ``max(raw, MIN_SCALE)`` (exact in fp16 and bf16).
+
+    Rounding up keeps a min-max range covered; the CPU INT4 kernel then uses the scale unrounded.
+    """
+    x = raw.float().clamp_min(MIN_SCALE)
+    if bool((x > MAX_SCALE).any()):
+        raise ValueError(f"weights too large to quantize: a grid step would exceed {MAX_SCALE:g}, "
+                         "the largest scale both fp16 and bf16 hold")
+    b = x.to(torch.bfloat16)
+    up = (b.view(torch.int16) + 1).view(torch.bfloat16)  # next bf16 above a positive value
+    return torch.where(b.float() < x, up, b).float().to(raw.dtype)
 
 
 def quantize_with_params(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
@@ -37,20 +61,13 @@ def _minmax(w: torch.Tensor, bits: int, symmetric: bool, shrink: float = 1.0) ->
     maxq = 2**bits - 1
     if symmetric:
         amax = w.abs().amax(1) * shrink
-        scale = _fp16((2 * amax / maxq).clamp_min(MIN_SCALE))
-        zero = torch.full_like(scale, (maxq + 1) / 2)
-        return scale, zero
-    lo, hi = w.amin(1) * shrink, w.amax(1) * shrink
-    scale = _fp16(((hi - lo) / maxq).clamp_min(MIN_SCALE))
-    zero = torch.round(-lo / scale)  # may lie outside [0, maxq] for one-signed groups: that is fine
-    # near-constant groups would need a huge zero point: use a range that includes 0 instead
-    wide = zero.abs() > 1024
-    if bool(wide.any()):
-        lo0, hi0 = torch.minimum(lo, torch.zeros_like(lo)), torch.maximum(hi, torch.zeros_like(hi))
-        s0 = _fp16(((hi0 - lo0) / maxq).clamp_min(MIN_SCALE))
-        scale = torch.where(wide, s0, scale)
-        zero = torch.where(wide, torch.clamp(torch.round(-lo0 / s0), 0, maxq), zero)
-    return scale, zero
+        scale = grid_scale(2 * amax / maxq)
+        return scale, torch.full_like(scale, (maxq + 1) / 2)
+    # the range always includes 0, so the zero point is an in-range code (GPTQ's convention)
+    lo = torch.clamp(w.amin(1) * shrink, max=0.0)
+    hi = torch.clamp(w.amax(1) * shrink, min=0.0)
+    scale = grid_scale((hi - lo) / maxq)
+    return scale, torch.clamp(torch.round(-lo / scale), 0, maxq) + 0.0  # + 0.0 turns -0 into 0
 
 
 def _sq_err(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
@@ -77,7 +94,8 @@ def _hqq_zero(w: torch.Tensor, bits: int, iters: int = 20, p: float = 0.7, beta:
     """HQQ-style half-quadratic refinement of a float zero point (scale fixed from min-max).
 
     Alternates a generalised soft-threshold of the error (the lp, p < 1, proximal step) with the
-    closed-form zero update; keeps, per row, the iterate with the least squared error.
+    closed-form zero update, clamped to ``[0, 2^b - 1]`` (the zero stays fractional); keeps, per row,
+    the iterate with the least squared error.
     """
     scale, zero = _minmax(w, bits, symmetric=False)
     s = scale[:, None]
@@ -87,7 +105,7 @@ def _hqq_zero(w: torch.Tensor, bits: int, iters: int = 20, p: float = 0.7, beta:
         q = quantize_with_params(w, s, z, bits)
         err = w - dequantize_with_params(q, s, z)
         shrunk = torch.sign(err) * torch.relu(err.abs() - err.abs().clamp_min(1e-12).pow(p - 1) / beta)
-        z = _fp16((q - (w - shrunk) / s).mean(1, keepdim=True))
+        z = _fp16((q - (w - shrunk) / s).mean(1, keepdim=True).clamp(0, 2**bits - 1))
         e = _sq_err(w, scale, z[:, 0], bits)
         better = e < best_e
         best_z, best_e = torch.where(better, z[:, 0], best_z), torch.where(better, e, best_e)
@@ -97,7 +115,10 @@ def _hqq_zero(w: torch.Tensor, bits: int, iters: int = 20, p: float = 0.7, beta:
 
 def fit_group_params(w: torch.Tensor, bits: int, symmetric: bool = False, method: str = "minmax",
                      ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scale and zero point (each ``(rows,)``, fp16-exact) for one column group ``w (rows, cols)``."""
+    """Scale and zero point (each ``(rows,)``) for one column group ``w (rows, cols)``.
+
+    Scales are bf16- and fp16-exact and at least :data:`MIN_SCALE`; zeros are fp16-exact, in ``[0, 2^b - 1]``.
+    """
     if method == "minmax":
         return _minmax(w, bits, symmetric)
     if method == "mse":
@@ -121,8 +142,8 @@ class QuantResult:
     """Integer codes + per-group scale/zero of one matrix, and what the quantizer measured."""
 
     codes: torch.Tensor  # uint8 (d_out, d_in)
-    scales: torch.Tensor  # fp32 (d_out, n_groups), fp16-exact
-    zeros: torch.Tensor  # fp32 (d_out, n_groups), fp16-exact, in code units
+    scales: torch.Tensor  # fp32 (d_out, n_groups), bf16- and fp16-exact, >= MIN_SCALE
+    zeros: torch.Tensor  # fp32 (d_out, n_groups), fp16-exact, in code units, in [0, 2^b - 1]
     bits: int
     group_size: int
     info: dict[str, Any] = field(default_factory=dict)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -33,12 +34,13 @@ class OrthoLinear(nn.Module):
             raise ValueError(f"bias has shape {tuple(bias.shape)}, expected ({self.out_features},)")
         self.base_stream = base
         self.base_dtype = base_dtype
-        self._int4 = cpu.int4pack_supported(base.bits, base.group_size, *base.shape)
         self.register_buffer("_packed", None, persistent=False)
         self.register_buffer("_scales_zeros", None, persistent=False)
         self.register_buffer("_weight", None, persistent=False)
         self.register_buffer("_csr", None, persistent=False)
-        self._build_base()
+        self._int4, self._dense_dtype, self.kernel_note = self._choose_kernel()
+        if not self._int4:
+            self._build_base()
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
         self.ortho_stream: SparseOrtho | None = None
         self._alpha = 0.0
@@ -47,8 +49,8 @@ class OrthoLinear(nn.Module):
 
     @property
     def kernel(self) -> str:
-        """Name of the base kernel: ``int4pack`` or ``dense-<dtype>``."""
-        return "int4pack" if self._int4 else "dense-" + str(self.base_dtype).removeprefix("torch.")
+        """Name of the base kernel: ``int4pack`` or ``dense-<dtype>`` (see ``kernel_note`` for why dense)."""
+        return "int4pack" if self._int4 else "dense-" + str(self._dense_dtype).removeprefix("torch.")
 
     @property
     def locked(self) -> bool:
@@ -68,12 +70,32 @@ class OrthoLinear(nn.Module):
             raise RuntimeError(LOCKED_MESSAGE)
         self._alpha = value
 
+    def _choose_kernel(self) -> tuple[bool, torch.dtype, str]:
+        """INT4 kernel when the layer's format allows it *and* its weights stay within the fidelity bound.
+
+        Otherwise the dense path in ``base_dtype`` (format) or in fp32 (bound exceeded: reported by
+        ``kernel_note`` and a :class:`~libortho.runtime.kernels.cpu.KernelFallbackWarning`).
+        """
+        b = self.base_stream
+        if not cpu.int4pack_supported(b.bits, b.group_size, *b.shape):
+            return False, self.base_dtype, "format not served by the INT4 kernel"
+        self._packed, self._scales_zeros = cpu.prepare_int4pack(b)
+        worst = float(cpu.int4pack_step_error(b, self._scales_zeros).max())
+        if worst <= cpu.INT4PACK_MAX_STEP_ERROR:
+            return True, cpu.INT4PACK_DTYPE, f"INT4 kernel, weights within {worst:.4f} grid step of the stored ones"
+        self._packed = self._scales_zeros = None
+        warnings.warn("a base stream's scales/zeros would be off by more than 1/32 grid step in the INT4 kernel "
+                      "(scales not bf16-exact or zero points outside [0, 15]): such layers run dense in fp32; "
+                      "see OrthoLinear.kernel_note", cpu.KernelFallbackWarning, stacklevel=3)
+        return False, torch.float32, (f"dense fp32: the INT4 kernel's bf16 scale/offset would be off by {worst:.4f} "
+                                      f"grid step (> 1/32)")
+
     def _build_base(self) -> None:
         """(Re)build the kernel-ready base tensors from the base stream."""
         if self._int4:
             self._packed, self._scales_zeros = cpu.prepare_int4pack(self.base_stream)
         else:
-            self._weight = cpu.dense_base_weight(self.base_stream, self.base_dtype)
+            self._weight = cpu.dense_base_weight(self.base_stream, self._dense_dtype)
 
     def set_ortho(self, ortho: SparseOrtho | None) -> None:
         """Attach (or detach, with None) the sparse ortho stream at run time; detaching sets alpha to 0."""
@@ -90,7 +112,7 @@ class OrthoLinear(nn.Module):
         super()._apply(fn, recurse)
         if self._csr is not None and self._csr.dtype != cpu.ORTHO_DTYPE:
             self._csr = cpu.ortho_csr(self.ortho_stream)
-        expected = cpu.INT4PACK_DTYPE if self._int4 else self.base_dtype
+        expected = cpu.INT4PACK_DTYPE if self._int4 else self._dense_dtype
         held = self._scales_zeros if self._int4 else self._weight
         if held.dtype != expected:
             self._build_base()

@@ -15,7 +15,21 @@ Constraints of the INT4 kernel found by experiment on torch 2.13 (CPU):
   ``W = (code - 8) * scale + offset``;
 * bf16 is the only fast activation dtype: fp32/fp16 activations take a reference path ~80x slower
   at 512 tokens, so we always compute in bf16 (scale and offset are therefore rounded to bf16);
-* results are batch-invariant (row i does not depend on the other rows), so prefill and decode agree.
+* results are batch-invariant (row i does not depend on the other rows), so prefill and decode agree;
+* the kernel dequantizes in fp32 from the bf16 scale and offset, accumulates in fp32 and rounds the
+  output to bf16: on an identity input its output is exactly ``bf16((code - 8) * S + O)``.
+
+What "bit-identical at alpha = 0" means. At alpha = 0 the ortho stream is never read, so the
+logits of a decomposition are bit-identical to those of the *same* decomposition loaded without
+its ortho stream (same base stream, same kernels). They are *not* bit-identical to the stored
+fp16 weights dequantized in fp32: the INT4 kernel computes with bf16 activations, a bf16 output,
+and a bf16 scale ``S`` and offset ``O``. The grids (:mod:`libortho.quant.grid`) store scales that
+bf16 holds exactly and zero points in ``[0, 15]``, so ``S`` is the stored scale and the only weight
+error is the bf16 rounding of ``O = (8 - zero) * scale``: below 1/32 of the group's grid step
+(:data:`INT4PACK_MAX_STEP_ERROR`, a constant per group; measured by ``tests/test_kernel_fidelity.py``).
+A layer whose stored scales/zeros would exceed that bound (a stream written by an older version,
+or zero points outside ``[0, 15]``) is not served by the INT4 kernel: ``OrthoLinear`` runs it on the
+dense fp32 path and says so (``kernel_note`` and a :class:`KernelFallbackWarning`).
 """
 
 from __future__ import annotations
@@ -30,7 +44,12 @@ from libortho.streams.ortho import SparseOrtho
 INT4PACK_GROUP_SIZES = (32, 64, 128, 256)
 INT4PACK_N_MULTIPLE = 16
 INT4PACK_DTYPE = torch.bfloat16
+INT4PACK_MAX_STEP_ERROR = 1 / 32  # largest per-group weight error (in grid steps) the INT4 kernel may add
 ORTHO_DTYPE = torch.float32
+
+
+class KernelFallbackWarning(UserWarning):
+    """A layer the INT4 kernel could run is served by the dense path, to keep its weights within the bound."""
 
 
 def _has_int4pack() -> bool:
@@ -48,8 +67,10 @@ def int4pack_supported(bits: int, group_size: int, d_out: int, d_in: int) -> boo
 def prepare_int4pack(stream: BaseStream) -> tuple[torch.Tensor, torch.Tensor]:
     """Kernel layout of a 4-bit stream: uint8 ``(d_out, d_in/2)`` and bf16 ``(n_groups, d_out, 2)``.
 
-    Ours is ``(code - zero) * scale``, the kernel's ``(code - 8) * scale + offset``, hence
-    ``offset = (8 - zero) * scale`` (computed in fp32, then rounded to bf16 with the scale).
+    Ours is ``(code - zero) * s``, the kernel's ``(code - 8) * S + O`` with ``S = bf16(s)``. The error
+    ``(code - 8)(S - s) + O - (8 - zero) s`` is linear in the code, so ``O`` rounds the value that
+    centres it over codes 0..15: ``(8 - zero) s + (S - s) / 2`` (computed in fp64). For the grids'
+    bf16-exact scales ``S = s`` and ``O = bf16((8 - zero) s)``.
     """
     d_out, d_in = stream.shape
     if not int4pack_supported(stream.bits, stream.group_size, d_out, d_in):
@@ -57,10 +78,26 @@ def prepare_int4pack(stream: BaseStream) -> tuple[torch.Tensor, torch.Tensor]:
                          f"shape={stream.shape}")
     codes = stream.codes().to(torch.int32).contiguous()
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
-    scale = stream.scales.float()
-    offset = (8.0 - stream.zeros.float()) * scale
-    scales_and_zeros = torch.stack((scale.t(), offset.t()), dim=-1).to(INT4PACK_DTYPE).contiguous()
+    s = stream.scales.double()
+    S = s.to(INT4PACK_DTYPE).double()
+    offset = (8.0 - stream.zeros.double()) * s + (S - s) / 2
+    scales_and_zeros = torch.stack((S.t(), offset.t()), dim=-1).to(INT4PACK_DTYPE).contiguous()
     return packed, scales_and_zeros
+
+
+def int4pack_step_error(stream: BaseStream, scales_and_zeros: torch.Tensor) -> torch.Tensor:
+    """Per group ``(d_out, n_groups)``: the largest ``|kernel weight - stored weight|`` over codes 0..15, in steps.
+
+    The kernel weight is ``(code - 8) * S + O`` from ``scales_and_zeros`` (exact in fp64), the stored
+    one ``(code - zero) * scale``; the error is linear in the code, so codes 0 and 15 bound it.
+    A zero scale counts as an infinite error unless the group's weights are exactly reproduced.
+    """
+    s, z = stream.scales.double().t(), stream.zeros.double().t()
+    S, O = scales_and_zeros[..., 0].double(), scales_and_zeros[..., 1].double()
+    err = torch.stack([((c - 8) * S + O - (c - z) * s).abs() for c in (0.0, 15.0)]).amax(0)
+    steps = torch.where(s > 0, err / s.clamp_min(torch.finfo(torch.float64).tiny),
+                        torch.where(err > 0, float("inf"), 0.0))
+    return steps.t()
 
 
 def int4pack_matmul(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Tensor,
