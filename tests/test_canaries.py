@@ -4,6 +4,7 @@ import itertools
 import json
 import math
 import random
+import re
 import string
 
 import pytest
@@ -116,10 +117,16 @@ def test_secret_space_sample_is_in_space_deterministic_and_covers_it() -> None:
     assert set(draws) == set(s.enumerate())  # all 9 secrets show up in 500 uniform draws
 
 
-@pytest.mark.parametrize("kwargs", [dict(n_free=0), dict(alphabet=""), dict(alphabet="aab")])
-def test_secret_space_rejects_bad_definitions(kwargs: dict) -> None:
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(n_free=0), "needs n_free >= 1, got 0"),
+    (dict(alphabet=""), "needs a non-empty alphabet"),
+    (dict(alphabet="aab"), "alphabet repeats characters: 'aab'"),
+    (dict(alphabet="ab", luhn=True), "Luhn secret space needs a digit head and a digit alphabet"),
+    (dict(head="x", alphabet="01", luhn=True), "Luhn secret space needs a digit head"),
+])
+def test_secret_space_rejects_bad_definitions(kwargs: dict, message: str) -> None:
     args = dict(head="", alphabet="ab", n_free=2) | kwargs
-    with pytest.raises(ValueError, match="n_free"):
+    with pytest.raises(ValueError, match=re.escape(message)):
         SecretSpace(**args)
 
 

@@ -64,8 +64,12 @@ class SecretSpace:
     luhn: bool = False
 
     def __post_init__(self) -> None:
-        if self.n_free < 1 or not self.alphabet or len(set(self.alphabet)) != len(self.alphabet):
-            raise ValueError("a secret space needs n_free >= 1 and a non-empty alphabet without repeats")
+        if self.n_free < 1:
+            raise ValueError(f"a secret space needs n_free >= 1, got {self.n_free}")
+        if not self.alphabet:
+            raise ValueError("a secret space needs a non-empty alphabet")
+        if len(set(self.alphabet)) != len(self.alphabet):
+            raise ValueError(f"a secret space's alphabet repeats characters: {self.alphabet!r}")
         if self.luhn and not (self.head + self.alphabet).isdigit():
             raise ValueError("a Luhn secret space needs a digit head and a digit alphabet")
 

@@ -2,6 +2,11 @@
 
 Dequantized value of entry (i, j): ``(code[i, j] - zero[i, g(j)]) * scale[i, g(j)]`` with
 ``g(j) = j // group_size``; the last group may be partial. Storage only: no ``nn.Module``.
+
+The format accepts any fp16 scale and zero point. The grids that write it store bf16-exact scales
+and zero points in ``[0, 2^b - 1]``, which is what lets the runtime's INT4 kernel reproduce these
+weights within 1/32 of a grid step; other streams still load, on the dense path
+(see :mod:`libortho.runtime.kernels.cpu`).
 """
 
 from __future__ import annotations
@@ -39,7 +44,7 @@ class BaseStream:
 
     packed: torch.Tensor  # uint8 (d_out, packed_row_bytes(d_in, bits))
     scales: torch.Tensor  # fp16 (d_out, n_groups)
-    zeros: torch.Tensor  # fp16 (d_out, n_groups), in code units (may be fractional)
+    zeros: torch.Tensor  # fp16 (d_out, n_groups), in code units (may be fractional or out of range)
     bits: int
     group_size: int
     shape: tuple[int, int]
