@@ -12,7 +12,7 @@ from libortho.data import (
     token_blocks,
     tokenize_stream,
 )
-from libortho.data.corpora import FORTUNES_DIR, strip_play_markdown
+from libortho.data.corpora import strip_play_markdown
 
 
 def _docs(n: int, length: int = 300) -> list[str]:
@@ -129,9 +129,9 @@ def test_shakespeare_blocks_with_byte_tokenizer(plays, byte_tokenizer) -> None:
     assert blocks.shape == (8, 128) and int(blocks.max()) < byte_tokenizer.vocab_size
 
 
-@pytest.mark.skipif(not FORTUNES_DIR.is_dir(), reason=f"Debian `fortunes` not installed ({FORTUNES_DIR})")
-def test_fortunes_loader() -> None:
-    fortunes = fortune_texts()
+@pytest.mark.fortunes
+def test_fortunes_loader(fortunes_dir) -> None:
+    fortunes = fortune_texts(fortunes_dir)
     assert len(fortunes) > 1000
     assert all(f.strip() == f and f for f in fortunes)
     assert not any("\x08" in f or "\n%\n" in f for f in fortunes)
