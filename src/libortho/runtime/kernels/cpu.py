@@ -29,7 +29,9 @@ error is the bf16 rounding of ``O = (8 - zero) * scale``: below 1/32 of the grou
 (:data:`INT4PACK_MAX_STEP_ERROR`, a constant per group; measured by ``tests/test_kernel_fidelity.py``).
 A layer whose stored scales/zeros would exceed that bound (a stream written by an older version,
 or zero points outside ``[0, 15]``) is not served by the INT4 kernel: ``OrthoLinear`` runs it on the
-dense fp32 path and says so (``kernel_note`` and a :class:`KernelFallbackWarning`).
+dense fp32 path and says so (``kernel_note`` and a :class:`KernelFallbackWarning`). Layers the
+INT4 kernel cannot take by format (other bit widths or group sizes) run on the fp32 dequantization
+cast once to ``base_dtype`` (bf16 by default: a relative rounding of at most 2^-8 per weight).
 """
 
 from __future__ import annotations
