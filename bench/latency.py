@@ -1,10 +1,10 @@
 """Null test and ortho overhead on CPU: decode and prefill latency, interleaved, medians.
 
-Compares, on one saved decomposition (default: the GPTQ g64 obs rho=1% one written by
-ppl_table.py): the base-only model (ortho file withheld), the same model with its ortho stream
-at alpha = 0 and at alpha = 1, and the original FP32 model.
+Compares the decompositions written by ppl_table.py: the independent base-only GPTQ g64 model
+(decomposed without an ortho stream), the default g64 model (obs, rho = 1%) with its ortho stream
+at alpha = 0 and at alpha = 1, and the original FP32 model. Run it on an idle machine.
 
-    .venv/bin/python bench/latency.py --dir bench/results/smol-g64-obs1
+    .venv/bin/python bench/latency.py --out docs/results/dual_stream_smollm2/latency.json
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from libortho.atomic import atomic_write_json
 from libortho.checkpoint import load
 from libortho.models import load_model
 from libortho.runtime import set_alpha
+from provenance import git_state
 
 
 @torch.no_grad()
@@ -58,13 +59,16 @@ def interleaved(fns: dict[str, Callable[[], float]], runs: int, warmup: int = 2)
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dir", type=Path, default=Path("bench/results/smol-g64-obs1"))
-    ap.add_argument("--out", type=Path, default=Path("bench/results/latency.json"))
+    ap.add_argument("--base-dir", type=Path, default=Path("bench/results/smol-g64-base"),
+                    help="an independent decomposition saved without an ortho stream")
+    ap.add_argument("--out", type=Path, default=Path("docs/results/dual_stream_smollm2/latency.json"))
     ap.add_argument("--runs", type=int, default=21)
     ap.add_argument("--decode-steps", type=int, default=8)
     ap.add_argument("--prefill-runs", type=int, default=20)
     args = ap.parse_args()
+    started = git_state()
     torch.manual_seed(0)
-    base_only, _ = load(args.dir, load_ortho=False)
+    base_only, _ = load(args.base_dir, load_ortho=False)
     with_ortho, _ = load(args.dir, alpha=0.0)
     ortho_on, _ = load(args.dir, alpha=1.0)
     fp32, _ = load_model("smollm2-135m")
@@ -91,7 +95,9 @@ def main() -> None:
         "decode_speedup_alpha0_vs_fp32": decode["fp32"] / decode["alpha0"],
         "decode_speedup_alpha1_vs_fp32": decode["fp32"] / decode["alpha1"],
     }
-    res = {"benchmark": "latency", "dir": str(args.dir), "threads": torch.get_num_threads(),
+    res = {"benchmark": "latency", "dir": str(args.dir), "base_dir": str(args.base_dir),
+           "threads": torch.get_num_threads(), "decode_steps": args.decode_steps,
+           "git": [started],
            "decode_s_per_token": decode, "prefill_16x128_s": prefill, "ratios": ratios,
            "runs": args.runs, "prefill_runs": args.prefill_runs}
     atomic_write_json(args.out, res)

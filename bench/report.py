@@ -1,60 +1,154 @@
-"""Render benchmark JSON (ppl table, baselines, latency) into one Markdown report.
+"""Render the dual-stream benchmark JSON (perplexity table, latency) into one Markdown report.
 
-    .venv/bin/python bench/report.py --out docs/results/dual_stream_smollm2.md
+    .venv/bin/python bench/report.py --results docs/results/dual_stream_smollm2
+
+Every number in the report is read from ``ppl_table.json`` / ``latency.json`` in that folder;
+nothing is typed in. The functions return lists of lines so tests can check them on known input.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
+from typing import Any
 
-RESULTS = Path("bench/results")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from comparisons import gap_closed, gptq_reference, ppl_of  # noqa: E402
+from libortho.atomic import atomic_write_text  # noqa: E402
 
 
-def _load(path: Path) -> dict | None:
-    return json.loads(path.read_text()) if path.exists() else None
+def change(ppl: float, ref: float) -> str:
+    """Relative change of ``ppl`` against ``ref`` as a signed percentage (+31.0% means 1.31x)."""
+    return f"{ppl / ref - 1:+.1%}"
 
 
-def ppl_section(tab: dict, extra_rows: list[dict]) -> list[str]:
-    rows = tab["rows"] + extra_rows
-    fp = next(r["ppl"] for r in rows if r["method"] == "FP32")
-    out = [f"Calibration: {tab['calib_tokens']} tokens ({tab['args']['n_calib']} x {tab['args']['seq_len']}) of "
-           f"{', '.join(tab['args']['calib'])}; perplexity on {tab['eval_tokens']} held-out tokens of "
-           f"`{tab['args']['eval_corpus']}` (a different corpus). Model: {tab['model']}.", "",
-           "| method | group | selector | rho | ortho values | PPL alpha=1 | PPL alpha=0 | vs FP32 | "
-           "gap closed | bits/param |", "|---|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        if "error" in r:
-            out.append(f"| {r['method']} | {r.get('group_size', '-')} | failed: {r['error']} | | | | | | | |")
-            continue
-        p1 = r.get("ppl_alpha1", r.get("ppl"))
-        p0 = r.get("ppl_alpha0")
-        bpp = r.get("total_bits_per_param", r.get("bits_per_param", 32.0))
-        gap = r.get("gap_closed")
-        out.append(f"| {r['method']} | {r.get('group_size', '-')} | {r.get('selector', '-')} | "
-                   f"{r.get('rho', '-')} | {r.get('values', '-')} | {p1:.3f} | "
-                   f"{'-' if p0 is None else f'{p0:.3f}'} | {p1 / fp:+.1%} | "
-                   f"{'-' if gap is None else f'{gap:.1%}'} | {bpp:.3f} |".replace("| +", "| +"))
-    null = [r for r in rows if "alpha0_bit_identical_to_gptq" in r]
-    if null:
-        ok = sum(r["alpha0_bit_identical_to_gptq"] for r in null)
-        out += ["", f"Null test (logits of a probe batch at alpha = 0 vs the base-only GPTQ model): "
-                f"{ok}/{len(null)} configurations bit-identical."]
-    for gs, st in tab.get("decomposition", {}).items():
-        out.append(f"- GPTQ g{gs} decomposition of the whole model: {st['wall_s']:.0f} s wall, "
-                   f"peak process RSS {st['peak_process_rss_mb']:.0f} MiB "
-                   f"({st['calib_tokens']} calibration tokens, true-sequential={st['true_sequential']}).")
+def _fmt(x: float | None, spec: str = ".3f") -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def _provenance(obj: dict[str, Any]) -> list[str]:
+    runs = obj.get("git", [])
+    out = []
+    for g in runs:
+        dirty = g.get("dirty_files") or []
+        out.append(f"- run started {g.get('started', '?')} at commit `{g.get('commit', '?')[:10]}`"
+                   + (f" with {len(dirty)} uncommitted file(s): {', '.join(d.split()[-1] for d in dirty[:6])}"
+                      + (" ..." if len(dirty) > 6 else "") if dirty else " (clean tree)"))
     return out
 
 
-def latency_section(lat: dict) -> list[str]:
+def table_rows(tab: dict[str, Any]) -> list[dict[str, Any]]:
+    """One display row per table entry, in a stable order: FP32, then per group size."""
+    rows = tab["rows"]
+    fp = ppl_of(rows["fp32"])["ppl"]
+    out = [{"method": "FP32", "group": "-", "a1": fp, "a0": None, "bits": 32.0, "gap": None}]
+    for gs in tab["args"]["group_sizes"]:
+        ref = gptq_reference(rows, gs)
+        for key, r in rows.items():
+            if r.get("group_size") != gs:
+                continue
+            if "error" in r:
+                out.append({"method": r["method"], "group": gs, "error": r["error"], "key": key})
+                continue
+            bits = r.get("total_bits_per_param", r.get("bits_per_param"))
+            if key.endswith("default-alpha0"):
+                out.append({"method": "LibOrtho default, saved + reloaded", "group": gs, "selector": r["selector"],
+                            "rho": r["rho"], "values": r["values"], "a1": r["alpha1_reloaded"]["ppl"],
+                            "a0": r["alpha0"]["ppl"], "bits": bits,
+                            "gap": None if ref is None else gap_closed(r["alpha1_reloaded"]["ppl"], ref["ppl"], fp)})
+            elif r["method"] == "LibOrtho":
+                a1 = r["alpha1"]["ppl"]
+                out.append({"method": "LibOrtho", "group": gs, "selector": r["selector"], "rho": r["rho"],
+                            "values": r["values"], "a1": a1, "a0": None, "bits": bits,
+                            "gap": None if ref is None else gap_closed(a1, ref["ppl"], fp)})
+            else:
+                out.append({"method": r["method"], "group": gs, "a1": ppl_of(r)["ppl"], "a0": None, "bits": bits,
+                            "gap": None})
+    return out
+
+
+def ppl_section(tab: dict[str, Any]) -> list[str]:
+    rows = table_rows(tab)
+    fp = rows[0]["a1"]
+    a = tab["args"]
+    out = [f"Calibration: {tab['calib_tokens']} tokens ({a['n_calib']} x {a['seq_len']}) of "
+           f"{', '.join(a['calib'])}; perplexity on {tab['eval_tokens']} held-out tokens "
+           f"({a['n_eval']} blocks of {a['seq_len']}) of `{a['eval_corpus']}`, a different corpus. "
+           f"Model: {tab['model']}. Machine: {tab['machine']['cpu']}, {tab['machine']['threads']} threads.", "",
+           "`PPL` is measured at alpha = 1 for LibOrtho rows (plain perplexity for the others); `PPL alpha=0` "
+           "only where that model was saved, reloaded and measured at alpha = 0. `vs FP32` is the relative change "
+           "of perplexity. `gap closed` is the fraction of the GPTQ -> FP32 gap that alpha = 1 closes.", "",
+           "| method | group | selector | rho | values | PPL | PPL alpha=0 | vs FP32 | gap closed | bits/param |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "error" in r:
+            out.append(f"| {r['method']} | {r['group']} | failed: {r['error'][:90]} | | | | | | | |")
+            continue
+        out.append(f"| {r['method']} | {r['group']} | {r.get('selector', '-')} | {r.get('rho', '-')} | "
+                   f"{r.get('values', '-')} | {r['a1']:.3f} | {_fmt(r['a0'])} | {change(r['a1'], fp)} | "
+                   f"{_fmt(r['gap'], '.1%')} | {_fmt(r['bits'])} |")
+    return out
+
+
+def null_section(tab: dict[str, Any]) -> list[str]:
+    out = []
+    for gs in tab["args"]["group_sizes"]:
+        r = tab["rows"].get(f"libortho-g{gs}-default-alpha0", {})
+        nt = r.get("null_test")
+        if nt is None:
+            continue
+        ref = ppl_of(tab["rows"][f"gptq-g{gs}"])
+        out.append(f"- g{gs}: {nt['what']}: bit-identical = **{nt['bit_identical']}** on {nt['probe_tokens']} "
+                   f"tokens (max |logit difference| {nt['max_abs_logit_diff']:.3g}); perplexity {ref['ppl']:.4f} "
+                   f"without the ortho stream, {r['alpha0']['ppl']:.4f} with it at alpha = 0 (both measured).")
+    return out
+
+
+def _short(key: str) -> str:
+    """``libortho-g64-diag-0.01-residual`` -> ``diag-0.01-residual``."""
+    return "-".join(key.split("-")[2:])
+
+
+def comparison_section(tab: dict[str, Any]) -> list[str]:
+    cs = tab.get("comparisons", [])
+    if not cs:
+        return []
+    out = ["Paired bootstrap over the evaluation blocks (10,000 resamples, 95% percentile interval) of "
+           "PPL(a) - PPL(b); negative means a is better.", "",
+           "| question | group | rho | a | b | PPL a | PPL b | a - b | 95% CI | better |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
+    for c in cs:
+        out.append(f"| {c['what']} | {c['group_size']} | {c['rho']} | {_short(c['a'])} | {_short(c['b'])} | "
+                   f"{c['ppl_a']:.3f} | {c['ppl_b']:.3f} | {c['diff']:+.3f} | "
+                   f"[{c['ci_low']:+.3f}, {c['ci_high']:+.3f}] | {c['better']} |")
+    out.append("")
+    for q, v in tab.get("verdicts", {}).items():
+        counts = ", ".join(f"{k.replace('_', ' ')}: {n}" for k, n in v.items() if k not in ("decision", "configs"))
+        out.append(f"- **{q}** over {v['configs']} configurations: {counts} -> decision: "
+                   f"**{v['decision'] or 'not separated by the data'}**")
+    return out
+
+
+def cost_section(tab: dict[str, Any]) -> list[str]:
+    out = []
+    for key, d in tab.get("decomposition", {}).items():
+        for kind, st in d.items():
+            out.append(f"- GPTQ {key} decomposition ({kind.replace('_', ' ')}): {st['wall_s']:.0f} s wall; peak RSS "
+                       f"of its own process {st['child_peak_rss_mb']:.0f} MiB (model load + calibration + "
+                       f"decomposition{' + Hessians kept for the sweep' if kind == 'with_ortho' else ''}); "
+                       f"{st['calib_tokens']} calibration tokens, true-sequential = {st['true_sequential']}.")
+    return out
+
+
+def latency_section(lat: dict[str, Any]) -> list[str]:
     d, p, r = lat["decode_s_per_token"], lat["prefill_16x128_s"], lat["ratios"]
-    out = [f"CPU, {lat['threads']} threads, medians of {lat['runs']} interleaved decode runs and "
-           f"{lat['prefill_runs']} prefill runs, on `{lat['dir']}`.", "",
-           "| model | decode ms/token | prefill 16x128 s |", "|---|---|---|"]
+    out = [f"CPU, {lat['threads']} threads, medians of {lat['runs']} interleaved decode runs "
+           f"({lat.get('decode_steps', '?')} tokens each) and {lat['prefill_runs']} prefill runs, on `{lat['dir']}`.",
+           *_provenance(lat), "", "| model | decode ms/token | prefill 16x128 s |", "|---|---|---|"]
     for k in d:
-        out.append(f"| {k} | {1e3 * d[k]:.2f} | {p[k]:.3f} |" if k in p else f"| {k} | {1e3 * d[k]:.2f} | - |")
+        out.append(f"| {k} | {1e3 * d[k]:.2f} | {_fmt(p.get(k))} |")
     out += ["", "| ratio | value | target |", "|---|---|---|"]
     targets = {"null_decode_alpha0_over_base": "<= 1.01", "null_prefill_alpha0_over_base": "<= 1.01",
                "overhead_decode_alpha1_over_alpha0": "<= 1.10", "overhead_prefill_alpha1_over_alpha0": "<= 1.10"}
@@ -62,27 +156,36 @@ def latency_section(lat: dict) -> list[str]:
     return out
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", type=Path, default=Path("docs/results/dual_stream_smollm2.md"))
-    args = ap.parse_args()
-    lines = ["# Dual-stream decomposition of SmolLM2-135M (generated from bench/results/*.json)", "",
+def render(results: Path) -> str:
+    """The whole report as Markdown, from the JSON files in ``results``."""
+    lines = ["# Dual-stream decomposition of SmolLM2-135M", "",
+             f"Generated by `bench/report.py` from `{results}/ppl_table.json` and `latency.json`; "
+             "re-run the measurements with `bench/ppl_table.py` and `bench/latency.py`.", "",
              "SmolLM2-135M's released weights come from a Q4_1 GGUF: they sit on a 4-bit grid in groups of 32 "
              "along `in_features`, so a 4-bit g32 quantizer would reproduce them exactly; we benchmark group "
              "sizes 64 and 128.", ""]
-    tab = _load(RESULTS / "ppl_table.json")
-    base = _load(RESULTS / "ppl_baselines.json")
-    if tab:
-        extra = [r for r in (base or {}).get("rows", []) if r["method"] != "FP32"]
-        lines += ["## Perplexity", ""] + ppl_section(tab, extra) + [""]
-    lat = _load(RESULTS / "latency.json")
-    if lat:
-        lines += ["## Latency: null test and ortho overhead", ""] + latency_section(lat) + [""]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".tmp")
-    tmp.write_text("\n".join(lines) + "\n")
-    tmp.replace(args.out)
-    print(f"wrote {args.out}")
+    tab_path = results / "ppl_table.json"
+    if tab_path.exists():
+        tab = json.loads(tab_path.read_text())
+        lines += ["## Perplexity", "", *_provenance(tab)]
+        if tab.get("partial"):
+            lines.append("- **partial run**: not every stage finished (see failed rows)")
+        lines += ["", *ppl_section(tab), "", "## Null test: two independent decompositions", "", *null_section(tab),
+                  "", "## Which selector, which values", "", *comparison_section(tab), "",
+                  "## Decomposition cost", "", *cost_section(tab), ""]
+    lat_path = results / "latency.json"
+    if lat_path.exists():
+        lines += ["## Latency: null test and ortho overhead", "", *latency_section(json.loads(lat_path.read_text())),
+                  ""]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--results", type=Path, default=Path("docs/results/dual_stream_smollm2"))
+    args = ap.parse_args()
+    out = atomic_write_text(args.results / "README.md", render(args.results))
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

@@ -215,7 +215,7 @@ def kill_switch(
         result = run_kill_switch(cfg, out, progress=not quiet, fresh=fresh, console=Console(stderr=True))
         paths = render_report(out / RESULT_FILE)
     _print_table(compact_table(result))
-    console.print(f"result: {out / RESULT_FILE}\nreport: {paths['markdown']}\n        {paths['html']}")
+    typer.echo(f"result: {out / RESULT_FILE}\nreport: {paths['markdown']}\n        {paths['html']}")
 
 
 def _print_table(t: Any) -> None:
@@ -251,7 +251,7 @@ def report(result: Annotated[Path, typer.Argument(help="an experiment's result.j
 
         paths = render_report(result, out)
     _print_table(compact_table(data))
-    console.print(f"report: {paths['markdown']}\n        {paths['html']}")
+    typer.echo(f"report: {paths['markdown']}\n        {paths['html']}")
 
 
 @app.command()

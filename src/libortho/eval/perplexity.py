@@ -17,6 +17,7 @@ class PerplexityResult:
     ppl: float
     nll: float
     tokens: int
+    block_nll: tuple[float, ...] = ()  # mean NLL of each block, in order (for paired comparisons)
 
 
 @torch.no_grad()
@@ -34,12 +35,13 @@ def perplexity(model: nn.Module, blocks: torch.Tensor, batch_size: int = 4,
     """Perplexity over ``blocks`` (n, seq_len); every block is scored independently."""
     if blocks.dim() != 2 or blocks.shape[1] < 2:
         raise ValueError(f"blocks must be (n, seq_len >= 2), got {tuple(blocks.shape)}")
-    total, count = 0.0, 0
+    total, count, per_block = 0.0, 0, []
     for i in tqdm(range(0, blocks.shape[0], batch_size), desc=desc, disable=not progress):
         nll = token_nll(model, blocks[i:i + batch_size])
         if not torch.isfinite(nll).all():
             raise FloatingPointError("non-finite token loss: the model produced NaN/inf logits")
         total += float(nll.double().sum())
         count += nll.numel()
+        per_block += nll.double().mean(1).tolist()
     mean = total / count
-    return PerplexityResult(ppl=math.exp(mean), nll=mean, tokens=count)
+    return PerplexityResult(ppl=math.exp(mean), nll=mean, tokens=count, block_nll=tuple(per_block))

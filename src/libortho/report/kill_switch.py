@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from libortho.atomic import atomic_write_text
+from libortho.experiments.summary import summarise
 from libortho.report.document import Block, Code, Figure, Heading, Para, Table, to_html, to_markdown
 from libortho.report.plots import alpha_figure, perplexity_figure, plane_figure
 
@@ -38,8 +39,6 @@ def main_table(result: dict[str, Any]) -> Table:
     out = []
     for r in _ordered(result):
         wall = "" if r["wall_s"] is None else f"{r['wall_s']:.0f} s" + (" (cached)" if r["reused"] else "")
-        if r["name"] == "gptq_int4":
-            wall = "= alpha 0"
         out.append([r["label"], _f(r["extraction"]), _f(r["exposure"], ".2f"), _f(r["mia_auc"].get("loss")),
                     f"{_f(r['mia_best_auc'])} ({ATTACK_LABELS.get(r['mia_best_attack'], r['mia_best_attack'])})",
                     _f(r["private_nll"]), _f(r["ppl_domain"]), _f(r["ppl_general"]), _f(r["skill_retained"]),
@@ -51,7 +50,8 @@ def main_table(result: dict[str, Any]) -> Table:
 
 
 def compact_table(result: dict[str, Any]) -> Table:
-    """The main table's key columns, for a terminal."""
+    """The main table's key columns, for a terminal (derived figures recomputed from the measurements)."""
+    result = {**result, "summary": summarise(result)}
     body = [[r["label"], _f(r["extraction"], ".2f"), _f(r["exposure"], ".1f"), _f(r["mia_best_auc"], ".2f"),
              _f(r["private_nll"], ".2f"), _f(r["ppl_domain"], ".2f"), _f(r["ppl_general"], ".2f"),
              _f(r["skill_retained"], ".2f")] for r in _ordered(result)]
@@ -102,7 +102,13 @@ def claims_table(result: dict[str, Any]) -> Table:
     body = []
     for c in result["summary"]["claims"]:
         holds = "n/a" if c["holds"] is None else ("yes" if c["holds"] else "**no**")
-        measured = _pct(c["measured"]) if c["key"] in ("leak_reduction", "general_loss") else _f(c["measured"])
+        if c["key"] == "leak_reduction" and "counts" in c:
+            measured = f"{c['counts']['extracted_alpha1']}/{c['counts']['n']} -> {c['counts']['extracted_alpha0']}/" \
+                       f"{c['counts']['n']} extracted"
+        elif c["key"].startswith("general_loss"):
+            measured = _pct(c["measured"])
+        else:
+            measured = _f(c["measured"])
         body.append([c["claim"], c["seed_value"], measured, holds, c["detail"]])
     return Table(["seed claim", "seed", "measured", "holds here", "detail"], body)
 
@@ -115,7 +121,8 @@ def reading(result: dict[str, Any]) -> str:
         off, on, ft = a["libortho_a0"], a.get("libortho_a1"), a["ft"]
         parts.append(f"The FP fine-tuned model leaks {_pct(ft['extraction'])} of its canaries (mean exposure "
                      f"{ft['exposure']:.2f} bits). With the ortho stream on (alpha = 1) extraction is "
-                     f"{_pct(on['extraction']) if on else 'n/a'}; switched off (alpha = 0, i.e. plain GPTQ) it is "
+                     f"{_pct(on['extraction']) if on else 'n/a'}; switched off (alpha = 0, the base stream alone) "
+                     "it is "
                      f"{_pct(off['extraction'])} (exposure {off['exposure']:.2f} bits), while keeping "
                      f"{_f(off['skill_retained'], '.2f')} of the fine-tuning gain on the public domain.")
     if "retrain" in a:
@@ -153,9 +160,17 @@ def setup_text(result: dict[str, Any]) -> str:
         f"exposure exact up to {c['harness']['max_enumerate']} candidates, else {c['harness']['exposure_samples']} "
         "samples + skew-normal fit",
         f"total wall time {result['wall_s'] / 60:.1f} min on {result['environment']['threads']} threads "
-        f"(torch {result['environment']['torch']})",
+        f"(torch {result['environment']['torch']}); " + _source(result['environment']),
     ]
     return "\n".join(lines)
+
+
+def _source(env: dict[str, Any]) -> str:
+    src = env.get("source")
+    if not src:
+        return f"libortho {env.get('libortho', '?')}, commit not recorded"
+    dirty = " with uncommitted changes in src/" if src["src_dirty"] else ""
+    return f"measured at commit {src['commit'][:10]}{dirty}"
 
 
 def build_blocks(result: dict[str, Any], fig_dir: Path) -> list[Block]:
@@ -177,9 +192,13 @@ def build_blocks(result: dict[str, Any], fig_dir: Path) -> list[Block]:
         Heading("Exposure by secret kind"), exposure_table(result),
         Heading("Membership inference"), mia_table(result),
         Heading("Setup"), Code(setup_text(result)),
-        Para("Notes: the INT4 GPTQ row is LibOrtho at alpha = 0 (the base stream is calibrated with the ortho "
-             "stream off, so the two are bit-identical by construction). Exposure is log2|R| - log2 rank over the "
-             "secret's own candidate space R; a never-seen secret scores about 1-2 bits. Secret NLL is the mean "
+        Para("Notes: no separate INT4 GPTQ model is listed: alpha = 0 runs the base stream alone, which is "
+             "calibrated with the ortho stream off (bench/ppl_table.py checks that an independently decomposed "
+             "base-only model gives bit-identical logits). The leak-reduction claim is judged on extraction counts "
+             "with exact (Clopper-Pearson) intervals and an exact McNemar test on the paired canaries: it holds only "
+             "if the reduction reaches 99.8% and the test rejects 'no change' at p < 0.05. Exposure is "
+             "log2|R| - log2 rank over the secret's own candidate space R; a never-seen secret scores about 1-2 "
+             "bits. Secret NLL is the mean "
              "per-token loss of the member secrets given their prefixes (the seed's 'private error')."),
     ]
 
@@ -196,6 +215,7 @@ def render_report(result_path: str | Path, out_dir: str | Path | None = None) ->
     if result.get("experiment") != "kill_switch" or "summary" not in result:
         raise ValueError(f"{result_path} is not a kill-switch result (no 'experiment': 'kill_switch' / summary)")
     out = Path(out_dir) if out_dir is not None else result_path.parent
+    result["summary"] = summarise(result)  # derived figures are recomputed from the measurements every time
     blocks = build_blocks(result, out / "figures")
     title = f"libortho kill switch: {result['config']['model']}"
     md = atomic_write_text(out / "report.md", to_markdown(blocks, out))

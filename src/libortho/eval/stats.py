@@ -1,0 +1,87 @@
+"""Small-sample statistics for the figures we publish: exact binomial intervals, McNemar's exact
+test for paired yes/no outcomes, and a paired bootstrap for perplexity differences.
+
+Why these: a kill-switch table compares a handful of extracted canaries (1/24 vs 3/24), where a
+percentage change is meaningless without the counts and an interval; two quantized models scored
+on the same held-out blocks are paired, so their perplexity difference gets a paired interval.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import stats as _sps
+
+
+@dataclass(frozen=True)
+class Interval:
+    """A point estimate with a two-sided confidence interval at ``level``."""
+
+    estimate: float
+    low: float
+    high: float
+    level: float
+
+    def excludes(self, value: float = 0.0) -> bool:
+        """Whether ``value`` lies outside the interval."""
+        return value < self.low or value > self.high
+
+
+def clopper_pearson(k: int, n: int, level: float = 0.95) -> Interval:
+    """Exact (Clopper–Pearson) interval for a binomial proportion ``k / n``."""
+    if n <= 0 or not 0 <= k <= n:
+        raise ValueError(f"need 0 <= k <= n and n > 0, got k={k}, n={n}")
+    if not 0 < level < 1:
+        raise ValueError(f"level must be in (0, 1), got {level}")
+    a = 1 - level
+    low = 0.0 if k == 0 else float(_sps.beta.ppf(a / 2, k, n - k + 1))
+    high = 1.0 if k == n else float(_sps.beta.ppf(1 - a / 2, k + 1, n - k))
+    return Interval(k / n, low, high, level)
+
+
+@dataclass(frozen=True)
+class McNemar:
+    """Exact McNemar test on paired outcomes: ``b`` pairs yes→no, ``c`` pairs no→yes."""
+
+    b: int
+    c: int
+    p_value: float
+
+
+def mcnemar_exact(first: Sequence[bool], second: Sequence[bool]) -> McNemar:
+    """Two-sided exact McNemar test of ``first`` vs ``second`` (same items, paired).
+
+    Under the null the discordant pairs split 50/50, so the p-value is a two-sided binomial tail
+    over ``b + c`` trials; with no discordant pairs it is 1.
+    """
+    if len(first) != len(second):
+        raise ValueError(f"paired outcomes need equal lengths, got {len(first)} and {len(second)}")
+    b = sum(1 for x, y in zip(first, second, strict=True) if x and not y)
+    c = sum(1 for x, y in zip(first, second, strict=True) if y and not x)
+    n = b + c
+    if n == 0:
+        return McNemar(b, c, 1.0)
+    tail = sum(math.comb(n, i) for i in range(min(b, c) + 1)) / 2**n
+    return McNemar(b, c, min(1.0, 2 * tail))
+
+
+def paired_bootstrap_ppl_diff(nll_a: Sequence[float], nll_b: Sequence[float], n_boot: int = 10_000,
+                              level: float = 0.95, seed: int = 0) -> Interval:
+    """Percentile-bootstrap interval of ``PPL_a - PPL_b`` over paired evaluation blocks.
+
+    ``nll_a[i]`` and ``nll_b[i]`` are the mean token NLLs of the *same* block under two models (all
+    blocks the same length); each resample draws blocks with replacement and recomputes both
+    perplexities on that draw, so block-to-block difficulty cancels in the difference.
+    """
+    a, b = np.asarray(nll_a, dtype=np.float64), np.asarray(nll_b, dtype=np.float64)
+    if a.shape != b.shape or a.ndim != 1 or a.size < 2:
+        raise ValueError(f"need two equal 1-D sequences of >= 2 block NLLs, got {a.shape} and {b.shape}")
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, a.size, size=(n_boot, a.size))
+    diff = np.exp(a[idx].mean(1)) - np.exp(b[idx].mean(1))
+    q = (1 - level) / 2
+    return Interval(float(np.exp(a.mean()) - np.exp(b.mean())), float(np.quantile(diff, q)),
+                    float(np.quantile(diff, 1 - q)), level)

@@ -1,0 +1,91 @@
+"""The benchmark code that produces published numbers: derived figures, verdicts, report rendering."""
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+from comparisons import compare_rows, gap_closed, gptq_reference, verdicts  # noqa: E402
+from report import change, render  # noqa: E402
+
+
+def _m(ppl_nll: np.ndarray) -> dict:
+    return {"ppl": float(np.exp(ppl_nll.mean())), "block_nll": ppl_nll.tolist()}
+
+
+def _table() -> dict:
+    rng = np.random.default_rng(0)
+    blocks = rng.normal(4.0, 0.3, size=16)
+    rows = {"fp32": {"method": "FP32", "ppl_measured": _m(blocks - 0.3)},
+            "gptq-g64": {"method": "INT4 GPTQ", "group_size": 64, "ppl_measured": _m(blocks)}}
+    for sel, shift in (("obs", -0.05), ("diag", -0.10)):
+        for values, extra in (("residual", 0.0), ("optimal", -0.01)):
+            rows[f"libortho-g64-{sel}-0.01-{values}"] = {
+                "method": "LibOrtho", "group_size": 64, "selector": sel, "rho": 0.01, "values": values,
+                "alpha1": _m(blocks + shift + extra + rng.normal(0, 1e-3, size=16)), "total_bits_per_param": 4.98}
+    rows["libortho-g64-default-alpha0"] = {
+        "method": "LibOrtho", "group_size": 64, "selector": "obs", "rho": 0.01, "values": "residual",
+        "alpha0": _m(blocks), "alpha1_reloaded": rows["libortho-g64-obs-0.01-residual"]["alpha1"],
+        "total_bits_per_param": 4.98,
+        "null_test": {"probe_tokens": 2048, "bit_identical": True, "max_abs_logit_diff": 0.0, "what": "two runs"}}
+    rows["hqq-g64"] = {"method": "hqq INT4", "group_size": 64, "error": "not installed"}
+    return {"rows": rows, "args": {"group_sizes": [64], "n_calib": 128, "seq_len": 512, "calib": ["shakespeare"],
+                                   "eval_corpus": "fortunes", "n_eval": 16},
+            "calib_tokens": 65536, "eval_tokens": 8176, "model": "m", "machine": {"cpu": "x", "threads": 2},
+            "git": [{"commit": "abc123def456", "dirty_files": [], "started": "t"}],
+            "decomposition": {"g64": {"with_ortho": {"wall_s": 10.0, "child_peak_rss_mb": 1000.0,
+                                                     "calib_tokens": 65536, "true_sequential": True}}}}
+
+
+def test_change_is_relative_change_not_ratio() -> None:
+    assert change(131.0, 100.0) == "+31.0%" and change(90.0, 100.0) == "-10.0%"
+
+
+def test_gap_closed_and_reference() -> None:
+    assert gap_closed(55.0, 60.0, 50.0) == pytest.approx(0.5)
+    assert gap_closed(62.0, 60.0, 50.0) == pytest.approx(-0.2)  # worse than GPTQ: negative, not clipped
+    assert gap_closed(50.0, 50.0, 50.0) is None
+    tab = _table()
+    assert gptq_reference(tab["rows"], 64) is tab["rows"]["gptq-g64"]["ppl_measured"]
+    del tab["rows"]["gptq-g64"]
+    assert gptq_reference(tab["rows"], 64) is tab["rows"]["libortho-g64-default-alpha0"]["alpha0"]
+    assert gptq_reference(tab["rows"], 128) is None
+
+
+def test_comparisons_find_the_better_selector_and_decide() -> None:
+    tab = _table()
+    cs = compare_rows(tab["rows"], [64], [0.01])
+    dvo = [c for c in cs if c["what"] == "diag_vs_obs"]
+    assert len(dvo) == 2 and all(c["better"] == "a" and c["diff"] < 0 and c["ci_high"] < 0 for c in dvo)
+    v = verdicts(cs)
+    assert v["diag_vs_obs"]["decision"] == "diag" and v["diag_vs_obs"]["diag_significantly_better"] == 2
+    assert v["optimal_vs_residual"]["decision"] == "optimal"
+    # one configuration going the other way makes the verdict "not separated"
+    flipped = [dict(c, better="b") if i == 0 else c for i, c in enumerate(dvo)]
+    assert verdicts(flipped)["diag_vs_obs"]["decision"] is None
+    assert verdicts([dict(c, better="neither (CI includes 0)") for c in dvo])["diag_vs_obs"]["decision"] is None
+
+
+def test_report_renders_every_section_from_json(tmp_path) -> None:
+    tab = _table()
+    tab["comparisons"] = compare_rows(tab["rows"], [64], [0.01])
+    tab["verdicts"] = verdicts(tab["comparisons"])
+    (tmp_path / "ppl_table.json").write_text(json.dumps(tab))
+    lat = {"decode_s_per_token": {"base_only": 0.03, "alpha0": 0.03, "alpha1": 0.045},
+           "prefill_16x128_s": {"base_only": 5.0, "alpha0": 5.0, "alpha1": 7.0},
+           "ratios": {"overhead_decode_alpha1_over_alpha0": 1.5}, "threads": 2, "runs": 3, "prefill_runs": 3,
+           "decode_steps": 8, "dir": "d", "git": [{"commit": "fedcba987654", "dirty_files": [" M x.py"],
+                                                   "started": "t"}]}
+    (tmp_path / "latency.json").write_text(json.dumps(lat))
+    md = render(tmp_path)
+    fp = tab["rows"]["fp32"]["ppl_measured"]["ppl"]
+    gptq = tab["rows"]["gptq-g64"]["ppl_measured"]["ppl"]
+    assert f"| INT4 GPTQ | 64 | - | - | - | {gptq:.3f} | - | {gptq / fp - 1:+.1%} |" in md
+    assert "failed: not installed" in md
+    assert "bit-identical = **True**" in md and "decision: **diag**" in md
+    assert "`abc123def4`" in md and "(clean tree)" in md and "1 uncommitted file(s): x.py" in md
+    assert "| overhead_decode_alpha1_over_alpha0 | 1.5000 | <= 1.10 |" in md
+    assert "peak RSS of its own process 1000 MiB" in md

@@ -1,0 +1,70 @@
+"""Small-sample statistics against slow references written from the definitions."""
+
+import math
+
+import numpy as np
+import pytest
+
+from libortho.eval.stats import clopper_pearson, mcnemar_exact, paired_bootstrap_ppl_diff
+
+
+def _binom_tail_ge(k: int, n: int, p: float) -> float:
+    """P(X >= k) for X ~ Binomial(n, p), summed term by term."""
+    return sum(math.comb(n, i) * p**i * (1 - p) ** (n - i) for i in range(k, n + 1))
+
+
+@pytest.mark.parametrize(("k", "n"), [(1, 24), (3, 24), (12, 24), (23, 24), (5, 7)])
+def test_clopper_pearson_bounds_solve_the_tail_equations(k, n) -> None:
+    ci = clopper_pearson(k, n, level=0.95)
+    assert ci.estimate == pytest.approx(k / n)
+    # the lower bound L has P(X >= k | L) = 2.5%, the upper bound U has P(X <= k | U) = 2.5%
+    assert _binom_tail_ge(k, n, ci.low) == pytest.approx(0.025, abs=1e-6)
+    assert 1 - _binom_tail_ge(k + 1, n, ci.high) == pytest.approx(0.025, abs=1e-6)
+    assert ci.low < k / n < ci.high
+
+
+def test_clopper_pearson_edges_and_errors() -> None:
+    zero, full = clopper_pearson(0, 24), clopper_pearson(24, 24)
+    assert zero.low == 0.0 and 1 - _binom_tail_ge(1, 24, zero.high) == pytest.approx(0.025, abs=1e-6)
+    assert full.high == 1.0 and full.low == pytest.approx(0.025 ** (1 / 24), rel=1e-9)
+    for k, n in ((3, 2), (-1, 5), (0, 0)):
+        with pytest.raises(ValueError, match="0 <= k <= n"):
+            clopper_pearson(k, n)
+
+
+@pytest.mark.parametrize(("b", "c", "p"), [(0, 0, 1.0), (0, 2, 0.5), (0, 5, 2 / 32), (1, 3, 2 * 5 / 16),
+                                           (3, 1, 2 * 5 / 16), (10, 0, 2 / 1024), (4, 4, 1.0)])
+def test_mcnemar_exact_known_values(b, c, p) -> None:
+    first = [True] * b + [False] * c + [True] * 3 + [False] * 7  # 3 concordant yes, 7 concordant no
+    second = [False] * b + [True] * c + [True] * 3 + [False] * 7
+    res = mcnemar_exact(first, second)
+    assert (res.b, res.c) == (b, c)
+    assert res.p_value == pytest.approx(p)
+
+
+def test_mcnemar_refuses_unpaired() -> None:
+    with pytest.raises(ValueError, match="equal lengths"):
+        mcnemar_exact([True], [True, False])
+
+
+def test_paired_bootstrap_sign_width_and_pairing() -> None:
+    rng = np.random.default_rng(1)
+    base = rng.normal(3.0, 0.5, size=32)  # block difficulty varies a lot
+    same = paired_bootstrap_ppl_diff(base, base)
+    assert same.estimate == 0.0 and same.low == 0.0 and same.high == 0.0
+    worse = base + 0.02 + rng.normal(0, 0.002, size=32)  # b is slightly but consistently better
+    ci = paired_bootstrap_ppl_diff(worse, base, n_boot=4000)
+    assert ci.estimate == pytest.approx(math.exp(worse.mean()) - math.exp(base.mean()))
+    assert ci.low > 0 and ci.excludes(0.0)  # pairing cancels block difficulty: the small shift is significant
+    # the same shift on unpaired (shuffled) blocks is drowned by block difficulty: the interval is far wider
+    shuffled = paired_bootstrap_ppl_diff(rng.permutation(worse), base, n_boot=4000)
+    assert shuffled.high - shuffled.low > 10 * (ci.high - ci.low)
+    flipped = paired_bootstrap_ppl_diff(base, worse, n_boot=4000)
+    assert flipped.high < 0
+
+
+def test_paired_bootstrap_refuses_bad_shapes() -> None:
+    with pytest.raises(ValueError, match="equal 1-D"):
+        paired_bootstrap_ppl_diff([1.0, 2.0], [1.0])
+    with pytest.raises(ValueError, match="equal 1-D"):
+        paired_bootstrap_ppl_diff([1.0], [1.0])
