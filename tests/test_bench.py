@@ -89,3 +89,26 @@ def test_report_renders_every_section_from_json(tmp_path) -> None:
     assert "`abc123def4`" in md and "(clean tree)" in md and "1 uncommitted file(s): x.py" in md
     assert "| overhead_decode_alpha1_over_alpha0 | 1.5000 | <= 1.10 |" in md
     assert "peak RSS of its own process 1000 MiB" in md
+
+
+def test_readme_results_block_matches_the_committed_json() -> None:
+    """The README's figures are rendered from docs/results; a changed result must be re-rendered."""
+    from readme_results import ROOT, render_block, replace_block
+
+    text = (ROOT / "README.md").read_text()
+    assert replace_block(text, render_block(ROOT / "docs" / "results")) == text, \
+        "README results block is stale: run .venv/bin/python bench/readme_results.py"
+
+
+def test_readme_dual_stream_lines_from_a_known_table() -> None:
+    from readme_results import dual_stream_lines, replace_block
+
+    tab = _table()
+    tab["verdicts"] = verdicts(compare_rows(tab["rows"], [64], [0.01]))
+    lines = "\n".join(dual_stream_lines(tab, None, "x.md"))
+    fp = tab["rows"]["fp32"]["ppl_measured"]["ppl"]
+    gptq = tab["rows"]["gptq-g64"]["ppl_measured"]["ppl"]
+    assert f"{gptq / fp - 1:+.1%} vs FP32 for GPTQ" in lines and "bit-identical logits: **True**" in lines
+    assert "diag significantly better than obs in 2 of 2" in lines and "the data favour diag" in lines
+    with pytest.raises(ValueError, match="no <!-- results:begin -->"):
+        replace_block("no markers here", "x")

@@ -160,12 +160,13 @@ def setup_text(result: dict[str, Any]) -> str:
         f"exposure exact up to {c['harness']['max_enumerate']} candidates, else {c['harness']['exposure_samples']} "
         "samples + skew-normal fit",
         f"total wall time {result['wall_s'] / 60:.1f} min on {result['environment']['threads']} threads "
-        f"(torch {result['environment']['torch']}); " + _source(result['environment']),
+        f"(torch {result['environment']['torch']}); " + source_line(result['environment']),
     ]
     return "\n".join(lines)
 
 
-def _source(env: dict[str, Any]) -> str:
+def source_line(env: dict[str, Any]) -> str:
+    """Which code measured a result: its commit, or that none was recorded."""
     src = env.get("source")
     if not src:
         return f"libortho {env.get('libortho', '?')}, commit not recorded"

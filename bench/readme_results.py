@@ -1,0 +1,148 @@
+"""Render the README's "What the measurements show" block from the committed result JSON files.
+
+    .venv/bin/python bench/readme_results.py          # rewrite the block between the markers
+    .venv/bin/python bench/readme_results.py --check  # exit 1 if the README is stale
+
+The README never carries a typed number: the block between ``<!-- results:begin -->`` and
+``<!-- results:end -->`` is this module's output, and ``tests/test_bench.py`` fails when it differs
+from what the committed JSON renders to, so a changed result cannot leave the front page behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from comparisons import gap_closed, gptq_reference, ppl_of  # noqa: E402
+from libortho.atomic import atomic_write_text  # noqa: E402
+from libortho.experiments.summary import summarise  # noqa: E402
+from libortho.report.kill_switch import source_line  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
+
+
+def _load(path: Path) -> dict[str, Any] | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def kill_switch_lines(result: dict[str, Any], link: str) -> list[str]:
+    """The kill-switch finding: extraction counts with intervals, exposure, skill, the baselines."""
+    s = summarise(result)
+    rows, claims = s["rows"], {c["key"]: c for c in s["claims"]}
+    n = len(rows["ft"]["per_canary_extracted"])
+
+    def k(name: str) -> str:
+        r = rows[name]
+        return (f"{sum(r['per_canary_extracted'])}/{n} canaries extracted, mean exposure {r['exposure']:.1f} bits, "
+                f"skill retained {r['skill_retained']:.2f}")
+
+    c = claims["leak_reduction"]["counts"]
+    holds = claims["leak_reduction"]["holds"]
+    verdict = {True: "removes", False: "does **not** remove", None: "is not shown to remove"}[holds]
+    out = [f"- **Privacy kill switch** ([report]({link}), SmolLM2-135M fine-tuned on Shakespeare + "
+           f"{n} canary records; {source_line(result['environment'])}): switching the ortho stream off {verdict} "
+           f"the memorised records. FP fine-tuned: {k('ft')}; "
+           f"alpha = 1: {k('libortho_a1')}; alpha = 0: {k('libortho_a0')} (exact 95% CIs "
+           f"{c['ci_alpha1'][0]:.2f}-{c['ci_alpha1'][1]:.2f} and {c['ci_alpha0'][0]:.2f}-{c['ci_alpha0'][1]:.2f}, "
+           f"McNemar p = {c['mcnemar_p']:.2g}). Plain INT4 RTN: {k('rtn_int4')}."]
+    base = [f"{rows[m]['label']}: {k(m)}" for m in ("retrain", "npo") if m in rows]
+    if base:
+        out.append("  Baselines on the same forget set: " + "; ".join(base) + ".")
+    pe = claims["private_error_ratio"]["measured"]
+    out.append(f"  Seed claims: private-error ratio off/on {pe:.3f} (seed > 1.5); general perplexity at alpha = 0 "
+               f"{claims['general_loss']['measured']:+.1%} vs alpha = 1 and "
+               f"{claims['general_loss_vs_fp']['measured']:+.1%} vs the FP fine-tuned model (seed < 2%).")
+    return out
+
+
+def dual_stream_lines(tab: dict[str, Any], lat: dict[str, Any] | None, link: str) -> list[str]:
+    """Quality of the base and the ortho stream at g64, the null test, the selector verdict, latency."""
+    rows = tab["rows"]
+    fp = ppl_of(rows["fp32"])["ppl"]
+    out = []
+    for gs in tab["args"]["group_sizes"]:
+        ref = gptq_reference(rows, gs)
+        d = rows.get(f"libortho-g{gs}-default-alpha0")
+        if ref is None or d is None:
+            continue
+        a1 = d["alpha1_reloaded"]["ppl"]
+        hqq = rows.get(f"hqq-g{gs}")
+        peer = "" if hqq is None or "error" in hqq else \
+            f"; HQQ g{gs} (no calibration) {ppl_of(hqq)['ppl'] / fp - 1:+.1%}"
+        out.append(f"- **INT4 g{gs} on SmolLM2-135M** ([benchmark]({link})): held-out perplexity "
+                   f"{ref['ppl'] / fp - 1:+.1%} vs FP32 for GPTQ (= alpha 0){peer}; alpha = 1 with the default "
+                   f"{d['selector']} ortho stream at rho = {d['rho']:g} ({d['total_bits_per_param']:.2f} bits/param) "
+                   f"{a1 / fp - 1:+.1%}, closing {gap_closed(a1, ref['ppl'], fp):.0%} of the GPTQ -> FP32 gap.")
+        nt = d.get("null_test")
+        if nt is not None:
+            out.append(f"  Null test: two independent g{gs} decompositions, without and with the ortho stream at "
+                       f"alpha = 0, give bit-identical logits: **{nt['bit_identical']}**.")
+    v = tab.get("verdicts", {}).get("diag_vs_obs")
+    if v:
+        decision = f"the data favour {v['decision']}" if v["decision"] else "the data do not separate them"
+        out.append(f"- **Selector** (paired bootstrap over {tab['args']['n_eval']} blocks): diag significantly "
+                   f"better than obs in {v['diag_significantly_better']} of {v['configs']} configurations, obs "
+                   f"better in {v['obs_significantly_better']}: {decision}.")
+    if lat is not None:
+        r = lat["ratios"]
+        out.append(f"- **Latency** (2-core CPU): alpha = 1 / alpha = 0 = "
+                   f"{r['overhead_decode_alpha1_over_alpha0']:.2f} for decode and "
+                   f"{r['overhead_prefill_alpha1_over_alpha0']:.2f} for 16 x 128 prefill (goal <= 1.10); "
+                   f"alpha = 0 / base-only = {r['null_decode_alpha0_over_base']:.3f} (decode).")
+    return out
+
+
+def exposure_lines(res: dict[str, Any], link: str) -> list[str]:
+    """The 64-sample exposure estimator against exact enumeration."""
+    band = res["bands"]["overall"]
+    return [f"- **Exposure estimator** ([check]({link})): the 64-sample skew-normal estimate minus the exact "
+            f"exposure has a 90% band of [{band['p05']:+.2f}, {band['p95']:+.2f}] bits over "
+            f"{band['n']} estimates; recommendation: {res['primary_metric_recommendation']}."]
+
+
+def render_block(results: Path) -> str:
+    """The Markdown between the README's markers, from the JSON files under ``results``."""
+    lines = []
+    ks = _load(results / "kill_switch_smollm2" / "result.json")
+    if ks is not None:
+        lines += kill_switch_lines(ks, "docs/results/kill_switch_smollm2/report.md")
+    tab = _load(results / "dual_stream_smollm2" / "ppl_table.json")
+    if tab is not None:
+        lines += dual_stream_lines(tab, _load(results / "dual_stream_smollm2" / "latency.json"),
+                                   "docs/results/dual_stream_smollm2/README.md")
+    ex = _load(results / "exposure_check" / "result.json")
+    if ex is not None and "bands" in ex:
+        lines += exposure_lines(ex, "docs/results/exposure_check/report.md")
+    return "\n".join([BEGIN, *lines, END])
+
+
+def replace_block(readme: str, block: str) -> str:
+    """``readme`` with its marked block replaced by ``block``; refuses a README without the markers."""
+    i, j = readme.find(BEGIN), readme.find(END)
+    if i < 0 or j < i:
+        raise ValueError(f"README has no {BEGIN} ... {END} block")
+    return readme[:i] + block + readme[j + len(END):]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--check", action="store_true", help="exit 1 if the README block is stale")
+    args = ap.parse_args()
+    path = ROOT / "README.md"
+    text = path.read_text()
+    new = replace_block(text, render_block(ROOT / "docs" / "results"))
+    if args.check:
+        print("README results block is " + ("up to date" if new == text else "STALE"))
+        return 0 if new == text else 1
+    atomic_write_text(path, new)
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
