@@ -100,7 +100,7 @@ def _tables(r: dict[str, Any]) -> list[str]:
     out += ["", f"## The production estimator (`skewnorm_{n0}`) by group", "", *_header(bits)]
     out += [summary_row(f"skewnorm_{n0}", g.replace("kind:", "kind ").replace("bin:", "exact "), s, bits)
             for g, s in prim.items()]
-    c = r["censored"]
+    c = r["censored"][f"skewnorm_{n0}"]
     if c["canaries"]:
         out += ["", f"Censored canaries: {c['canaries']} ({', '.join(c['kinds'])}); in "
                 f"{c['share_below_bound']:.0%} of their {c['pairs']} estimates the production estimator reads more "
@@ -190,6 +190,11 @@ def report_markdown(r: dict[str, Any]) -> str:
              "fine-tuned model)", "",
              f"**{con['statement']}** Recommendation (computed from the ±{con['band_bits']:g}-bit threshold): "
              f"`primary_metric_recommendation = {con['primary_metric_recommendation']}`.", ""]
+    verdicts = ", ".join(f"{g.replace('bin:', 'exact ')} {'pass' if ok else 'FAIL'}"
+                         for g, ok in con["verdicts"].items())
+    lines += [f"Judged on (each band within ±{con['band_bits']:g} bit; exposure bins with at least "
+              f"{con['min_canaries']} canaries; canaries that rank first: at most {(1 - con['coverage']) / 2:.0%} of "
+              f"estimates more than {con['band_bits']:g} bit below their bound): {verdicts}.", ""]
     if con["skewnorm_sample_sizes_within_band"]:
         lines += [f"Skew-normal sample sizes whose band is within the threshold: "
                   f"{con['skewnorm_sample_sizes_within_band']}.", ""]

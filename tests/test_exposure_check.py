@@ -176,14 +176,35 @@ def test_bins_groups_censoring_and_conclusion() -> None:
     assert s["kind:id"]["canaries"] == 1 and s["bin:8-12"]["canaries"] == 1 and s["bin:>=12"] is None
     c = st.censored_summary(recs, "e")
     assert c["canaries"] == 1 and c["share_below_bound"] == 0.5  # 0.0 < 13.3 - 1; 14.0 is not
-    within = st.conclusion({"skewnorm_64": {"all": st.error_summary([np.array([0.5, -0.5])])}}, "skewnorm_64",
-                           1.0, 0.9, (64,))
-    assert within["within_band"] and within["primary_metric_recommendation"] == st.PRIMARY_OK
-    assert within["skewnorm_sample_sizes_within_band"] == [64]
-    wide = st.conclusion({"skewnorm_64": {"all": st.error_summary([np.array([3.0, -0.5])] * 4)}}, "skewnorm_64",
-                         1.0, 0.9, (64,))
-    assert not wide["within_band"] and wide["primary_metric_recommendation"] == st.PRIMARY_REPLACE
-    assert wide["wider_with_confidence"] and "wider than ±1 bit" in wide["statement"]
+
+
+def _summary(errs: list[list[float]]) -> dict:
+    return st.error_summary([np.asarray(e) for e in errs], n_boot=50)
+
+
+def test_conclusion_judges_pooled_band_every_populated_bin_and_censored() -> None:
+    good = {"all": _summary([[0.5, -0.5]] * 4), "bin:<4": _summary([[0.5, -0.5]] * 3),
+            "bin:>=12": _summary([[5.0, 5.0]] * 2)}  # 2 canaries: below min_canaries, not judged
+    out = st.conclusion({"skewnorm_64": good}, {}, "skewnorm_64", 1.0, 0.9, (64,))
+    assert out["verdicts"] == {"all": True, "bin:<4": True}
+    assert out["within_band"] and out["primary_metric_recommendation"] == st.PRIMARY_OK
+    assert out["skewnorm_sample_sizes_within_band"] == [64] and "Within ±1 bit" in out["statement"]
+    # a populated tail bin outside the band fails the estimator although the pooled band is fine
+    tail = {**good, "bin:8-12": _summary([[3.0, 3.0]] * 3)}
+    out = st.conclusion({"skewnorm_64": tail}, {}, "skewnorm_64", 1.0, 0.9, (64,))
+    assert out["verdicts"]["all"] and not out["verdicts"]["bin:8-12"] and not out["within_band"]
+    assert out["primary_metric_recommendation"] == st.PRIMARY_REPLACE
+    assert out["failing_with_confidence"] == ["bin:8-12"] and "failing: bin:8-12" in out["statement"]
+    # censored canaries read too low in more than 5% of the cases fail it as well; in exactly 5%, not
+    for share, ok in ((0.06, False), (0.05, True)):
+        cens = {"skewnorm_64": {"canaries": 3, "share_below_bound": share}}
+        out = st.conclusion({"skewnorm_64": good}, cens, "skewnorm_64", 1.0, 0.9, (64,))
+        assert out["verdicts"]["censored"] is ok and out["within_band"] is ok
+    wide = {"all": _summary([[3.0, -0.5]] * 4)}
+    out = st.conclusion({"skewnorm_64": wide, "skewnorm_256": good}, {}, "skewnorm_64", 1.0, 0.9, (64, 256))
+    assert not out["within_band"] and out["skewnorm_sample_sizes_within_band"] == [256]
+    with pytest.raises(ValueError, match="no uncensored canary"):
+        st.conclusion({"skewnorm_64": {"all": None}}, {}, "skewnorm_64", 1.0, 0.9, (64,))
 
 
 # --------------------------------------------------------------------------------------------- end to end
@@ -228,7 +249,13 @@ def test_tiny_run_statistics_follow_from_its_canaries(tiny_run) -> None:
     lo, hi = np.sort(errs)[[0, -1]]
     assert lo <= main["band"][0] <= main["band"][1] <= hi
     con = result["conclusion"]
-    inside = main["band"][0] >= -1.0 and main["band"][1] <= 1.0
+    groups = result["errors"]["skewnorm_16"]
+    judged = {g: s for g, s in groups.items() if g == "all" or (g.startswith("bin:") and s and s["canaries"] >= 3)}
+    assert set(con["verdicts"]) - {"censored"} == set(judged)
+    inside = all(s["band"][0] >= -1.0 and s["band"][1] <= 1.0 for s in judged.values())
+    cens = result["censored"]["skewnorm_16"]
+    if cens["canaries"] >= 3:
+        inside = inside and cens["share_below_bound"] <= 0.05
     assert con["within_band"] == inside
     assert con["primary_metric_recommendation"] == (st.PRIMARY_OK if inside else st.PRIMARY_REPLACE)
 

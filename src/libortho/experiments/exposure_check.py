@@ -63,7 +63,9 @@ class ExposureCheckConfig:
     n_samples: the production sample size (the smollm2 preset's ``exposure_samples``); every estimator
     runs at ``n_samples`` and ``extra_sample_sizes`` for ``n_seeds`` seeds; ``direct_seeds`` of them
     also through ``estimated_exposure`` itself. tail_cap_bits: the ceiling of the "tail" reading (above
-    every production space), used instead of the restricted space's log2|R|.
+    every production space), used instead of the restricted space's log2|R|. The estimator passes when
+    its error band is within ±band_bits pooled, in every exact-exposure bin (``bin_edges``) with at least
+    ``min_bin_canaries`` canaries, and for the canaries that rank first (see ``exposure_stats.judge``).
 
     The fine-tune is short (12 steps: ~7 min on one thread) and therefore strong (lr 1e-3): with the
     kill-switch preset's lr 2e-4 a member inserted 16 times reached only 7 of 13.3 bits and one inserted
@@ -89,6 +91,7 @@ class ExposureCheckConfig:
     tail_cap_bits: float = 64.0
     bin_edges: tuple[float, ...] = (4.0, 8.0, 12.0)
     band_bits: float = 1.0
+    min_bin_canaries: int = 3
     coverage: float = 0.9
     n_boot: int = 1000
     batch_size: int = 256
@@ -339,17 +342,6 @@ def _luhn_check(model: nn.Module, tok: Any, cards: list[Canary], work: Path, mod
     return out
 
 
-def _direct_agreement(records: list[dict[str, Any]], n_samples: int) -> dict[str, Any]:
-    """How far the lookup estimates are from ``estimated_exposure`` run on the model (same seeds)."""
-    exp_d, lp_d = [], []
-    for r in records:
-        for d in r["direct"]:
-            exp_d.append(abs(d["exposure"] - r["estimates"][f"as_called_{n_samples}"][d["seed"]]))
-            lp_d.append(abs(d["secret_logprob"] - r["secret_logprob"]))
-    return {"pairs": len(exp_d), "max_abs_exposure_diff": max(exp_d, default=None),
-            "max_abs_secret_logprob_diff": max(lp_d, default=None)}
-
-
 def summarise(records: list[dict[str, Any]], cfg: ExposureCheckConfig) -> dict[str, Any]:
     """Error bands of every estimator (uncensored canaries), the production call over all canaries,
     the censored canaries, and the conclusion."""
@@ -364,10 +356,11 @@ def summarise(records: list[dict[str, Any]], cfg: ExposureCheckConfig) -> dict[s
     called = f"as_called_{cfg.n_samples}"
     every = [{**r, "censored": False} for r in records]
     errors[called] = st.summarise_estimator(every, called, cfg.bin_edges, **kw)
-    return {"errors": errors,
-            "censored": st.censored_summary(records, f"skewnorm_{cfg.n_samples}", cfg.band_bits),
-            "conclusion": st.conclusion(errors, f"skewnorm_{cfg.n_samples}", cfg.band_bits, cfg.coverage,
-                                        cfg.sample_sizes)}
+    censored = {f"skewnorm_{n}": st.censored_summary(records, f"skewnorm_{n}", cfg.band_bits)
+                for n in cfg.sample_sizes}
+    return {"errors": errors, "censored": censored,
+            "conclusion": st.conclusion(errors, censored, f"skewnorm_{cfg.n_samples}", cfg.band_bits, cfg.coverage,
+                                        cfg.sample_sizes, cfg.min_bin_canaries)}
 
 
 def _progress_line(i: int, n: int, c: Canary, info: dict[str, Any], est: dict[str, list[float]], reused: bool,
@@ -394,7 +387,7 @@ def run_exposure_check(cfg: ExposureCheckConfig, work: str | Path, progress: boo
         reused += was
         records.append({**info, "estimates": est})
         log(_progress_line(i, len(canaries), c, info, est, was, cfg.n_samples))
-    checks = {"lookup_vs_direct": _direct_agreement(records, cfg.n_samples),
+    checks = {"lookup_vs_direct": st.direct_agreement(records, cfg.n_samples),
               "luhn_vs_library": _luhn_check(model, tok, [c for c in members if c.kind == "card"], work, model_key,
                                              cfg)}
     from libortho.experiments.config import preset

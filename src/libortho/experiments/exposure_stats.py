@@ -120,28 +120,72 @@ def censored_summary(records: list[dict[str, Any]], name: str, band_bits: float 
             "kinds": sorted({r["kind"] for r in cens})}
 
 
-def conclusion(errors: dict[str, dict[str, Any]], primary: str, band_bits: float, coverage: float,
-               sample_sizes: Sequence[int]) -> dict[str, Any]:
-    """The recommendation, computed from the primary estimator's pooled band and the thresholds."""
-    main = errors[primary]["all"]
-    if main is None:
+def judge(groups: dict[str, dict[str, Any] | None], censored: dict[str, Any] | None, band_bits: float,
+          coverage: float, min_canaries: int = 3) -> dict[str, bool]:
+    """Verdict (within ``±band_bits``?) of every group an estimator is judged on: the pooled band, the band
+    of every exact-exposure bin holding at least ``min_canaries`` canaries (production reads every range,
+    and the pooled band depends on how many easy, near-zero canaries the mix holds), and the censored
+    canaries, whose estimate may fall more than ``band_bits`` below their lower bound in at most
+    ``(1 - coverage) / 2`` of the cases (the share one band edge allows)."""
+    if groups.get("all") is None:
         raise ValueError("no uncensored canary: the estimator cannot be judged")
+    out = {"all": bool(groups["all"]["within"])}
+    for g, s in groups.items():
+        if g.startswith("bin:") and s is not None and s["canaries"] >= min_canaries:
+            out[g] = bool(s["within"])
+    if censored and censored.get("canaries", 0) >= min_canaries:
+        out["censored"] = censored["share_below_bound"] <= round((1.0 - coverage) / 2, 9)
+    return out
+
+
+def _outside_with_confidence(s: dict[str, Any], band_bits: float) -> bool:
+    ci = s["band_ci"]
+    return ci["lo"][1] < -band_bits or ci["hi"][0] > band_bits
+
+
+def conclusion(errors: dict[str, dict[str, Any]], censored: dict[str, dict[str, Any]], primary: str,
+               band_bits: float, coverage: float, sample_sizes: Sequence[int], min_canaries: int = 3) -> dict[str, Any]:
+    """The recommendation, computed by :func:`judge` from the primary estimator's bands and the thresholds."""
+    groups = errors[primary]
+    verdicts = judge(groups, censored.get(primary), band_bits, coverage, min_canaries)
+    within = all(verdicts.values())
+    main = groups["all"]
     lo, hi = main["band"]
-    ci = main["band_ci"]
-    sure = ci["lo"][1] < -band_bits or ci["hi"][0] > band_bits
-    ok_sizes = [n for n in sample_sizes if (errors.get(f"skewnorm_{n}", {}).get("all") or {}).get("within")]
-    pct = 100.0 * coverage
-    text = (f"The {pct:g}% band of the error of `{primary}` (estimate - exact) is [{lo:+.2f}, {hi:+.2f}] bits over "
-            f"{main['canaries']} canaries x {main['pairs'] // max(1, main['canaries'])} sample seeds: "
-            f"{'within' if main['within'] else 'wider than'} ±{band_bits:g} bit")
-    if not main["within"]:
-        text += (" (the bootstrap CI of an edge lies entirely outside it)" if sure
-                 else " (but a bootstrap CI of an edge reaches back inside it)")
-    return {"primary_estimator": primary, "band_bits": band_bits, "coverage": coverage, "band": [lo, hi],
-            "band_ci": ci, "within_band": main["within"], "wider_with_confidence": bool(sure),
-            "skewnorm_sample_sizes_within_band": ok_sizes,
-            "primary_metric_recommendation": PRIMARY_OK if main["within"] else PRIMARY_REPLACE,
-            "statement": text + "."}
+    failed = [g for g, ok in verdicts.items() if not ok]
+    sure = [g for g in failed if g != "censored" and _outside_with_confidence(groups[g], band_bits)]
+    ok_sizes = [n for n in sample_sizes if f"skewnorm_{n}" in errors
+                and all(judge(errors[f"skewnorm_{n}"], censored.get(f"skewnorm_{n}"), band_bits, coverage,
+                              min_canaries).values())]
+    text = (f"The {100 * coverage:g}% band of the error of `{primary}` (estimate - exact) is [{lo:+.2f}, {hi:+.2f}] "
+            f"bits pooled over {main['canaries']} uncensored canaries x {main['pairs'] // max(1, main['canaries'])} "
+            f"sample seeds")
+    for g in verdicts:
+        if g.startswith("bin:"):
+            b = groups[g]["band"]
+            text += f"; [{b[0]:+.2f}, {b[1]:+.2f}] for exact exposure {g[4:]} bits ({groups[g]['canaries']} canaries)"
+    if "censored" in verdicts:
+        c = censored[primary]
+        text += (f"; {c['share_below_bound']:.0%} of the estimates of the {c['canaries']} canaries that rank first "
+                 f"fall more than {band_bits:g} bit below the exact lower bound")
+    text += f". {'Within' if within else 'Not within'} ±{band_bits:g} bit"
+    if failed:
+        text += f" (failing: {', '.join(failed)}; with 95% bootstrap confidence: {', '.join(sure) or 'none'})"
+    return {"primary_estimator": primary, "band_bits": band_bits, "coverage": coverage, "min_canaries": min_canaries,
+            "band": [lo, hi], "band_ci": main["band_ci"], "verdicts": verdicts, "within_band": within,
+            "failing_with_confidence": sure, "skewnorm_sample_sizes_within_band": ok_sizes,
+            "primary_metric_recommendation": PRIMARY_OK if within else PRIMARY_REPLACE, "statement": text + "."}
+
+
+def direct_agreement(records: list[dict[str, Any]], n_samples: int) -> dict[str, Any]:
+    """How far the estimates read from enumerated scores (``as_called_<n>``) are from ``estimated_exposure``
+    run on the model with the same seeds (``record["direct"]``)."""
+    exp_d, lp_d = [], []
+    for r in records:
+        for d in r["direct"]:
+            exp_d.append(abs(d["exposure"] - r["estimates"][f"as_called_{n_samples}"][d["seed"]]))
+            lp_d.append(abs(d["secret_logprob"] - r["secret_logprob"]))
+    return {"pairs": len(exp_d), "max_abs_exposure_diff": max(exp_d, default=None),
+            "max_abs_secret_logprob_diff": max(lp_d, default=None)}
 
 
 def is_censored(rank: float) -> bool:
