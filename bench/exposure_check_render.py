@@ -48,6 +48,11 @@ def _setup(r: dict[str, Any]) -> list[str]:
     sizes = sorted({(c["kind"], c["space_size"]) for c in r["canaries"]})
     spaces = ", ".join(f"{k} {n:,}" for k, n in sizes)
     n_m = sum(c["member"] for c in r["canaries"])
+    rev = env.get("source") or {}
+
+    def cost(key: str) -> float:
+        return sum(c.get(key, 0.0) for c in r["canaries"]) / 60
+
     return [
         f"- Model: `{cfg['model']}`, fine-tuned ({'reused from cache' if ft['reused'] else 'trained'}) for "
         f"{ft['steps']} steps ({ft['wall_s'] / 60:.1f} min, loss {ft['first_loss']:.3f} -> {ft['final_loss']:.3f}) on "
@@ -66,10 +71,14 @@ def _setup(r: dict[str, Any]) -> list[str]:
         f"- Censored canaries (the secret ranks first: exact exposure is only a lower bound) are left out of the "
         f"bands. Bands are the {cfg['coverage']:.0%} central interval of the pooled errors (estimate - exact, bits); "
         f"their edges' 95% CIs come from {cfg['n_boot']} bootstrap resamples of canaries.",
-        f"- Environment: libortho {env['libortho']}, torch {env['torch']}, transformers {env['transformers']}, "
-        f"{env['threads']} thread(s), {env['date']}; total wall time {r['wall_s'] / 60:.1f} min "
-        f"(canaries {r['stages']['canaries']['wall_s'] / 60:.1f} min, {r['stages']['canaries']['reused']} of "
-        f"{r['stages']['canaries']['total']} from cache).",
+        f"- Compute, summed over the stages however often they were resumed: fine-tune {ft['wall_s'] / 60:.1f} min, "
+        f"exact enumeration {cost('enumerate_s'):.1f} min, the direct `estimated_exposure` calls "
+        f"{cost('direct_s'):.1f} min, the estimates' fits {cost('estimate_s'):.1f} min. This rendering's run: "
+        f"{r['wall_s'] / 60:.1f} min, {r['stages']['canaries']['reused']} of {r['stages']['canaries']['total']} "
+        f"canaries from cache.",
+        f"- Environment: libortho {env['libortho']} (commit {rev.get('commit', '?')[:10]}"
+        f"{', uncommitted changes under src/' if rev.get('src_dirty') else ''}), torch {env['torch']}, transformers "
+        f"{env['transformers']}, {env['threads']} thread(s), {env['date']}.",
     ]
 
 
@@ -96,6 +105,14 @@ def _tables(r: dict[str, Any]) -> list[str]:
     out += [summary_row(f"empirical_{n}", f"exact <= log2({n}+1)", err[f"empirical_{n}"]["in_range"], bits)
             for n in sizes]
     out += [summary_row(f"empirical_{n}", "all", err[f"empirical_{n}"]["all"], bits) for n in sizes]
+    bins = [g for g in err[f"skewnorm_{n0}"] if g.startswith("bin:")]
+    out += ["", "## Skew-normal bands by exact exposure, every sample size", "",
+            "| sample size | " + " | ".join(f"exact {g[4:]} bits" for g in bins) + " |", "|---" * (len(bins) + 1) + "|"]
+    for n in sizes:
+        cells = [("-" if s is None else f"[{s['band'][0]:+.2f}, {s['band'][1]:+.2f}] ({s['canaries']})")
+                 for s in (err[f"skewnorm_{n}"][g] for g in bins)]
+        out.append(f"| {n} | " + " | ".join(cells) + " |")
+    out += ["", "(band of estimate - exact in bits; number of canaries in brackets)"]
     prim = err[f"skewnorm_{n0}"]
     out += ["", f"## The production estimator (`skewnorm_{n0}`) by group", "", *_header(bits)]
     out += [summary_row(f"skewnorm_{n0}", g.replace("kind:", "kind ").replace("bin:", "exact "), s, bits)
@@ -157,7 +174,8 @@ def figure(r: dict[str, Any], path: Path) -> Path:
     ax.legend(fontsize=7, loc="upper left")
     ax.grid(alpha=0.3)
     sizes = [n0, *cfg["extra_sample_sizes"]]
-    labels = [g for g in r["errors"][f"skewnorm_{n0}"] if g.startswith("bin:") or g == "all"]
+    labels = [g for g, s in r["errors"][f"skewnorm_{n0}"].items()
+              if s is not None and (g.startswith("bin:") or g == "all")]
     width = 0.8 / len(sizes)
     for j, n in enumerate(sizes):
         groups = r["errors"][f"skewnorm_{n}"]
@@ -171,12 +189,16 @@ def figure(r: dict[str, Any], path: Path) -> Path:
             bx.plot(x, s["median"], "_", color="black", markersize=10)
     bx.axhspan(-bits, bits, color="tab:green", alpha=0.15)
     bx.axhline(0, color="tab:green", linewidth=1)
+    bx.set_yscale("symlog", linthresh=2.0)
     bx.set_xticks(range(len(labels)), [g.replace("bin:", "exact ") for g in labels])
-    bx.set_ylabel(f"{cfg['coverage']:.0%} band of estimate - exact (bits); tick: median")
+    bx.set_ylabel(f"{cfg['coverage']:.0%} band of estimate - exact (bits, symlog); tick: median")
     bx.set_title("error band by exact exposure (uncensored canaries)")
     bx.legend(fontsize=8)
     bx.grid(alpha=0.3, axis="y")
-    fig.suptitle(r["conclusion"]["statement"], fontsize=8, wrap=True)
+    con = r["conclusion"]
+    fig.suptitle(f"{n0}-sample skew-normal exposure estimate vs exact enumeration ({r['config']['model']}): "
+                 f"{'within' if con['within_band'] else 'not within'} ±{bits:g} bit -> "
+                 f"{con['primary_metric_recommendation']}", y=1.02)
     try:
         return atomic_write_file(path, lambda tmp: fig.savefig(tmp, dpi=110, bbox_inches="tight"), suffix=".png")
     finally:
@@ -200,6 +222,9 @@ def report_markdown(r: dict[str, Any]) -> str:
                   f"{con['skewnorm_sample_sizes_within_band']}.", ""]
     else:
         lines += ["No skew-normal sample size tried has its band within the threshold.", ""]
+    emp = con.get("empirical_sample_sizes_within_band_in_range") or []
+    lines += [f"Empirical-rank sample sizes whose band is within the threshold where they can read (exact exposure "
+              f"<= log2(n + 1); above it they return that lower bound): {emp or 'none'}.", ""]
     lines += ["## Set-up", "", *_setup(r), "", "## Checks of the measurement itself", "", *_checks(r), "",
               *_tables(r), "", f"![estimate vs exact]({FIGURE})", "", *_per_canary(r), ""]
     return "\n".join(lines)

@@ -201,8 +201,11 @@ def test_conclusion_judges_pooled_band_every_populated_bin_and_censored() -> Non
         out = st.conclusion({"skewnorm_64": good}, cens, "skewnorm_64", 1.0, 0.9, (64,))
         assert out["verdicts"]["censored"] is ok and out["within_band"] is ok
     wide = {"all": _summary([[3.0, -0.5]] * 4)}
-    out = st.conclusion({"skewnorm_64": wide, "skewnorm_256": good}, {}, "skewnorm_64", 1.0, 0.9, (64, 256))
+    errors = {"skewnorm_64": wide, "skewnorm_256": good, "empirical_64": {"in_range": wide["all"]},
+              "empirical_256": {"in_range": good["all"]}}
+    out = st.conclusion(errors, {}, "skewnorm_64", 1.0, 0.9, (64, 256))
     assert not out["within_band"] and out["skewnorm_sample_sizes_within_band"] == [256]
+    assert out["empirical_sample_sizes_within_band_in_range"] == [256]
     with pytest.raises(ValueError, match="no uncensored canary"):
         st.conclusion({"skewnorm_64": {"all": None}}, {}, "skewnorm_64", 1.0, 0.9, (64,))
 
@@ -229,8 +232,8 @@ def test_tiny_run_measures_every_canary(tiny_run, byte_tokenizer) -> None:
         assert r["rank"] == ref.rank and r["exact"] == pytest.approx(ref.exposure, abs=1e-12)
         assert r["censored"] == (ref.rank == 1) and 0 <= r["exact"] <= r["size_log2"]
         assert r["enumeration"] == ("charwise+luhn" if canary.kind == "card" else "charwise")
-        for name in ("skewnorm_16", "skewnorm_32", "empirical_16", "empirical_32", "as_called_16"):
-            assert len(r["estimates"][name]) == TINY.n_seeds
+        assert set(r["estimates"]) == {"skewnorm_16", "skewnorm_32", "empirical_16", "empirical_32", "as_called_16"}
+        assert all(len(v) == TINY.n_seeds for v in r["estimates"].values()) and r["estimate_s"] >= 0
         assert r["estimates"]["as_called_16"] == [min(x, r["size_log2"]) for x in r["estimates"]["skewnorm_16"]]
     assert result["checks"]["lookup_vs_direct"]["pairs"] == len(recs)
     assert result["checks"]["lookup_vs_direct"]["max_abs_exposure_diff"] < 1e-3
@@ -284,7 +287,7 @@ def test_report_is_rendered_from_the_json(tiny_run, tmp_path) -> None:
     lo, hi = result["conclusion"]["band"]
     assert result["conclusion"]["statement"] in md and f"[{lo:+.2f}, {hi:+.2f}]" in md
     assert f"primary_metric_recommendation = {result['conclusion']['primary_metric_recommendation']}" in md
-    assert md.count("| skewnorm_16 |") >= 2 and "| email | non-member |" in md
+    assert md.count("| skewnorm_16 |") >= 2 and "| email | non-member |" in md and "| 32 | [" in md
     assert (tmp_path / render_mod.FIGURE).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and len(paths) == 2
 
 

@@ -313,9 +313,13 @@ def _canary_stage(model: nn.Module, tok: Any, canary: Canary, cfg: ExposureCheck
 
         atomic_write_file(npy, save)
         atomic_write_json(meta, info)  # written last: marks the canary done
-    est_key = _digest([cfg.sample_sizes, cfg.n_seeds, cfg.tail_cap_bits])
-    est, _ = _cached_json(work / "estimates" / f"{base.name}-{est_key}.json", lambda: estimates(scores, canary, cfg))
-    return info, est, reused
+    def timed() -> dict[str, Any]:
+        t0 = time.perf_counter()
+        return {"estimates": estimates(scores, canary, cfg), "wall_s": time.perf_counter() - t0}
+
+    est_key = _digest(["v2", cfg.sample_sizes, cfg.n_seeds, cfg.tail_cap_bits])
+    est, _ = _cached_json(work / "estimates" / f"{base.name}-{est_key}.json", timed)
+    return {**info, "estimate_s": est["wall_s"]}, est["estimates"], reused
 
 
 def _luhn_check(model: nn.Module, tok: Any, cards: list[Canary], work: Path, model_key: dict[str, Any],

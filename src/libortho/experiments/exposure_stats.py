@@ -156,6 +156,7 @@ def conclusion(errors: dict[str, dict[str, Any]], censored: dict[str, dict[str, 
     ok_sizes = [n for n in sample_sizes if f"skewnorm_{n}" in errors
                 and all(judge(errors[f"skewnorm_{n}"], censored.get(f"skewnorm_{n}"), band_bits, coverage,
                               min_canaries).values())]
+    emp_sizes = [n for n in sample_sizes if ((errors.get(f"empirical_{n}") or {}).get("in_range") or {}).get("within")]
     text = (f"The {100 * coverage:g}% band of the error of `{primary}` (estimate - exact) is [{lo:+.2f}, {hi:+.2f}] "
             f"bits pooled over {main['canaries']} uncensored canaries x {main['pairs'] // max(1, main['canaries'])} "
             f"sample seeds")
@@ -173,6 +174,7 @@ def conclusion(errors: dict[str, dict[str, Any]], censored: dict[str, dict[str, 
     return {"primary_estimator": primary, "band_bits": band_bits, "coverage": coverage, "min_canaries": min_canaries,
             "band": [lo, hi], "band_ci": main["band_ci"], "verdicts": verdicts, "within_band": within,
             "failing_with_confidence": sure, "skewnorm_sample_sizes_within_band": ok_sizes,
+            "empirical_sample_sizes_within_band_in_range": emp_sizes,
             "primary_metric_recommendation": PRIMARY_OK if within else PRIMARY_REPLACE, "statement": text + "."}
 
 
