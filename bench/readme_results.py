@@ -38,7 +38,7 @@ def kill_switch_lines(result: dict[str, Any], link: str) -> list[str]:
 
     def k(name: str) -> str:
         r = rows[name]
-        return (f"{sum(r['per_canary_extracted'])}/{n} canaries extracted, mean exposure {r['exposure']:.1f} bits, "
+        return (f"{sum(r['per_canary_extracted'])}/{n} canaries extracted, exact exposure {r['exposure']:.1f} bits, "
                 f"skill retained {r['skill_retained']:.2f}")
 
     c = claims["leak_reduction"]["counts"]
@@ -53,6 +53,10 @@ def kill_switch_lines(result: dict[str, Any], link: str) -> list[str]:
     base = [f"{rows[m]['label']}: {k(m)}" for m in ("retrain", "npo") if m in rows]
     if base:
         out.append("  Baselines on the same forget set: " + "; ".join(base) + ".")
+    ft = rows["ft"]
+    out.append(f"  Exact exposure is the mean over the {ft['exposure_exact_n']} member canaries whose secret space "
+               f"was enumerated ({', '.join(ft['exposure_exact_kinds'])}); the sampled skew-normal estimate used "
+               "for the larger spaces is not trusted to +-1 bit (see the exposure check below).")
     pe = claims["private_error_ratio"]["measured"]
     out.append(f"  Seed claims: private-error ratio off/on {pe:.3f} (seed > 1.5); general perplexity at alpha = 0 "
                f"{claims['general_loss']['measured']:+.1%} vs alpha = 1 and "
@@ -98,11 +102,16 @@ def dual_stream_lines(tab: dict[str, Any], lat: dict[str, Any] | None, link: str
 
 
 def exposure_lines(res: dict[str, Any], link: str) -> list[str]:
-    """The 64-sample exposure estimator against exact enumeration."""
-    band = res["bands"]["overall"]
-    return [f"- **Exposure estimator** ([check]({link})): the 64-sample skew-normal estimate minus the exact "
-            f"exposure has a 90% band of [{band['p05']:+.2f}, {band['p95']:+.2f}] bits over "
-            f"{band['n']} estimates; recommendation: {res['primary_metric_recommendation']}."]
+    """The 64-sample exposure estimator against exact enumeration, and what the harness reports as primary."""
+    c = res["conclusion"]
+    failing = [k for k, ok in c["verdicts"].items() if not ok]
+    return [f"- **Exposure estimator** ([check]({link}), SmolLM2 fine-tuned on canaries with enumerable secret "
+            f"spaces): the {c['primary_estimator']} estimate minus the exact exposure has a pooled 90% band of "
+            f"[{c['band'][0]:+.2f}, {c['band'][1]:+.2f}] bits (goal within +-{c['band_bits']:g}); failing groups: "
+            f"{', '.join(failing) or 'none'}. Recommendation computed from the threshold: "
+            f"`{c['primary_metric_recommendation']}`"
+            + (", so the kill-switch tables lead with exact exposure." if c["primary_metric_recommendation"]
+               == "exact_or_empirical_rank" else ".")]
 
 
 def render_block(results: Path) -> str:
@@ -116,7 +125,7 @@ def render_block(results: Path) -> str:
         lines += dual_stream_lines(tab, _load(results / "dual_stream_smollm2" / "latency.json"),
                                    "docs/results/dual_stream_smollm2/README.md")
     ex = _load(results / "exposure_check" / "result.json")
-    if ex is not None and "bands" in ex:
+    if ex is not None and "conclusion" in ex:
         lines += exposure_lines(ex, "docs/results/exposure_check/report.md")
     return "\n".join([BEGIN, *lines, END])
 

@@ -62,3 +62,16 @@ def test_error_ratios_direction_and_thresholds() -> None:
     assert claims["general_error_ratio"]["measured"] == pytest.approx(1.1) and claims["general_error_ratio"]["holds"]
     flat = _claims(_row(1, private_nll=2.0), _row(1, private_nll=2.0))
     assert flat["private_error_ratio"]["holds"] is False  # 1.0 is not > 1.5
+
+
+def test_exact_exposure_ignores_estimated_canaries() -> None:
+    from libortho.experiments.summary import exact_exposure
+
+    per = [{"kind": "digits", "repeats": 1, "exposure": 2.0, "exposure_method": "exact"},
+           {"kind": "digits", "repeats": 16, "exposure": 8.0, "exposure_method": "exact"},
+           {"kind": "email", "repeats": 16, "exposure": 6.0, "exposure_method": "exact"},
+           {"kind": "password", "repeats": 16, "exposure": 59.5, "exposure_method": "estimated"}]
+    e = exact_exposure(per)
+    assert e["mean"] == pytest.approx(16.0 / 3) and e["n"] == 3 and e["kinds"] == ["digits", "email"]
+    assert e["by_repeats"] == {"1": 2.0, "16": 7.0}  # the 59.5-bit estimate would dominate if mixed in
+    assert exact_exposure(per[3:])["mean"] is None

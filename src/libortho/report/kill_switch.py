@@ -39,14 +39,25 @@ def main_table(result: dict[str, Any]) -> Table:
     out = []
     for r in _ordered(result):
         wall = "" if r["wall_s"] is None else f"{r['wall_s']:.0f} s" + (" (cached)" if r["reused"] else "")
-        out.append([r["label"], _f(r["extraction"]), _f(r["exposure"], ".2f"), _f(r["mia_auc"].get("loss")),
+        out.append([r["label"], _f(r["extraction"]), _f(r["exposure"], ".2f"), _f(r["exposure_all"], ".2f"),
+                    _f(r["mia_auc"].get("loss")),
                     f"{_f(r['mia_best_auc'])} ({ATTACK_LABELS.get(r['mia_best_attack'], r['mia_best_attack'])})",
                     _f(r["private_nll"]), _f(r["ppl_domain"]), _f(r["ppl_general"]), _f(r["skill_retained"]),
                     wall, _f(r["bits_per_param"], ".2f") if r["bits_per_param"] else "32 (fp32)"])
-    return Table(["method", "extraction", "exposure (bits)", "MIA AUC loss", "MIA AUC best", "secret NLL",
+    return Table(["method", "extraction", "exposure exact (bits)", "incl. estimated", "MIA AUC loss",
+                  "MIA AUC best", "secret NLL",
                   "PPL domain", "PPL general", "skill retained", "wall time", "bits/param"], out,
                  "Leakage (left) and utility (right) of every method; skill retained = (PPL_pre - PPL_x) / "
-                 "(PPL_pre - PPL_ft) on the held-out public domain.")
+                 "(PPL_pre - PPL_ft) on the held-out public domain. " + _exposure_note(result))
+
+
+def _exposure_note(result: dict[str, Any]) -> str:
+    ft = result["summary"]["rows"]["ft"]
+    n = len(ft["per_canary_extracted"])
+    return (f"Exposure exact is the mean over the {ft['exposure_exact_n']} of {n} member canaries whose secret space "
+            f"was enumerated ({', '.join(ft['exposure_exact_kinds']) or 'none'}); 'incl. estimated' also averages "
+            "the skew-normal estimates of the larger spaces, whose 64-sample 90% error band is wider than +-1 bit "
+            "(docs/results/exposure_check), so it is secondary.")
 
 
 def compact_table(result: dict[str, Any]) -> Table:
@@ -63,9 +74,9 @@ def repeats_table(result: dict[str, Any]) -> Table:
     """Extraction and exposure split by how often a canary was seen in fine-tuning."""
     rows = _ordered(result)
     reps = sorted(rows[0]["extraction_by_repeats"], key=int)
-    body = [[r["label"], *[f"{_f(r['extraction_by_repeats'][k], '.2f')} / {_f(r['exposure_by_repeats'][k], '.1f')}"
+    body = [[r["label"], *[f"{_f(r['extraction_by_repeats'][k], '.2f')} / {_f(r['exposure_by_repeats'].get(k), '.1f')}"
                            for k in reps]] for r in rows]
-    return Table(["method", *[f"seen {k}x: extraction / exposure" for k in reps]], body,
+    return Table(["method", *[f"seen {k}x: extraction / exact exposure" for k in reps]], body,
                  "Memorisation grows with repetition; the kill switch should act where it is strongest.")
 
 
@@ -119,16 +130,16 @@ def reading(result: dict[str, Any]) -> str:
     parts = []
     if "libortho_a0" in a and "ft" in a:
         off, on, ft = a["libortho_a0"], a.get("libortho_a1"), a["ft"]
-        parts.append(f"The FP fine-tuned model leaks {_pct(ft['extraction'])} of its canaries (mean exposure "
-                     f"{ft['exposure']:.2f} bits). With the ortho stream on (alpha = 1) extraction is "
+        parts.append(f"The FP fine-tuned model leaks {_pct(ft['extraction'])} of its canaries (exact exposure "
+                     f"{_f(ft['exposure'], '.2f')} bits). With the ortho stream on (alpha = 1) extraction is "
                      f"{_pct(on['extraction']) if on else 'n/a'}; switched off (alpha = 0, the base stream alone) "
                      "it is "
-                     f"{_pct(off['extraction'])} (exposure {off['exposure']:.2f} bits), while keeping "
+                     f"{_pct(off['extraction'])} (exposure {_f(off['exposure'], '.2f')} bits), while keeping "
                      f"{_f(off['skill_retained'], '.2f')} of the fine-tuning gain on the public domain.")
     if "retrain" in a:
         rt = a["retrain"]
         parts.append(f"Retraining without the private records, the gold standard, gives extraction "
-                     f"{_pct(rt['extraction'])}, exposure {rt['exposure']:.2f} bits and skill retained "
+                     f"{_pct(rt['extraction'])}, exposure {_f(rt['exposure'], '.2f')} bits and skill retained "
                      f"{_f(rt['skill_retained'], '.2f')}.")
     if "rtn_int4" in a:
         rtn = a["rtn_int4"]
