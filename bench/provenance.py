@@ -11,8 +11,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def git_state() -> dict[str, Any]:
-    """The commit that measured the numbers, the files that differed from it, and the start time."""
+    """The commit that measured the numbers, the code files that differed from it, and the start time."""
     def run(*cmd: str) -> str:
         return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, check=False).stdout.strip()
-    return {"commit": run("git", "rev-parse", "HEAD"), "dirty_files": run("git", "status", "--porcelain").splitlines(),
+    return {"commit": run("git", "rev-parse", "HEAD"),
+            "dirty_files": run("git", "status", "--porcelain", "--", "src", "bench", "tests").splitlines(),
             "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}

@@ -31,8 +31,8 @@ def _fmt(x: float | None, spec: str = ".3f") -> str:
 def _provenance(obj: dict[str, Any]) -> list[str]:
     runs = obj.get("git", [])
     out = []
-    for g in runs:
-        dirty = g.get("dirty_files") or []
+    for g in runs:  # the run's own output folder under docs/results is not code: it does not make a run dirty
+        dirty = [d for d in g.get("dirty_files") or [] if not d.split()[-1].startswith("docs/results/")]
         out.append(f"- run started {g.get('started', '?')} at commit `{g.get('commit', '?')[:10]}`"
                    + (f" with {len(dirty)} uncommitted file(s): {', '.join(d.split()[-1] for d in dirty[:6])}"
                       + (" ..." if len(dirty) > 6 else "") if dirty else " (clean tree)"))
