@@ -200,7 +200,10 @@ def kill_switch(
 
         cfg = preset(model)
         if overrides:
-            cfg = KillSwitchConfig.from_dict({**cfg.to_dict(), **overrides})
+            base = cfg.to_dict()  # a nested override ({"quant": {"group_size": 32}}) keeps the preset's other fields
+            cfg = KillSwitchConfig.from_dict({**base, **{k: {**base[k], **v} if isinstance(v, dict) and
+                                                         isinstance(base.get(k), dict) else v
+                                                         for k, v in overrides.items()}})
         cfg = with_overrides(cfg, seed=seed, alphas=_floats(alphas), select_calibration=select_calibration,
                              unlearning=_names(unlearning), general=general)
         sel = {k: v for k, v in {"selector": selector, "rho": rho}.items() if v is not None}

@@ -65,7 +65,7 @@ class KillSwitchConfig:
             raise ValueError(f"unknown unlearning method(s) {unknown}; registered: {sorted(UNLEARNING)}")
         if self.select_calibration not in ("public", "private"):
             raise ValueError(f"select_calibration must be 'public' or 'private', got {self.select_calibration!r}")
-        bad = [a for a in self.alphas if not 0 <= a <= 1]  # also refuses NaN
+        bad = [a for a in self.alphas if not isinstance(a, int | float) or isinstance(a, bool) or not 0 <= a <= 1]
         if not self.alphas or bad:
             raise ValueError(f"alphas must be a non-empty list of values in [0, 1] (the privacy switch), got {bad}")
         for name in ("block_len", "public_blocks", "eval_len", "eval_blocks", "general_blocks", "calib_blocks",
@@ -89,17 +89,24 @@ class KillSwitchConfig:
         if extra:
             raise ValueError(f"unknown kill-switch config keys {sorted(extra)}")
         kw: dict[str, Any] = {}
-        for k, v in d.items():
-            if k in nested:
-                v = dict(v)
-                if "betas" in v:
-                    v["betas"] = tuple(v["betas"])
-                kw[k] = nested[k](**v)
-            elif k in ("kinds", "repeats", "unlearning", "alphas"):
-                kw[k] = tuple(v)
-            else:
-                kw[k] = v
-        return cls(**kw)
+        try:
+            for k, v in d.items():
+                if k in nested:
+                    if not isinstance(v, dict):
+                        raise ValueError(f"kill-switch config key {k!r} must be an object of fields, got {v!r}")
+                    v = dict(v)
+                    if "betas" in v:
+                        v["betas"] = tuple(v["betas"])
+                    kw[k] = nested[k](**v)
+                elif k in ("kinds", "repeats", "unlearning", "alphas"):
+                    if not isinstance(v, list | tuple):
+                        raise ValueError(f"kill-switch config key {k!r} must be a list, got {v!r}")
+                    kw[k] = tuple(v)
+                else:
+                    kw[k] = v
+            return cls(**kw)
+        except TypeError as err:  # an unknown nested field, or a value of the wrong type
+            raise ValueError(f"invalid kill-switch config: {err}") from err
 
 
 def preset(model: str) -> KillSwitchConfig:
