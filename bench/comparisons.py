@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from libortho.eval.stats import paired_bootstrap_ppl_diff
+from libortho.eval.stats import holm, paired_bootstrap_ppl_diff
 
 
 def ppl_of(row: dict[str, Any], alpha: int = 1) -> dict[str, Any] | None:
@@ -39,13 +39,16 @@ def _pair(rows: dict[str, dict], a: str, b: str, what: str, **meta: Any) -> dict
         return None
     ci = paired_bootstrap_ppl_diff(ma["block_nll"], mb["block_nll"])
     return {"what": what, "a": a, "b": b, **meta, "ppl_a": ma["ppl"], "ppl_b": mb["ppl"],
-            "diff": ci.estimate, "ci_low": ci.low, "ci_high": ci.high, "level": ci.level,
-            "n_blocks": len(ma["block_nll"]),
-            "better": "a" if ci.high < 0 else "b" if ci.low > 0 else "neither (CI includes 0)"}
+            "diff": ci.estimate, "ci_low": ci.low, "ci_high": ci.high, "level": ci.level, "p_value": ci.p_value,
+            "n_blocks": len(ma["block_nll"])}
 
 
 def compare_rows(rows: dict[str, dict], group_sizes: list[int], rhos: list[float]) -> list[dict[str, Any]]:
-    """Paired comparisons (PPL_a - PPL_b, 95% percentile bootstrap over blocks) the report needs."""
+    """Paired comparisons (PPL_a - PPL_b, 95% percentile bootstrap over blocks) the report needs.
+
+    A configuration counts as significant only after Holm–Bonferroni over all configurations of the
+    same question (family-wise error 5%), so a tie tested a dozen times does not produce a winner.
+    """
     out = []
     for gs in group_sizes:
         for rho in rhos:
@@ -57,11 +60,17 @@ def compare_rows(rows: dict[str, dict], group_sizes: list[int], rhos: list[float
             for sel in ("obs", "diag"):
                 out.append(_pair(rows, key.format(sel, "optimal"), key.format(sel, "residual"),
                                  "optimal_vs_residual", group_size=gs, rho=rho, selector=sel))
-    return [c for c in out if c is not None]
+    out = [c for c in out if c is not None]
+    for what in {c["what"] for c in out}:  # Holm over the configurations of each question
+        family = [c for c in out if c["what"] == what]
+        for c, rejected in zip(family, holm([c["p_value"] for c in family]), strict=True):
+            c["holm_family_size"] = len(family)
+            c["better"] = ("a" if c["diff"] < 0 else "b") if rejected else "neither (Holm-adjusted)"
+    return out
 
 
 def verdicts(comparisons: list[dict[str, Any]]) -> dict[str, Any]:
-    """Count, per question, the configurations where each side is significantly better; decide.
+    """Count, per question, the configurations where each side is significantly better (Holm); decide.
 
     A side wins a question only if it is significantly better in more configurations than the other
     and never significantly worse; otherwise the verdict is that the data do not separate them.

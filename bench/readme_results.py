@@ -94,7 +94,7 @@ def dual_stream_lines(tab: dict[str, Any], lat: dict[str, Any] | None, link: str
                    f"better in {v['obs_significantly_better']}: {decision}.")
     if lat is not None:
         r = lat["ratios"]
-        out.append(f"- **Latency** (2-core CPU): alpha = 1 / alpha = 0 = "
+        out.append(f"- **Latency** (CPU, {lat['threads']} threads): alpha = 1 / alpha = 0 = "
                    f"{r['overhead_decode_alpha1_over_alpha0']:.2f} for decode and "
                    f"{r['overhead_prefill_alpha1_over_alpha0']:.2f} for 16 x 128 prefill (goal <= 1.10); "
                    f"alpha = 0 / base-only = {r['null_decode_alpha0_over_base']:.3f} (decode).")

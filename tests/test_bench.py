@@ -36,7 +36,7 @@ def _table() -> dict:
                                    "eval_corpus": "fortunes", "n_eval": 16},
             "calib_tokens": 65536, "eval_tokens": 8176, "model": "m", "machine": {"cpu": "x", "threads": 2},
             "git": [{"commit": "abc123def456", "dirty_files": [], "started": "t"}],
-            "decomposition": {"g64": {"with_ortho": {"wall_s": 10.0, "child_peak_rss_mb": 1000.0,
+            "decomposition": {"g64": {"with_ortho": {"wall_s": 10.0, "child_peak_rss_mb": 1000.0, "peak_rss_mb": 900.0,
                                                      "calib_tokens": 65536, "true_sequential": True}}}}
 
 
@@ -88,7 +88,8 @@ def test_report_renders_every_section_from_json(tmp_path) -> None:
     assert "bit-identical = **True**" in md and "decision: **diag**" in md
     assert "`abc123def4`" in md and "(clean tree)" in md and "1 uncommitted file(s): x.py" in md
     assert "| overhead_decode_alpha1_over_alpha0 | 1.5000 | <= 1.10 |" in md
-    assert "peak RSS of its own process 1000 MiB" in md
+    assert "after every stage of the decomposition 900 MiB" in md and "high-water mark 1000 MiB" in md
+    assert "| 0.0001 | a |" in md  # p-value column and the Holm-decided winner
 
 
 def test_readme_results_block_matches_the_committed_json() -> None:

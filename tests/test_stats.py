@@ -68,3 +68,21 @@ def test_paired_bootstrap_refuses_bad_shapes() -> None:
         paired_bootstrap_ppl_diff([1.0, 2.0], [1.0])
     with pytest.raises(ValueError, match="equal 1-D"):
         paired_bootstrap_ppl_diff([1.0], [1.0])
+
+
+def test_holm_step_down_known_cases() -> None:
+    from libortho.eval.stats import holm
+
+    # m = 4: 0.01 <= 0.05/4, 0.015 <= 0.05/3, 0.03 > 0.05/2 stops: the last two are kept even though 0.04 < 0.05
+    assert holm([0.03, 0.01, 0.04, 0.015]) == [False, True, False, True]
+    assert holm([0.2, 0.3]) == [False, False]
+    assert holm([0.001] * 12) == [True] * 12
+    assert holm([0.02] * 3) == [False] * 3  # each alone would pass at 5%; together they do not
+
+
+def test_bootstrap_p_value_small_for_a_consistent_shift_and_large_for_noise() -> None:
+    rng = np.random.default_rng(3)
+    base = rng.normal(3.0, 0.5, size=32)
+    assert paired_bootstrap_ppl_diff(base + 0.02, base, n_boot=2000).p_value <= 1 / 2000 + 1e-12
+    noise = paired_bootstrap_ppl_diff(base + rng.normal(0, 0.05, size=32), base, n_boot=2000)
+    assert noise.p_value > 0.05

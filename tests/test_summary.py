@@ -75,3 +75,11 @@ def test_exact_exposure_ignores_estimated_canaries() -> None:
     assert e["mean"] == pytest.approx(16.0 / 3) and e["n"] == 3 and e["kinds"] == ["digits", "email"]
     assert e["by_repeats"] == {"1": 2.0, "16": 7.0}  # the 59.5-bit estimate would dominate if mixed in
     assert exact_exposure(per[3:])["mean"] is None
+
+
+def test_mcnemar_refuses_canaries_that_do_not_pair() -> None:
+    on, off = _row(1), _row(3)
+    on["per_canary_secret"] = [str(i) for i in range(24)]
+    off["per_canary_secret"] = [str(i) for i in reversed(range(24))]
+    with pytest.raises(ValueError, match="different canaries"):
+        check_claims({"libortho_a1": on, "libortho_a0": off})

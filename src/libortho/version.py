@@ -14,8 +14,8 @@ def source_revision() -> dict[str, object] | None:
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
                                 check=True, timeout=10).stdout.strip()
-        status = subprocess.run(["git", "status", "--porcelain", "--", "src"], cwd=root, capture_output=True,
+        status = subprocess.run(["git", "status", "--porcelain", "--", "src", "bench"], cwd=root, capture_output=True,
                                 text=True, check=True, timeout=10).stdout
     except (OSError, subprocess.SubprocessError):
         return None
-    return {"commit": commit, "src_dirty": bool(status.strip())}
+    return {"commit": commit, "src_dirty": bool(status.strip())}  # src/ or bench/ differ from the commit

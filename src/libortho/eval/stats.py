@@ -24,6 +24,7 @@ class Interval:
     low: float
     high: float
     level: float
+    p_value: float | None = None  # two-sided, where the method provides one
 
     def excludes(self, value: float = 0.0) -> bool:
         """Whether ``value`` lies outside the interval."""
@@ -83,5 +84,23 @@ def paired_bootstrap_ppl_diff(nll_a: Sequence[float], nll_b: Sequence[float], n_
     idx = rng.integers(0, a.size, size=(n_boot, a.size))
     diff = np.exp(a[idx].mean(1)) - np.exp(b[idx].mean(1))
     q = (1 - level) / 2
+    # two-sided bootstrap p-value of "no difference": twice the smaller tail mass on either side of 0
+    p = min(1.0, 2 * min(float((diff <= 0).mean()), float((diff >= 0).mean())) + 1 / n_boot)
     return Interval(float(np.exp(a.mean()) - np.exp(b.mean())), float(np.quantile(diff, q)),
-                    float(np.quantile(diff, 1 - q)), level)
+                    float(np.quantile(diff, 1 - q)), level, p)
+
+
+def holm(p_values: Sequence[float], alpha: float = 0.05) -> list[bool]:
+    """Holm–Bonferroni: which hypotheses are rejected at family-wise error ``alpha``.
+
+    Sorted ascending, the i-th smallest p-value (0-based) is compared with ``alpha / (m - i)``; the
+    first one that fails stops the procedure, and it and all larger ones are kept.
+    """
+    m = len(p_values)
+    order = sorted(range(m), key=lambda i: p_values[i])
+    rejected = [False] * m
+    for rank, i in enumerate(order):
+        if p_values[i] > alpha / (m - rank):
+            break
+        rejected[i] = True
+    return rejected

@@ -64,6 +64,7 @@ def method_row(name: str, entry: dict[str, Any], pre: dict[str, Any], ft: dict[s
         "name": name, "label": entry["label"], "group": entry["group"], "alpha": entry.get("alpha"),
         "extraction": m["extraction"]["rate"], "extraction_by_repeats": m["extraction"]["by_repeats"],
         "per_canary_extracted": [bool(c["extracted"]) for c in m["per_canary"]],
+        "per_canary_secret": [c["secret"] for c in m["per_canary"]],
         "exposure": exact["mean"], "exposure_by_repeats": exact["by_repeats"], "exposure_exact_n": exact["n"],
         "exposure_exact_kinds": exact["kinds"],
         "exposure_all": m["exposure"]["mean"], "exposure_all_by_repeats": m["exposure"]["by_repeats"],
@@ -134,6 +135,8 @@ def check_claims(rows: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     off, on, ft = rows.get("libortho_a0"), rows.get("libortho_a1"), rows.get("ft")
     if off is None or on is None:
         return []
+    if on.get("per_canary_secret") != off.get("per_canary_secret"):  # McNemar pairs canaries by position
+        raise ValueError("alpha = 0 and alpha = 1 were measured on different canaries (or in another order)")
     counts = leak_counts(on["per_canary_extracted"], off["per_canary_extracted"])
     claims = [{**_claim("leak_reduction", counts["reduction"], leak_reduction_holds(counts), _leak_detail(counts),
                         ">= 99.8%"), "counts": counts},

@@ -180,7 +180,7 @@ def source_line(env: dict[str, Any]) -> str:
     """Which code measured a result: its commit, or that none was recorded."""
     src = env.get("source")
     if not src:
-        return f"libortho {env.get('libortho', '?')}, commit not recorded"
+        return f"libortho {env.get('libortho', '?')}, measured {env.get('date', '?')}, commit not recorded"
     dirty = " with uncommitted changes in src/" if src["src_dirty"] else ""
     return f"measured at commit {src['commit'][:10]}{dirty}"
 
