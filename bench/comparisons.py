@@ -90,3 +90,23 @@ def verdicts(comparisons: list[dict[str, Any]]) -> dict[str, Any]:
         out[what] = {"configs": len(cs), f"{a}_significantly_better": wins_a, f"{b}_significantly_better": wins_b,
                      "neither": len(cs) - wins_a - wins_b, "decision": decision}
     return out
+
+
+def recompute(path: str) -> None:
+    """Recompute the comparisons and verdicts of a saved table in place (e.g. after a statistics fix)."""
+    import json
+    from pathlib import Path
+
+    from libortho.atomic import atomic_write_json
+
+    tab = json.loads(Path(path).read_text())
+    tab["comparisons"] = compare_rows(tab["rows"], tab["args"]["group_sizes"], tab["args"]["rhos"])
+    tab["verdicts"] = verdicts(tab["comparisons"])
+    atomic_write_json(path, tab)
+    print(f"rewrote the comparisons of {path}")
+
+
+if __name__ == "__main__":
+    import sys
+
+    recompute(sys.argv[1])

@@ -39,7 +39,6 @@ from comparisons import compare_rows, verdicts  # noqa: E402
 from libortho.atomic import atomic_write_json  # noqa: E402
 from provenance import git_state  # noqa: E402
 
-MODEL = "smollm2-135m"
 DEFAULT_SELECT = {"selector": "obs", "rho": 0.01, "values": "residual"}
 
 
@@ -79,7 +78,7 @@ def child_decompose(gs: int, with_ortho: bool, out_dir: str, hess_path: str | No
     from libortho.workflows import bits_summary
 
     torch.manual_seed(0)
-    model, tok = load_model(MODEL)
+    model, tok = load_model(args.model)
     calib = calib_blocks(tok, args)
     cfg = DecomposeConfig(quant=QuantConfig(group_size=gs, method="gptq", grid=args.grid),
                           select=SelectConfig(**DEFAULT_SELECT), ortho=with_ortho)
@@ -89,7 +88,7 @@ def child_decompose(gs: int, with_ortho: bool, out_dir: str, hess_path: str | No
     if hess_path is not None:
         save_file({n: r.hessian.contiguous() for n, r in res.records.items()}, hess_path)
     save(model, out_dir, config=cfg.to_dict(), tokenizer=tok, overwrite=True,
-         provenance={"source_model": MODEL, "stats": stats})
+         provenance={"source_model": args.model, "stats": stats})
     return stats
 
 
@@ -226,8 +225,9 @@ def save_state(args: argparse.Namespace, state: dict) -> None:
     atomic_write_json(args.out, state)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="smollm2-135m", help="tests use the tiny model")
     ap.add_argument("--out", type=Path, default=Path("docs/results/dual_stream_smollm2/ppl_table.json"))
     ap.add_argument("--work", type=Path, default=Path("bench/results"), help="saved decompositions, Hessians")
     ap.add_argument("--group-sizes", type=int, nargs="+", default=[64, 128])
@@ -243,7 +243,7 @@ def main() -> None:
     ap.add_argument("--n-eval", type=int, default=32)
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--stages", nargs="+", default=["decompose", "null", "sweep", "peers"])
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     args.work.mkdir(parents=True, exist_ok=True)
     from libortho.models import load_model
 
@@ -254,7 +254,7 @@ def main() -> None:
                   "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads()}})
     state.setdefault("git", []).append(git_state())
     torch.manual_seed(0)
-    fp, tok = load_model(MODEL)
+    fp, tok = load_model(args.model)
     evals = eval_blocks(tok, args)
     state["eval_tokens"] = int(evals.shape[0] * (evals.shape[1] - 1))
     state["calib_tokens"] = args.n_calib * args.seq_len

@@ -113,3 +113,35 @@ def test_readme_dual_stream_lines_from_a_known_table() -> None:
     assert "diag significantly better than obs in 2 of 2" in lines and "the data favour diag" in lines
     with pytest.raises(ValueError, match="no <!-- results:begin -->"):
         replace_block("no markers here", "x")
+
+
+@pytest.mark.slow
+def test_ppl_table_end_to_end_on_the_tiny_model(tmp_path) -> None:
+    """Every stage on the tiny model: two independent child decompositions, the null test, the sweep, peers,
+    comparisons; then a second run resumes without recomputing anything."""
+    import ppl_table
+
+    out = tmp_path / "t.json"
+    argv = ["--model", "tiny", "--out", str(out), "--work", str(tmp_path / "w"), "--group-sizes", "32",
+            "--null-groups", "32", "--rhos", "0.01", "--selectors", "obs", "diag", "--optimal-selectors", "obs",
+            "--baselines", "--calib", "shakespeare", "--eval-corpus", "shakespeare", "--n-calib", "4",
+            "--n-eval", "4", "--seq-len", "32"]
+    ppl_table.main(argv)
+    tab = json.loads(out.read_text())
+    rows = tab["rows"]
+    assert tab["partial"] is False
+    assert {"fp32", "gptq-g32", "rtn-g32", "libortho-g32-default-alpha0", "libortho-g32-obs-0.01-residual",
+            "libortho-g32-diag-0.01-residual", "libortho-g32-obs-0.01-optimal"} <= set(rows)
+    d = rows["libortho-g32-default-alpha0"]
+    assert d["null_test"]["bit_identical"] is True  # two separate processes, with and without ortho
+    assert d["alpha0"]["ppl"] == rows["gptq-g32"]["ppl_measured"]["ppl"]  # measured twice, not copied
+    # the saved-and-reloaded default equals the same stream re-selected from the saved Hessians
+    assert d["alpha1_reloaded"]["ppl"] == rows["libortho-g32-obs-0.01-residual"]["alpha1"]["ppl"]
+    assert d["alpha0"]["ppl"] != d["alpha1_reloaded"]["ppl"]
+    dec = tab["decomposition"]["g32"]
+    assert set(dec) == {"with_ortho", "base_only"} and dec["base_only"]["child_peak_rss_mb"] > 0
+    assert len(d["alpha0"]["block_nll"]) == 4 and tab["comparisons"]
+    before = out.read_text()
+    ppl_table.main(argv)  # resumes: every stage is cached, only the provenance list grows
+    again = json.loads(out.read_text())
+    assert again["rows"] == tab["rows"] and len(again["git"]) == 2 and before != out.read_text()
