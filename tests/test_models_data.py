@@ -5,7 +5,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from libortho.data import calibration_blocks, load_corpus, shakespeare_texts, split_documents, token_blocks
-from libortho.data.corpora import FORTUNES_DIR, strip_play_markdown
+from libortho.data.corpora import strip_play_markdown
 from libortho.models import (
     ByteTokenizer,
     UnsupportedModelError,
@@ -84,5 +84,8 @@ def test_corpora() -> None:
         load_corpus("no-such-corpus")
     mixed = calibration_blocks(["shakespeare"], ByteTokenizer(), n_blocks=4, block_len=64, seed=0)
     assert mixed.shape == (4, 64)
-    if FORTUNES_DIR.is_dir():
-        assert len(load_corpus("fortunes")) > 1000
+
+
+@pytest.mark.fortunes
+def test_fortunes_corpus_loads(fortunes_dir) -> None:
+    assert len(load_corpus("fortunes")) > 1000
