@@ -79,7 +79,7 @@ def dual_stream_lines(tab: dict[str, Any], lat: dict[str, Any] | None, link: str
         peer = "" if hqq is None or "error" in hqq else \
             f"; HQQ g{gs} (no calibration) {ppl_of(hqq)['ppl'] / fp - 1:+.1%}"
         out.append(f"- **INT4 g{gs} on SmolLM2-135M** ([benchmark]({link})): held-out perplexity "
-                   f"{ref['ppl'] / fp - 1:+.1%} vs FP32 for GPTQ (= alpha 0){peer}; alpha = 1 with the default "
+                   f"{ref['ppl'] / fp - 1:+.1%} vs FP32 for GPTQ (= alpha 0){peer}; alpha = 1 with the "
                    f"{d['selector']} ortho stream at rho = {d['rho']:g} ({d['total_bits_per_param']:.2f} bits/param) "
                    f"{a1 / fp - 1:+.1%}, closing {gap_closed(a1, ref['ppl'], fp):.0%} of the GPTQ -> FP32 gap.")
         nt = d.get("null_test")
@@ -89,9 +89,9 @@ def dual_stream_lines(tab: dict[str, Any], lat: dict[str, Any] | None, link: str
     v = tab.get("verdicts", {}).get("diag_vs_obs")
     if v:
         decision = f"the data favour {v['decision']}" if v["decision"] else "the data do not separate them"
-        out.append(f"- **Selector** (paired bootstrap over {tab['args']['n_eval']} blocks): diag significantly "
-                   f"better than obs in {v['diag_significantly_better']} of {v['configs']} configurations, obs "
-                   f"better in {v['obs_significantly_better']}: {decision}.")
+        out.append(f"- **Selector** (paired bootstrap over {tab['args']['n_eval']} blocks, Holm-adjusted): diag "
+                   f"significantly better than obs in {v['diag_significantly_better']} of {v['configs']} "
+                   f"configurations, obs better in {v['obs_significantly_better']}: {decision}.")
     if lat is not None:
         r = lat["ratios"]
         out.append(f"- **Latency** (CPU, {lat['threads']} threads): alpha = 1 / alpha = 0 = "

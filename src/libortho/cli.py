@@ -79,7 +79,7 @@ def decompose(
     out: Annotated[Path, typer.Argument(help="output directory (new or empty unless --overwrite)", metavar="OUT")],
     bits: int = 4, group_size: int = 128, method: str = "gptq", grid: str = "minmax",
     act_order: bool = False, symmetric: bool = False,
-    rho: float = 0.01, selector: str = "obs", scope: str = "layer",
+    rho: float = 0.01, selector: str = "diag", scope: str = "layer",
     tau: Annotated[float | None, typer.Option(help="score threshold (overrides rho)")] = None,
     values: str = "residual", ortho_dtype: str = "fp16", no_ortho: bool = False,
     calib: Annotated[list[str] | None, typer.Option(help="corpus name or text file; repeat to mix")] = None,

@@ -52,6 +52,7 @@ class KillSwitchConfig:
                                                                          retain_batch_size=8))
     unlearning: tuple[str, ...] = ("gradient_ascent", "gradient_difference", "npo", "retrain")
     quant: QuantConfig = field(default_factory=lambda: QuantConfig(bits=4, group_size=64, method="gptq"))
+    # obs, as in the committed SmolLM2 runs (the library default is now diag; see docs/results/dual_stream_smollm2)
     select: SelectConfig = field(default_factory=lambda: SelectConfig(selector="obs", rho=0.01))
     select_calibration: SelectCalibration = "public"
     calib_blocks: int = 32
