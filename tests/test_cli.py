@@ -15,9 +15,10 @@ TEXT = "It is a truth universally acknowledged, that a single man in possession 
 
 
 def _decompose(tmp: Path, out: str = "out", *extra: str):
+    """Tiny decomposition; rho is large so that alpha = 1 visibly changes greedy text on the random model."""
     corpus = tmp / "corpus.txt"
     corpus.write_text(TEXT)
-    return runner.invoke(app, ["decompose", "tiny", str(tmp / out), "--group-size", "32", "--rho", "0.02",
+    return runner.invoke(app, ["decompose", "tiny", str(tmp / out), "--group-size", "32", "--rho", "0.25",
                                "--calib", str(corpus), "--n-calib", "4", "--seq-len", "32", *extra])
 
 
