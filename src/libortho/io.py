@@ -25,18 +25,20 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from libortho.atomic import atomic_directory, atomic_write_json, json_default, sha256_file
+from libortho.manifest import (  # noqa: F401  (re-exported: the format's names)
+    BASE,
+    FORMAT_VERSION,
+    MANIFEST,
+    ORTHO,
+    RESERVED,
+    REST,
+    CorruptDecompositionError,
+    read_manifest_json,
+)
 from libortho.streams import BaseStream, SparseOrtho
 from libortho.version import __version__
 
-FORMAT_VERSION = 1
-MANIFEST = "libortho.json"
-BASE, ORTHO, REST = "base.safetensors", "ortho.safetensors", "rest.safetensors"
-RESERVED = (MANIFEST, BASE, ORTHO, REST)
 log = logging.getLogger(__name__)
-
-
-class CorruptDecompositionError(ValueError):
-    """A file of a saved decomposition does not match its manifest (hash, size) or cannot be parsed."""
 
 
 def _check_streams(base: dict[str, BaseStream], ortho: dict[str, SparseOrtho] | None) -> None:
@@ -144,16 +146,9 @@ def _load(p: Path) -> dict[str, torch.Tensor]:
 def _read_manifest(path: Path) -> dict[str, Any]:
     """The parsed, version-checked manifest of a decomposition directory."""
     mpath = path / MANIFEST
-    if not path.is_dir():
-        raise FileNotFoundError(f"decomposition directory {path} not found")
-    if not mpath.is_file():
-        raise FileNotFoundError(f"{mpath} not found: {path} is not a libortho decomposition (or was not finished)")
-    try:
-        manifest = json.loads(mpath.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise CorruptDecompositionError(f"{mpath} is not valid JSON: {err}") from err
-    if not isinstance(manifest, dict) or manifest.get("format_version") != FORMAT_VERSION:
-        version = manifest.get("format_version") if isinstance(manifest, dict) else None
+    manifest = read_manifest_json(path)
+    if manifest.get("format_version") != FORMAT_VERSION:
+        version = manifest.get("format_version")
         raise CorruptDecompositionError(f"{mpath}: unsupported format version {version!r} (expected {FORMAT_VERSION})")
     for key in ("layers", "files"):
         if not isinstance(manifest.get(key), dict):

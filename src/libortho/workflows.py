@@ -9,11 +9,13 @@ and failing on bad input stay fast.
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from libortho.manifest import MANIFEST, ORTHO
+from libortho.manifest import read_manifest_json as _read_manifest
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -21,8 +23,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from libortho.config import DecomposeConfig
 
-MANIFEST = "libortho.json"  # = libortho.io.MANIFEST (io imports torch; these checks must not)
-ORTHO_FILE = "ortho.safetensors"  # = libortho.io.ORTHO
+ORTHO_FILE = ORTHO
 CORE_FILES = ("base.safetensors", "rest.safetensors", "config.json")
 DEFAULT_EVAL_BLOCKS = 32
 
@@ -52,18 +53,9 @@ def check_out_dir(out: Path, overwrite: bool) -> None:
 
 def read_manifest_json(path: Path) -> dict[str, Any]:
     """The manifest of a decomposition directory, checked only as far as needed to refuse early."""
-    path = Path(path)
-    if not path.is_dir():
-        raise FileNotFoundError(f"decomposition directory {path} not found")
-    mpath = path / MANIFEST
-    if not mpath.is_file():
-        raise FileNotFoundError(f"{mpath} not found: {path} is not a libortho decomposition (or was not finished)")
-    try:
-        manifest = json.loads(mpath.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{mpath} is not valid JSON: {err}") from err
-    if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
-        raise ValueError(f"{mpath} has no 'files' table: not a libortho manifest")
+    manifest = _read_manifest(path)
+    if not isinstance(manifest.get("files"), dict):
+        raise ValueError(f"{Path(path) / MANIFEST} has no 'files' table: not a libortho manifest")
     return manifest
 
 
