@@ -77,3 +77,11 @@ def smollm2_dir() -> Path:
 def fortunes_dir() -> Path:
     """Debian fortunes; required under ``make test`` only where ``make assets`` recorded it as installed."""
     return require_fortunes()
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer(smollm2_dir: Path):
+    """SmolLM2-135M's tokenizer (the asset must be present under ``make test``)."""
+    from libortho.models.load import load_tokenizer
+
+    return load_tokenizer(smollm2_dir)

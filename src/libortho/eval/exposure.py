@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from libortho.data.canaries import Canary, SecretSpace
-from libortho.data.records import encode_many, separator_id
+from libortho.data.records import common_prefix_len, encode_many, separator_id  # noqa: F401  (re-exported)
 
 
 @dataclass(frozen=True)
@@ -61,16 +61,6 @@ def mid_rank(secret_score: float, others: torch.Tensor) -> float:
     """Rank of ``secret_score`` among ``others`` (the other candidates; higher is likelier), ties halved."""
     others = others.double()
     return 1.0 + float((others > secret_score).sum()) + 0.5 * float((others == secret_score).sum())
-
-
-def common_prefix_len(a: list[int], b: list[int]) -> int:
-    """Length of the longest common prefix of two token lists."""
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 @torch.no_grad()
