@@ -1,10 +1,12 @@
-"""Full fine-tuning of a Hugging Face causal LM: AdamW, gradient accumulation, warm-up + decay,
-clipping, a progress bar, resumable checkpoints, and determinism by seed.
+"""Fine-tuning of a Hugging Face causal LM: AdamW, gradient accumulation, warm-up + decay,
+clipping, bf16 autocast, a progress bar, resumable checkpoints, determinism by seed, and
+data-parallel workers over ``torch.distributed``.
 
-The loss is the token-mean cross-entropy over every label that is not ``-100`` in an optimizer
-step (all micro-batches together), so gradient accumulation gives the same update as one big
-batch. The data order comes from a generator seeded with ``TrainConfig.seed``; the same seed,
-data and model give the same weights.
+By default every trainable parameter learns the token-mean cross-entropy over every label that
+is not ``-100`` in an optimizer step (all micro-batches and processes together), so gradient
+accumulation and N workers give the same update as one big batch. A :class:`~libortho.train.rules.StepRule`
+changes which loss reaches which parameters (the separation methods). The data order comes from
+a generator seeded with ``TrainConfig.seed``; the same seed, data and model give the same weights.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from tqdm.auto import tqdm
 
 from libortho.atomic import atomic_directory
 from libortho.data.records import IGNORE, TokenRows
+from libortho.train import distributed as dist
+from libortho.train.rules import ParamGroup, StepCounts, StepRule
 
 Schedule = Literal["constant", "linear", "cosine"]
 
@@ -48,6 +52,7 @@ class TrainConfig:
     schedule: Schedule = "cosine"
     max_grad_norm: float = 1.0
     seed: int = 0
+    bf16: bool = False
 
     def __post_init__(self) -> None:
         if not self.lr > 0:
@@ -115,26 +120,31 @@ def causal_lm_loss_sum(model: nn.Module, input_ids: torch.Tensor, labels: torch.
     return loss, int((target != IGNORE).sum())
 
 
-def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW over trainable parameters; no weight decay on biases, norms and embeddings (1-D or embedding)."""
-    decay, no_decay = [], []
+def make_optimizer(model: nn.Module, cfg: TrainConfig, groups: list[ParamGroup] | None = None) -> torch.optim.Optimizer:
+    """AdamW over the groups' parameters (default: every trainable one); no weight decay on biases,
+    norms and embeddings (1-D or embedding). A group's learning rate is ``cfg.lr * lr_scale``."""
+    groups = groups if groups is not None else [ParamGroup("all", [p for p in model.parameters() if p.requires_grad])]
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    for p in model.parameters():
-        if p.requires_grad:
-            (no_decay if p.dim() < 2 or id(p) in embeddings else decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=cfg.betas)
+    out = []
+    for g in groups:
+        decay = [p for p in g.params if not (p.dim() < 2 or id(p) in embeddings)]
+        no_decay = [p for p in g.params if p.dim() < 2 or id(p) in embeddings]
+        lr = cfg.lr * g.lr_scale
+        out += [{"params": decay, "weight_decay": cfg.weight_decay, "lr": lr, "name": f"{g.name}"},
+                {"params": no_decay, "weight_decay": 0.0, "lr": lr, "name": f"{g.name}/no_decay"}]
+    return torch.optim.AdamW([g for g in out if g["params"]], lr=cfg.lr, betas=cfg.betas)
 
 
 def save_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer, step: int,
-                    log: TrainLog, cfg: TrainConfig) -> Path:
+                    log: TrainLog, cfg: TrainConfig, rule: dict[str, Any] | None = None) -> Path:
     """Model weights, optimizer state, step and log, written to a temp dir and renamed (state.json last)."""
     path = Path(path)
     with atomic_directory(path) as tmp:
         state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
         save_file(_untie(state), tmp / "model.safetensors")
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        (tmp / "state.json").write_text(json.dumps({"step": step, "log": log.to_dict(), "config": asdict(cfg)}))
+        (tmp / "state.json").write_text(json.dumps({"step": step, "log": log.to_dict(), "config": asdict(cfg),
+                                                  "rule": rule or {"rule": "plain"}}, default=str))
     return path
 
 
@@ -152,7 +162,7 @@ def _untie(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer,
-                    cfg: TrainConfig) -> tuple[int, TrainLog]:
+                    cfg: TrainConfig, rule: dict[str, Any] | None = None) -> tuple[int, TrainLog]:
     """Restore a checkpoint written by :func:`save_checkpoint`; refuses one made with another config."""
     path = Path(path)
     meta_path = path / "state.json"
@@ -161,6 +171,9 @@ def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.O
     meta = json.loads(meta_path.read_text())
     if meta["config"] != json.loads(json.dumps(asdict(cfg))):
         raise ValueError(f"checkpoint {path} was written with a different TrainConfig: {meta['config']}")
+    want_rule = json.loads(json.dumps(rule or {"rule": "plain"}, default=str))
+    if meta.get("rule", {"rule": "plain"}) != want_rule:
+        raise ValueError(f"checkpoint {path} was written by another step rule: {meta.get('rule')} (now {want_rule})")
     missing, unexpected = model.load_state_dict(load_file(path / "model.safetensors"), strict=False)
     tied = {k for k in missing if k.endswith("lm_head.weight")}
     if set(missing) - tied or unexpected:
@@ -170,68 +183,87 @@ def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.O
     return int(meta["step"]), TrainLog(**meta["log"])
 
 
-def _micro_batches(data: TokenRows, idx: torch.Tensor, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def _micro_batches(data: TokenRows, idx: torch.Tensor, batch_size: int, group_private: bool) -> Iterator[TokenRows]:
+    """Micro-batches of rows ``idx``; with ``group_private`` rows holding private tokens come last, together."""
+    if group_private and data.private is not None:
+        has = data.private[idx].any(dim=1)
+        idx = torch.cat([idx[~has], idx[has]])
     for i in range(0, idx.numel(), batch_size):
-        sub = idx[i:i + batch_size]
-        yield data.input_ids[sub], data.labels[sub]
+        yield data.subset(idx[i:i + batch_size])
 
 
 def train(model: nn.Module, data: TokenRows, cfg: TrainConfig, progress: bool = True, desc: str = "train",
           checkpoint_dir: str | Path | None = None, checkpoint_every: int = 0,
-          on_step: Callable[[int, float], None] | None = None) -> TrainLog:
-    """Fine-tune every trainable parameter of ``model`` on ``data`` (in place); returns the log.
+          on_step: Callable[[int, float], None] | None = None, rule: StepRule | None = None) -> TrainLog:
+    """Fine-tune ``model`` on ``data`` (in place) with ``rule`` (default: every trainable parameter); returns the log.
 
     With ``checkpoint_dir`` a checkpoint is written every ``checkpoint_every`` steps and at the end,
-    and a run finds and resumes from an existing one (same config) instead of starting over.
+    and a run finds and resumes from an existing one (same config and rule) instead of starting
+    over. Under an initialised ``torch.distributed`` group each process takes its share of every
+    step and only rank 0 writes checkpoints and shows progress.
     """
+    rule = rule or StepRule()
     total = cfg.total_steps(len(data))
     order = batch_order(len(data), total, cfg.batch_size * cfg.grad_accum, cfg.seed)
-    opt = make_optimizer(model, cfg)
+    groups = rule.groups(model)
+    opt = make_optimizer(model, cfg, groups)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, cfg.warmup, cfg.schedule))
     log, start = TrainLog(), 0
     ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else None
     if ckpt is not None and (ckpt / "state.json").is_file():
-        start, log = load_checkpoint(ckpt, model, opt, cfg)
+        start, log = load_checkpoint(ckpt, model, opt, cfg, rule.state())
         log.resumed_from = start
         for _ in range(start):
             sched.step()
+    dist.check_same_weights(model)
     torch.manual_seed(cfg.seed)
     was_training = model.training
     model.train()
     t0 = time.perf_counter() - log.wall_s
-    bar = tqdm(range(start, total), desc=desc, disable=not progress, unit="step", initial=start, total=total)
+    main = dist.is_main_process()
+    bar = tqdm(range(start, total), desc=desc, disable=not (progress and main), unit="step", initial=start,
+               total=total)
     try:
         for step in bar:
-            loss = _step(model, opt, data, order[step], cfg)
+            loss, counts = _step(model, opt, data, order[step], cfg, rule, groups, step)
             sched.step()
+            rule.after_step(model, step)
             log.steps, log.wall_s = step + 1, time.perf_counter() - t0
             log.losses.append(loss)
-            log.tokens += int((data.labels[order[step]] != IGNORE).sum())
+            log.tokens += counts.total
             bar.set_postfix(loss=f"{loss:.3f}")
             if on_step is not None:
                 on_step(step, loss)
-            if ckpt is not None and checkpoint_every and (step + 1) % checkpoint_every == 0 and step + 1 < total:
-                save_checkpoint(ckpt, model, opt, step + 1, log, cfg)
+            if ckpt is not None and main and checkpoint_every and (step + 1) % checkpoint_every == 0 \
+                    and step + 1 < total:
+                save_checkpoint(ckpt, model, opt, step + 1, log, cfg, rule.state())
     finally:
         model.train(was_training)
-    if ckpt is not None:
-        save_checkpoint(ckpt, model, opt, total, log, cfg)
+    if ckpt is not None and main:
+        save_checkpoint(ckpt, model, opt, total, log, cfg, rule.state())
     return log
 
 
-def _step(model: nn.Module, opt: torch.optim.Optimizer, data: TokenRows, idx: torch.Tensor,
-          cfg: TrainConfig) -> float:
-    """One optimizer step over ``idx`` (split into micro-batches); returns the token-mean loss."""
-    n_tok = max(1, int((data.labels[idx][:, 1:] != IGNORE).sum()))
+def _step(model: nn.Module, opt: torch.optim.Optimizer, data: TokenRows, idx: torch.Tensor, cfg: TrainConfig,
+          rule: StepRule, groups: list[ParamGroup], step: int) -> tuple[float, StepCounts]:
+    """One optimizer step over the global rows ``idx`` (this process's share, in micro-batches).
+
+    Returns the token-mean loss over the whole step and its global token counts.
+    """
+    counts = StepCounts.of(data.subset(idx))
+    active = rule.active(step, counts)
     total = 0.0
-    for ids, labels in _micro_batches(data, idx, cfg.batch_size):
-        loss_sum, _ = causal_lm_loss_sum(model, ids, labels)
-        if not torch.isfinite(loss_sum):
-            raise FloatingPointError("non-finite training loss: lower the learning rate or check the data")
-        (loss_sum / n_tok).backward()
-        total += float(loss_sum.detach())
-    if cfg.max_grad_norm > 0:
-        nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
+        for rows in _micro_batches(data, dist.shard(idx), cfg.batch_size, rule.group_private_rows):
+            total += rule.micro(model, rows, counts)
+    for group, on in zip(groups, active, strict=True):
+        if not on:
+            for p in group.params:
+                p.grad = None
+            continue
+        dist.all_reduce_grads(group.params)
+        if cfg.max_grad_norm > 0:
+            nn.utils.clip_grad_norm_(group.params, cfg.max_grad_norm)
     opt.step()
     opt.zero_grad(set_to_none=True)
-    return total / n_tok
+    return dist.all_reduce_sum(total) / max(1, counts.total), counts

@@ -1,0 +1,1 @@
+"""The separation methods, one file each; every file registers itself in ``SEPARATION``."""

@@ -1,0 +1,66 @@
+"""``two-phase``: public fine-tuning first, then only the memory learns the private tokens.
+
+Phase 1 is ordinary fine-tuning on every row with the private tokens masked out of the loss (the
+same model as the "retrain, secrets masked" reference, so an experiment can pass it in and train
+it once). Phase 2 adds memory neurons to every MLP and trains only them, only on the private
+tokens of the rows that hold any. With perfect labels the shared weights never see a private
+token, so alpha = 0 is the public-only model by construction: the control every other method
+must beat (under label noise, or on skill).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from torch import nn
+
+from libortho.data.records import TokenRows
+from libortho.train.loop import TrainConfig, train
+from libortho.train.memory import attach_neurons, memory_parameters, shared_parameters
+from libortho.train.rules import RoutedRule, StepRule
+from libortho.train.separation import SEPARATION, Separation, SeparationResult, _every
+
+
+def phase2_config(cfg: TrainConfig, phase2: TrainConfig | None, n_private_rows: int, n_rows: int) -> TrainConfig:
+    """Phase 2's schedule: given, else ``cfg`` with as many passes over the private rows as phase 1 makes."""
+    if phase2 is not None:
+        return phase2
+    steps = cfg.total_steps(n_rows)
+    per_step = cfg.batch_size * cfg.grad_accum
+    passes = steps * per_step / max(1, n_rows)
+    return replace(cfg, steps=max(1, math.ceil(passes * n_private_rows / per_step)))
+
+
+@SEPARATION.register("two-phase", needs_labels=True, memory="neurons")
+class TwoPhase(Separation):
+    name = "two-phase"
+
+    def attach(self, model: nn.Module, data: TokenRows, probe: TokenRows | None) -> StepRule:
+        attach_neurons(model, self.cfg.neurons, self.ctx, seed=self.cfg.seed)
+        return RoutedRule(shared=shared_parameters(model), memory=memory_parameters(model),
+                          memory_lr_scale=self.cfg.memory_lr_scale, train_shared=False, name="two-phase/memory")
+
+    def fit(self, model: nn.Module, data: TokenRows, probe: TokenRows | None = None, progress: bool = True,
+            checkpoint_dir: str | Path | None = None, phase1_done: bool = False) -> SeparationResult:
+        """Phase 1 (skipped with ``phase1_done``: ``model`` is already the public-only model), then phase 2."""
+        t0 = time.perf_counter()
+        logs = {}
+        ckpt = None if checkpoint_dir is None else Path(checkpoint_dir)
+        if not phase1_done:
+            public = data.without_private_loss()
+            logs["phase1"] = train(model, public, self.cfg.train, progress=progress, desc="two-phase: public",
+                                   checkpoint_dir=None if ckpt is None else ckpt / "phase1",
+                                   checkpoint_every=_every(self.cfg.train, public))
+        has_private = data.private_mask().any(dim=1).nonzero().flatten()
+        if has_private.numel() == 0:
+            raise ValueError("two-phase needs rows with private tokens for its memory phase")
+        private_rows = data.subset(has_private)
+        cfg2 = phase2_config(self.cfg.train, self.cfg.phase2, len(private_rows), len(data))
+        rule = self.attach(model, data, probe)
+        logs["phase2"] = train(model, private_rows, cfg2, progress=progress, desc="two-phase: memory", rule=rule,
+                               checkpoint_dir=None if ckpt is None else ckpt / "phase2",
+                               checkpoint_every=_every(cfg2, private_rows))
+        return self.finish(model, logs, t0, rule)
