@@ -26,7 +26,7 @@ from libortho.train.memory import (
     memory_parameters,
     shared_parameters,
 )
-from libortho.train.rules import RoutedRule, StepRule
+from libortho.train.rules import RoutedRule, StepCounts, StepRule
 from libortho.train.separation import SEPARATION, Separation
 
 
@@ -68,6 +68,7 @@ class OGDRule(RoutedRule):
         super().__init__(**kw)  # type: ignore[arg-type]
         self.layers, self.bases, self.heldout, self.eta_every = layers, bases, heldout, eta_every
         self.eta_log: list[dict] = []
+        self.memory_stepped = False
         self.project()
 
     @torch.no_grad()
@@ -76,8 +77,13 @@ class OGDRule(RoutedRule):
             U = self.bases[name].to(layer.mem_A.dtype)
             layer.mem_A.copy_(project_out(layer.mem_A, U))
 
+    def active(self, step: int, counts: StepCounts) -> list[bool]:
+        self.memory_stepped = counts.private > 0
+        return super().active(step, counts)
+
     def after_step(self, model: nn.Module, step: int) -> None:
-        self.project()
+        if self.memory_stepped:  # untouched memory stays bit-identical (it is already projected)
+            self.project()
         if (step + 1) % self.eta_every == 0:
             self.eta_log.append({"step": step + 1, **memory_eta(self.layers, self.heldout, self.bases)})
 

@@ -4,10 +4,11 @@ One forward and one backward, with stop-gradients on *activations*: at every pos
 token is private, the outputs of the token embedding, every attention and every shared MLP are
 detached, and the RMSNorm and output-head weights act there as constants; at every other position
 the added neurons' output is detached. So the private tokens' loss reaches only the added neurons
-and the public tokens' loss only the shared weights; the memory still takes part in every forward
-pass. What is *not* routed, by design of the activation-level variant: private positions still
-read the keys and values of earlier public positions through attention (computed by shared
-weights, but receiving no gradient from these losses).
+(tested), and the memory still takes part in every forward pass. What the activation-level
+variant does *not* route: a public token's loss reaches the memory through attention to the keys
+and values of earlier private positions, where the memory's output is live. That leak runs from
+public text into the memory (a skill cost at alpha = 0), not from private text into the shared
+weights.
 
 Supported: Llama/Qwen2/Mistral-style models (RMSNorm ``weight * x / rms(x)``), the layout the
 norms' recomputation assumes.
