@@ -131,7 +131,7 @@ def test_evaluate_tiny_llama_all_metrics(tiny_llama, byte_tokenizer, canaries, d
                        HarnessConfig(batch_size=3))
     out = h.evaluate(tiny_llama, progress=False)
     _check_ranges(out, members, n_nonmember_exposures=4)
-    assert set(out["mia"]) == set(ATTACKS) - {"reference"}
+    assert set(out["mia"]) == set(ATTACKS) - {"reference"} | {"secret_loss"}
     assert all(p["exposure_method"] == "exact" for p in out["per_canary"])
     assert out["extraction"]["rate"] == 0.0  # a random model does not produce the secrets
     assert out["ppl_general"] == pytest.approx(math.exp(out["nll_general"]))
@@ -142,8 +142,8 @@ def test_evaluate_tiny_llama_all_metrics(tiny_llama, byte_tokenizer, canaries, d
     # with the model itself as the reference, every reference score is 0: the attack is at exact chance,
     # and the other attacks do not move
     h.set_reference(tiny_llama)
-    mia, private_nll, _ = h._mia(tiny_llama)
-    assert set(mia) == set(ATTACKS) and mia["reference"]["auc"] == 0.5
+    mia, private_nll, _, _ = h._mia(tiny_llama)
+    assert set(mia) == set(ATTACKS) | {"secret_loss"} and mia["reference"]["auc"] == 0.5
     assert {k: v for k, v in mia.items() if k != "reference"} == out["mia"] and private_nll == out["private_nll"]
 
 
@@ -164,12 +164,19 @@ def test_evaluate_memorising_oracle_known_answers(byte_tokenizer, canaries, doma
     assert expo["nonmember_mean"] < expo["mean"] - 2
     assert out["private_nll"] < 1e-4 < 1.0 < out["nonmember_private_nll"]
     assert out["mia"]["loss"]["auc"] == 1.0 and out["mia"]["loss"]["tpr_at_1pct_fpr"] == 1.0
+    assert out["mia"]["secret_loss"]["auc"] == 1.0  # the oracle knows every member secret, no non-member one
+    kept = PrivacyHarness(byte_tokenizer, members, nonmembers, domain_blocks, None,
+                          HarnessConfig(batch_size=4, keep_scores=True, exposure_nonmember_limit=1)).evaluate(
+                              model, progress=False)
+    assert len(kept["mia_scores"]["secret_loss"]["members"]) == len(members)
+    assert len(kept["mia_scores"]["loss"]["nonmembers"]) == len(nonmembers)
+    assert len(kept["nonmember_exposures"]) == 1 and kept["exposure"]["nonmember_n"] == 1
     assert "reference" not in out["mia"]
     # the reference attack appears once a reference model is set: one that never saw the members (and
     # otherwise agrees with the oracle) separates members from non-members perfectly
     h.set_reference(OracleLM())
     again = h.evaluate(model, progress=False)
-    assert set(again["mia"]) == set(ATTACKS)
+    assert set(again["mia"]) == set(ATTACKS) | {"secret_loss"}
     assert again["mia"]["reference"]["auc"] == 1.0 and again["mia"]["reference"]["tpr_at_1pct_fpr"] == 1.0
     assert {k: v for k, v in again["mia"].items() if k != "reference"} == out["mia"]
 

@@ -23,7 +23,7 @@ from libortho.data.canaries import Canary
 from libortho.data.records import encode_many, record_ids, separator_id
 from libortho.eval.exposure import canary_exposure, common_prefix_len
 from libortho.eval.extraction import extract
-from libortho.eval.mia import mia_report, records
+from libortho.eval.mia import attack_scores, mia_report, records, roc_summary
 from libortho.eval.perplexity import perplexity
 from libortho.eval.scoring import TokenStats, token_stats
 
@@ -31,14 +31,18 @@ from libortho.eval.scoring import TokenStats, token_stats
 @dataclass(frozen=True)
 class HarnessConfig:
     """Evaluation knobs: exposure by enumeration up to ``max_enumerate`` candidates, else from
-    ``exposure_samples`` samples; exact exposure of non-members as a control; min-k% ``mia_k``."""
+    ``exposure_samples`` samples; exact exposure of non-members as a control (the first
+    ``exposure_nonmember_limit`` of them, all when None); min-k% ``mia_k``; ``keep_scores``: also
+    return every record's attack scores (``mia_scores``) so callers can bootstrap intervals."""
 
     max_enumerate: int = 100_000
     exposure_samples: int = 128
     exposure_nonmembers: bool = True
+    exposure_nonmember_limit: int | None = None
     mia_k: float = 0.2
     batch_size: int = 8
     seed: int = 0
+    keep_scores: bool = False
 
 
 def secret_spans(tokenizer: Any, canaries: list[Canary]) -> list[tuple[int, int]]:
@@ -91,19 +95,33 @@ class PrivacyHarness:
         vals = [-stats.logp[i][a - 1:b - 1] for i, (a, b) in enumerate(spans)]
         return float(torch.cat(vals).mean())
 
-    def _mia(self, model: nn.Module) -> tuple[dict[str, Any], float, float]:
+    @staticmethod
+    def _record_secret_nll(stats: TokenStats, spans: list[tuple[int, int]]) -> np.ndarray:
+        """Each record's mean NLL per secret token."""
+        return np.array([float(-stats.logp[i][a - 1:b - 1].mean()) for i, (a, b) in enumerate(spans)])
+
+    def _mia(self, model: nn.Module) -> tuple[dict[str, Any], float, float, dict[str, Any]]:
+        """Record-level attacks, plus ``secret_loss`` (minus the secret tokens' mean NLL, given the record)."""
         m = token_stats(model, self.member_rows, self.pad, batch_size=self.cfg.batch_size)
         n = token_stats(model, self.nonmember_rows, self.pad, batch_size=self.cfg.batch_size)
         mr = records([c.text for c in self.members], m, self.ref_members)
         nr = records([c.text for c in self.nonmembers], n, self.ref_nonmembers)
-        return (mia_report(mr, nr, self.cfg.mia_k), self._secret_nll(m, self.member_spans),
-                self._secret_nll(n, self.nonmember_spans))
+        report = mia_report(mr, nr, self.cfg.mia_k)
+        ms, ns = -self._record_secret_nll(m, self.member_spans), -self._record_secret_nll(n, self.nonmember_spans)
+        report["secret_loss"] = roc_summary(ms, ns)
+        scores: dict[str, Any] = {}
+        if self.cfg.keep_scores:
+            sm, sn = attack_scores(mr, self.cfg.mia_k), attack_scores(nr, self.cfg.mia_k)
+            scores = {a: {"members": sm[a].tolist(), "nonmembers": sn[a].tolist()} for a in sm}
+            scores["secret_loss"] = {"members": ms.tolist(), "nonmembers": ns.tolist()}
+        return (report, self._secret_nll(m, self.member_spans), self._secret_nll(n, self.nonmember_spans), scores)
 
     def _exposures(self, model: nn.Module, progress: bool) -> tuple[list[dict], list[dict]]:
         cfg = self.cfg
         todo = [(c, True) for c in self.members]
         if cfg.exposure_nonmembers:
-            todo += [(c, False) for c in self.nonmembers if c.space.size <= cfg.max_enumerate]
+            exact = [c for c in self.nonmembers if c.space.size <= cfg.max_enumerate]
+            todo += [(c, False) for c in exact[:cfg.exposure_nonmember_limit]]
         mem, non = [], []
         for c, is_member in tqdm(todo, desc="exposure", disable=not progress, leave=False):
             r = canary_exposure(model, self.tok, c, cfg.max_enumerate, cfg.exposure_samples, cfg.seed,
@@ -117,7 +135,7 @@ class PrivacyHarness:
         model.eval()
         t0 = time.perf_counter()
         ext = extract(model, self.tok, self.members, batch_size=4 * self.cfg.batch_size)
-        mia, private_nll, nonmember_private_nll = self._mia(model)
+        mia, private_nll, nonmember_private_nll, mia_scores = self._mia(model)
         mem_exp, non_exp = self._exposures(model, progress)
         dom = perplexity(model, self.domain_blocks, batch_size=self.cfg.batch_size)
         gen = None
@@ -146,6 +164,8 @@ class PrivacyHarness:
             "ppl_general": None if gen is None else gen.ppl, "nll_general": None if gen is None else gen.nll,
             "per_canary": per,
             "eval_s": time.perf_counter() - t0,
+            **({"mia_scores": mia_scores, "nonmember_exposures": [e["exposure"] for e in non_exp]}
+               if self.cfg.keep_scores else {}),
         }
 
     def describe(self) -> dict[str, Any]:
