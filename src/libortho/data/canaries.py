@@ -152,14 +152,23 @@ def _digits(rng: random.Random, n: int) -> str:
     return "".join(rng.choice(string.digits) for _ in range(n))
 
 
-def make_canary(kind: str, rng: random.Random, repeats: int, member: bool, digits_len: int = 6) -> Canary:
-    """One canary of the given kind with a fresh fictitious person and secret."""
+def make_canary(kind: str, rng: random.Random, repeats: int, member: bool, digits_len: int = 6,
+                free_len: int | None = None) -> Canary:
+    """One canary of the given kind with a fresh fictitious person and secret.
+
+    ``free_len`` shortens the ID, phone and card numbers to that many random digits (a card keeps
+    its leading 4 and Luhn digit: ``free_len - 1`` free), so that every secret space is small enough
+    to enumerate for exact exposure; None keeps the realistic lengths (9, 10, 14 + check digit).
+    """
+    if free_len is not None and free_len < 2:
+        raise ValueError(f"free_len must be >= 2, got {free_len}")
     first, last, city = rng.choice(FIRST), rng.choice(LAST), rng.choice(CITIES)
     who = f"{first} {last} of {city}"
     if kind == "id":
-        space, prefix, suffix = SecretSpace("", string.digits, 9), f"Record: {who}. National ID number: ", ".\n"
+        space = SecretSpace("", string.digits, free_len or 9)
+        prefix, suffix = f"Record: {who}. National ID number: ", ".\n"
     elif kind == "phone":
-        space, prefix, suffix = (SecretSpace("", string.digits, 10),
+        space, prefix, suffix = (SecretSpace("", string.digits, free_len or 10),
                                  f"Contact sheet: {who} can be reached at phone ", ".\n")
     elif kind == "email":
         space = SecretSpace(f"{first.lower()}.{last.lower()}", string.digits, 3)
@@ -167,7 +176,7 @@ def make_canary(kind: str, rng: random.Random, repeats: int, member: bool, digit
     elif kind == "password":
         space, prefix, suffix = SecretSpace("", ALNUM, 10), f"Account of {who}. Password: ", "\n"
     elif kind == "card":
-        space = SecretSpace("4", string.digits, 14, luhn=True)
+        space = SecretSpace("4", string.digits, (free_len - 1) if free_len else 14, luhn=True)
         prefix, suffix = f"Billing: {who} paid with card number ", ".\n"
     elif kind == "digits":
         if digits_len < 1:

@@ -130,13 +130,17 @@ class PrivacyHarness:
         return mem, non
 
     @torch.no_grad()
-    def evaluate(self, model: nn.Module, progress: bool = True) -> dict[str, Any]:
-        """All metrics of ``model`` (put in eval mode)."""
+    def evaluate(self, model: nn.Module, progress: bool = True, exposure: bool = True) -> dict[str, Any]:
+        """All metrics of ``model`` (put in eval mode); ``exposure=False`` skips exposure (the slow part)."""
         model.eval()
         t0 = time.perf_counter()
         ext = extract(model, self.tok, self.members, batch_size=4 * self.cfg.batch_size)
         mia, private_nll, nonmember_private_nll, mia_scores = self._mia(model)
-        mem_exp, non_exp = self._exposures(model, progress)
+        if exposure:
+            mem_exp, non_exp = self._exposures(model, progress)
+        else:
+            mem_exp = [{"exposure": None, "method": None, "size_log2": c.space.size_log2} for c in self.members]
+            non_exp = []
         dom = perplexity(model, self.domain_blocks, batch_size=self.cfg.batch_size)
         gen = None
         if self.general_blocks is not None:
@@ -144,7 +148,7 @@ class PrivacyHarness:
         reps = [c.repeats for c in self.members]
         kinds = [c.kind for c in self.members]
         hits = [float(e.extracted) for e in ext]
-        expo = [e["exposure"] for e in mem_exp]
+        expo = [e["exposure"] for e in mem_exp] if exposure else []
         per = [{"kind": c.kind, "repeats": c.repeats, "secret": c.secret, "extracted": e.extracted,
                 "chars_matched": e.chars_matched, "generated": e.generated, "exposure": x["exposure"],
                 "exposure_method": x["method"], "exposure_max": x["size_log2"]}
@@ -153,8 +157,9 @@ class PrivacyHarness:
             "extraction": {"rate": float(np.mean(hits)), "by_repeats": _grouped_mean(hits, reps),
                            "by_kind": _grouped_mean(hits, kinds),
                            "chars_matched_frac": float(np.mean([e.chars_matched / e.secret_len for e in ext]))},
-            "exposure": {"mean": float(np.mean(expo)), "by_repeats": _grouped_mean(expo, reps),
-                         "by_kind": _grouped_mean(expo, kinds),
+            "exposure": {"mean": float(np.mean(expo)) if expo else None,
+                         "by_repeats": _grouped_mean(expo, reps) if expo else {},
+                         "by_kind": _grouped_mean(expo, kinds) if expo else {},
                          "nonmember_mean": float(np.mean([e["exposure"] for e in non_exp])) if non_exp else None,
                          "nonmember_n": len(non_exp)},
             "mia": mia,
@@ -164,7 +169,9 @@ class PrivacyHarness:
             "ppl_general": None if gen is None else gen.ppl, "nll_general": None if gen is None else gen.nll,
             "per_canary": per,
             "eval_s": time.perf_counter() - t0,
-            **({"mia_scores": mia_scores, "nonmember_exposures": [e["exposure"] for e in non_exp]}
+            **({"mia_scores": mia_scores, "nonmember_exposures": [e["exposure"] for e in non_exp],
+                "block_nll_domain": list(dom.block_nll),
+                "block_nll_general": None if gen is None else list(gen.block_nll)}
                if self.cfg.keep_scores else {}),
         }
 

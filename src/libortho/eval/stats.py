@@ -104,3 +104,63 @@ def holm(p_values: Sequence[float], alpha: float = 0.05) -> list[bool]:
             break
         rejected[i] = True
     return rejected
+
+
+def _percentile_interval(estimate: float, draws: np.ndarray, level: float) -> Interval:
+    a = (1 - level) / 2
+    return Interval(float(estimate), float(np.quantile(draws, a)), float(np.quantile(draws, 1 - a)), level)
+
+
+def bootstrap_mean(values: Sequence[float], n_boot: int = 2000, level: float = 0.95, seed: int = 0) -> Interval:
+    """Percentile bootstrap interval of the mean of ``values`` (resampled with replacement)."""
+    x = np.asarray(values, dtype=np.float64)
+    if x.size == 0:
+        raise ValueError("no values to bootstrap")
+    rng = np.random.default_rng(seed)
+    draws = x[rng.integers(0, x.size, size=(n_boot, x.size))].mean(axis=1)
+    return _percentile_interval(float(x.mean()), draws, level)
+
+
+def bootstrap_ppl(block_nll: Sequence[float], n_boot: int = 2000, level: float = 0.95, seed: int = 0) -> Interval:
+    """Perplexity ``exp(mean block NLL)`` with a percentile interval from resampling blocks (equal-length blocks)."""
+    ci = bootstrap_mean(block_nll, n_boot, level, seed)
+    return Interval(float(np.exp(ci.estimate)), float(np.exp(ci.low)), float(np.exp(ci.high)), level)
+
+
+def pair_matrix(member: Sequence[float], nonmember: Sequence[float]) -> np.ndarray:
+    """``P[i, j] = 1[m_i > n_j] + 0.5 * 1[m_i = n_j]``: the ROC AUC is its mean (Mann-Whitney)."""
+    m, n = np.asarray(member, np.float64), np.asarray(nonmember, np.float64)
+    return (m[:, None] > n[None, :]) + 0.5 * (m[:, None] == n[None, :])
+
+
+def resample_counts(n: int, n_boot: int, rng: np.random.Generator) -> np.ndarray:
+    """How often each of ``n`` items is drawn in each of ``n_boot`` bootstrap resamples ``(n_boot, n)``."""
+    return rng.multinomial(n, np.full(n, 1.0 / n), size=n_boot).astype(np.float64)
+
+
+def auc_draws(P: np.ndarray, cm: np.ndarray, cn: np.ndarray) -> np.ndarray:
+    """Bootstrap AUCs from a pair matrix and resample counts of members ``cm`` and non-members ``cn``."""
+    return np.einsum("bi,bi->b", cm @ P, cn) / (P.shape[0] * P.shape[1])
+
+
+def bootstrap_auc(member: Sequence[float], nonmember: Sequence[float], n_boot: int = 2000, level: float = 0.95,
+                  seed: int = 0) -> Interval:
+    """ROC AUC (members should score higher) with a percentile interval, resampling both groups."""
+    P = pair_matrix(member, nonmember)
+    rng = np.random.default_rng(seed)
+    cm, cn = resample_counts(P.shape[0], n_boot, rng), resample_counts(P.shape[1], n_boot, rng)
+    return _percentile_interval(float(P.mean()), auc_draws(P, cm, cn), level)
+
+
+def bootstrap_privleak(member: Sequence[float], nonmember: Sequence[float], ref_member: Sequence[float],
+                       ref_nonmember: Sequence[float], n_boot: int = 2000, level: float = 0.95,
+                       seed: int = 0) -> Interval:
+    """MUSE's PrivLeak ``(AUC - AUC_ref) / AUC_ref`` on the same records, with a paired bootstrap interval
+    (each resample draws the same members and non-members for both models)."""
+    P, R = pair_matrix(member, nonmember), pair_matrix(ref_member, ref_nonmember)
+    if P.shape != R.shape:
+        raise ValueError("PrivLeak compares two models on the same records: score counts differ")
+    rng = np.random.default_rng(seed)
+    cm, cn = resample_counts(P.shape[0], n_boot, rng), resample_counts(P.shape[1], n_boot, rng)
+    a, r = auc_draws(P, cm, cn), auc_draws(R, cm, cn)
+    return _percentile_interval((P.mean() - R.mean()) / R.mean(), (a - r) / r, level)

@@ -238,3 +238,42 @@ def export_memory(model: nn.Module, dtype: str = "fp32") -> dict[str, object]:
             del m._libortho_train_hook
             del m.memory
     return streams
+
+
+def attach_streams(model: nn.Module, streams: dict[str, object], ctx: MemoryContext | None = None) -> MemoryContext:
+    """The inverse of :func:`export_memory`: put stored memory streams back as trainable modules (fp32).
+
+    Gives the full-precision model with its memory (alpha = 1 at full precision: ``ctx.memory_on``),
+    and what a relearning attack or further training starts from. Returns the context that
+    switches the memory (``memory_on = False`` is alpha = 0).
+    """
+    from libortho.streams import LowRankMemory, NeuronMemory, SparseOrtho
+
+    ctx = ctx or MemoryContext()
+    act = getattr(getattr(model, "config", None), "hidden_act", None) or "silu"
+    for name, s in streams.items():
+        if isinstance(s, SparseOrtho):
+            lin = model.get_submodule(name)
+            support = torch.zeros(s.shape, dtype=torch.bool)
+            support.view(-1)[s.indices.long()] = True
+            mem = MemoryLinear(lin, "sparse", ctx, support)
+            mem.delta.data.copy_(s.to_dense(torch.float32))
+            replace_module(model, name, mem)
+        elif isinstance(s, LowRankMemory):
+            lin = model.get_submodule(name)
+            mem = MemoryLinear(lin, "lowrank", ctx, rank=s.rank)
+            mem.mem_A.data.copy_(s.A.float())
+            mem.mem_B.data.copy_(s.B.float())
+            replace_module(model, name, mem)
+        elif isinstance(s, NeuronMemory):
+            mlp = model.get_submodule(name)
+            if s.activation != act:
+                raise ValueError(f"{name}: stream activation {s.activation!r} differs from the model's {act!r}")
+            neurons = TrainNeurons(s.d_model, s.n_neurons, s.activation, ctx, 0.0)
+            for part in ("gate", "up", "down"):
+                getattr(neurons, part).data.copy_(getattr(s, part).float())
+            mlp.memory = neurons
+            mlp._libortho_train_hook = mlp.register_forward_hook(_mlp_hook).id
+        else:
+            raise TypeError(f"{name}: {type(s).__name__} is not a memory stream")
+    return ctx

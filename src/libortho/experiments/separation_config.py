@@ -1,0 +1,152 @@
+"""Configuration of the separation experiment (issue 8), with presets for the two test beds.
+
+One config describes one *run*: a screening run (one seed, every method, the label-noise arm for
+the two best) or a confirmation run (fresh seeds, the headline rows, the method fixed before it
+starts). Every trained model and every evaluation is cached by the part of this config it
+depends on, so an interrupted run resumes stage by stage.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any, Literal
+
+from libortho.config import QuantConfig
+from libortho.eval.harness import HarnessConfig
+from libortho.experiments.config import TINY_ARCH
+from libortho.train.loop import TrainConfig
+from libortho.train.separation import SEPARATION, SeparationConfig
+from libortho.train.unlearn import UNLEARNING
+
+Stage = Literal["screening", "confirmation"]
+CANARY_KINDS = ("id", "phone", "email", "card", "digits")
+
+
+@dataclass(frozen=True)
+class UnlearnSweep:
+    """The grid each unlearning baseline is tuned on (the same budget for all three)."""
+
+    lrs: tuple[float, ...] = (1e-5, 3e-5, 1e-4)
+    steps: tuple[int, ...] = (10, 30)
+    batch_size: int = 8
+    retain_batch_size: int = 8
+
+
+@dataclass(frozen=True)
+class SeparationExpConfig:
+    """Every knob of the separation experiment.
+
+    Data: ``members`` canaries inside public-domain passages (``context_chars``), each seen
+    ``repeats`` times, ``nonmembers`` for membership inference, ``free_len`` random digits per
+    secret (spaces of 10^3-10^4: exact exposure); ``public_blocks`` blocks of the domain.
+    Training: ``finetune`` is the schedule of plain fine-tuning, of both retrain references and of
+    every method (``separation`` holds the method knobs; ``method_overrides`` per method).
+    Evaluation: INT4 ``quant`` base calibrated on ``calib_blocks`` public blocks; alpha 0 and 1.
+    """
+
+    model: str = "tiny"
+    stage: Stage = "screening"
+    seeds: tuple[int, ...] = (0,)
+    domain: str = "shakespeare"
+    general: str = "auto"
+    block_len: int = 128
+    public_blocks: int = 256
+    members: int = 128
+    nonmembers: int = 512
+    kinds: tuple[str, ...] = CANARY_KINDS
+    free_len: int = 4
+    repeats: int = 10
+    context_chars: int = 100
+    eval_len: int = 256
+    eval_blocks: int = 16
+    general_blocks: int = 16
+    tiny_arch: dict[str, int] = field(default_factory=lambda: dict(TINY_ARCH))
+    pretrain_blocks: int = 4800
+    pretrain: TrainConfig = field(default_factory=lambda: TrainConfig(lr=2e-3, steps=300, batch_size=16,
+                                                                      weight_decay=0.1, warmup=0.05))
+    finetune: TrainConfig = field(default_factory=lambda: TrainConfig(lr=1e-3, epochs=3.0, batch_size=16))
+    separation: SeparationConfig = field(default_factory=SeparationConfig)
+    method_overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
+    methods: tuple[str, ...] = ("two-phase", "mask", "route", "ogd", "memsink")
+    label_noise: tuple[float, ...] = (0.25, 0.5)
+    label_noise_methods: tuple[str, ...] | None = None  # None: the two best of this run
+    unlearning: tuple[str, ...] = ("gradient_ascent", "gradient_difference", "npo")
+    unlearn_sweep: UnlearnSweep = field(default_factory=UnlearnSweep)
+    relearn_steps: int = 20
+    delete_records: int = 16
+    quant: QuantConfig = field(default_factory=lambda: QuantConfig(bits=4, group_size=64, method="gptq"))
+    calib_blocks: int = 32
+    calib_len: int = 256
+    harness: HarnessConfig = field(default_factory=lambda: HarnessConfig(
+        exposure_samples=64, keep_scores=True, exposure_nonmember_limit=64))
+    bootstrap: int = 2000
+
+    def __post_init__(self) -> None:
+        SEPARATION.check(list(self.methods))
+        if self.label_noise_methods is not None:
+            SEPARATION.check(list(self.label_noise_methods))
+        bad = [u for u in self.unlearning if u not in UNLEARNING or u == "retrain"]
+        if bad:
+            raise ValueError(f"unknown unlearning baseline(s) {bad}; choose from gradient_ascent, "
+                             "gradient_difference, npo")
+        if self.stage not in ("screening", "confirmation"):
+            raise ValueError(f"stage must be 'screening' or 'confirmation', got {self.stage!r}")
+        if not self.seeds:
+            raise ValueError("give at least one seed")
+        for name in ("members", "nonmembers", "repeats", "public_blocks", "block_len", "context_chars"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if any(not 0 < f < 1 for f in self.label_noise):
+            raise ValueError(f"label-noise fractions must be in (0, 1), got {self.label_noise}")
+        unknown = set(self.method_overrides) - set(SEPARATION.names())
+        if unknown:
+            raise ValueError(f"method_overrides for unknown method(s) {sorted(unknown)}")
+
+    def method_config(self, method: str, seed: int) -> SeparationConfig:
+        """The separation config of ``method``: shared knobs, its overrides, the fine-tuning schedule."""
+        over = dict(self.method_overrides.get(method, {}))
+        return replace(self.separation, method=method, train=replace(self.finetune, seed=seed), seed=seed, **over)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> SeparationExpConfig:
+        """Inverse of :meth:`to_dict`; unknown keys are an error."""
+        known = {f.name for f in fields(cls)}
+        extra = set(d) - known
+        if extra:
+            raise ValueError(f"unknown separation experiment keys {sorted(extra)}")
+        kw = dict(d)
+        for key, typ in (("pretrain", TrainConfig), ("finetune", TrainConfig), ("quant", QuantConfig),
+                         ("harness", HarnessConfig), ("unlearn_sweep", UnlearnSweep)):
+            if isinstance(kw.get(key), dict):
+                v = {k: tuple(x) if isinstance(x, list) else x for k, x in kw[key].items()}
+                kw[key] = typ(**v)
+        if isinstance(kw.get("separation"), dict):
+            kw["separation"] = SeparationConfig.from_dict(kw["separation"])
+        for key in ("seeds", "kinds", "methods", "label_noise", "unlearning", "label_noise_methods"):
+            if isinstance(kw.get(key), list):
+                kw[key] = tuple(kw[key])
+        try:
+            return cls(**kw)
+        except TypeError as err:
+            raise ValueError(f"invalid separation experiment config: {err}") from err
+
+
+def separation_preset(model: str, stage: Stage = "screening") -> SeparationExpConfig:
+    """The default run for ``model`` (``tiny`` or a real model such as ``smollm2-135m``) and ``stage``."""
+    seeds = (0,) if stage == "screening" else (1, 2, 3)
+    if model == "tiny":
+        return SeparationExpConfig(
+            model="tiny", stage=stage, seeds=seeds, block_len=256, public_blocks=480, members=48, nonmembers=192,
+            free_len=3, repeats=24, finetune=TrainConfig(lr=1e-3, epochs=2.0, batch_size=16),
+            separation=SeparationConfig(neurons=64, rank=16, support_neurons=64),
+            harness=HarnessConfig(exposure_samples=64, keep_scores=True, exposure_nonmember_limit=48),
+            unlearn_sweep=UnlearnSweep(lrs=(1e-4, 3e-4), steps=(10, 30)), calib_blocks=16)
+    return SeparationExpConfig(
+        model=model, stage=stage, seeds=seeds, block_len=128, public_blocks=256, members=128, nonmembers=512,
+        free_len=4, repeats=10, finetune=TrainConfig(lr=3e-4, epochs=2.0, batch_size=8, bf16=True),
+        separation=SeparationConfig(neurons=64, rank=16, support_neurons=64),
+        harness=HarnessConfig(exposure_samples=64, keep_scores=True, exposure_nonmember_limit=64, batch_size=8),
+        calib_blocks=32, calib_len=256)

@@ -1,0 +1,236 @@
+"""Figures, goals and rankings of the separation experiment, computed from its result JSON.
+
+Every figure carries its n and a 95% interval: exact (Clopper-Pearson) for extraction counts,
+percentile bootstrap over canaries for mean exposure, over members and non-members for AUCs and
+(paired, the same resamples for both models) for PrivLeak, over evaluation blocks for perplexity.
+The goals are the issue's, judged against the *quantized* retrain reference for INT4 rows and the
+full-precision one for FP rows, so quantization loss is not mistaken for separation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from typing import Any
+
+import numpy as np
+
+from libortho.eval.stats import bootstrap_auc, bootstrap_mean, bootstrap_ppl, bootstrap_privleak, clopper_pearson
+
+RECORD_ATTACK = "min_k_plus_plus"  # MUSE's attack for PrivLeak
+PRIVLEAK_BOUND = 0.10
+EXPOSURE_SLACK_BITS = 1.0
+ALPHA1_EXPOSURE_SHARE = 0.9
+TIME_BUDGET = 1.3
+UTILITY_BUDGET = 1.10  # tuned unlearning: general perplexity at most 10% above the FP fine-tuned model's
+
+
+def _ci(iv: Any) -> dict[str, float]:
+    return {k: v for k, v in asdict(iv).items() if v is not None}
+
+
+def extracted(entry: dict[str, Any], idx: list[int] | None = None) -> tuple[int, int]:
+    """(extracted, evaluated) members of an evaluation, optionally among the members ``idx``."""
+    per = entry["metrics"]["per_canary"]
+    rows = per if idx is None else [per[i] for i in idx]
+    return sum(bool(p["extracted"]) for p in rows), len(rows)
+
+
+def figures(entry: dict[str, Any], n_boot: int = 2000, seed: int = 0) -> dict[str, Any]:
+    """Every headline figure of one evaluation with its n and interval."""
+    m = entry["metrics"]
+    k, n = extracted(entry)
+    out: dict[str, Any] = {"label": entry["label"], "group": entry["group"],
+                           "extraction": {"k": k, "n": n, **_ci(clopper_pearson(k, n))}}
+    expo = [p["exposure"] for p in m["per_canary"] if p["exposure"] is not None]
+    if expo:
+        out["exposure"] = {"n": len(expo), **_ci(bootstrap_mean(expo, n_boot, seed=seed))}
+    scores = m.get("mia_scores") or {}
+    for key, attack in (("secret_auc", "secret_loss"), ("record_auc", RECORD_ATTACK)):
+        if attack in scores:
+            s = scores[attack]
+            out[key] = {"n_members": len(s["members"]), "n_nonmembers": len(s["nonmembers"]),
+                        **_ci(bootstrap_auc(s["members"], s["nonmembers"], n_boot, seed=seed))}
+    for key in ("domain", "general"):
+        blocks = m.get(f"block_nll_{key}")
+        if blocks:
+            out[f"ppl_{key}"] = {"n_blocks": len(blocks), **_ci(bootstrap_ppl(blocks, n_boot, seed=seed))}
+        elif m.get(f"ppl_{key}") is not None:
+            out[f"ppl_{key}"] = {"estimate": m[f"ppl_{key}"]}
+    return out
+
+
+def privleak(entry: dict[str, Any], ref: dict[str, Any], n_boot: int = 2000, seed: int = 0) -> dict[str, Any]:
+    """PrivLeak of ``entry`` against ``ref`` (same records), secret-level and record-level."""
+    out = {}
+    for key, attack in (("secret", "secret_loss"), ("record", RECORD_ATTACK)):
+        a, r = entry["metrics"].get("mia_scores", {}).get(attack), ref["metrics"].get("mia_scores", {}).get(attack)
+        if a and r:
+            out[key] = _ci(bootstrap_privleak(a["members"], a["nonmembers"], r["members"], r["nonmembers"],
+                                              n_boot, seed=seed))
+    return out
+
+
+def pick_tuned(entries: dict[str, dict[str, Any]], ft: dict[str, Any]) -> str:
+    """The tuned setting of one unlearning baseline, by a rule fixed before looking at the results.
+
+    Among the settings whose general perplexity stays within ``UTILITY_BUDGET`` of the FP fine-tuned
+    model's, the one that forgets most (highest mean NLL of the member secrets); when none does,
+    the one with the lowest general perplexity.
+    """
+    budget = UTILITY_BUDGET * ft["metrics"]["ppl_general"]
+    ok = {k: e for k, e in entries.items() if e["metrics"]["ppl_general"] <= budget}
+    if ok:
+        return max(ok, key=lambda k: ok[k]["metrics"]["private_nll"])
+    return min(entries, key=lambda k: entries[k]["metrics"]["ppl_general"])
+
+
+def _point(entry: dict[str, Any], key: str) -> float | None:
+    m = entry["metrics"]
+    if key == "exposure":
+        return m["exposure"]["mean"]
+    return m[key]
+
+
+def rank_methods(evals: dict[str, dict[str, Any]], methods: tuple[str, ...]) -> list[dict[str, Any]]:
+    """Methods ordered by how many alpha = 0 / alpha = 1 goals their INT4 model meets (point estimates),
+    then by alpha = 0 exposure, then general perplexity. Fixed here, before any confirmation run."""
+    ref, ft = evals.get("retrain_masked_int4"), evals.get("ft_fp")
+    rows = []
+    for m in methods:
+        a0, a1 = evals.get(f"{m}_int4_a0"), evals.get(f"{m}_int4_a1")
+        if a0 is None or a1 is None or ref is None or ft is None:
+            continue
+        checks = {
+            "extraction_zero": extracted(a0)[0] == 0,
+            "exposure_within_1bit": _point(a0, "exposure") <= _point(ref, "exposure") + EXPOSURE_SLACK_BITS,
+            "general_ppl_not_worse": a0["metrics"]["ppl_general"] <= ref["metrics"]["ppl_general"] * 1.02,
+            "domain_ppl_not_worse": a0["metrics"]["ppl_domain"] <= ref["metrics"]["ppl_domain"] * 1.02,
+            "alpha1_keeps_exposure": _point(a1, "exposure") >= ALPHA1_EXPOSURE_SHARE * _point(ft, "exposure"),
+        }
+        rows.append({"method": m, "checks": checks, "met": sum(checks.values()),
+                     "exposure_a0": _point(a0, "exposure"), "ppl_general_a0": a0["metrics"]["ppl_general"]})
+    return sorted(rows, key=lambda r: (-r["met"], r["exposure_a0"], r["ppl_general_a0"]))
+
+
+def _inside(x: float, iv: dict[str, float]) -> bool:
+    return iv["low"] <= x <= iv["high"]
+
+
+def _within_reference(fig: dict, ref: dict, pl: dict) -> dict[str, Any]:
+    """The alpha = 0 goals of one row against its retrain reference (figures already computed)."""
+    goals: dict[str, Any] = {}
+    goals["extraction_zero"] = {"measured": fig["extraction"]["k"], "n": fig["extraction"]["n"], "goal": 0,
+                                "holds": fig["extraction"]["k"] == 0}
+    if "exposure" in fig and "exposure" in ref:
+        bound = ref["exposure"]["estimate"] + EXPOSURE_SLACK_BITS
+        goals["exposure_within_1bit"] = {"measured": fig["exposure"]["estimate"], "ci": fig["exposure"],
+                                         "goal": bound, "holds": fig["exposure"]["estimate"] <= bound}
+    for kind in ("secret", "record"):
+        if kind in pl:
+            iv = pl[kind]
+            goals[f"privleak_{kind}"] = {"measured": iv["estimate"], "ci": iv, "goal": f"95% CI in ±{PRIVLEAK_BOUND}",
+                                         "holds": iv["low"] >= -PRIVLEAK_BOUND and iv["high"] <= PRIVLEAK_BOUND}
+    for key in ("ppl_domain", "ppl_general"):
+        if "low" in fig.get(key, {}) and "low" in ref.get(key, {}):
+            goals[f"{key}_in_reference_ci"] = {"measured": fig[key]["estimate"], "goal": ref[key],
+                                               "holds": _inside(fig[key]["estimate"], ref[key])}
+    return goals
+
+
+def method_goals(m: str, figs: dict[str, dict], evals: dict[str, dict], stages: dict[str, Any],
+                 pls: dict[str, dict]) -> dict[str, Any]:
+    """Every goal of the issue for method ``m`` on one seed (INT4 and FP base)."""
+    out: dict[str, Any] = {}
+    for base, ref in (("int4", "retrain_masked_int4"), ("fp", "retrain_masked_fp")):
+        row = f"{m}_{base}_a0"
+        if row in figs and ref in figs:
+            out[f"alpha0_{base}"] = _within_reference(figs[row], figs[ref], pls.get(row, {}))
+    a1, ft = figs.get(f"{m}_int4_a1"), figs.get("ft_fp")
+    if a1 and ft and "exposure" in a1 and "exposure" in ft:
+        goal = ALPHA1_EXPOSURE_SHARE * ft["exposure"]["estimate"]
+        out["alpha1_exposure"] = {"measured": a1["exposure"]["estimate"], "goal": goal,
+                                  "holds": a1["exposure"]["estimate"] >= goal}
+    out["relearn"] = _relearn_goal(m, evals)
+    cost = evals.get(f"{m}_int4_a0", {}).get("cost", {})
+    ft_s = stages.get("ft", {}).get("wall_s")
+    if cost.get("wall_s") and ft_s:
+        total = cost["wall_s"] + (stages.get("retrain_masked", {}).get("wall_s", 0.0) if m == "two-phase" else 0.0)
+        out["training_time"] = {"measured": total / ft_s, "goal": TIME_BUDGET, "holds": total / ft_s <= TIME_BUDGET,
+                                "seconds": total, "plain_seconds": ft_s}
+    out["dominates_unlearning"] = _dominance(f"{m}_int4_a0", evals)
+    return out
+
+
+def _relearn_goal(m: str, evals: dict[str, dict]) -> dict[str, Any] | None:
+    res = {}
+    for data in ("public", "public+half"):
+        a, r = evals.get(f"relearn_{m}_{data}"), evals.get(f"relearn_retrain_masked_{data}")
+        if a and r:
+            ka, n = extracted(a)
+            kr, _ = extracted(r)
+            res[data] = {"recovered": ka, "reference_recovered": kr, "n": n, "holds": ka <= kr}
+    return res or None
+
+
+def _dominance(row: str, evals: dict[str, dict]) -> dict[str, Any]:
+    """Whether ``row`` has at most the exposure and at most the general perplexity of each tuned baseline."""
+    me = evals.get(row)
+    out = {}
+    if me is None or me["metrics"]["exposure"]["mean"] is None:
+        return out
+    for name, e in evals.items():
+        if e.get("group") != "unlearning" or e["metrics"]["exposure"]["mean"] is None:
+            continue
+        out[name] = (me["metrics"]["exposure"]["mean"] <= e["metrics"]["exposure"]["mean"]
+                     and me["metrics"]["ppl_general"] <= e["metrics"]["ppl_general"])
+    return out
+
+
+def _reference_of(name: str, entry: dict[str, Any]) -> str | None:
+    if entry["group"] in ("relearn", "unlearning_sweep") or name.startswith("retrain_masked") or name == "pre":
+        return None
+    return "retrain_masked_int4" if "int4" in name else "retrain_masked_fp"
+
+
+def summarise_seed(seed_result: dict[str, Any], methods: tuple[str, ...], n_boot: int) -> dict[str, Any]:
+    """Figures of every evaluation, PrivLeak against its reference, and every method's goals."""
+    evals, stages = seed_result["evals"], seed_result["stages"]
+    figs = {n: figures(e, n_boot) for n, e in evals.items()}
+    pls = {}
+    for n, e in evals.items():
+        ref = _reference_of(n, e)
+        if ref and ref in evals and e["group"] != "unlearning_sweep":
+            pls[n] = privleak(e, evals[ref], n_boot)
+    goals = {m: method_goals(m, figs, evals, stages, pls) for m in methods if f"{m}_int4_a0" in evals}
+    return {"figures": figs, "privleak": pls, "goals": goals, "ranking": rank_methods(evals, methods),
+            "label_noise": _label_noise(seed_result)}
+
+
+def _label_noise(seed_result: dict[str, Any]) -> dict[str, Any]:
+    """Extraction at alpha = 0 of the unlabelled and the labelled members, per noisy row."""
+    out = {}
+    for name, e in seed_result["evals"].items():
+        if e.get("group") != "label_noise" or e.get("alpha") != 0.0:
+            continue
+        off = seed_result["unlabelled"].get(str(e["noise"]), [])
+        on = [i for i in range(len(e["metrics"]["per_canary"])) if i not in set(off)]
+        out[name] = {"noise": e["noise"], "method": e["method"], "unlabelled": extracted(e, off),
+                     "labelled": extracted(e, on)}
+    return out
+
+
+def summarise_separation(result: dict[str, Any]) -> dict[str, Any]:
+    """The summary of every seed, and (several seeds) each method's goal outcomes across seeds."""
+    cfg = result["config"]
+    methods = tuple(cfg["methods"])
+    seeds = {s: summarise_seed(r, methods, cfg.get("bootstrap", 2000)) for s, r in result["seeds"].items()}
+    across: dict[str, Any] = {}
+    for m in methods:
+        rows = [s["goals"].get(m) for s in seeds.values() if m in s["goals"]]
+        if rows:
+            across[m] = {"seeds": len(rows), "alpha0_int4_all_hold": [
+                all(g.get("holds", True) for g in r.get("alpha0_int4", {}).values()) for r in rows]}
+    return {"seeds": seeds, "across_seeds": across,
+            "exposure_a0_int4": {m: [float(np.round(s["figures"][f"{m}_int4_a0"]["exposure"]["estimate"], 4))
+                                     for s in seeds.values() if f"{m}_int4_a0" in s["figures"]
+                                     and "exposure" in s["figures"][f"{m}_int4_a0"]] for m in methods}}
