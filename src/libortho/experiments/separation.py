@@ -167,8 +167,9 @@ def _references(run: SeedRun) -> dict[str, nn.Module]:
     key = run.base_key
     run.evaluate("pre", "pre-fine-tune", "reference", run.load_pre, {**key, "m": "pre"})
     models = {"ft": run.trained("ft", d.rows(0.0))[0],
-              "retrain_masked": run.trained("retrain_masked", d.rows(0.0).without_private_loss())[0],
-              "retrain_dropped": run.trained("retrain_dropped", d.rows_without_records())[0]}
+              "retrain_masked": run.trained("retrain_masked", d.rows(0.0).without_private_loss())[0]}
+    if cfg.retrain_dropped:
+        models["retrain_dropped"] = run.trained("retrain_dropped", d.rows_without_records())[0]
     labels = {"ft": "FP fine-tuned", "retrain_masked": "Retrain, secrets masked",
               "retrain_dropped": "Retrain, records dropped"}
     for name, model in models.items():
@@ -307,7 +308,7 @@ def run_seed(run: SeedRun) -> None:
     """Every stage of one seed, in order (each cached)."""
     cfg = run.cfg
     models = _references(run)
-    _methods(run, full=True)
+    _methods(run, full=cfg.full_precision_rows)
     if cfg.unlearning:
         _unlearning(run, models["ft"])
     ranking = rank_methods(run.evals, cfg.methods)
@@ -316,10 +317,12 @@ def run_seed(run: SeedRun) -> None:
     noisy = cfg.label_noise_methods if cfg.label_noise_methods is not None else tuple(r["method"] for r in ranking[:2])
     for f in cfg.label_noise:
         _methods(run, noise=f, methods=noisy, full=False)
-    if best is not None:
+    if best is not None and cfg.relearn_steps:
         shared, streams, _ = run.method(best)
         _relearn(run, best, lambda: dual_stream(shared, streams, run.data.calibration, cfg.quant, alpha=0.0)[0])
-    _relearn(run, "retrain_masked", lambda: quantized(models["retrain_masked"], run.data.calibration, cfg.quant)[0])
+    if cfg.relearn_steps:
+        _relearn(run, "retrain_masked",
+                 lambda: quantized(models["retrain_masked"], run.data.calibration, cfg.quant)[0])
     if "memsink" in cfg.methods and cfg.delete_records:
         _delete_records(run)
 

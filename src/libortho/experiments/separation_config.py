@@ -72,8 +72,10 @@ class SeparationExpConfig:
     label_noise_methods: tuple[str, ...] | None = None  # None: the two best of this run
     unlearning: tuple[str, ...] = ("gradient_ascent", "gradient_difference", "npo")
     unlearn_sweep: UnlearnSweep = field(default_factory=UnlearnSweep)
-    relearn_steps: int = 20
-    delete_records: int = 16
+    relearn_steps: int = 20  # 0: no relearning attack
+    delete_records: int = 16  # 0: no memsink deletion
+    retrain_dropped: bool = True  # the second retrain reference
+    full_precision_rows: bool = True  # methods also measured with a full-precision base
     quant: QuantConfig = field(default_factory=lambda: QuantConfig(bits=4, group_size=64, method="gptq"))
     calib_blocks: int = 32
     calib_len: int = 256
@@ -150,3 +152,9 @@ def separation_preset(model: str, stage: Stage = "screening") -> SeparationExpCo
         separation=SeparationConfig(neurons=64, rank=16, support_neurons=64),
         harness=HarnessConfig(exposure_samples=64, keep_scores=True, exposure_nonmember_limit=64, batch_size=8),
         calib_blocks=32, calib_len=256)
+
+
+def demo_preset(method: str) -> SeparationExpConfig:
+    """``make demo``: the tiny model, one method against plain fine-tuning and the masked retrain, nothing else."""
+    return replace(separation_preset("tiny"), methods=(method,), unlearning=(), label_noise=(), relearn_steps=0,
+                   delete_records=0, retrain_dropped=False, full_precision_rows=False)
