@@ -86,3 +86,44 @@ def test_bootstrap_p_value_small_for_a_consistent_shift_and_large_for_noise() ->
     assert paired_bootstrap_ppl_diff(base + 0.02, base, n_boot=2000).p_value <= 1 / 2000 + 1e-12
     noise = paired_bootstrap_ppl_diff(base + rng.normal(0, 0.05, size=32), base, n_boot=2000)
     assert noise.p_value > 0.05
+
+
+def test_pair_matrix_auc_equals_sklearn_and_bootstrap_interval_brackets_it() -> None:
+    from sklearn.metrics import roc_auc_score
+
+    from libortho.eval.stats import bootstrap_auc, pair_matrix
+
+    rng = np.random.default_rng(0)
+    m = np.round(rng.normal(0.5, 1, 40), 1)  # rounding makes ties, which count one half
+    n = np.round(rng.normal(0.0, 1, 90), 1)
+    want = roc_auc_score(np.r_[np.ones(40), np.zeros(90)], np.r_[m, n])
+    assert pair_matrix(m, n).mean() == pytest.approx(want, abs=1e-12)
+    iv = bootstrap_auc(m, n, n_boot=500, seed=1)
+    assert iv.estimate == pytest.approx(want, abs=1e-12) and iv.low < want < iv.high
+    # a slow bootstrap by explicit resampling gives the same spread
+    slow = [roc_auc_score(np.r_[np.ones(40), np.zeros(90)],
+                          np.r_[m[rng.integers(0, 40, 40)], n[rng.integers(0, 90, 90)]]) for _ in range(500)]
+    assert iv.high - iv.low == pytest.approx(np.quantile(slow, 0.975) - np.quantile(slow, 0.025), rel=0.25)
+
+
+def test_privleak_is_zero_against_itself_and_signed_against_a_weaker_reference() -> None:
+    from libortho.eval.stats import bootstrap_privleak
+
+    rng = np.random.default_rng(2)
+    m, n = rng.normal(1, 1, 60), rng.normal(0, 1, 200)
+    same = bootstrap_privleak(m, n, m, n, n_boot=300)
+    assert same.estimate == 0.0 and same.low == 0.0 and same.high == 0.0
+    ref_m = rng.normal(0, 1, 60)  # a reference that did not memorise: AUC ~ 0.5
+    leak = bootstrap_privleak(m, n, ref_m, n, n_boot=300)
+    assert leak.estimate > 0.3 and leak.low > 0
+    with pytest.raises(ValueError, match="same records"):
+        bootstrap_privleak(m, n, m[:10], n)
+
+
+def test_bootstrap_ppl_is_exp_of_mean_block_nll() -> None:
+    from libortho.eval.stats import bootstrap_ppl
+
+    nll = [3.0, 3.2, 2.9, 3.1, 3.05]
+    iv = bootstrap_ppl(nll, n_boot=400)
+    assert iv.estimate == pytest.approx(math.exp(np.mean(nll)))
+    assert math.exp(min(nll)) <= iv.low <= iv.estimate <= iv.high <= math.exp(max(nll))
