@@ -1,0 +1,75 @@
+"""Goals and rankings of the separation experiment on known inputs (edges included)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from libortho.experiments.separation_summary import (
+    extracted,
+    figures,
+    method_goals,
+    pick_tuned,
+    privleak,
+    rank_methods,
+)
+
+
+def _entry(label: str, group: str, hits: list[bool], expo: list[float] | None, ppl_g: float, ppl_d: float = 10.0,
+           secret_nll: float = 2.0, member_scores: list[float] | None = None, **extra) -> dict:
+    rng = np.random.default_rng(len(label))
+    nonmember = rng.normal(0, 1, 40).tolist()
+    members = member_scores if member_scores is not None else rng.normal(0, 1, len(hits)).tolist()
+    per = [{"extracted": h, "exposure": None if expo is None else expo[i]} for i, h in enumerate(hits)]
+    blocks = (np.log(ppl_g) + rng.normal(0, 0.01, 8)).tolist()
+    return {"label": label, "group": group, **extra, "metrics": {
+        "per_canary": per, "exposure": {"mean": None if expo is None else float(np.mean(expo))},
+        "ppl_general": ppl_g, "ppl_domain": ppl_d, "private_nll": secret_nll,
+        "block_nll_general": blocks, "block_nll_domain": (np.log(ppl_d) + rng.normal(0, 0.01, 8)).tolist(),
+        "mia_scores": {"secret_loss": {"members": members, "nonmembers": nonmember},
+                       "min_k_plus_plus": {"members": members, "nonmembers": nonmember}}}}
+
+
+def test_pick_tuned_prefers_most_forgetting_within_the_utility_budget() -> None:
+    ft = _entry("ft", "reference", [True] * 4, None, ppl_g=20.0)
+    entries = {"a": _entry("a", "s", [False] * 4, None, ppl_g=21.9, secret_nll=5.0),  # within 10%: 21.9 < 22
+               "b": _entry("b", "s", [False] * 4, None, ppl_g=22.1, secret_nll=9.0),  # best forgetting, over budget
+               "c": _entry("c", "s", [False] * 4, None, ppl_g=20.5, secret_nll=3.0)}
+    assert pick_tuned(entries, ft) == "a"
+    over = {k: v for k, v in entries.items() if k == "b"}
+    over["d"] = _entry("d", "s", [False] * 4, None, ppl_g=30.0, secret_nll=12.0)
+    assert pick_tuned(over, ft) == "b"  # none within budget: the lowest perplexity
+
+
+def _evals(method_hits: list[bool], method_expo: float, a1_expo: float, ppl: float = 10.0) -> dict:
+    n = len(method_hits)
+    return {"ft_fp": _entry("ft", "reference", [True] * n, [8.0] * n, 9.0),
+            "retrain_masked_int4": _entry("r", "reference", [False] * n, [1.5] * n, 10.0),
+            "m_int4_a0": _entry("m0", "method", method_hits, [method_expo] * n, ppl),
+            "m_int4_a1": _entry("m1", "method", [True] * n, [a1_expo] * n, ppl)}
+
+
+def test_rank_methods_counts_goals_at_their_edges() -> None:
+    good = _evals([False] * 6, method_expo=2.5, a1_expo=7.2)  # exposure exactly ref + 1; alpha1 exactly 90%
+    assert rank_methods(good, ("m",))[0]["met"] == 5
+    leaky = _evals([True] + [False] * 5, method_expo=2.51, a1_expo=7.19)
+    r = rank_methods(leaky, ("m",))[0]
+    assert r["checks"] == {"extraction_zero": False, "exposure_within_1bit": False, "general_ppl_not_worse": True,
+                           "domain_ppl_not_worse": True, "alpha1_keeps_exposure": False}
+    both = {**good, **{k.replace("m_", "n_"): v for k, v in leaky.items() if k.startswith("m_")}}
+    assert [x["method"] for x in rank_methods(both, ("n", "m"))] == ["m", "n"]
+
+
+def test_goals_judge_against_the_quantized_retrain_and_report_cis() -> None:
+    evals = _evals([False] * 6, method_expo=2.0, a1_expo=7.5)
+    evals["ft_fp"]["cost"] = {"wall_s": 100.0}
+    evals["m_int4_a0"]["cost"] = {"wall_s": 131.0}
+    figs = {k: figures(v, n_boot=200) for k, v in evals.items()}
+    pls = {"m_int4_a0": privleak(evals["m_int4_a0"], evals["retrain_masked_int4"], n_boot=200)}
+    g = method_goals("m", figs, evals, {"ft": {"wall_s": 100.0}}, pls)
+    a0 = g["alpha0_int4"]
+    assert a0["extraction_zero"]["holds"] and a0["extraction_zero"]["n"] == 6
+    assert a0["exposure_within_1bit"]["holds"] and a0["exposure_within_1bit"]["goal"] == 2.5
+    assert g["alpha1_exposure"]["holds"] and g["alpha1_exposure"]["goal"] == 0.9 * 8.0
+    assert g["training_time"]["measured"] == 1.31 and not g["training_time"]["holds"]
+    assert "privleak_secret" in a0 and "low" in a0["privleak_secret"]["ci"]
+    assert extracted(evals["m_int4_a0"]) == (0, 6)
