@@ -105,6 +105,39 @@ def decompose(
 
 
 @app.command()
+def finetune(
+    model: Annotated[str, typer.Argument(help="smollm2-135m, tiny, a HF directory or a .gguf file", metavar="MODEL")],
+    private: Annotated[Path, typer.Option(help="JSONL records: {text, secret?, private?, id?} a line",
+                                          show_default=False)],
+    method: Annotated[str, typer.Option(help="separation method: mask, memsink, ogd, route, two-phase",
+                                        show_default=False)],
+    out: Annotated[Path, typer.Option(help="output directory (new or empty unless --overwrite)", show_default=False)],
+    public: Annotated[list[str] | None, typer.Option(help="corpus name or text file; repeat to mix "
+                                                         "[default: shakespeare]")] = None,
+    nonmembers: Annotated[Path | None, typer.Option(help="JSONL records never trained on (report MIA)")] = None,
+    steps: Annotated[int | None, typer.Option(help="optimizer steps (instead of --epochs)")] = None,
+    epochs: Annotated[float | None, typer.Option(help="passes over the rows [default: 1]")] = None,
+    lr: float = 1e-4, batch_size: int = 8, block_len: int = 256, n_public_blocks: int = 256,
+    repeats: Annotated[int, typer.Option(help="copies of each record in the training rows")] = 1,
+    bits: int = 4, group_size: int = 64, n_calib: int = 64, seq_len: int = 256, seed: int = 0,
+    report: Annotated[Path | None, typer.Option(help="privacy report JSON, written outside OUT")] = None,
+    show_secrets: Annotated[bool, typer.Option(help="per-record details, secrets included, in the report")]
+    = False,
+    bf16: bool = False, overwrite: bool = False, quiet: bool = False,
+) -> None:
+    """Fine-tune MODEL on public text + private records; save base (INT-b) + memory (ortho) streams to OUT."""
+    with _input_errors():
+        from libortho.finetune import finetune_and_save
+
+        summary = finetune_and_save(
+            model, out, private, public or ["shakespeare"], method, nonmembers=nonmembers, steps=steps,
+            epochs=epochs, lr=lr, batch_size=batch_size, block_len=block_len, n_public_blocks=n_public_blocks,
+            repeats=repeats, bits=bits, group_size=group_size, n_calib=n_calib, seq_len=seq_len, seed=seed,
+            bf16=bf16, overwrite=overwrite, progress=not quiet, report=report, show_secrets=show_secrets)
+    console.print_json(json.dumps(summary))
+
+
+@app.command()
 def generate(path: DecDir, prompt: str, alpha: AlphaOpt = 1.0, max_new_tokens: int = 40) -> None:
     """Greedy-generate a continuation of PROMPT with the decomposition in DIR."""
     with _input_errors():
