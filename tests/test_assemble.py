@@ -7,7 +7,14 @@ import copy
 import pytest
 import torch
 
-from libortho.assemble import dequantized, dual_stream, full_precision_with_memory, load_streams, quantized, save_streams
+from libortho.assemble import (
+    dequantized,
+    dual_stream,
+    full_precision_with_memory,
+    load_streams,
+    quantized,
+    save_streams,
+)
 from libortho.config import QuantConfig
 from libortho.data.private import PrivateRecord, pack_private_records
 from libortho.data.records import TokenRows

@@ -208,3 +208,19 @@ def test_separate_refuses_unlabelled_rows_for_label_methods_and_unknown_methods(
         separate(_model(), rows, _cfg("mask"), progress=False)
     with pytest.raises(ValueError, match="unknown separation method"):
         SeparationConfig(method="magic")
+
+
+def test_two_phase_leaves_the_public_only_model_untouched_at_alpha0() -> None:
+    """Given the public-only model as phase 1, two-phase's shared weights stay that model, bit for bit."""
+    from libortho.train.methods.two_phase import TwoPhase
+
+    data = _data()
+    public_only = _model()
+    train(public_only, data.without_private_loss(), _cfg("two-phase").train, progress=False)
+    start = copy.deepcopy(public_only)
+    res = TwoPhase(_cfg("two-phase")).fit(start, data, progress=False, phase1_done=True)
+    ids = data.input_ids[:3]
+    with torch.no_grad():
+        assert torch.equal(res.model(input_ids=ids).logits, public_only(input_ids=ids).logits)
+    assert res.streams and all(k.endswith(".mlp") for k in res.streams)
+    assert "phase1" not in res.logs and res.logs["phase2"].steps > 0
