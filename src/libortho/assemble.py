@@ -30,18 +30,19 @@ from libortho.runtime.patch import attach_memory
 from libortho.streams.memory import stream_from_tensors
 
 
-def quantized(model: nn.Module, calibration: torch.Tensor | None, quant: QuantConfig) -> tuple[nn.Module, dict]:
+def quantized(model: nn.Module, calibration: torch.Tensor | None, quant: QuantConfig,
+              progress: bool = False) -> tuple[nn.Module, dict]:
     """A base-only INT-b copy of ``model`` (GPTQ needs ``calibration``; RTN does not); returns (model, stats)."""
     out = copy.deepcopy(model)
     cfg = DecomposeConfig(quant=quant, select=SelectConfig(), ortho=False)
-    res = decompose(out, calibration if quant.method != "rtn" else None, cfg)
+    res = decompose(out, calibration if quant.method != "rtn" else None, cfg, progress=progress)
     return out.eval(), dict(res.stats)
 
 
 def dual_stream(shared: nn.Module, streams: dict[str, Any], calibration: torch.Tensor | None, quant: QuantConfig,
-                alpha: float = 1.0) -> tuple[nn.Module, dict]:
+                alpha: float = 1.0, progress: bool = False) -> tuple[nn.Module, dict]:
     """The quantized shared model with the memory streams attached (see the module docstring)."""
-    model, stats = quantized(shared, calibration, quant)
+    model, stats = quantized(shared, calibration, quant, progress)
     attach_memory(model, streams, alpha=alpha)
     return model, stats
 
