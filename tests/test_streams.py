@@ -1,9 +1,20 @@
-"""Storage formats: BaseStream dequantization and validation, SparseOrtho sorting, views and validation."""
+"""Storage formats: BaseStream dequantization and validation, SparseOrtho sorting, views and validation,
+the memory forms (low-rank, neurons) and their registry."""
+
+import json
 
 import pytest
 import torch
 
-from libortho.streams import BaseStream, SparseOrtho
+from libortho.streams import (
+    STREAM_FORMS,
+    BaseStream,
+    LowRankMemory,
+    NeuronMemory,
+    SparseOrtho,
+    memory_params,
+    stream_from_tensors,
+)
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
@@ -110,3 +121,79 @@ def test_sparse_ortho_validation() -> None:
         SparseOrtho.from_mask(torch.zeros(2, 2), torch.zeros(2, 3, dtype=torch.bool))
     with pytest.raises(ValueError, match="unknown ortho dtype"):
         SparseOrtho.from_flat(torch.tensor([0]), torch.zeros(1), (2, 2), "fp8")
+
+
+def _lowrank(d_out: int, d_in: int, r: int, dtype: str = "fp32") -> LowRankMemory:
+    g = torch.Generator().manual_seed(0)
+    return LowRankMemory.from_factors(torch.randn(d_out, r, generator=g), torch.randn(r, d_in, generator=g), dtype)
+
+
+def _neurons(d: int, k: int, dtype: str = "fp32", activation: str = "silu") -> NeuronMemory:
+    g = torch.Generator().manual_seed(0)
+    return NeuronMemory.from_weights(torch.randn(k, d, generator=g), torch.randn(k, d, generator=g),
+                                     torch.randn(d, k, generator=g), activation, dtype)
+
+
+def test_lowrank_storage_and_validation() -> None:
+    m = _lowrank(6, 10, 3, dtype="bf16")
+    assert (m.shape, m.rank, m.kind, m.site) == ((6, 10), 3, "lowrank", "linear")
+    assert m.A.dtype == m.B.dtype == torch.bfloat16 and m.nbytes == 2 * 3 * (6 + 10) and memory_params(m) == 48
+    assert torch.equal(m.to_dense(), m.B.float() @ m.A.float()) and m.to_dense(torch.float16).dtype == torch.float16
+    back = stream_from_tensors(m.tensors(), json.loads(json.dumps(m.meta())))
+    assert isinstance(back, LowRankMemory) and torch.equal(back.A, m.A) and torch.equal(back.B, m.B)
+    assert m.meta() == {"kind": "lowrank", "site": "linear", "shape": [6, 10], "rank": 3, "dtype": "bf16"}
+    with pytest.raises(ValueError, match="do not chain"):
+        LowRankMemory(torch.zeros(6, 3), torch.zeros(4, 10))
+    with pytest.raises(ValueError, match="differ in dtype"):
+        LowRankMemory(torch.zeros(6, 3), torch.zeros(3, 10, dtype=torch.float16))
+    with pytest.raises(ValueError, match="2-D"):
+        LowRankMemory(torch.zeros(6), torch.zeros(3, 10))
+    with pytest.raises(ValueError, match="dtype"):
+        LowRankMemory(torch.zeros(6, 3, dtype=torch.float64), torch.zeros(3, 10, dtype=torch.float64))
+    with pytest.raises(ValueError, match="non-empty"):
+        LowRankMemory(torch.zeros(6, 0), torch.zeros(0, 10))
+    with pytest.raises(ValueError, match="unknown memory dtype"):
+        LowRankMemory.from_factors(torch.zeros(6, 3), torch.zeros(3, 10), "fp8")
+    with pytest.raises(ValueError, match="metadata says"):
+        LowRankMemory.from_tensors(m.tensors(), {**m.meta(), "rank": 4})
+    with pytest.raises(ValueError, match="'sparse' stream given to the 'lowrank' form"):
+        LowRankMemory.from_tensors(m.tensors(), {"kind": "sparse"})
+
+
+def test_neuron_storage_and_validation() -> None:
+    n = _neurons(8, 3, dtype="fp16", activation="gelu")
+    assert (n.n_neurons, n.d_model, n.kind, n.site, n.activation) == (3, 8, "neurons", "mlp", "gelu")
+    assert n.nbytes == 2 * 3 * 3 * 8 and memory_params(n) == 3 * 3 * 8
+    assert n.meta() == {"kind": "neurons", "site": "mlp", "n_neurons": 3, "d_model": 8, "dtype": "fp16",
+                        "activation": "gelu"}
+    back = stream_from_tensors(n.tensors(), n.meta())
+    assert isinstance(back, NeuronMemory) and back.activation == "gelu"
+    assert all(torch.equal(getattr(back, k), getattr(n, k)) for k in ("gate", "up", "down"))
+    z = torch.zeros
+    with pytest.raises(ValueError, match="shapes disagree"):
+        NeuronMemory(z(3, 8), z(3, 8), z(3, 8), "silu")  # down must be (d, k), not (k, d)
+    with pytest.raises(ValueError, match="shapes disagree"):
+        NeuronMemory(z(3, 8), z(2, 8), z(8, 3), "silu")
+    with pytest.raises(ValueError, match="differ in dtype"):
+        NeuronMemory(z(3, 8), z(3, 8, dtype=torch.bfloat16), z(8, 3), "silu")
+    with pytest.raises(ValueError, match="activation"):
+        NeuronMemory(z(3, 8), z(3, 8), z(8, 3), "")
+    with pytest.raises(ValueError, match="n_neurons=3, metadata says 4"):
+        NeuronMemory.from_tensors(n.tensors(), {**n.meta(), "n_neurons": 4})
+
+
+def test_registry_and_sparse_protocol() -> None:
+    assert {"sparse": SparseOrtho, "lowrank": LowRankMemory, "neurons": NeuronMemory} == STREAM_FORMS
+    s = SparseOrtho.from_flat(torch.tensor([5, 1]), torch.tensor([2.0, -1.0]), (2, 3), "bf16")
+    assert (s.kind, s.site) == ("sparse", "linear") and sorted(s.tensors()) == ["indices", "values"]
+    assert s.meta() == {"kind": "sparse", "site": "linear", "shape": [2, 3], "nnz": 2, "dtype": "bf16"}
+    back = stream_from_tensors(s.tensors(), s.meta())
+    assert torch.equal(back.to_dense(), s.to_dense()) and memory_params(back) == 2
+    for cls in STREAM_FORMS.values():
+        assert sorted(cls.tensor_names) == sorted(_form_example(cls).tensors())
+    with pytest.raises(ValueError, match="unknown memory stream kind 'dora'"):
+        stream_from_tensors({}, {"kind": "dora"})
+
+
+def _form_example(cls: type) -> object:
+    return {SparseOrtho: SparseOrtho.empty((2, 2)), LowRankMemory: _lowrank(2, 2, 1), NeuronMemory: _neurons(2, 1)}[cls]

@@ -1,6 +1,16 @@
-"""Storage formats of the two streams (no nn.Module here)."""
+"""Storage formats of the streams (no nn.Module here): the packed base and the memory forms."""
 
 from libortho.streams.base import BaseStream, expand_groups, num_groups
-from libortho.streams.ortho import SparseOrtho
+from libortho.streams.memory import (
+    SITES,
+    STREAM_FORMS,
+    LowRankMemory,
+    MemoryStream,
+    NeuronMemory,
+    memory_params,
+    stream_from_tensors,
+)
+from libortho.streams.ortho import DTYPES, SparseOrtho
 
-__all__ = ["BaseStream", "SparseOrtho", "expand_groups", "num_groups"]
+__all__ = ["DTYPES", "SITES", "STREAM_FORMS", "BaseStream", "LowRankMemory", "MemoryStream", "NeuronMemory",
+           "SparseOrtho", "expand_groups", "memory_params", "num_groups", "stream_from_tensors"]

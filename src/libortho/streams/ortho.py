@@ -7,15 +7,34 @@ Entries are stored as row-major *sorted* flat indices ``i * d_in + j`` (int32) a
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """The short name (``fp16``/``bf16``/``fp32``) of a memory stream dtype; ValueError for any other."""
+    if dtype not in DTYPE_NAMES:
+        raise ValueError(f"memory stream dtype {dtype} is not one of {sorted(DTYPES)}")
+    return DTYPE_NAMES[dtype]
+
+
+def check_meta_kind(meta: dict[str, Any], kind: str) -> None:
+    """Refuse stream metadata written for another form (``from_tensors`` of the wrong class)."""
+    if meta.get("kind", kind) != kind:
+        raise ValueError(f"metadata of a {meta.get('kind')!r} stream given to the {kind!r} form")
 
 
 @dataclass(frozen=True, eq=False)
 class SparseOrtho:
-    """Sorted flat int32 indices + values of one ``(d_out, d_in)`` sparse matrix."""
+    """Sorted flat int32 indices + values of one ``(d_out, d_in)`` sparse matrix (memory form ``sparse``)."""
+
+    kind: ClassVar[str] = "sparse"
+    site: ClassVar[str] = "linear"  # added to one linear layer's output
+    tensor_names: ClassVar[tuple[str, ...]] = ("indices", "values")  # what tensors() returns, in file order
 
     indices: torch.Tensor  # int32 (nnz,), strictly increasing
     values: torch.Tensor  # fp16/bf16/fp32 (nnz,)
@@ -72,6 +91,22 @@ class SparseOrtho:
     @property
     def nbytes(self) -> int:
         return self.indices.numel() * 4 + self.values.numel() * self.values.element_size()
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The named tensors a file stores: ``indices`` (int32) and ``values``."""
+        return {"indices": self.indices, "values": self.values}
+
+    def meta(self) -> dict[str, Any]:
+        """JSON-able description for a manifest: form, site, shape, nnz and value dtype."""
+        return {"kind": self.kind, "site": self.site, "shape": list(self.shape), "nnz": self.nnz,
+                "dtype": dtype_name(self.values.dtype)}
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> SparseOrtho:
+        """Inverse of :meth:`tensors` / :meth:`meta` (the shape comes from ``meta``)."""
+        check_meta_kind(meta, cls.kind)
+        shape = meta["shape"]
+        return cls(tensors["indices"], tensors["values"], (int(shape[0]), int(shape[1])))
 
     def rows_cols(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Row and column index (int64) of every stored entry."""
