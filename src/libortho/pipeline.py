@@ -30,7 +30,7 @@ from libortho.models.layers import block_linears, decoder_blocks
 from libortho.quant import quantize
 from libortho.runtime import OrthoLinear, replace_module
 from libortho.select import global_threshold, impact_scores, optimal_values, threshold_mask, topk_mask
-from libortho.streams import BaseStream, SparseOrtho
+from libortho.streams import BaseStream, LowRankMemory, SparseOrtho
 
 
 class _StopForward(Exception):
@@ -207,8 +207,11 @@ def select_ortho(records: dict[str, LayerRecord], cfg: SelectConfig) -> dict[str
     return {n: make_ortho(r.weight, r.base, r.selection_hessian, cfg, threshold) for n, r in records.items()}
 
 
-def attach_ortho(model: nn.Module, ortho: dict[str, SparseOrtho], alpha: float = 1.0) -> None:
-    """Give the model's OrthoLinear layers their ortho streams and set alpha."""
+def attach_ortho(model: nn.Module, ortho: dict[str, SparseOrtho | LowRankMemory], alpha: float = 1.0) -> None:
+    """Give the model's OrthoLinear layers their linear-site memory streams and set alpha.
+
+    (Memory of every form, neurons included: :func:`libortho.runtime.attach_memory`.)
+    """
     mods = dict(model.named_modules())
     for name, o in ortho.items():
         mod = mods.get(name)

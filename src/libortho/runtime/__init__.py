@@ -1,7 +1,17 @@
-"""Runtime: OrthoLinear (base + alpha * ortho) inside ordinary Hugging Face models."""
+"""Runtime: OrthoLinear (base + alpha * memory) and MemoryNeurons inside ordinary Hugging Face models."""
 
 from libortho.runtime.linear import LOCKED_MESSAGE, OrthoLinear
-from libortho.runtime.patch import alpha_scope, get_alpha, ortho_layers, replace_module, set_alpha
+from libortho.runtime.memory_mlp import MemoryNeurons, attach_neurons, neuron_sites, remove_neurons
+from libortho.runtime.patch import (
+    alpha_scope,
+    attach_memory,
+    get_alpha,
+    ortho_layers,
+    replace_module,
+    set_alpha,
+    switchable_layers,
+)
 
-__all__ = ["LOCKED_MESSAGE", "OrthoLinear", "alpha_scope", "get_alpha", "ortho_layers", "replace_module",
-           "set_alpha"]
+__all__ = ["LOCKED_MESSAGE", "MemoryNeurons", "OrthoLinear", "alpha_scope", "attach_memory", "attach_neurons",
+           "get_alpha", "neuron_sites", "ortho_layers", "remove_neurons", "replace_module", "set_alpha",
+           "switchable_layers"]

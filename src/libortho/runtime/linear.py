@@ -1,4 +1,8 @@
-"""OrthoLinear: ``y = base(x) + alpha * ortho(x) + bias``, a drop-in for ``nn.Linear``."""
+"""OrthoLinear: ``y = base(x) + alpha * memory(x) + bias``, a drop-in for ``nn.Linear``.
+
+The memory of a linear site is a sparse ortho stream (:class:`SparseOrtho`) or a low-rank update
+(:class:`LowRankMemory`); both sit behind the same alpha switch.
+"""
 
 from __future__ import annotations
 
@@ -11,22 +15,24 @@ import torch
 from torch import nn
 
 from libortho.runtime.kernels import cpu
-from libortho.streams import BaseStream, SparseOrtho
+from libortho.streams import BaseStream, LowRankMemory, SparseOrtho
+
+LinearMemory = SparseOrtho | LowRankMemory
 
 LOCKED_MESSAGE = ("the ortho stream of this layer was not loaded (withheld or deleted): "
                   "it is locked at alpha = 0")
 
 
 class OrthoLinear(nn.Module):
-    """A linear layer stored as a b-bit base stream plus an optional sparse ortho stream.
+    """A linear layer stored as a b-bit base stream plus an optional memory stream (sparse or low-rank).
 
     ``alpha`` is a plain Python float, so the switch costs one branch per call; at ``alpha == 0``
-    the ortho stream is not touched (the null test). Without an ortho stream the layer is locked
+    the memory stream is not touched (the null test). Without a memory stream the layer is locked
     at ``alpha = 0``. Kernel tensors are non-persistent buffers; saving goes through
     ``base_stream``/``ortho_stream`` (the storage objects), so ``state_dict`` holds only the bias.
     """
 
-    def __init__(self, base: BaseStream, ortho: SparseOrtho | None = None, bias: torch.Tensor | None = None,
+    def __init__(self, base: BaseStream, ortho: LinearMemory | None = None, bias: torch.Tensor | None = None,
                  alpha: float = 1.0, base_dtype: torch.dtype = torch.bfloat16) -> None:
         super().__init__()
         self.out_features, self.in_features = base.shape
@@ -37,12 +43,14 @@ class OrthoLinear(nn.Module):
         self.register_buffer("_packed", None, persistent=False)
         self.register_buffer("_scales_zeros", None, persistent=False)
         self.register_buffer("_weight", None, persistent=False)
-        self.register_buffer("_csr", None, persistent=False)
+        self.register_buffer("_csr", None, persistent=False)  # sparse memory
+        self.register_buffer("_lr_A", None, persistent=False)  # low-rank memory (r, d_in)
+        self.register_buffer("_lr_B", None, persistent=False)  # low-rank memory (d_out, r)
         self._int4, self._dense_dtype, self.kernel_note = self._choose_kernel()
         if not self._int4:
             self._build_base()
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
-        self.ortho_stream: SparseOrtho | None = None
+        self.ortho_stream: LinearMemory | None = None
         self._alpha = 0.0
         self.set_ortho(ortho)
         self.alpha = alpha if ortho is not None else 0.0
@@ -54,8 +62,8 @@ class OrthoLinear(nn.Module):
 
     @property
     def locked(self) -> bool:
-        """True when no ortho stream is attached (alpha is pinned to 0)."""
-        return self._csr is None
+        """True when no memory stream is attached (alpha is pinned to 0)."""
+        return self.ortho_stream is None
 
     @property
     def alpha(self) -> float:
@@ -66,7 +74,7 @@ class OrthoLinear(nn.Module):
         value = float(value)
         if not math.isfinite(value):
             raise ValueError(f"alpha must be finite, got {value}")
-        if value != 0.0 and self._csr is None:
+        if value != 0.0 and self.ortho_stream is None:
             raise RuntimeError(LOCKED_MESSAGE)
         self._alpha = value
 
@@ -97,21 +105,30 @@ class OrthoLinear(nn.Module):
         else:
             self._weight = cpu.dense_base_weight(self.base_stream, self._dense_dtype)
 
-    def set_ortho(self, ortho: SparseOrtho | None) -> None:
-        """Attach (or detach, with None) the sparse ortho stream at run time; detaching sets alpha to 0."""
+    def set_ortho(self, ortho: LinearMemory | None) -> None:
+        """Attach (or detach, with None) the memory stream at run time; detaching sets alpha to 0."""
+        if ortho is not None and not isinstance(ortho, (SparseOrtho, LowRankMemory)):
+            raise TypeError(f"a linear layer takes a sparse or low-rank memory, not {type(ortho).__name__}")
         if ortho is not None and tuple(ortho.shape) != (self.out_features, self.in_features):
             raise ValueError(f"ortho shape {tuple(ortho.shape)} does not match layer "
                              f"{(self.out_features, self.in_features)}")
         self.ortho_stream = ortho
-        self._csr = None if ortho is None else cpu.ortho_csr(ortho)
+        self._build_memory()
         if ortho is None:
             self._alpha = 0.0
+
+    def _build_memory(self) -> None:
+        """(Re)build the kernel tensors of the memory stream: a CSR for sparse, fp32 factors for low-rank."""
+        o = self.ortho_stream
+        self._csr = cpu.ortho_csr(o) if isinstance(o, SparseOrtho) else None
+        self._lr_A, self._lr_B = cpu.lowrank_factors(o) if isinstance(o, LowRankMemory) else (None, None)
 
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> OrthoLinear:
         """``.to()``/``.half()`` move the bias; kernel tensors keep the dtypes their kernels need."""
         super()._apply(fn, recurse)
-        if self._csr is not None and self._csr.dtype != cpu.ORTHO_DTYPE:
-            self._csr = cpu.ortho_csr(self.ortho_stream)
+        if ((self._csr is not None and self._csr.dtype != cpu.ORTHO_DTYPE)
+                or (self._lr_A is not None and self._lr_A.dtype != cpu.MEMORY_DTYPE)):
+            self._build_memory()
         expected = cpu.INT4PACK_DTYPE if self._int4 else self._dense_dtype
         held = self._scales_zeros if self._int4 else self._weight
         if held.dtype != expected:
@@ -125,7 +142,7 @@ class OrthoLinear(nn.Module):
         state = dict(self.__dict__, _buffers={k: None if k == "_csr" else v for k, v in self._buffers.items()})
         for key, value in state.items():
             object.__setattr__(new, key, copy.deepcopy(value, memo))
-        if new.ortho_stream is not None:
+        if isinstance(new.ortho_stream, SparseOrtho):
             new._csr = cpu.ortho_csr(new.ortho_stream)
         return new
 
@@ -137,16 +154,19 @@ class OrthoLinear(nn.Module):
         return cpu.dense_base_matmul(x, self._weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``base(x) [+ alpha * ortho(x)] + bias``; output dtype equals ``x.dtype``."""
+        """``base(x) [+ alpha * memory(x)] + bias``; output dtype equals ``x.dtype``."""
         y = self.base_forward(x)
-        if self._alpha != 0.0 and self._csr is not None:
-            y = cpu.sparse_ortho_addmm_(y, x, self._csr, self._alpha)
+        if self._alpha != 0.0:
+            if self._csr is not None:
+                y = cpu.sparse_ortho_addmm_(y, x, self._csr, self._alpha)
+            elif self._lr_A is not None:
+                y = cpu.lowrank_addmm_(y, x, self._lr_A, self._lr_B, self._alpha)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y
 
     def effective_weight(self, alpha: float | None = None) -> torch.Tensor:
-        """Dense fp32 ``Q + alpha * W_ortho`` (analysis and tests; not used by forward)."""
+        """Dense fp32 ``Q + alpha * W_memory`` (analysis and tests; not used by forward)."""
         a = self._alpha if alpha is None else float(alpha)
         W = self.base_stream.dequantize(torch.float32)
         if a != 0.0:
@@ -157,7 +177,12 @@ class OrthoLinear(nn.Module):
 
     def extra_repr(self) -> str:
         b, o = self.base_stream, self.ortho_stream
-        ortho = f"nnz={o.nnz}, density={o.density:.4%}" if o is not None else "ortho=None (locked)"
+        if isinstance(o, SparseOrtho):
+            ortho = f"memory=sparse, nnz={o.nnz}, density={o.density:.4%}"
+        elif isinstance(o, LowRankMemory):
+            ortho = f"memory=lowrank, rank={o.rank}"
+        else:
+            ortho = "ortho=None (locked)"
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={b.bits}, "
                 f"group_size={b.group_size}, {ortho}, alpha={self._alpha:g}, bias={self.bias is not None}, "
                 f"kernel={self.kernel}")

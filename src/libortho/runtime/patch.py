@@ -1,4 +1,9 @@
-"""Putting OrthoLinear layers into a model and switching alpha at run time."""
+"""Putting OrthoLinear layers and memory streams into a model, and switching alpha at run time.
+
+The switch treats every memory site alike: :func:`switchable_layers` lists the OrthoLinear layers
+(linear sites: sparse or low-rank memory) and the MemoryNeurons of gated MLPs (mlp sites), and
+:func:`set_alpha` / :func:`get_alpha` / :func:`alpha_scope` act on both.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +15,10 @@ from contextlib import contextmanager
 from torch import nn
 
 from libortho.runtime.linear import LOCKED_MESSAGE, OrthoLinear
+from libortho.runtime.memory_mlp import MemoryNeurons, attach_neurons
+from libortho.streams import LowRankMemory, MemoryStream, NeuronMemory, SparseOrtho
+
+Switchable = OrthoLinear | MemoryNeurons
 
 
 def replace_module(model: nn.Module, qualified_name: str, new_module: nn.Module) -> nn.Module:
@@ -24,23 +33,30 @@ def replace_module(model: nn.Module, qualified_name: str, new_module: nn.Module)
 
 
 def ortho_layers(model: nn.Module) -> dict[str, OrthoLinear]:
-    """All OrthoLinear layers of ``model`` by qualified name."""
+    """All OrthoLinear layers of ``model`` by qualified name (the base streams; memory of any linear form)."""
     return {n: m for n, m in model.named_modules() if isinstance(m, OrthoLinear)}
 
 
-def _select(model: nn.Module, pattern: str | None) -> dict[str, OrthoLinear]:
-    """OrthoLinear layers whose qualified name matches regex ``pattern`` (``re.search``); all if None."""
-    layers = ortho_layers(model)
+def switchable_layers(model: nn.Module) -> dict[str, Switchable]:
+    """Every module behind the alpha switch by qualified name: OrthoLinear layers and MemoryNeurons
+    (the latter under their own name, e.g. ``model.layers.0.mlp.memory``)."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, (OrthoLinear, MemoryNeurons))}
+
+
+def _select(model: nn.Module, pattern: str | None) -> dict[str, Switchable]:
+    """Switchable layers whose qualified name matches regex ``pattern`` (``re.search``); all if None."""
+    layers = switchable_layers(model)
     if pattern is not None:
         rx = re.compile(pattern)
         layers = {n: m for n, m in layers.items() if rx.search(n)}
     if not layers:
-        raise ValueError("no OrthoLinear layer" + (f" matches pattern {pattern!r}" if pattern else " in model"))
+        raise ValueError("no OrthoLinear or MemoryNeurons layer"
+                         + (f" matches pattern {pattern!r}" if pattern else " in model"))
     return layers
 
 
 def set_alpha(model: nn.Module, alpha: float, pattern: str | None = None) -> int:
-    """Set alpha on every OrthoLinear (or those matching ``pattern``); returns how many were set.
+    """Set alpha on every switchable layer (or those matching ``pattern``); returns how many were set.
 
     All-or-nothing: if alpha != 0 and any selected layer is locked (ortho not loaded), nothing changes
     and a RuntimeError is raised. Raises ValueError when no layer is selected (a typo is not silent).
@@ -59,8 +75,8 @@ def set_alpha(model: nn.Module, alpha: float, pattern: str | None = None) -> int
 
 
 def get_alpha(model: nn.Module) -> dict[str, float]:
-    """Current alpha of every OrthoLinear layer by qualified name."""
-    return {n: m.alpha for n, m in ortho_layers(model).items()}
+    """Current alpha of every switchable layer (OrthoLinear and MemoryNeurons) by qualified name."""
+    return {n: m.alpha for n, m in switchable_layers(model).items()}
 
 
 @contextmanager
@@ -71,8 +87,37 @@ def alpha_scope(model: nn.Module, alpha: float, pattern: str | None = None) -> I
     try:
         yield model
     finally:
-        layers = ortho_layers(model)
+        layers = switchable_layers(model)
         for name, a in before.items():
             layer = layers.get(name)
             if layer is not None:
                 layer.alpha = 0.0 if layer.locked else a  # a layer detached inside the scope stays at 0
+
+
+def attach_memory(model: nn.Module, streams: dict[str, MemoryStream], alpha: float = 1.0,
+                  fill_empty: bool = True) -> int:
+    """Attach memory streams of any form: linear-site ones to the OrthoLinear of that name, neurons to that MLP.
+
+    With ``fill_empty`` every OrthoLinear that has no memory afterwards gets an empty sparse stream
+    (nnz = 0, a no-op at any alpha), so a model whose memory lives in a few sites switches as a whole;
+    only a withheld memory stays locked. Returns the number of streams attached.
+    """
+    mods = dict(model.named_modules())
+    for name, stream in streams.items():
+        if isinstance(stream, (SparseOrtho, LowRankMemory)):
+            if not isinstance(mods.get(name), OrthoLinear):
+                raise KeyError(f"{name!r} is not an OrthoLinear layer of this model")
+            mods[name].set_ortho(stream)
+            mods[name].alpha = alpha
+        elif isinstance(stream, NeuronMemory):
+            if name not in mods:
+                raise KeyError(f"{name!r} is not a module of this model")
+            attach_neurons(model, name, stream, alpha)
+        else:
+            raise TypeError(f"{name!r}: {type(stream).__name__} is not a memory stream")
+    if fill_empty:
+        for layer in ortho_layers(model).values():
+            if layer.ortho_stream is None:
+                layer.set_ortho(SparseOrtho.empty((layer.out_features, layer.in_features)))
+                layer.alpha = alpha
+    return len(streams)

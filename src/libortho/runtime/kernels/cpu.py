@@ -2,7 +2,9 @@
 
 * base stream, 4-bit: torch's packed INT4 matmul (``_weight_int4pack_mm_for_cpu``), bf16 activations;
 * base stream, anything else: the dequantized weight cached once in a compute dtype (bf16 default);
-* ortho stream: MKL CSR sparse matmul in fp32 (int32 indices), fused into the base output in place.
+* ortho stream: MKL CSR sparse matmul in fp32 (int32 indices), fused into the base output in place;
+* low-rank memory: two dense fp32 matmuls ``(x A^T) B^T``, fused into the base output in place;
+* neuron memory: the gated MLP of the added neurons, ``down (act(gate x) * up x)``, in fp32.
 
 Constraints of the INT4 kernel found by experiment on torch 2.13 (CPU):
 
@@ -37,10 +39,12 @@ cast once to ``base_dtype`` (bf16 by default: a relative rounding of at most 2^-
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 
 import torch
 
 from libortho.streams.base import BaseStream
+from libortho.streams.memory import LowRankMemory, NeuronMemory
 from libortho.streams.ortho import SparseOrtho
 
 INT4PACK_GROUP_SIZES = (32, 64, 128, 256)
@@ -48,6 +52,7 @@ INT4PACK_N_MULTIPLE = 16
 INT4PACK_DTYPE = torch.bfloat16
 INT4PACK_MAX_STEP_ERROR = 1 / 32  # largest per-group weight error (in grid steps) the INT4 kernel may add
 ORTHO_DTYPE = torch.float32
+MEMORY_DTYPE = torch.float32  # dense memory factors: fp16/bf16/fp32 storage is exact in fp32
 
 
 class KernelFallbackWarning(UserWarning):
@@ -147,3 +152,40 @@ def sparse_ortho_addmm_(y: torch.Tensor, x: torch.Tensor, csr: torch.Tensor, alp
     acc = y.reshape(-1, d_out).to(csr.dtype)  # a view of y when y is already fp32 and contiguous
     acc.t().addmm_(csr, x.reshape(-1, d_in).to(csr.dtype).t(), alpha=alpha)
     return acc.to(y.dtype).view(y.shape)
+
+
+def lowrank_factors(mem: LowRankMemory, dtype: torch.dtype = MEMORY_DTYPE) -> tuple[torch.Tensor, torch.Tensor]:
+    """Kernel copies ``(A (r, d_in), B (d_out, r))`` of a low-rank memory, contiguous in ``dtype``."""
+    return mem.A.to(dtype).contiguous(), mem.B.to(dtype).contiguous()
+
+
+def lowrank_addmm_(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, alpha: float) -> torch.Tensor:
+    """``y + alpha * (x @ A^T) @ B^T`` in the factors' dtype, accumulated in place into ``y`` when it is fp32.
+
+    The rank-r bottleneck ``x @ A^T`` comes first, so the cost is ``r (d_in + d_out)`` per token and the
+    dense update ``B @ A`` is never formed.
+    """
+    d_out, d_in = B.shape[0], A.shape[1]
+    acc = y.reshape(-1, d_out).to(B.dtype)  # a view of y when y is already in B.dtype and contiguous
+    low = x.reshape(-1, d_in).to(A.dtype) @ A.t()
+    acc.addmm_(low, B.t(), alpha=alpha)
+    return acc.to(y.dtype).view(y.shape)
+
+
+def neuron_tensors(mem: NeuronMemory, dtype: torch.dtype = MEMORY_DTYPE) -> tuple[torch.Tensor, ...]:
+    """Kernel copies ``(gate (k, d), up (k, d), down (d, k))`` of a neuron memory, contiguous in ``dtype``."""
+    return tuple(t.to(dtype).contiguous() for t in (mem.gate, mem.up, mem.down))
+
+
+def gated_neurons(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor,
+                  act: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """``down @ (act(gate @ x) * (up @ x))`` for ``x (..., d)``, computed and returned in the tensors' dtype."""
+    h = x.to(gate.dtype)
+    inner = act(torch.nn.functional.linear(h, gate)) * torch.nn.functional.linear(h, up)
+    return torch.nn.functional.linear(inner, down)
+
+
+def neurons_add(out: torch.Tensor, x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor,
+                 act: Callable[[torch.Tensor], torch.Tensor], alpha: float) -> torch.Tensor:
+    """``out + alpha * gated_neurons(x)`` (a new tensor), added in the tensors' dtype, rounded once to ``out.dtype``."""
+    return torch.add(out.to(gate.dtype), gated_neurons(x, gate, up, down, act), alpha=alpha).to(out.dtype)
