@@ -54,7 +54,9 @@ def test_round_trip_preserves_every_tensor(tmp_path) -> None:
     m = dec.manifest
     assert m["format_version"] == lio.FORMAT_VERSION and m["config"] == {"bits": 4}
     assert m["layers"]["layers.0.q"] == {"bits": 4, "group_size": 16, "shape": [8, 48], "nnz": 10,
-                                         "ortho_dtype": "float16"}
+                                         "ortho_dtype": "float16", "memory_kind": "sparse"}
+    assert m["memory"]["layers.0.q"] == {"kind": "sparse", "site": "linear", "shape": [8, 48], "nnz": 10,
+                                         "dtype": "fp16"}
     assert {"libortho", "torch", "written"} <= set(m["provenance"]) and m["provenance"]["source_model"] == "x"
     assert m["files"]["base.safetensors"]["sha256"] == sha256_file(out / "base.safetensors")
     assert "libortho.json" not in m["files"] and json.loads((out / "config.json").read_text())["model_type"] == "llama"
@@ -234,3 +236,54 @@ def test_one_home_for_atomic_replace_and_for_the_version() -> None:
         if f.name != "atomic.py":
             assert not re.search(r"os\.replace|os\.rename|mkdtemp", text), f"{f} replaces files itself"
         assert not re.search(r"^\s*import libortho\s*$|libortho\.__version__", text, re.M), f"{f} imports the package"
+
+
+def _logits(model: torch.nn.Module, ids: torch.Tensor, alpha: float) -> torch.Tensor:
+    from libortho.runtime import set_alpha
+
+    set_alpha(model, alpha)
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def test_version_1_directory_still_loads(tmp_path, tiny_llama) -> None:
+    """A directory as the version-1 writer left it (sparse only, no memory table) loads to a working model."""
+    from safetensors.torch import save_file
+
+    import libortho
+    from libortho.checkpoint import split_state
+    from libortho.config import DecomposeConfig, QuantConfig, SelectConfig
+    from libortho.runtime import switchable_layers
+
+    model = tiny_llama
+    cfg = DecomposeConfig(quant=QuantConfig(bits=4, group_size=32, method="rtn"),
+                          select=SelectConfig(selector="magnitude", rho=0.05))
+    libortho.decompose(model, torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0)), cfg,
+                       progress=False)
+    ids = torch.randint(1, 259, (2, 10), generator=torch.Generator().manual_seed(8))
+    on, off = _logits(model, ids, 1.0), _logits(model, ids, 0.0)
+    assert not torch.equal(on, off)
+    base, ortho, rest = split_state(model)
+    out = tmp_path / "v1"
+    out.mkdir()
+    save_file({f"{n}.{k}": getattr(b, k).contiguous() for n, b in base.items() for k in ("packed", "scales", "zeros")},
+              out / "base.safetensors", metadata={"format": "libortho-base"})
+    save_file({f"{n}.{k}": getattr(o, k).contiguous() for n, o in ortho.items() for k in ("indices", "values")},
+              out / "ortho.safetensors", metadata={"format": "libortho-ortho"})
+    save_file(rest, out / "rest.safetensors", metadata={"format": "libortho-rest"})
+    (out / "config.json").write_text(json.dumps(model.config.to_dict()))
+    layers = {n: {"bits": b.bits, "group_size": b.group_size, "shape": list(b.shape), "nnz": ortho[n].nnz,
+                  "ortho_dtype": str(ortho[n].values.dtype).removeprefix("torch.")} for n, b in base.items()}
+    files = {p.name: {"sha256": sha256_file(p), "size": p.stat().st_size} for p in sorted(out.iterdir())}
+    (out / "libortho.json").write_text(json.dumps({"format_version": 1, "has_ortho": True, "config": {},
+                                                   "provenance": {"libortho": "0.1"}, "layers": layers,
+                                                   "files": files}))
+    dec = read_decomposition(out)
+    assert set(dec.memory) == set(base) and all(isinstance(o, SparseOrtho) for o in dec.ortho.values())
+    loaded, _ = libortho.load(out, alpha=1.0)
+    assert torch.equal(_logits(loaded, ids, 1.0), on) and torch.equal(_logits(loaded, ids, 0.0), off)
+    (out / "ortho.safetensors").unlink()
+    locked, _ = libortho.load(out)
+    assert all(m.locked for m in switchable_layers(locked).values())
+    with torch.no_grad():
+        assert torch.equal(locked(ids).logits, off)

@@ -1,8 +1,9 @@
 """Save a decomposed Hugging Face model to the two-stream format and rebuild it from disk.
 
 The file format itself (hashes, atomic writes, manifest last) lives in :mod:`libortho.io`;
-this module only maps between a live model full of :class:`OrthoLinear` layers and the
-``base`` / ``ortho`` / ``rest`` tensor dictionaries.
+this module only maps between a live model full of :class:`OrthoLinear` layers (and
+:class:`MemoryNeurons` on gated MLPs) and the ``base`` / ``ortho`` / ``rest`` dictionaries. ``ortho``
+holds the memory streams of every form: linear-site ones by linear name, neurons by MLP name.
 """
 
 from __future__ import annotations
@@ -19,15 +20,25 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from libortho.io import REST, CorruptDecompositionError, Decomposition, read_decomposition, write_decomposition
 from libortho.models.load import load_tokenizer
-from libortho.runtime import OrthoLinear, ortho_layers, replace_module, set_alpha
+from libortho.runtime import (
+    OrthoLinear,
+    attach_neurons,
+    neuron_sites,
+    ortho_layers,
+    replace_module,
+    set_alpha,
+    switchable_layers,
+)
+from libortho.streams import SparseOrtho
 from libortho.version import __version__
 
 
 def split_state(model: nn.Module) -> tuple[dict, dict, dict[str, torch.Tensor]]:
-    """Base streams, ortho streams and the remaining (full-precision) tensors of a model."""
+    """Base streams, memory streams (linear and mlp sites) and the remaining (full-precision) tensors."""
     layers = ortho_layers(model)
     base = {n: m.base_stream for n, m in layers.items()}
     ortho = {n: m.ortho_stream for n, m in layers.items() if m.ortho_stream is not None}
+    ortho.update({n: m.stream for n, m in neuron_sites(model).items() if m.stream is not None})
     rest: dict[str, torch.Tensor] = {}
     seen: set[int] = set()
     tied = bool(getattr(getattr(model, "config", None), "tie_word_embeddings", False))
@@ -80,6 +91,8 @@ def _attach_streams(model: nn.Module, dec: Decomposition, base_dtype: torch.dtyp
     """Replace each manifest layer by an OrthoLinear; returns the rest tensors not consumed as biases.
 
     A layer the architecture lacks, or whose shape differs, is a corrupt (or mismatched) decomposition.
+    When the memory is loaded, a layer the memory table does not name gets an empty sparse stream, so
+    the model switches as a whole; only a withheld memory locks.
     """
     rest = dict(dec.rest)
     for name, stream in dec.base.items():
@@ -95,19 +108,40 @@ def _attach_streams(model: nn.Module, dec: Decomposition, base_dtype: torch.dtyp
             raise CorruptDecompositionError(f"{dec.path}: layer {name!r} is {tuple(stream.shape)} in the manifest, "
                                             f"{(old.out_features, old.in_features)} in config.json's architecture")
         ortho = dec.ortho.get(name) if dec.ortho is not None else None
+        if dec.ortho is not None and ortho is None:  # no memory here, nothing withheld: a no-op memory, not a lock
+            ortho = SparseOrtho.empty(stream.shape)
         bias = rest.pop(f"{name}.bias", None)
         replace_module(model, name, OrthoLinear(stream, ortho, bias, alpha=0.0, base_dtype=base_dtype))
     return rest
+
+
+def _attach_neurons(model: nn.Module, dec: Decomposition) -> None:
+    """Give every MLP the memory table names its neurons (locked at alpha = 0 when the memory is not loaded)."""
+    for name, meta in dec.memory.items():
+        if meta.get("site") != "mlp":
+            continue
+        try:
+            model.get_submodule(name)
+        except AttributeError:
+            raise CorruptDecompositionError(f"{dec.path}: the manifest names memory neurons at {name!r} but the "
+                                            f"{model.config.model_type} architecture has no such module") from None
+        stream = dec.ortho.get(name) if dec.ortho is not None else None
+        try:
+            attach_neurons(model, name, stream, alpha=0.0)
+        except ValueError as err:
+            raise CorruptDecompositionError(f"{dec.path}: memory neurons at {name!r} do not fit: {err}") from err
 
 
 def load(path: str | Path, alpha: float = 1.0, load_ortho: bool = True, verify: bool = True,
          base_dtype: torch.dtype = torch.bfloat16) -> tuple[nn.Module, Any]:
     """Rebuild a decomposed model (and its tokenizer, or None) from a directory written by :func:`save`.
 
-    Without ``ortho.safetensors`` (deleted or withheld), or with ``load_ortho=False``, the model runs
-    locked at alpha = 0 whatever ``alpha`` says; :func:`libortho.io.read_decomposition` warns when
-    the file is missing. Callers that must not run at another alpha than asked check
-    ``ortho_layers(model)`` or the directory first (the CLI refuses).
+    Memory streams of every form come back: sparse and low-rank ones in their OrthoLinear, neurons as
+    :class:`~libortho.runtime.MemoryNeurons` on their MLP. Without ``ortho.safetensors`` (deleted or
+    withheld), or with ``load_ortho=False``, every one of them is locked at alpha = 0 whatever ``alpha``
+    says; :func:`libortho.io.read_decomposition` warns when the file is missing. Callers that must not
+    run at another alpha than asked check ``switchable_layers(model)`` or the directory first (the CLI
+    refuses).
     """
     path = Path(path)
     dec = read_decomposition(path, load_ortho=load_ortho, verify=verify)
@@ -123,7 +157,8 @@ def load(path: str | Path, alpha: float = 1.0, load_ortho: bool = True, verify: 
     still_meta = [n for n, p in model.named_parameters() if p.is_meta]
     if still_meta:
         raise CorruptDecompositionError(f"{path}: the decomposition is missing tensors: {still_meta[:5]}")
+    _attach_neurons(model, dec)
     model.eval()
-    if dec.ortho is not None:
+    if dec.ortho is not None and switchable_layers(model):
         set_alpha(model, alpha)
     return model, load_tokenizer(path)

@@ -11,7 +11,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: memory streams of any form (sparse, lowrank, neurons) and the manifest's "memory" table
+SUPPORTED_VERSIONS = (1, 2)  # 1: sparse ortho streams only, described by the layer table
 MANIFEST = "libortho.json"
 BASE, ORTHO, REST = "base.safetensors", "ortho.safetensors", "rest.safetensors"
 RESERVED = (MANIFEST, BASE, ORTHO, REST)

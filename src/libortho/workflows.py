@@ -114,16 +114,27 @@ def decompose_and_save(model_spec: str, out: Path, cfg: DecomposeConfig, calib_s
     return {"out": str(out), **result.stats, **bits_summary(result.base, result.ortho)}
 
 
-def bits_summary(base: dict, ortho: dict | None) -> dict[str, float]:
-    """Bits per quantized parameter of the base stream, the ortho stream, and both."""
+def bits_summary(base: dict, ortho: dict | None) -> dict[str, Any]:
+    """Bits per quantized parameter of the base stream, the memory (ortho) streams of every form, and both.
+
+    ``ortho_density`` counts sparse entries only (nnz / quantized params); ``memory_params`` counts every
+    stored memory number (nnz, ``r (d_in + d_out)``, ``3 k d``), ``memory_kinds`` the streams per form.
+    """
+    from libortho.streams import memory_params
+
+    memory = list((ortho or {}).values())
     params = sum(b.shape[0] * b.shape[1] for b in base.values())
     base_bytes = sum(b.nbytes for b in base.values())
-    ortho_bytes = sum(o.nbytes for o in (ortho or {}).values())
-    nnz = sum(o.nnz for o in (ortho or {}).values())
+    ortho_bytes = sum(o.nbytes for o in memory)
+    nnz = sum(o.nnz for o in memory if o.kind == "sparse")
+    kinds: dict[str, int] = {}
+    for o in memory:
+        kinds[o.kind] = kinds.get(o.kind, 0) + 1
     return {"quantized_params": params, "base_bits_per_param": 8 * base_bytes / params,
             "ortho_bits_per_param": 8 * ortho_bytes / params,
             "total_bits_per_param": 8 * (base_bytes + ortho_bytes) / params,
-            "ortho_density": nnz / params}
+            "ortho_density": nnz / params, "memory_params": sum(memory_params(o) for o in memory),
+            "memory_bytes": ortho_bytes, "memory_kinds": dict(sorted(kinds.items()))}
 
 
 def load_checked(path: Path, alpha: float) -> tuple[Any, Any]:
@@ -223,19 +234,29 @@ def _whole_text_perplexity(model: Any, tok: Any, docs: list[str], source: str, n
 
 
 def describe(path: Path) -> dict[str, Any]:
-    """Per-layer shapes, bits and ortho density of a saved decomposition, plus totals."""
+    """Per-layer shapes, bits and memory (nnz and density for sparse) of a saved decomposition, plus totals.
+
+    Linear-site memory shows in the layer rows (``memory_kind``, ``memory_params``); ``mlp_memory`` lists
+    the mlp-site streams (neurons), which belong to no linear layer.
+    """
     read_manifest_json(Path(path))  # the fast refusals first, before torch is imported
     from libortho.io import read_decomposition
+    from libortho.streams import memory_params
 
     dec = read_decomposition(path, load_ortho=True, verify=True)
     rows = []
     for name, b in dec.base.items():
         o = dec.ortho.get(name) if dec.ortho is not None else None
+        sparse = o is not None and o.kind == "sparse"
         rows.append({"name": name, "shape": list(b.shape), "bits": b.bits, "group_size": b.group_size,
-                     "nnz": o.nnz if o else 0, "density": o.density if o else 0.0})
+                     "nnz": o.nnz if sparse else 0, "density": o.density if sparse else 0.0,
+                     "memory_kind": None if o is None else o.kind,
+                     "memory_params": 0 if o is None else memory_params(o)})
+    mlp_memory = [{"name": n, "kind": o.kind, "params": memory_params(o), "bytes": o.nbytes}
+                  for n, o in (dec.ortho or {}).items() if o.site == "mlp"]
     rest_params = sum(t.numel() for t in dec.rest.values())
     files = {k: v.get("size") for k, v in dec.manifest.get("files", {}).items()}
-    return {"path": str(path), "layers": rows, "ortho_loaded": dec.ortho is not None,
+    return {"path": str(path), "layers": rows, "mlp_memory": mlp_memory, "ortho_loaded": dec.ortho is not None,
             "missing_files": list(dec.missing_files), "rest_params": rest_params, "file_bytes": files,
             **bits_summary(dec.base, dec.ortho)}
 
