@@ -304,11 +304,56 @@ def _delete_records(run: SeedRun) -> None:
                  deleted=list(range(cfg.delete_records)), sinks_dropped=int(drop.sum()), sinks=scfg.neurons)
 
 
+@torch.no_grad()
+def _eta(run: SeedRun, models: dict[str, nn.Module]) -> None:
+    """Seed 000's entanglement eta of every update, on one held-out public subspace.
+
+    The subspace of each block linear's inputs comes from the *pre-fine-tuning* model on the held-out
+    domain blocks (never trained on) at the OGD energy threshold; eta is pooled over layers
+    (``sqrt(sum ||dW P||^2 / sum ||dW||^2)``) with the random baseline ``sqrt(k/d)`` pooled alike.
+    Plain fine-tuning's update is ``W_ft - W_pre``; a method's is its memory (neurons: their input rows).
+    """
+    from libortho.geometry import energy_basis, random_eta_baseline
+    from libortho.streams import NeuronMemory
+    from libortho.train.methods.ogd import block_linear_names, input_moments
+
+    pre = run.load_pre()
+    names = block_linear_names(pre)
+    bases = {n: energy_basis(C, run.cfg.separation.ogd_energy).float()
+             for n, C in input_moments(pre, run.data.domain_eval, names).items()}
+
+    def pooled(updates: dict[str, torch.Tensor]) -> dict[str, float]:
+        num = den = base = 0.0
+        for n, dW in updates.items():
+            U = bases[n]
+            d2 = float(dW.double().norm()) ** 2
+            num += float((dW.double() @ U.double()).norm()) ** 2
+            den += d2
+            base += random_eta_baseline(U.shape[1], U.shape[0]) ** 2 * d2
+        return {"eta": (num / den) ** 0.5 if den else 0.0, "random_baseline": (base / den) ** 0.5 if den else 0.0}
+
+    out = {}
+    for tag, model in models.items():
+        out[tag] = pooled({n: model.get_submodule(n).weight.float() - pre.get_submodule(n).weight.float()
+                           for n in names})
+    for m in run.cfg.methods:
+        _, streams, _ = run.method(m)
+        ups: dict[str, torch.Tensor] = {}
+        for n, st in streams.items():
+            if isinstance(st, NeuronMemory):
+                ups[f"{n}.up_proj"] = torch.cat([st.gate.float(), st.up.float()])
+            else:
+                ups[n] = st.to_dense(torch.float32)
+        out[m] = pooled(ups)
+    run.stages["eta"] = out
+
+
 def run_seed(run: SeedRun) -> None:
     """Every stage of one seed, in order (each cached)."""
     cfg = run.cfg
     models = _references(run)
     _methods(run, full=cfg.full_precision_rows)
+    _eta(run, models)
     if cfg.unlearning:
         _unlearning(run, models["ft"])
     ranking = rank_methods(run.evals, cfg.methods)
