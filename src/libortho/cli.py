@@ -14,6 +14,7 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Annotated, Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -252,6 +253,69 @@ def kill_switch(
         paths = render_report(out / RESULT_FILE)
     _print_table(compact_table(result))
     typer.echo(f"result: {out / RESULT_FILE}\nreport: {paths['markdown']}\n        {paths['html']}")
+
+
+@experiment_app.command("separation")
+def separation(
+    model: Annotated[str, typer.Option(help="tiny (trained in the run), smollm2-135m, a HF dir or .gguf")] = "tiny",
+    stage: Annotated[str, typer.Option(help="screening (1 seed, every method), confirmation (3 fresh seeds) "
+                                            "or demo (tiny, one method)")] = "screening",
+    out: Annotated[Path | None, typer.Option(help="output folder (default runs/separation-<stage>-<model>)")] = None,
+    config: Annotated[Path | None, typer.Option(help="JSON file of SeparationExpConfig fields to override")] = None,
+    methods: Annotated[str | None, typer.Option(help="comma-separated separation methods")] = None,
+    seeds: Annotated[str | None, typer.Option(help="comma-separated seeds")] = None,
+    fresh: Annotated[bool, typer.Option(help="retrain everything instead of reusing cached models")] = False,
+    quiet: bool = False,
+) -> None:
+    """Training-time separation: every method against plain fine-tuning, retraining and unlearning, at FP and INT4."""
+    from dataclasses import replace
+
+    with _input_errors():
+        out = out or Path("runs") / f"separation-{stage}-{Path(model).name}"
+        if out.exists() and not out.is_dir():
+            raise FileExistsError(f"{out} exists and is a file, not a directory: give a folder for --out")
+        overrides = _config_file(config) if config is not None else {}
+        from libortho.experiments.separation_config import (
+            SeparationExpConfig,
+            demo_preset,
+            separation_preset,
+        )
+
+        if stage not in ("screening", "confirmation", "demo"):
+            raise ValueError(f"--stage must be screening, confirmation or demo, got {stage!r}")
+        names = _names(methods)
+        cfg = demo_preset(names[0] if names else "two-phase") if stage == "demo" else separation_preset(model, stage)
+        if overrides:
+            base = cfg.to_dict()
+            cfg = SeparationExpConfig.from_dict({**base, **{k: {**base[k], **v} if isinstance(v, dict) and
+                                                            isinstance(base.get(k), dict) else v
+                                                            for k, v in overrides.items()}})
+        if names and stage != "demo":
+            cfg = replace(cfg, methods=names)
+        if seeds:
+            try:
+                cfg = replace(cfg, seeds=tuple(int(x) for x in seeds.split(",") if x.strip()))
+            except ValueError as err:
+                raise ValueError(f"--seeds must be comma-separated integers, got {seeds!r}") from err
+        from libortho.experiments.config import check_inputs
+
+        check_inputs(SimpleNamespace(model=cfg.model, domain=cfg.domain, general=cfg.general))
+        from libortho.experiments.separation import RESULT_FILE, run_separation
+
+        result = run_separation(cfg, out, progress=not quiet, console=Console(stderr=True), fresh=fresh)
+        paths = _render_separation(out / RESULT_FILE)
+    for seed, s in result["summary"]["seeds"].items():
+        typer.echo(f"seed {seed}: " + ", ".join(f"{r['method']} {r['met']}/5" for r in s["ranking"]))
+    typer.echo(f"result: {out / RESULT_FILE}" + (f"\nreport: {paths['markdown']}" if paths else ""))
+
+
+def _render_separation(path: Path) -> dict[str, Path] | None:
+    """The separation report, when the renderer is available."""
+    try:
+        from libortho.report.separation import render_separation_report
+    except ImportError:
+        return None
+    return render_separation_report(path)
 
 
 def _print_table(t: Any) -> None:
