@@ -45,7 +45,7 @@ def test_result_has_every_method_and_metric(micro_run) -> None:
         assert 0 <= m["extraction"]["rate"] <= 1, name
         assert set(m["extraction"]["by_repeats"]) == {"2", "8"}
         assert all(0 <= c["exposure"] <= c["exposure_max"] + 1e-9 for c in m["per_canary"])
-        assert set(m["mia"]) == {"loss", "zlib", "min_k", "min_k_plus_plus", "reference"}
+        assert set(m["mia"]) == {"loss", "zlib", "min_k", "min_k_plus_plus", "reference", "secret_loss"}
         assert all(0 <= v["auc"] <= 1 for v in m["mia"].values())
         assert m["ppl_domain"] > 1 and m["ppl_general"] > 1 and m["private_nll"] > 0
     rows = result["summary"]["rows"]
