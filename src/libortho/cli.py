@@ -334,8 +334,11 @@ def _result_json(path: Path) -> dict[str, Any]:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"{path} is not valid JSON: {err}") from err
-    if not isinstance(data, dict) or data.get("experiment") != "kill_switch" or "summary" not in data:
-        raise ValueError(f"{path} is not a kill-switch result.json (no 'experiment': 'kill_switch' / 'summary')")
+    need = {"kill_switch": "summary", "separation": "seeds"}
+    kind = data.get("experiment") if isinstance(data, dict) else None
+    if kind not in need or need[kind] not in data:
+        raise ValueError(f"{path} is not a kill-switch result.json nor a separation one "
+                         "(needs 'experiment': 'kill_switch' with 'summary', or 'separation' with 'seeds')")
     return data
 
 
@@ -347,9 +350,15 @@ def report(result: Annotated[Path, typer.Argument(help="an experiment's result.j
         data = _result_json(result)
         if out is not None and out.exists() and not out.is_dir():
             raise FileExistsError(f"{out} exists and is a file, not a directory: give a folder for --out")
-        from libortho.report.kill_switch import compact_table, render_report
+        if data["experiment"] == "separation":
+            from libortho.report.separation import compact_table, load_separation, render_separation_report
 
-        paths = render_report(result, out)
+            paths = render_separation_report(result, out)
+            data = load_separation(result)
+        else:
+            from libortho.report.kill_switch import compact_table, render_report
+
+            paths = render_report(result, out)
     _print_table(compact_table(data))
     typer.echo(f"report: {paths['markdown']}\n        {paths['html']}")
 
