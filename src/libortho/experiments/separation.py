@@ -274,9 +274,18 @@ def _relearn(run: SeedRun, target: str, model_q: Callable[[], nn.Module]) -> Non
             train(model, rows, attack_cfg, progress=False, desc="relearn")
             return model.eval()
         run.evaluate(f"relearn_{target}_{data_name}", f"{target} alpha=0 relearned on {data_name}", "relearn",
-                     build, {**run.base_key, "target": target, "data": data_name, "attack": attack_cfg.__dict__,
-                             "m": run.evals.get(f"{target}_int4_a0", run.evals.get(f"{target}_int4", {})).get("label")},
+                     build, _relearn_key(run, target, data_name, attack_cfg),
                      harness=held, target=target, attack_data=data_name, members_evaluated=len(d.members) - half)
+
+
+def _relearn_key(run: SeedRun, target: str, data_name: str, attack_cfg: TrainConfig) -> dict[str, Any]:
+    """Cache key of one relearning evaluation: everything the attacked model depends on (the target's
+    method config or reference name, the quantization, the attack)."""
+    cfg = run.cfg
+    model = ({"method": cfg.method_config(target, run.seed).to_dict()} if target in SEPARATION.names()
+             else {"reference": target})
+    return {**run.base_key, "target": target, "data": data_name, "attack": attack_cfg.__dict__, "model": model,
+            "quant": cfg.quant.__dict__, "calib": [cfg.calib_blocks, cfg.calib_len]}
 
 
 def _delete_records(run: SeedRun) -> None:
