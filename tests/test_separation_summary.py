@@ -73,3 +73,14 @@ def test_goals_judge_against_the_quantized_retrain_and_report_cis() -> None:
     assert g["training_time"]["measured"] == 1.31 and not g["training_time"]["holds"]
     assert "privleak_secret" in a0 and "low" in a0["privleak_secret"]["ci"]
     assert extracted(evals["m_int4_a0"]) == (0, 6)
+
+
+def test_all_hold_across_seeds_needs_every_alpha0_goal_judged() -> None:
+    from libortho.experiments.separation_summary import ALPHA0_GOALS, _all_hold
+
+    assert not _all_hold(None) and not _all_hold({})
+    judged = {k: {"holds": True} for k in ALPHA0_GOALS}
+    assert _all_hold(judged)
+    missing = {k: v for k, v in judged.items() if k != "exposure_within_1bit"}  # no exposure: not shown to hold
+    assert not _all_hold(missing)
+    assert not _all_hold({**judged, "privleak_secret": {"holds": False}})

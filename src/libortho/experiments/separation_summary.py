@@ -219,6 +219,16 @@ def _label_noise(seed_result: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+ALPHA0_GOALS = ("extraction_zero", "exposure_within_1bit", "privleak_secret", "privleak_record",
+                "ppl_domain_in_reference_ci", "ppl_general_in_reference_ci")
+
+
+def _all_hold(goals: dict[str, Any] | None) -> bool:
+    """Every alpha = 0 goal was judged and holds; a goal that could not be judged (missing data) does not hold."""
+    goals = goals or {}
+    return all(k in goals for k in ALPHA0_GOALS) and all(g.get("holds") is True for g in goals.values())
+
+
 def summarise_separation(result: dict[str, Any]) -> dict[str, Any]:
     """The summary of every seed, and (several seeds) each method's goal outcomes across seeds."""
     cfg = result["config"]
@@ -228,8 +238,7 @@ def summarise_separation(result: dict[str, Any]) -> dict[str, Any]:
     for m in methods:
         rows = [s["goals"].get(m) for s in seeds.values() if m in s["goals"]]
         if rows:
-            across[m] = {"seeds": len(rows), "alpha0_int4_all_hold": [
-                all(g.get("holds", True) for g in r.get("alpha0_int4", {}).values()) for r in rows]}
+            across[m] = {"seeds": len(rows), "alpha0_int4_all_hold": [_all_hold(r.get("alpha0_int4")) for r in rows]}
     return {"seeds": seeds, "across_seeds": across,
             "exposure_a0_int4": {m: [float(np.round(s["figures"][f"{m}_int4_a0"]["exposure"]["estimate"], 4))
                                      for s in seeds.values() if f"{m}_int4_a0" in s["figures"]
