@@ -26,3 +26,22 @@ def test_relearn_key_changes_with_the_target_method_config_and_quantization() ->
     assert _relearn_key(_run(q3), "retrain_masked", "public", attack) != \
         _relearn_key(_run(cfg), "retrain_masked", "public", attack)
     assert _relearn_key(_run(cfg), "mask", "public", attack) == base
+
+
+def test_checkpoints_are_kept_per_cache_key_and_fresh_starts_over(tmp_path) -> None:
+    """A changed config must not resume the old config's training checkpoint (e.g. a finished one)."""
+    from libortho.experiments.separation import SeedRun
+
+    run = SimpleNamespace(work=tmp_path, fresh=False, _cleared=set())
+    a = SeedRun.checkpoint_dir(run, "mask", {"method": {"support_neurons": 64}})
+    b = SeedRun.checkpoint_dir(run, "mask", {"method": {"support_neurons": 128}})
+    assert a != b and a == SeedRun.checkpoint_dir(run, "mask", {"method": {"support_neurons": 64}})
+    a.mkdir(parents=True)
+    (a / "state.json").write_text("{}")
+    fresh = SimpleNamespace(work=tmp_path, fresh=True, _cleared=set())
+    assert SeedRun.checkpoint_dir(fresh, "mask", {"method": {"support_neurons": 64}}) == a
+    assert not (a / "state.json").exists()  # --fresh retrains instead of resuming a finished run
+    a.mkdir(parents=True)
+    (a / "state.json").write_text("{}")
+    SeedRun.checkpoint_dir(fresh, "mask", {"method": {"support_neurons": 64}})
+    assert (a / "state.json").exists()  # cleared once per run: a second use in the same run resumes

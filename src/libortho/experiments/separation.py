@@ -13,7 +13,9 @@ interrupted run resumes where it stopped; ``result.json`` is rewritten after eve
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -70,6 +72,7 @@ class SeedRun:
                                       self.data.general_eval, cfg.harness)
         self.harness.set_reference(load_pre())
         self.evals: dict[str, dict[str, Any]] = {}
+        self._cleared: set[Path] = set()
         self.base_key = {"model": cfg.model, "seed": seed, "data": [cfg.domain, general, cfg.block_len,
                          cfg.public_blocks, cfg.members, cfg.nonmembers, cfg.kinds, cfg.free_len, cfg.repeats,
                          cfg.context_chars], "finetune": cfg.finetune.__dict__}
@@ -100,22 +103,31 @@ class SeedRun:
         self.record()
         return entry
 
+    def checkpoint_dir(self, name: str, key: dict[str, Any]) -> Path:
+        """Training checkpoints of model ``name`` under its cache ``key``: a run resumes only a checkpoint of
+        the same configuration (never a stale one after a config change), and ``fresh`` starts it over."""
+        digest = hashlib.sha256(json.dumps(_canonical(key), sort_keys=True).encode()).hexdigest()[:16]
+        path = self.work / "ckpt" / name / digest
+        if self.fresh and path not in self._cleared:
+            self._cleared.add(path)
+            shutil.rmtree(path, ignore_errors=True)
+        return path
+
     def trained(self, name: str, rows: TokenRows, cfg: TrainConfig | None = None,
                 start: Callable[[], nn.Module] | None = None, key: dict | None = None) -> tuple[nn.Module, dict]:
         """A plainly fine-tuned model, cached under ``models/<name>``."""
         cfg = cfg or replace_seed(self.cfg.finetune, self.seed)
+        full_key = {**self.base_key, "stage": name, "train": cfg.__dict__, **(key or {})}
 
         def build() -> tuple[nn.Module, dict]:
             model = (start or self.load_pre)()
             every = max(1, cfg.total_steps(len(rows)) // 10)
-            log = train(model, rows, cfg, progress=self.progress, desc=name, checkpoint_dir=self.work / "ckpt" / name,
-                        checkpoint_every=every)
+            log = train(model, rows, cfg, progress=self.progress, desc=name,
+                        checkpoint_dir=self.checkpoint_dir(name, full_key), checkpoint_every=every)
             return model, {"wall_s": log.wall_s, "steps": log.steps, "tokens": log.tokens,
                            "final_loss": log.losses[-1]}
 
-        model, info = cached_model(self.work / "models" / name, {**self.base_key, "stage": name,
-                                                                  "train": cfg.__dict__, **(key or {})}, build,
-                                   self.fresh)
+        model, info = cached_model(self.work / "models" / name, full_key, build, self.fresh)
         self.stages[name] = info
         return model, info
 
@@ -140,7 +152,7 @@ class SeedRun:
             else:
                 model = self.load_pre()
             res = SEPARATION[m](scfg).fit(model, rows, None, progress=self.progress,
-                                           checkpoint_dir=self.work / "ckpt" / name, **kw)
+                                           checkpoint_dir=self.checkpoint_dir(name, key), **kw)
             save_streams(mem_dir, res.streams)
             streams.update(res.streams)
             return res.model, res.describe()
