@@ -224,3 +224,33 @@ def test_two_phase_leaves_the_public_only_model_untouched_at_alpha0() -> None:
         assert torch.equal(res.model(input_ids=ids).logits, public_only(input_ids=ids).logits)
     assert res.streams and all(k.endswith(".mlp") for k in res.streams)
     assert "phase1" not in res.logs and res.logs["phase2"].steps > 0
+
+
+def test_mask_switches_the_memory_off_on_public_micro_batches_only() -> None:
+    """With fraction 1 every public-only micro-batch runs without delta, every private one with it."""
+    from libortho.train.memory import MemoryLinear
+
+    data = _data()
+    model = _model()
+    sep = SEPARATION["mask"](_cfg("mask", steps=2, memory_off_fraction=1.0))
+    rule = sep.attach(model, data, None)
+    for m in model.modules():
+        if isinstance(m, MemoryLinear):
+            nn.init.normal_(m.delta.data, std=0.1)
+    seen: list[tuple[bool, bool]] = []
+    first = next(m for m in model.modules() if isinstance(m, MemoryLinear))
+    hook = first.register_forward_pre_hook(lambda mod, args: seen.append((sep.ctx.memory_on, bool(rule._has_priv))))
+    original = rule.micro
+
+    def micro(model: nn.Module, rows: TokenRows, counts: StepCounts) -> float:
+        rule._has_priv = bool(rows.private_mask().any())
+        return original(model, rows, counts)
+
+    rule.micro = micro
+    cfg = TrainConfig(lr=1e-2, steps=3, batch_size=2, grad_accum=4, warmup=0.0)  # micro-batches of 2 rows
+    train(model, data, cfg, progress=False, rule=rule)
+    hook.remove()
+    assert any(not p for _, p in seen) and any(p for _, p in seen)
+    assert all(on == priv for on, priv in seen)
+    assert rule.log()["memory_off_micro_batches"] == rule.log()["public_micro_batches"] > 0
+    assert sep.ctx.memory_on

@@ -132,8 +132,10 @@ def _within_reference(fig: dict, ref: dict, pl: dict) -> dict[str, Any]:
                                          "holds": iv["low"] >= -PRIVLEAK_BOUND and iv["high"] <= PRIVLEAK_BOUND}
     for key in ("ppl_domain", "ppl_general"):
         if "low" in fig.get(key, {}) and "low" in ref.get(key, {}):
+            # "within the reference's CI": a perplexity below the interval (better skill) also holds
             goals[f"{key}_in_reference_ci"] = {"measured": fig[key]["estimate"], "goal": ref[key],
-                                               "holds": _inside(fig[key]["estimate"], ref[key])}
+                                               "holds": fig[key]["estimate"] <= ref[key]["high"],
+                                               "inside": _inside(fig[key]["estimate"], ref[key])}
     return goals
 
 

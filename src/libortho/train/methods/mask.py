@@ -59,32 +59,48 @@ def entry_supports(model: nn.Module, fraction: float, seed: int) -> dict[str, to
 
 
 class MaskRule(RoutedRule):
-    """:class:`RoutedRule` plus the memory switched off on a seeded share of public-only steps."""
+    """:class:`RoutedRule` plus the memory switched off on a seeded share of public-only micro-batches.
+
+    Rows with private tokens form micro-batches of their own (they come last in a step), so the
+    public-only micro-batches are where the shared weights can learn to work without the memory:
+    each is run with the memory off with probability ``memory_off_fraction``, drawn from a
+    generator seeded by (seed, step, process, micro-batch) so a resumed or repeated run draws alike.
+    """
 
     def __init__(self, method: Mask, **kw: object) -> None:
         super().__init__(**kw)  # type: ignore[arg-type]
         self.method = method
-        self.off_steps = 0
+        self.off_micro = self.public_micro = 0
+        self._step = self._micro = 0
 
     def active(self, step: int, counts: StepCounts) -> list[bool]:
-        cfg = self.method.cfg
-        off = False
-        if counts.private == 0 and cfg.memory_off_fraction > 0:
-            gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
-            off = float(torch.rand(1, generator=gen)) < cfg.memory_off_fraction
-        self.method.ctx.memory_on = not off
-        self.off_steps += int(off)
+        self._step, self._micro = step, 0
         return super().active(step, counts)
 
-    def after_step(self, model: nn.Module, step: int) -> None:
-        self.method.ctx.memory_on = True
+    def micro(self, model: nn.Module, rows: TokenRows, counts: StepCounts) -> float:
+        from libortho.train.distributed import rank_and_world
+
+        cfg = self.method.cfg
+        off = False
+        if cfg.memory_off_fraction > 0 and not bool(rows.private_mask().any()):
+            rank = rank_and_world()[0]
+            gen = torch.Generator().manual_seed(((cfg.seed * 1_000_003 + self._step) * 64 + rank) * 4096 + self._micro)
+            off = float(torch.rand(1, generator=gen)) < cfg.memory_off_fraction
+            self.public_micro += 1
+        self._micro += 1
+        self.off_micro += int(off)
+        self.method.ctx.memory_on = not off
+        try:
+            return super().micro(model, rows, counts)
+        finally:
+            self.method.ctx.memory_on = True
 
     def state(self) -> dict:
         cfg = self.method.cfg
         return {**super().state(), "support": cfg.support, "off": cfg.memory_off_fraction}
 
     def log(self) -> dict:
-        return {"memory_off_steps": self.off_steps}
+        return {"memory_off_micro_batches": self.off_micro, "public_micro_batches": self.public_micro}
 
 
 @SEPARATION.register("mask", needs_labels=True, memory="sparse")
