@@ -146,10 +146,14 @@ def separation_preset(model: str, stage: Stage = "screening") -> SeparationExpCo
             separation=SeparationConfig(neurons=64, rank=16, support_neurons=64),
             harness=HarnessConfig(exposure_samples=64, keep_scores=True, exposure_nonmember_limit=48),
             unlearn_sweep=UnlearnSweep(lrs=(1e-4, 3e-4), steps=(10, 30)), calib_blocks=16)
+    # the pilot in docs/results/separation_smollm2/pilot.json: these settings make plain fine-tuning
+    # memorise (extraction well above the 50%); 4-digit secrets at half the learning rate did not
     return SeparationExpConfig(
-        model=model, stage=stage, seeds=seeds, block_len=128, public_blocks=256, members=128, nonmembers=512,
-        free_len=4, repeats=10, finetune=TrainConfig(lr=3e-4, epochs=2.0, batch_size=8, bf16=True),
+        model=model, stage=stage, seeds=seeds, block_len=128, public_blocks=128, members=100, nonmembers=512,
+        kinds=("id", "phone", "email", "digits"), free_len=3, repeats=16, context_chars=60,
+        finetune=TrainConfig(lr=1e-3, epochs=1.0, batch_size=8, bf16=True),
         separation=SeparationConfig(neurons=64, rank=16, support_neurons=64),
+        unlearn_sweep=UnlearnSweep(lrs=(1e-5, 1e-4), steps=(10, 30)),
         harness=HarnessConfig(exposure_samples=64, keep_scores=True, exposure_nonmember_limit=64, batch_size=8),
         calib_blocks=32, calib_len=256)
 
