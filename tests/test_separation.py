@@ -227,7 +227,7 @@ def test_two_phase_leaves_the_public_only_model_untouched_at_alpha0() -> None:
 
 
 def test_mask_switches_the_memory_off_on_public_micro_batches_only() -> None:
-    """With fraction 1 every public-only micro-batch runs without delta, every private one with it."""
+    """With fraction 1 every public-only row runs without delta, every row holding private tokens with it."""
     from libortho.train.memory import MemoryLinear
 
     data = _data()
@@ -252,5 +252,5 @@ def test_mask_switches_the_memory_off_on_public_micro_batches_only() -> None:
     hook.remove()
     assert any(not p for _, p in seen) and any(p for _, p in seen)
     assert all(on == priv for on, priv in seen)
-    assert rule.log()["memory_off_micro_batches"] == rule.log()["public_micro_batches"] > 0
+    assert rule.log()["memory_off_rows"] == rule.log()["public_rows"] > 0
     assert sep.ctx.memory_on

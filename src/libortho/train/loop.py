@@ -183,13 +183,18 @@ def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.O
     return int(meta["step"]), TrainLog(**meta["log"])
 
 
-def _micro_batches(data: TokenRows, idx: torch.Tensor, batch_size: int, group_private: bool) -> Iterator[TokenRows]:
-    """Micro-batches of rows ``idx``; with ``group_private`` rows holding private tokens come last, together."""
-    if group_private and data.private is not None:
-        has = data.private[idx].any(dim=1)
-        idx = torch.cat([idx[~has], idx[has]])
-    for i in range(0, idx.numel(), batch_size):
-        yield data.subset(idx[i:i + batch_size])
+def _micro_batches(data: TokenRows, idx: torch.Tensor, batch_size: int, rule: StepRule, step: int
+                   ) -> Iterator[TokenRows]:
+    """Micro-batches of rows ``idx``, never mixing rows the rule keys differently (:meth:`StepRule.row_groups`).
+
+    A row's key depends only on the row and the step, so every process makes the same decision
+    about the same row, and the summed gradient does not depend on how rows are split.
+    """
+    keys = rule.row_groups(data.subset(idx), step)
+    for key in torch.unique(keys).tolist():
+        part = idx[keys == key]
+        for i in range(0, part.numel(), batch_size):
+            yield data.subset(part[i:i + batch_size])
 
 
 def train(model: nn.Module, data: TokenRows, cfg: TrainConfig, progress: bool = True, desc: str = "train",
@@ -254,7 +259,7 @@ def _step(model: nn.Module, opt: torch.optim.Optimizer, data: TokenRows, idx: to
     active = rule.active(step, counts)
     total = 0.0
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
-        for rows in _micro_batches(data, dist.shard(idx), cfg.batch_size, rule.group_private_rows):
+        for rows in _micro_batches(data, dist.shard(idx), cfg.batch_size, rule, step):
             total += rule.micro(model, rows, counts)
     for group, on in zip(groups, active, strict=True):
         if not on:

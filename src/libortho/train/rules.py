@@ -73,6 +73,15 @@ class StepRule:
     name = "plain"
     group_private_rows = False  # put rows with private tokens into micro-batches of their own
 
+    def row_groups(self, rows: TokenRows, step: int) -> torch.Tensor:
+        """An integer key per row: rows with different keys never share a micro-batch (ascending key order).
+
+        Default: 0 for every row, or (``group_private_rows``) 1 for rows holding private tokens.
+        """
+        if not self.group_private_rows or rows.private is None:
+            return torch.zeros(len(rows), dtype=torch.long)
+        return rows.private.any(dim=1).long()
+
     def groups(self, model: nn.Module) -> list[ParamGroup]:
         """The trainable parameters, by group."""
         return [ParamGroup("all", [p for p in model.parameters() if p.requires_grad])]

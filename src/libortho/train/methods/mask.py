@@ -59,37 +59,45 @@ def entry_supports(model: nn.Module, fraction: float, seed: int) -> dict[str, to
 
 
 class MaskRule(RoutedRule):
-    """:class:`RoutedRule` plus the memory switched off on a seeded share of public-only micro-batches.
+    """:class:`RoutedRule` plus the memory switched off for a seeded share of the public-only rows.
 
-    Rows with private tokens form micro-batches of their own (they come last in a step), so the
-    public-only micro-batches are where the shared weights can learn to work without the memory:
-    each is run with the memory off with probability ``memory_off_fraction``, drawn from a
-    generator seeded by (seed, step, process, micro-batch) so a resumed or repeated run draws alike.
+    Each step, every row without private tokens is drawn "memory off" with probability
+    ``memory_off_fraction`` from a generator seeded by (seed, step, the row's first sequence id),
+    so the draw depends on the row, not on which process or micro-batch holds it. Rows drawn off
+    form micro-batches of their own (:meth:`row_groups`), run without the memory: there the shared
+    weights learn to work alone, as alpha = 0 will ask of them.
     """
 
     def __init__(self, method: Mask, **kw: object) -> None:
         super().__init__(**kw)  # type: ignore[arg-type]
         self.method = method
-        self.off_micro = self.public_micro = 0
-        self._step = self._micro = 0
+        self.off_rows = self.public_rows = self._step = 0
+
+    def _off(self, rows: TokenRows, step: int) -> torch.Tensor:
+        cfg = self.method.cfg
+        public = ~rows.private_mask().any(dim=1)
+        if cfg.memory_off_fraction <= 0:
+            return torch.zeros(len(rows), dtype=torch.bool)
+        first = rows.seq_ids()[:, 0].tolist()
+        draws = torch.tensor([float(torch.rand(1, generator=torch.Generator().manual_seed(
+            (cfg.seed * 1_000_003 + step) * 7_919 + int(sid) % (2**40)))) for sid in first])
+        return public & (draws < cfg.memory_off_fraction)
+
+    def row_groups(self, rows: TokenRows, step: int) -> torch.Tensor:
+        """0: public, memory on; 1: public, memory off; 2: rows with private tokens."""
+        key = self._off(rows, step).long()
+        key[rows.private_mask().any(dim=1)] = 2
+        return key
 
     def active(self, step: int, counts: StepCounts) -> list[bool]:
-        self._step, self._micro = step, 0
+        self._step = step
         return super().active(step, counts)
 
     def micro(self, model: nn.Module, rows: TokenRows, counts: StepCounts) -> float:
-        from libortho.train.distributed import rank_and_world
-
-        cfg = self.method.cfg
-        off = False
-        if cfg.memory_off_fraction > 0 and not bool(rows.private_mask().any()):
-            rank = rank_and_world()[0]
-            gen = torch.Generator().manual_seed(((cfg.seed * 1_000_003 + self._step) * 64 + rank) * 4096 + self._micro)
-            off = float(torch.rand(1, generator=gen)) < cfg.memory_off_fraction
-            self.public_micro += 1
-        self._micro += 1
-        self.off_micro += int(off)
-        self.method.ctx.memory_on = not off
+        off = self._off(rows, self._step)
+        self.public_rows += int((~rows.private_mask().any(dim=1)).sum())
+        self.off_rows += int(off.sum())
+        self.method.ctx.memory_on = not bool(off.all())
         try:
             return super().micro(model, rows, counts)
         finally:
@@ -100,7 +108,7 @@ class MaskRule(RoutedRule):
         return {**super().state(), "support": cfg.support, "off": cfg.memory_off_fraction}
 
     def log(self) -> dict:
-        return {"memory_off_micro_batches": self.off_micro, "public_micro_batches": self.public_micro}
+        return {"memory_off_rows": self.off_rows, "public_rows": self.public_rows}
 
 
 @SEPARATION.register("mask", needs_labels=True, memory="sparse")
