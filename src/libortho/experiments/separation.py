@@ -135,7 +135,8 @@ class SeedRun:
         """The shared model and memory streams of method ``m`` trained at label noise ``noise`` (cached)."""
         name = f"{m}@{noise:g}" if noise else m
         scfg = self.cfg.method_config(m, self.seed)
-        key = {**self.base_key, "stage": "method", "method": scfg.to_dict(), "noise": noise}
+        key = {**self.base_key, "stage": "method", "method": scfg.to_dict(), "noise": noise,
+               "revision": SEPARATION[m].revision}
         mem_dir, model_dir = self.work / "memory" / name, self.work / "models" / name
         streams: dict[str, Any] = {}
 

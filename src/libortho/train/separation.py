@@ -138,6 +138,7 @@ class Separation:
     """
 
     name = "base"
+    revision = 1  # bump when a change alters what the method trains: experiments key their caches on it
 
     def __init__(self, cfg: SeparationConfig) -> None:
         self.cfg = cfg

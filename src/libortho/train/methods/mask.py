@@ -114,6 +114,7 @@ class MaskRule(RoutedRule):
 @SEPARATION.register("mask", needs_labels=True, memory="sparse")
 class Mask(Separation):
     name = "mask"
+    revision = 2  # 2: memory-off drawn per public row (per step it almost never fired)
 
     def attach(self, model: nn.Module, data: TokenRows, probe: TokenRows | None) -> StepRule:
         cfg = self.cfg
