@@ -254,3 +254,18 @@ def test_mask_switches_the_memory_off_on_public_micro_batches_only() -> None:
     assert all(on == priv for on, priv in seen)
     assert rule.log()["memory_off_rows"] == rule.log()["public_rows"] > 0
     assert sep.ctx.memory_on
+
+
+def test_two_phase_records_loss_trains_only_the_memory_on_every_record_token() -> None:
+    data = _data()
+    rows = data.subset(data.private_mask().any(1).nonzero().flatten())
+    for loss, public_reaches_memory in (("records", True), ("secrets", False)):
+        m = _model()
+        rule = SEPARATION["two-phase"](_cfg("two-phase", phase2_loss=loss)).attach(m, rows, None)
+        for p in memory_parameters(m):
+            nn.init.normal_(p.data, std=0.05)
+        pub = _only(rows, private=False)
+        rule.micro(m, pub, StepCounts.of(pub))
+        assert all(p.grad is None for p in shared_parameters(m))
+        got = any(p.grad is not None and float(p.grad.abs().max()) > 0 for p in memory_parameters(m))
+        assert got == public_reaches_memory

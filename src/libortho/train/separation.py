@@ -51,7 +51,10 @@ class SeparationConfig:
     subspace; probe_rows: public rows that define it (and, disjoint, the held-out subspace eta is
     reported on); eta_every: steps between eta records; sink_fraction: memsink's share of the
     sink pool each sequence uses; phase2: two-phase's memory-only schedule (default: ``train``'s
-    learning rate and as many epochs over the private rows); memory_dtype: stored precision.
+    learning rate and as many epochs over the private rows); phase2_loss: what two-phase's memory
+    learns, ``records`` (every token of the rows holding private records, so the memory also learns
+    to leave their public text alone) or ``secrets`` (the private tokens only); memory_dtype: stored
+    precision.
     """
 
     method: str = "mask"
@@ -68,6 +71,7 @@ class SeparationConfig:
     eta_every: int = 10
     sink_fraction: float = 0.25
     phase2: TrainConfig | None = None
+    phase2_loss: str = "records"
     memory_dtype: str = "fp16"
     seed: int = 0
 
@@ -87,6 +91,8 @@ class SeparationConfig:
             raise ValueError(f"ogd_energy must be in (0, 1], got {self.ogd_energy}")
         if not self.memory_lr_scale > 0:
             raise ValueError(f"memory_lr_scale must be > 0, got {self.memory_lr_scale}")
+        if self.phase2_loss not in ("records", "secrets"):
+            raise ValueError(f"phase2_loss must be 'records' or 'secrets', got {self.phase2_loss!r}")
         if self.memory_dtype not in MEMORY_DTYPES:
             raise ValueError(f"memory_dtype must be one of {MEMORY_DTYPES}, got {self.memory_dtype!r}")
 

@@ -2,10 +2,12 @@
 
 Phase 1 is ordinary fine-tuning on every row with the private tokens masked out of the loss (the
 same model as the "retrain, secrets masked" reference, so an experiment can pass it in and train
-it once). Phase 2 adds memory neurons to every MLP and trains only them, only on the private
-tokens of the rows that hold any. With perfect labels the shared weights never see a private
-token, so alpha = 0 is the public-only model by construction: the control every other method
-must beat (under label noise, or on skill).
+it once). Phase 2 adds memory neurons to every MLP and trains only them, on the rows that hold
+private records: on every token of those rows (``phase2_loss = "records"``, the default, so the
+neurons also learn not to disturb the records' public text and alpha = 1 keeps the skill) or on
+the private tokens alone (``"secrets"``). With perfect labels the shared weights never see a
+private token, so alpha = 0 is the public-only model by construction: the control every other
+method must beat (under label noise, or on skill).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from torch import nn
 from libortho.data.records import TokenRows
 from libortho.train.loop import TrainConfig, train
 from libortho.train.memory import attach_neurons, memory_parameters, shared_parameters
-from libortho.train.rules import RoutedRule, StepRule
+from libortho.train.rules import ParamGroup, RoutedRule, StepCounts, StepRule, check_finite, token_nll
 from libortho.train.separation import SEPARATION, Separation, SeparationResult, _every
 
 
@@ -34,12 +36,37 @@ def phase2_config(cfg: TrainConfig, phase2: TrainConfig | None, n_private_rows: 
     return replace(cfg, steps=max(1, math.ceil(passes * n_private_rows / per_step)))
 
 
+class MemoryOnlyRule(StepRule):
+    """Every labelled token's loss, reaching the memory parameters only."""
+
+    name = "two-phase/records"
+
+    def __init__(self, memory: list[nn.Parameter], lr_scale: float) -> None:
+        self.memory, self.lr_scale = memory, lr_scale
+
+    def groups(self, model: nn.Module) -> list[ParamGroup]:
+        return [ParamGroup("memory", self.memory, self.lr_scale)]
+
+    def micro(self, model: nn.Module, rows: TokenRows, counts: StepCounts) -> float:
+        nll = token_nll(model, rows.input_ids, rows.labels)
+        loss = nll.sum()
+        check_finite(loss)
+        (loss / max(1, counts.total)).backward(inputs=self.memory)
+        return float(loss.detach())
+
+    def state(self) -> dict:
+        return {"rule": self.name, "lr_scale": self.lr_scale}
+
+
 @SEPARATION.register("two-phase", needs_labels=True, memory="neurons")
 class TwoPhase(Separation):
     name = "two-phase"
+    revision = 2  # 2: phase 2 learns every token of the private records by default (phase2_loss)
 
     def attach(self, model: nn.Module, data: TokenRows, probe: TokenRows | None) -> StepRule:
         attach_neurons(model, self.cfg.neurons, self.ctx, seed=self.cfg.seed)
+        if self.cfg.phase2_loss == "records":
+            return MemoryOnlyRule(memory_parameters(model), self.cfg.memory_lr_scale)
         return RoutedRule(shared=shared_parameters(model), memory=memory_parameters(model),
                           memory_lr_scale=self.cfg.memory_lr_scale, train_shared=False, name="two-phase/memory")
 
