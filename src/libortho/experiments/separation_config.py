@@ -147,7 +147,9 @@ def separation_preset(model: str, stage: Stage = "screening") -> SeparationExpCo
             harness=HarnessConfig(exposure_samples=64, keep_scores=True, exposure_nonmember_limit=48),
             unlearn_sweep=UnlearnSweep(lrs=(1e-4, 3e-4), steps=(10, 30)), calib_blocks=16)
     # the pilot in docs/results/separation_smollm2/pilot.json: these settings make plain fine-tuning
-    # memorise (extraction well above the 50%); 4-digit secrets at half the learning rate did not
+    # memorise (extraction well above the 50%); 4-digit secrets at half the learning rate did not.
+    # Not yet settled: the first screening rows show lr 1e-3 raising domain perplexity above the
+    # pre-fine-tune model's, so skill would be measured on a damaged model; re-tune before the run.
     return SeparationExpConfig(
         model=model, stage=stage, seeds=seeds, block_len=128, public_blocks=128, members=100, nonmembers=512,
         kinds=("id", "phone", "email", "digits"), free_len=3, repeats=16, context_chars=60,
