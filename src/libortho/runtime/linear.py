@@ -7,7 +7,6 @@ The memory of a linear site is a sparse ortho stream (:class:`SparseOrtho`) or a
 from __future__ import annotations
 
 import copy
-import math
 import warnings
 from collections.abc import Callable
 
@@ -15,15 +14,14 @@ import torch
 from torch import nn
 
 from libortho.runtime.kernels import cpu
+from libortho.runtime.switch import LOCKED_MESSAGE, AlphaSwitch
 from libortho.streams import BaseStream, LowRankMemory, SparseOrtho
 
 LinearMemory = SparseOrtho | LowRankMemory
 
-LOCKED_MESSAGE = ("the ortho stream of this layer was not loaded (withheld or deleted): "
-                  "it is locked at alpha = 0")
 
 
-class OrthoLinear(nn.Module):
+class OrthoLinear(AlphaSwitch, nn.Module):
     """A linear layer stored as a b-bit base stream plus an optional memory stream (sparse or low-rank).
 
     ``alpha`` is a plain Python float, so the switch costs one branch per call; at ``alpha == 0``
@@ -64,19 +62,6 @@ class OrthoLinear(nn.Module):
     def locked(self) -> bool:
         """True when no memory stream is attached (alpha is pinned to 0)."""
         return self.ortho_stream is None
-
-    @property
-    def alpha(self) -> float:
-        return self._alpha
-
-    @alpha.setter
-    def alpha(self, value: float) -> None:
-        value = float(value)
-        if not math.isfinite(value):
-            raise ValueError(f"alpha must be finite, got {value}")
-        if value != 0.0 and self.ortho_stream is None:
-            raise RuntimeError(LOCKED_MESSAGE)
-        self._alpha = value
 
     def _choose_kernel(self) -> tuple[bool, torch.dtype, str]:
         """INT4 kernel when the layer's format allows it *and* its weights stay within the fidelity bound.

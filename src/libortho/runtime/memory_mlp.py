@@ -10,7 +10,6 @@ level function that finds the memory through the MLP, so ``copy.deepcopy`` and `
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import Any
 
@@ -18,7 +17,7 @@ import torch
 from torch import nn
 
 from libortho.runtime.kernels import cpu
-from libortho.runtime.linear import LOCKED_MESSAGE
+from libortho.runtime.switch import LOCKED_MESSAGE, AlphaSwitch
 from libortho.streams import NeuronMemory
 
 MEMORY_CHILD = "memory"  # the MLP's child that holds the neurons
@@ -40,7 +39,7 @@ def activation_fn(name: str) -> nn.Module:
     return act
 
 
-class MemoryNeurons(nn.Module):
+class MemoryNeurons(AlphaSwitch, nn.Module):
     """The neurons of a :class:`NeuronMemory` as a module, with the same alpha semantics as OrthoLinear.
 
     ``alpha`` is a plain float; without a stream the module is ``locked`` at alpha = 0. Kernel tensors
@@ -63,19 +62,6 @@ class MemoryNeurons(nn.Module):
     def locked(self) -> bool:
         """True when no neuron stream is attached (alpha is pinned to 0)."""
         return self.stream is None
-
-    @property
-    def alpha(self) -> float:
-        return self._alpha
-
-    @alpha.setter
-    def alpha(self, value: float) -> None:
-        value = float(value)
-        if not math.isfinite(value):
-            raise ValueError(f"alpha must be finite, got {value}")
-        if value != 0.0 and self.stream is None:
-            raise RuntimeError(LOCKED_MESSAGE)
-        self._alpha = value
 
     def set_stream(self, stream: NeuronMemory | None) -> None:
         """Attach (or detach, with None) the neurons; detaching locks the module at alpha = 0."""
