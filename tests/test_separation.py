@@ -269,3 +269,17 @@ def test_two_phase_records_loss_trains_only_the_memory_on_every_record_token() -
         assert all(p.grad is None for p in shared_parameters(m))
         got = any(p.grad is not None and float(p.grad.abs().max()) > 0 for p in memory_parameters(m))
         assert got == public_reaches_memory
+
+
+def test_experiment_config_round_trips_through_json_and_refuses_unknown_keys() -> None:
+    import json
+
+    from libortho.experiments.separation_config import SeparationExpConfig, separation_preset
+
+    cfg = separation_preset("smollm2-135m")
+    back = SeparationExpConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
+    assert back == cfg and isinstance(back.seeds, tuple) and isinstance(back.finetune.betas, tuple)
+    with pytest.raises(ValueError, match="unknown separation experiment keys"):
+        SeparationExpConfig.from_dict({**cfg.to_dict(), "bogus": 1})
+    with pytest.raises(ValueError, match="unknown separation config keys"):
+        SeparationConfig.from_dict({"method": "mask", "rnak": 3})

@@ -132,3 +132,19 @@ class DecomposeConfig:
         if "skip" in d:
             d["skip"] = tuple(d["skip"])
         return cls(quant=quant, select=select, **d)
+
+
+def fields_from_dict(cls: type, d: dict[str, Any], what: str,
+                     nested: dict[str, type] | None = None) -> dict[str, Any]:
+    """Keyword arguments for dataclass ``cls`` from a JSON object: unknown keys refused (naming ``what``),
+    lists turned back into tuples, and the ``nested`` fields (name -> dataclass) built from their objects."""
+    from dataclasses import fields
+
+    extra = set(d) - {f.name for f in fields(cls)}
+    if extra:
+        raise ValueError(f"unknown {what} keys {sorted(extra)}")
+    kw = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+    for key, typ in (nested or {}).items():
+        if isinstance(kw.get(key), dict):
+            kw[key] = typ(**{k: tuple(v) if isinstance(v, list) else v for k, v in kw[key].items()})
+    return kw

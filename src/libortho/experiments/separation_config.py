@@ -8,10 +8,10 @@ depends on, so an interrupted run resumes stage by stage.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
 
-from libortho.config import QuantConfig
+from libortho.config import QuantConfig, fields_from_dict
 from libortho.eval.harness import HarnessConfig
 from libortho.experiments.config import TINY_ARCH
 from libortho.train.loop import TrainConfig
@@ -115,21 +115,11 @@ class SeparationExpConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> SeparationExpConfig:
         """Inverse of :meth:`to_dict`; unknown keys are an error."""
-        known = {f.name for f in fields(cls)}
-        extra = set(d) - known
-        if extra:
-            raise ValueError(f"unknown separation experiment keys {sorted(extra)}")
-        kw = dict(d)
-        for key, typ in (("pretrain", TrainConfig), ("finetune", TrainConfig), ("quant", QuantConfig),
-                         ("harness", HarnessConfig), ("unlearn_sweep", UnlearnSweep)):
-            if isinstance(kw.get(key), dict):
-                v = {k: tuple(x) if isinstance(x, list) else x for k, x in kw[key].items()}
-                kw[key] = typ(**v)
+        kw = fields_from_dict(cls, d, "separation experiment", {
+            "pretrain": TrainConfig, "finetune": TrainConfig, "quant": QuantConfig, "harness": HarnessConfig,
+            "unlearn_sweep": UnlearnSweep})
         if isinstance(kw.get("separation"), dict):
             kw["separation"] = SeparationConfig.from_dict(kw["separation"])
-        for key in ("seeds", "kinds", "methods", "label_noise", "unlearning", "label_noise_methods"):
-            if isinstance(kw.get(key), list):
-                kw[key] = tuple(kw[key])
         try:
             return cls(**kw)
         except TypeError as err:

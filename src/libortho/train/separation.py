@@ -23,12 +23,13 @@ streams, keyed by linear or MLP name, ready for an INT4 base (:mod:`libortho.wor
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
+from libortho.config import fields_from_dict
 from libortho.data.records import TokenRows
 from libortho.registry import Registry
 from libortho.train.loop import TrainConfig, TrainLog, train
@@ -102,17 +103,7 @@ class SeparationConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> SeparationConfig:
         """Inverse of :meth:`to_dict`; unknown keys are an error."""
-        known = {f.name for f in fields(cls)}
-        extra = set(d) - known
-        if extra:
-            raise ValueError(f"unknown separation config keys {sorted(extra)}")
-        kw = dict(d)
-        for key in ("train", "phase2"):
-            if isinstance(kw.get(key), dict):
-                v = dict(kw[key])
-                if "betas" in v:
-                    v["betas"] = tuple(v["betas"])
-                kw[key] = TrainConfig(**v)
+        kw = fields_from_dict(cls, d, "separation config", {"train": TrainConfig, "phase2": TrainConfig})
         return cls(**kw)
 
 
