@@ -11,14 +11,11 @@ LOCKED_MESSAGE = ("the ortho stream of this layer was not loaded (withheld or de
 class AlphaSwitch:
     """``alpha`` as a plain Python float (one branch per call); pinned to 0 while ``locked``.
 
-    Subclasses say what ``locked`` means (no memory stream attached) and keep ``_alpha``.
+    Subclasses define the ``locked`` property (True while no memory stream is attached) and keep ``_alpha``.
     """
 
     _alpha: float
-
-    @property
-    def locked(self) -> bool:
-        raise NotImplementedError  # each module knows where its memory stream lives
+    locked: bool
 
     @property
     def alpha(self) -> float:

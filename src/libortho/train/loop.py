@@ -258,7 +258,8 @@ def _step(model: nn.Module, opt: torch.optim.Optimizer, data: TokenRows, idx: to
     counts = StepCounts.of(data.subset(idx))
     active = rule.active(step, counts)
     total = 0.0
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
+    device = next(model.parameters()).device.type  # bf16 autocast on the device the model runs on
+    with torch.autocast(device, dtype=torch.bfloat16, enabled=cfg.bf16):
         for rows in _micro_batches(data, dist.shard(idx), cfg.batch_size, rule, step):
             total += rule.micro(model, rows, counts)
     for group, on in zip(groups, active, strict=True):

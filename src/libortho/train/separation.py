@@ -23,6 +23,7 @@ streams, keyed by linear or MLP name, ready for an INT4 base (:mod:`libortho.wor
 from __future__ import annotations
 
 import time
+from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -126,7 +127,7 @@ class SeparationResult:
                 "memory_layers": len(self.streams), **self.extra}
 
 
-class Separation:
+class Separation(ABC):
     """Base of every method: attach a memory, train with a step rule, export.
 
     Subclasses implement :meth:`attach` (add the memory to ``model``; return the step rule) and may
@@ -141,8 +142,9 @@ class Separation:
         self.cfg = cfg
         self.ctx = MemoryContext()
 
+    @abstractmethod
     def attach(self, model: nn.Module, data: TokenRows, probe: TokenRows | None) -> StepRule:
-        raise NotImplementedError
+        """Add this method's memory to ``model`` and return the step rule that trains it."""
 
     def fit(self, model: nn.Module, data: TokenRows, probe: TokenRows | None = None, progress: bool = True,
             checkpoint_dir: str | Path | None = None) -> SeparationResult:
