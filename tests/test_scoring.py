@@ -52,7 +52,7 @@ def test_next_token_stats_known_answers() -> None:
     v = 7
     lp, mu, sd = next_token_stats(torch.zeros(v), torch.tensor(3))
     assert float(lp) == pytest.approx(-math.log(v), abs=1e-12)
-    assert float(mu) == pytest.approx(-math.log(v), abs=1e-12)
+    assert float(mu) == pytest.approx(-math.log(v), abs=1e-6)  # the vocabulary mean is reduced in float32
     assert float(sd) == pytest.approx(0.0, abs=1e-6)
     # A (numerically) one-hot distribution: the likely token has log p ~ 0, mu ~ 0.
     lp, mu, sd = next_token_stats(torch.tensor([0.0, 60.0, 0.0]), torch.tensor(1))

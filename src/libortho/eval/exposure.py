@@ -7,8 +7,9 @@ model never saw has about 1-2 bits.
 
 - Exact, by enumeration, when ``|R|`` is small. Candidates are scored in batches on top of the
   prefix's key/value cache (computed once). When the tokenizer spells every alphabet character as
-  one token whatever its neighbours (bytes; SmolLM2's digits), all ``A^n`` secrets are scored from
-  ``A^(n-1)`` stems: the last position's distribution gives all ``A`` endings at once.
+  one token whatever its neighbours (bytes; SmolLM2's digits), all ``A^n`` secrets are scored as a
+  trie, one character per level on its parent's cache; the last level's distribution gives all
+  ``A`` endings at once.
 - Estimated otherwise: score a uniform sample of candidates, fit a skew-normal to their negative
   log-likelihoods, and read ``rank/|R|`` as the fitted CDF at the secret's value. With 64 samples
   this read is checked against exact enumeration on SmolLM2 in ``experiments/exposure_check.py``
@@ -146,25 +147,40 @@ def char_layout(tokenizer: Any, canary: Canary) -> CharLayout | None:
 
 @torch.no_grad()
 def enumerate_charwise(model: nn.Module, layout: CharLayout, n_free: int, batch_size: int = 256) -> torch.Tensor:
-    """Log-probability of every candidate ``(A^n_free,)`` in enumeration order, from ``A^(n_free-1)`` stems."""
+    """Log-probability of every candidate ``(A^n_free,)`` in enumeration order.
+
+    The candidates form a trie: level ``k`` feeds one character to each of the ``A^k`` prefixes on
+    top of its parent's key/value cache, and the last level's distribution scores all ``A`` endings
+    at once, so ``A + A^2 + ... + A^(n_free-1)`` one-token rows are run in all (not ``n_free - 1``
+    tokens for each of ``A^(n_free-1)`` stems). At most ``batch_size`` rows run at a time.
+    """
     kv, last = prefix_cache(model, layout.context + layout.head)
     chars = torch.tensor(layout.char_tokens)
-    n_chars = chars.numel()
-    if n_free == 1:
-        return last[chars].clone()
-    stems = torch.cartesian_prod(*[torch.arange(n_chars)] * (n_free - 1)).view(-1, n_free - 1)
-    out = torch.empty(stems.shape[0], n_chars, dtype=torch.float64)
-    for i in range(0, stems.shape[0], batch_size):
-        ids = chars[stems[i:i + batch_size]]
-        batch_kv = copy.deepcopy(kv)
-        batch_kv.batch_repeat_interleave(ids.shape[0])
-        logits = model(input_ids=ids, past_key_values=batch_kv, use_cache=True).logits
-        total = last[ids[:, 0]]
-        if n_free > 2:
-            total = total + _token_logprobs(logits[:, :-1], ids[:, 1:]).sum(dim=1)
-        ends = torch.log_softmax(logits[:, -1].double(), dim=-1)[:, chars]
-        out[i:i + ids.shape[0]] = total.unsqueeze(1) + ends
-    return out.view(-1)
+    return _expand(model, kv, last.unsqueeze(0), torch.zeros(1, dtype=torch.float64), chars, n_free,
+                   max(batch_size, chars.numel()))
+
+
+def _expand(model: nn.Module, kv: Any, dist: torch.Tensor, base: torch.Tensor, chars: torch.Tensor,
+            levels: int, batch_size: int) -> torch.Tensor:
+    """Scores of all ``A^levels`` completions of ``r`` prefixes: ``base`` ``(r,)`` is each prefix's
+    log-probability, ``dist`` ``(r, V)`` its next-token log-distribution, ``kv`` its cache (r rows)."""
+    n_chars, r = chars.numel(), base.numel()
+    scores = base.unsqueeze(1) + dist[:, chars]  # (r, A)
+    if levels == 1:
+        return scores.reshape(-1)
+    per_chunk = max(1, batch_size // n_chars)
+    parts = []
+    for i in range(0, r, per_chunk):
+        rows = torch.arange(i, min(r, i + per_chunk))
+        child_kv = copy.deepcopy(kv)
+        if rows.numel() < r:
+            child_kv.batch_select_indices(rows)
+        child_kv.batch_repeat_interleave(n_chars)
+        ids = chars.repeat(rows.numel()).unsqueeze(1)
+        logits = model(input_ids=ids, past_key_values=child_kv, use_cache=True).logits[:, -1]
+        child_dist = torch.log_softmax(logits.double(), dim=-1)
+        parts.append(_expand(model, child_kv, child_dist, scores[rows].reshape(-1), chars, levels - 1, batch_size))
+    return torch.cat(parts)
 
 
 def _tokenized_candidates(tokenizer: Any, canary: Canary, frees: list[str]) -> tuple[list[int], list[list[int]]]:
@@ -180,7 +196,7 @@ def _tokenized_candidates(tokenizer: Any, canary: Canary, frees: list[str]) -> t
 
 def candidate_scores(model: nn.Module, tokenizer: Any, canary: Canary, batch_size: int = 256) -> torch.Tensor:
     """Log-probability of every candidate of the secret's space after the shared context ``(|R|,)``, in
-    :meth:`SecretSpace.enumerate` order (char-wise from stems when the tokenizer allows, else one by one)."""
+    :meth:`SecretSpace.enumerate` order (char-wise as a trie when the tokenizer allows, else one by one)."""
     space = canary.space
     layout = char_layout(tokenizer, canary)
     if layout is not None:

