@@ -105,6 +105,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
             _, final, losses, tokens = _run(method, dtype)
             if rank == 0:
                 torch.save({"weights": final, "losses": losses, "tokens": tokens}, Path(out_dir) / f"{name}.pt")
+        _missing_gradients(rank, Path(out_dir))
         real = distributed.all_reduce_grads
         distributed.all_reduce_grads = lambda params: None  # each rank keeps its own half's gradients
         try:
@@ -117,6 +118,18 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         tdist.barrier()
     finally:
         tdist.destroy_process_group()
+
+
+def _missing_gradients(rank: int, out_dir: Path) -> None:
+    """all_reduce_grads on three parameters: a gradient on both ranks, on rank 1 only, and on none."""
+    both, one, none = (torch.nn.Parameter(torch.zeros(3)) for _ in range(3))
+    both.grad = torch.full((3,), float(rank + 1))
+    if rank == 1:
+        one.grad = torch.tensor([1.0, 2.0, 3.0])
+    distributed.all_reduce_grads([both, one, none])
+    if rank == 0:
+        torch.save({"both": both.grad, "one": one.grad, "none_is_none": torch.tensor(none.grad is None)},
+                   out_dir / "missing-gradients.pt")
 
 
 def _free_port() -> int:
@@ -249,6 +262,15 @@ def test_two_processes_match_one(name, two_process, one_process):
         assert rel <= FP32_MAX_REL, f"{name}: 2 processes differ from 1 by {rel:.2e} in {where}"
     assert got["tokens"] == ref["tokens"]
     assert torch.allclose(torch.tensor(got["losses"]), torch.tensor(ref["losses"]), rtol=REL_TOL, atol=0)
+
+
+def test_missing_gradients_sum_as_zeros_but_stay_none_when_missing_everywhere(two_process):
+    """A gradient missing on one rank counts as zeros; missing on every rank it stays None, as in one
+    process, so AdamW skips the parameter instead of decaying it."""
+    got = two_process["missing-gradients"]
+    torch.testing.assert_close(got["both"], torch.full((3,), 3.0))
+    torch.testing.assert_close(got["one"], torch.tensor([1.0, 2.0, 3.0]))
+    assert bool(got["none_is_none"])
 
 
 @pytest.mark.parametrize("name", list(CONTROLS))

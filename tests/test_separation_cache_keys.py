@@ -6,7 +6,7 @@ from dataclasses import replace
 from types import SimpleNamespace
 
 from libortho.config import QuantConfig
-from libortho.experiments.separation import _relearn_key
+from libortho.experiments.separation import _relearn_key, base_key, quant_key
 from libortho.experiments.separation_config import separation_preset
 from libortho.train.loop import TrainConfig
 
@@ -26,6 +26,22 @@ def test_relearn_key_changes_with_the_target_method_config_and_quantization() ->
     assert _relearn_key(_run(q3), "retrain_masked", "public", attack) != \
         _relearn_key(_run(cfg), "retrain_masked", "public", attack)
     assert _relearn_key(_run(cfg), "mask", "public", attack) == base
+    assert _relearn_key(_run(replace(cfg, calib_blocks=cfg.calib_blocks * 2)), "mask", "public", attack) != base
+
+
+def test_base_and_quant_keys_cover_pretraining_and_calibration() -> None:
+    tiny = separation_preset("tiny")
+    key = base_key(tiny, 0, "fortunes")
+    assert base_key(replace(tiny, pretrain=replace(tiny.pretrain, steps=301)), 0, "fortunes") != key
+    assert base_key(replace(tiny, pretrain_blocks=tiny.pretrain_blocks + 1), 0, "fortunes") != key
+    assert base_key(replace(tiny, repeats=tiny.repeats + 1), 0, "fortunes") != key
+    assert base_key(tiny, 1, "fortunes") != key and base_key(tiny, 0, "jargon") != key
+    assert base_key(replace(tiny), 0, "fortunes") == key
+    assert "pretrain" not in base_key(separation_preset("smollm2-135m"), 0, "fortunes")  # a released model
+    q = quant_key(tiny)
+    assert quant_key(replace(tiny, calib_blocks=tiny.calib_blocks + 1)) != q
+    assert quant_key(replace(tiny, calib_len=tiny.calib_len * 2)) != q
+    assert quant_key(replace(tiny, quant=replace(tiny.quant, group_size=128))) != q
 
 
 def test_checkpoints_are_kept_per_cache_key_and_fresh_starts_over(tmp_path) -> None:

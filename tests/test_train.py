@@ -258,6 +258,8 @@ def test_interrupted_run_resumes_to_the_same_weights(tmp_path: Path) -> None:
     resumed = build_tiny_llama(seed=5)  # a fresh process: even the init differs, the checkpoint wins
     log = train(resumed, data, cfg, progress=False, checkpoint_dir=ckpt, checkpoint_every=2)
     assert log.resumed_from == 2 and log.steps == 6
+    # wall time counts the interrupted process's two steps too, not only the resumed part
+    assert 0 < log.restored_s < log.wall_s and ref_log.restored_s == 0.0
     assert log.losses == pytest.approx(ref_log.losses, rel=1e-6) and log.tokens == ref_log.tokens
     _assert_same_weights(resumed, ref)
     assert sorted(p.name for p in ckpt.parent.iterdir()) == ["ckpt"]  # no temporary directories left
@@ -266,6 +268,7 @@ def test_interrupted_run_resumes_to_the_same_weights(tmp_path: Path) -> None:
     again = build_tiny_llama(seed=9)
     log2 = train(again, data, cfg, progress=False, checkpoint_dir=ckpt)
     assert log2.resumed_from == 6 and log2.steps == 6 and len(log2.losses) == 6
+    assert log2.wall_s == log2.restored_s == pytest.approx(log.wall_s)
     _assert_same_weights(again, resumed)
 
 

@@ -51,6 +51,22 @@ from libortho.train.unlearn import UnlearnConfig, UnlearnTask, run_unlearning
 RESULT_FILE = "result.json"
 
 
+def base_key(cfg: SeparationExpConfig, seed: int, general: str) -> dict[str, Any]:
+    """What every cached model and evaluation of one seed depends on: model, data and fine-tuning
+    schedule (and, for the tiny model, how the model before fine-tuning was pretrained)."""
+    key: dict[str, Any] = {"model": cfg.model, "seed": seed, "data": [
+        cfg.domain, general, cfg.block_len, cfg.public_blocks, cfg.members, cfg.nonmembers, cfg.kinds,
+        cfg.free_len, cfg.repeats, cfg.context_chars], "finetune": cfg.finetune.__dict__}
+    if cfg.model == "tiny":
+        key["pretrain"] = [cfg.tiny_arch, cfg.pretrain.__dict__, cfg.pretrain_blocks]
+    return key
+
+
+def quant_key(cfg: SeparationExpConfig) -> dict[str, Any]:
+    """What an INT4 base depends on besides the weights: the quantizer and its calibration set's size."""
+    return {"quant": cfg.quant.__dict__, "calib": [cfg.calib_blocks, cfg.calib_len]}
+
+
 class SeedRun:
     """One seed of the experiment: data, harness, caches, and one method per stage."""
 
@@ -73,9 +89,8 @@ class SeedRun:
         self.harness.set_reference(load_pre())
         self.evals: dict[str, dict[str, Any]] = {}
         self._cleared: set[Path] = set()
-        self.base_key = {"model": cfg.model, "seed": seed, "data": [cfg.domain, general, cfg.block_len,
-                         cfg.public_blocks, cfg.members, cfg.nonmembers, cfg.kinds, cfg.free_len, cfg.repeats,
-                         cfg.context_chars], "finetune": cfg.finetune.__dict__}
+        self.base_key = base_key(cfg, seed, general)
+        self.quant_key = quant_key(cfg)
 
     # ---- caches -------------------------------------------------------------------------------
     def evaluate(self, name: str, label: str, group: str, build: Callable[[], nn.Module], key: dict[str, Any],
@@ -191,7 +206,7 @@ def _references(run: SeedRun) -> dict[str, nn.Module]:
                      cost=info)
         run.evaluate(f"{name}_int4", f"{labels[name]} + INT4", "reference",
                      lambda m=model: quantized(m, d.calibration, cfg.quant)[0],
-                     {**key, "m": name, "q": cfg.quant.__dict__}, cost=info)
+                     {**key, "m": name, **run.quant_key}, cost=info)
     return models
 
 
@@ -229,7 +244,7 @@ def _one_method(run: SeedRun, m: str, noise: float, full: bool) -> None:
     what = f" ({noise:.0%} unlabelled)" if noise else ""
     for a in (0.0, 1.0):
         run.evaluate(f"{tag}_int4_a{a:g}", f"{m}{what} INT4, alpha={a:g}", group, lambda a=a: q(a),
-                     {**key, "v": f"q{a:g}", "quant": cfg.quant.__dict__}, alpha=a, base="int4", **extra)
+                     {**key, "v": f"q{a:g}", **run.quant_key}, alpha=a, base="int4", **extra)
 
 
 def _unlearning(run: SeedRun, ft: nn.Module) -> None:
@@ -266,7 +281,7 @@ def _one_baseline(run: SeedRun, name: str, ft: nn.Module, task: UnlearnTask) -> 
     run.evaluate(f"{name}_fp", f"{name} (tuned: lr={u.lr:g}, {u.steps} steps)", "unlearning", lambda: model, key,
                  unlearning=name, tuned=best)
     run.evaluate(f"{name}_int4", f"{name} (tuned) + INT4", "unlearning",
-                 lambda: quantized(model, run.data.calibration, cfg.quant)[0], {**key, "q": cfg.quant.__dict__},
+                 lambda: quantized(model, run.data.calibration, cfg.quant)[0], {**key, **run.quant_key},
                  unlearning=name, tuned=best)
 
 
@@ -298,7 +313,7 @@ def _relearn_key(run: SeedRun, target: str, data_name: str, attack_cfg: TrainCon
     model = ({"method": cfg.method_config(target, run.seed).to_dict()} if target in SEPARATION.names()
              else {"reference": target})
     return {**run.base_key, "target": target, "data": data_name, "attack": attack_cfg.__dict__, "model": model,
-            "quant": cfg.quant.__dict__, "calib": [cfg.calib_blocks, cfg.calib_len]}
+            **quant_key(cfg)}
 
 
 def _delete_records(run: SeedRun) -> None:
@@ -322,7 +337,7 @@ def _delete_records(run: SeedRun) -> None:
         return dual_stream(shared, kept, run.data.calibration, cfg.quant, alpha=1.0)[0]
     run.evaluate("memsink_delete_int4_a1", f"memsink, {cfg.delete_records} records' sinks deleted, alpha=1",
                  "deletion", build, {**run.base_key, "m": "memsink-delete", "n": cfg.delete_records,
-                                     "method": scfg.to_dict(), "quant": cfg.quant.__dict__},
+                                     "method": scfg.to_dict(), **run.quant_key},
                  deleted=list(range(cfg.delete_records)), sinks_dropped=int(drop.sum()), sinks=scfg.neurons)
 
 

@@ -30,7 +30,8 @@ GOAL_NAMES = {"extraction_zero": "extraction = 0", "exposure_within_1bit": "expo
 BASE_NAMES = {"alpha0_int4": "INT4 a=0 vs quantized retrain", "alpha0_fp": "FP a=0 vs FP retrain"}
 REFERENCES = ("pre", "ft_fp", "ft_int4", "retrain_masked_fp", "retrain_masked_int4", "retrain_dropped_fp",
               "retrain_dropped_int4")
-PLAIN_ETA, PLAIN_ETA_BAND, OGD_ETA_BOUND = 0.3, (0.2, 0.4), 0.05  # seed 000's figures
+PLAIN_ETA, OGD_ETA_BOUND = 0.3, 0.05  # seed 000's figures
+PLAIN_ETA_BAND = (0.2, 0.4)  # ours, not the seed's: how far from its "~0.3" we still call it a match
 
 
 def _f(x: Any, fmt: str = ".3f") -> str:
@@ -170,7 +171,7 @@ def eta_claims(stages: dict[str, Any]) -> list[dict[str, Any]]:
     base = pooled.get("ft", {}).get("random_baseline")
     out.append({"claim": "plain fine-tuning's update lies in the public subspace", "seed": f"eta ~ {PLAIN_ETA}",
                 "measured": _f(plain) + (f" (random baseline {base:.3f})" if base is not None else ""),
-                "criterion": f"eta in [{PLAIN_ETA_BAND[0]}, {PLAIN_ETA_BAND[1]}]",
+                "criterion": f"eta in [{PLAIN_ETA_BAND[0]}, {PLAIN_ETA_BAND[1]}] (our band around the seed's ~0.3)",
                 "holds": None if plain is None else PLAIN_ETA_BAND[0] <= plain <= PLAIN_ETA_BAND[1]})
     held = log[-1].get("eta_heldout") if log else pooled.get("ogd", {}).get("eta")
     rb = ogd.get("eta_random_baseline", pooled.get("ogd", {}).get("random_baseline"))

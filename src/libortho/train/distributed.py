@@ -39,8 +39,18 @@ def shard(idx: torch.Tensor) -> torch.Tensor:
 
 
 def all_reduce_grads(params: list[nn.Parameter]) -> None:
-    """Sum the gradients of ``params`` over all processes (missing gradients count as zeros)."""
+    """Sum the gradients of ``params`` over all processes.
+
+    A gradient missing on some processes counts as zeros there; one missing on *every* process stays
+    None, as in a single process (so the optimizer skips that parameter rather than decaying it and
+    moving it by its Adam moments).
+    """
     if not is_distributed() or not params:
+        return
+    present = torch.tensor([p.grad is not None for p in params], dtype=torch.int32)
+    dist.all_reduce(present, op=dist.ReduceOp.MAX)
+    params = [p for p, has in zip(params, present.tolist(), strict=True) if has]
+    if not params:
         return
     for p in params:
         if p.grad is None:

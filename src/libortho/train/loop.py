@@ -78,13 +78,15 @@ class TrainConfig:
 
 @dataclass
 class TrainLog:
-    """What a training run did: per-step losses, tokens, wall time, and whether it resumed."""
+    """What a training run did: per-step losses, tokens, wall time (over every process that worked on
+    it), and whether it resumed (``restored_s``: the part of ``wall_s`` spent before the resume)."""
 
     steps: int = 0
     tokens: int = 0
     wall_s: float = 0.0
     losses: list[float] = field(default_factory=list)
     resumed_from: int | None = None
+    restored_s: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -217,7 +219,7 @@ def train(model: nn.Module, data: TokenRows, cfg: TrainConfig, progress: bool = 
     ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else None
     if ckpt is not None and (ckpt / "state.json").is_file():
         start, log = load_checkpoint(ckpt, model, opt, cfg, rule.state())
-        log.resumed_from = start
+        log.resumed_from, log.restored_s = start, log.wall_s
         for _ in range(start):
             sched.step()
     dist.check_same_weights(model)

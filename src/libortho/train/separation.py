@@ -156,11 +156,14 @@ class Separation(ABC):
         return self.finish(model, {"train": log}, t0, rule)
 
     def finish(self, model: nn.Module, logs: dict[str, TrainLog], t0: float, rule: StepRule) -> SeparationResult:
-        """Strip the memory into streams and package the result."""
+        """Strip the memory into streams and package the result. ``wall_s`` counts this process's time
+        since ``t0`` plus the training time restored from checkpoints, so a resumed run costs what the
+        uninterrupted one would have."""
         self.ctx.clear()
         model.eval()
         streams = export_memory(model, self.cfg.memory_dtype)
-        return SeparationResult(model, streams, self.name, logs, time.perf_counter() - t0, rule.log())
+        restored = sum(log.restored_s for log in logs.values())
+        return SeparationResult(model, streams, self.name, logs, time.perf_counter() - t0 + restored, rule.log())
 
 
 def _every(cfg: TrainConfig, data: TokenRows) -> int:
