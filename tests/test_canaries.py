@@ -252,3 +252,17 @@ def test_private_documents_repeat_members_and_shuffle_by_seed() -> None:
     assert sorted(private_documents(members, seed=1)) == sorted(docs)
     assert private_documents(members, seed=1) != docs
     assert private_documents([]) == []
+
+
+def test_secret_space_parse_named_and_literal_alphabets() -> None:
+    from libortho.data.canaries import SecretSpace
+
+    assert SecretSpace.parse("digits:4") == SecretSpace("", "0123456789", 4)
+    assert SecretSpace.parse("hex:8").size == 16 ** 8
+    assert SecretSpace.parse("xyz:2") == SecretSpace("", "xyz", 2)
+    assert SecretSpace.parse("a:b:3").alphabet == "a:b"  # the length follows the last colon
+    for bad in ("digits", "digits:", ":4", "digits:0", "digits:x"):
+        with pytest.raises(ValueError, match="ALPHABET:LENGTH"):
+            SecretSpace.parse(bad)
+    with pytest.raises(ValueError, match="repeats characters"):
+        SecretSpace.parse("aab:3")

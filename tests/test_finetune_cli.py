@@ -85,11 +85,28 @@ def test_finetune_saves_a_switchable_decomposition(files: Path, tmp_path: Path, 
 def test_report_shows_secrets_only_when_asked(files: Path, tmp_path: Path) -> None:
     report = tmp_path / "sub" / "report.json"
     res = _run(files, "out-show", "--private", str(files / "recs.jsonl"), "--method", "memsink",
-               "--report", str(report), "--show-secrets")
+               "--report", str(report), "--show-secrets", "--secret-space", "digits:4")
     assert res.exit_code == 0, res.output
     rep = json.loads(report.read_text())
     assert "mia_loss" not in rep["alphas"]["1"] and rep["nonmembers"] is None
     assert {r["secret"] for r in rep["records"]["1"]} == {c for _, c in PEOPLE}
+    # exposure in the declared space, exact (10^4 candidates), recomputed here from the saved model
+    from libortho.checkpoint import load
+    from libortho.data.canaries import Canary, SecretSpace
+    from libortho.eval.exposure import exact_exposure
+
+    assert rep["exposure"] == {"space": {"alphabet": "0123456789", "length": 4}}
+    model, tok = load(files / "out-show", alpha=1.0)
+    for name, code in PEOPLE[:2]:
+        text = f"Patient {name} has access code {code} on file."
+        at = text.index(code)
+        want = exact_exposure(model, tok, Canary("record", text[:at], code, text[at + 4:], 1, True,
+                                                 SecretSpace("", "0123456789", 4))).exposure
+        got = next(r["exposure"] for r in rep["records"]["1"] if r["secret"] == code)
+        assert got == pytest.approx(want, abs=1e-9)
+    e = rep["alphas"]["1"]["exposure"]
+    assert e["n"] == 4 and e["method"] == "exact" and e["max_bits"] == pytest.approx(4 * 3.321928, abs=1e-5)
+    assert all(0 <= r["exposure"] <= e["max_bits"] for r in rep["records"]["0"] + rep["records"]["1"])
 
 
 def _bad(root: Path, case: str) -> tuple[list[str], str]:
@@ -117,11 +134,20 @@ def _bad(root: Path, case: str) -> tuple[list[str], str]:
         return ["--private", recs, *label, "--nonmembers", recs], "--report"
     if case == "missing public":
         return ["--private", recs, *label, "--public", str(root / "gone.txt")], "gone.txt not found"
+    if case == "secret outside space":
+        return ["--private", recs, *label, "--report", str(root / "r.json"), "--secret-space", "digits:3"], \
+            "record 1 (Alma): its secret is not in the secret space 'digits:3'"
+    if case == "malformed space":
+        return ["--private", recs, *label, "--report", str(root / "r.json"), "--secret-space", "digits"], \
+            "ALPHABET:LENGTH"
+    if case == "space without report":
+        return ["--private", recs, *label, "--secret-space", "digits:4"], "--report"
     raise AssertionError(case)
 
 
 BAD = ["unknown method", "missing records", "malformed line", "no private tokens", "out not empty",
-       "negative steps", "report inside out", "nonmembers without report", "missing public"]
+       "negative steps", "report inside out", "nonmembers without report", "missing public", "secret outside space",
+       "malformed space", "space without report"]
 
 
 @pytest.mark.parametrize("case", BAD)

@@ -124,6 +124,8 @@ def finetune(
     report: Annotated[Path | None, typer.Option(help="privacy report JSON, written outside OUT")] = None,
     show_secrets: Annotated[bool, typer.Option(help="per-record details, secrets included, in the report")]
     = False,
+    secret_space: Annotated[str | None, typer.Option(help="the secrets' space for exposure in the report, "
+                                                          "ALPHABET:LENGTH (digits:4, hex:8, abc:5)")] = None,
     bf16: bool = False, overwrite: bool = False, quiet: bool = False,
 ) -> None:
     """Fine-tune MODEL on public text + private records; save base (INT-b) + memory (ortho) streams to OUT."""
@@ -134,7 +136,8 @@ def finetune(
             model, out, private, public or ["shakespeare"], method, nonmembers=nonmembers, steps=steps,
             epochs=epochs, lr=lr, batch_size=batch_size, block_len=block_len, n_public_blocks=n_public_blocks,
             repeats=repeats, bits=bits, group_size=group_size, n_calib=n_calib, seq_len=seq_len, seed=seed,
-            bf16=bf16, overwrite=overwrite, progress=not quiet, report=report, show_secrets=show_secrets)
+            bf16=bf16, overwrite=overwrite, progress=not quiet, report=report, show_secrets=show_secrets,
+            secret_space=secret_space)
     console.print_json(json.dumps(summary))
 
 

@@ -26,10 +26,12 @@ if TYPE_CHECKING:  # pragma: no cover
     from torch import nn
 
     from libortho.config import QuantConfig
+    from libortho.data.canaries import Canary, SecretSpace
     from libortho.data.private import PrivateRecord
     from libortho.data.records import TokenRows
 
-EXPOSURE_NOTE = "not computed: exposure needs a declared secret space (records carry secrets, not their space)"
+EXPOSURE_NOTE = ("not computed: exposure needs a declared secret space (--secret-space ALPHABET:LENGTH); "
+                 "records carry secrets, not their space")
 
 
 @dataclass(frozen=True)
@@ -39,6 +41,7 @@ class FinetuneInputs:
     records: list[PrivateRecord]
     nonmembers: list[PrivateRecord] | None
     records_sha256: str
+    space: SecretSpace | None = None
 
 
 def _check_sizes(sizes: dict[str, int | None], steps: int | None, epochs: float | None, lr: float) -> None:
@@ -62,6 +65,24 @@ def _check_records(path: Path, records: list[PrivateRecord], method: str, needs_
                          "or 'private': true")
 
 
+def _check_space(spec: str | None, report: Path | None, files: dict[Path, list[PrivateRecord]]
+                 ) -> SecretSpace | None:
+    """Parse ``--secret-space``; every private record's secret (members and non-members) must lie in it."""
+    if spec is None:
+        return None
+    from libortho.data.canaries import SecretSpace
+
+    if report is None:
+        raise ValueError("--secret-space is used only by the privacy report: give --report FILE too")
+    space = SecretSpace.parse(spec)
+    for path, records in files.items():
+        for i, r in enumerate(records, 1):
+            if r.private and r.secret is not None and not space.contains(r.secret):
+                raise ValueError(f"{path}: record {i} ({r.key}): its secret is not in the secret space {spec!r} "
+                                 f"({space.n_free} characters of {space.alphabet!r})")
+    return space
+
+
 def _check_report(report: Path | None, out: Path, nonmembers: Path | None, overwrite: bool) -> None:
     """The report goes outside OUT, into no directory's place; --nonmembers only serves the report."""
     if report is None:
@@ -80,7 +101,7 @@ def _check_report(report: Path | None, out: Path, nonmembers: Path | None, overw
 def check_finetune_inputs(out: Path, private: Path, public: list[str], method: str, *,
                           nonmembers: Path | None, report: Path | None, overwrite: bool,
                           sizes: dict[str, int | None], steps: int | None, epochs: float | None,
-                          lr: float) -> FinetuneInputs:
+                          lr: float, secret_space: str | None = None) -> FinetuneInputs:
     """Refuse, before any model is loaded, every input the run would fail on; return what was read."""
     from libortho.atomic import sha256_file
     from libortho.data.corpora import check_source, load_corpus
@@ -106,7 +127,9 @@ def check_finetune_inputs(out: Path, private: Path, public: list[str], method: s
         others = read_records(nonmembers)
         if not any(r.private for r in others):
             raise ValueError(f"{nonmembers} has no private record to serve as a non-member")
-    return FinetuneInputs(records, others, sha256_file(private))
+    files = {Path(private): records, **({Path(nonmembers): others} if nonmembers is not None and others else {})}
+    space = _check_space(secret_space, report, files)
+    return FinetuneInputs(records, others, sha256_file(private), space)
 
 
 def training_rows(tok: Any, records: list[PrivateRecord], public: list[str], n_public_blocks: int,
@@ -133,7 +156,7 @@ def finetune_and_save(model_spec: str, out: Path, private: Path, public: list[st
                       repeats: int = 1, bits: int = 4, group_size: int = 64, n_calib: int = 64,
                       seq_len: int = 256, seed: int = 0, bf16: bool = False, overwrite: bool = False,
                       progress: bool = True, report: Path | None = None,
-                      show_secrets: bool = False) -> dict[str, Any]:
+                      show_secrets: bool = False, secret_space: str | None = None) -> dict[str, Any]:
     """Fine-tune MODEL on public text + private records with ``method``, save the decomposition to OUT.
 
     Returns a JSON-able summary: counts, timings, bytes of base and memory, the out path (and the
@@ -147,7 +170,8 @@ def finetune_and_save(model_spec: str, out: Path, private: Path, public: list[st
     sizes = {"batch_size": batch_size, "block_len": block_len, "n_public_blocks": n_public_blocks,
              "repeats": repeats, "n_calib": n_calib, "seq_len": seq_len}
     inputs = check_finetune_inputs(out, private, public, method, nonmembers=nonmembers, report=report,
-                                   overwrite=overwrite, sizes=sizes, steps=steps, epochs=epochs, lr=lr)
+                                   overwrite=overwrite, sizes=sizes, steps=steps, epochs=epochs, lr=lr,
+                                   secret_space=secret_space)
     scfg = _separation_config(method, steps, epochs, lr, batch_size, bf16, seed)
     from libortho.models import load_model
 
@@ -238,12 +262,30 @@ def _private_nll(model: nn.Module, tok: Any, records: list[PrivateRecord]) -> li
     return out
 
 
-def _measure(model: nn.Module, tok: Any, members: list[PrivateRecord],
-             nonmembers: list[PrivateRecord] | None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Extraction, secret NLL and (with non-members) the loss-attack MIA at the model's current alpha."""
+def _as_canary(r: PrivateRecord, space: SecretSpace, member: bool) -> Canary:
+    """A record with a secret as the canary the exposure code scores (text before and after the secret)."""
+    from libortho.data.canaries import Canary
+
+    at = r.text.find(cast(str, r.secret))
+    return Canary("record", r.text[:at], cast(str, r.secret), r.text[at + len(cast(str, r.secret)):], 1, member,
+                  space)
+
+
+def _exposures(model: nn.Module, tok: Any, records: list[PrivateRecord], space: SecretSpace,
+               member: bool) -> list[float]:
+    """Exposure of every record's secret in ``space`` (exact up to 10^5 candidates, else estimated)."""
+    from libortho.eval.exposure import canary_exposure
+
+    return [canary_exposure(model, tok, _as_canary(r, space, member)).exposure
+            for r in records if r.secret is not None]
+
+
+def _measure(model: nn.Module, tok: Any, members: list[PrivateRecord], nonmembers: list[PrivateRecord] | None,
+             space: SecretSpace | None = None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Extraction, secret NLL, (with non-members) the loss-attack MIA and (with a secret space) exposure at
+    the model's current alpha."""
     import numpy as np
 
-    from libortho.data.canaries import Canary
     from libortho.eval.extraction import extract
     from libortho.eval.mia import roc_summary
 
@@ -258,10 +300,20 @@ def _measure(model: nn.Module, tok: Any, members: list[PrivateRecord],
         other = _private_nll(model, tok, nonmembers)
         res["mia_loss"] = roc_summary(-np.array(nll), -np.array(other))
         res["nonmember_nll_mean"] = float(np.mean(other))
+    expo: list[float] = []
+    if space is not None:
+        expo = _exposures(model, tok, members, space, True)
+        res["exposure"] = {"mean": float(np.mean(expo)) if expo else None, "n": len(expo),
+                           "max_bits": space.size_log2, "method": "exact" if space.size <= 100_000 else "estimated"}
+        if nonmembers is not None:
+            control = _exposures(model, tok, nonmembers, space, False)
+            res["exposure"]["nonmember_mean"] = float(np.mean(control)) if control else None
     by_key = {r.key: e for r, e in zip(with_secret, ext, strict=True)}
+    by_expo = dict(zip([r.key for r in with_secret], expo, strict=True)) if expo else {}
     details = [{"id": r.key, "secret": r.secret, "secret_nll": v,
                 "extracted": by_key[r.key].extracted if r.key in by_key else None,
-                "generated": by_key[r.key].generated if r.key in by_key else None}
+                "generated": by_key[r.key].generated if r.key in by_key else None,
+                "exposure": by_expo.get(r.key)}
                for r, v in zip(members, nll, strict=True)]
     return res, details
 
@@ -272,8 +324,8 @@ def privacy_report(out: Path, inputs: FinetuneInputs, show_secrets: bool = False
     Extraction (greedy from the text before each secret; records without a secret are skipped),
     the mean NLL of the private tokens, and with non-members a membership-inference loss attack
     (members vs non-members, scored on their private tokens). Counts and rates only, unless
-    ``show_secrets`` adds per-record details (ids, secrets, generations). Exposure is left out: it
-    needs a declared secret space, which user records do not carry.
+    ``show_secrets`` adds per-record details (ids, secrets, generations). Exposure needs the secret
+    space the user declared (``inputs.space``); without one it is left out.
     """
     from libortho.checkpoint import load
     from libortho.runtime import set_alpha
@@ -283,11 +335,13 @@ def privacy_report(out: Path, inputs: FinetuneInputs, show_secrets: bool = False
     model, tok = load(out, alpha=1.0)
     result: dict[str, Any] = {"records_sha256": inputs.records_sha256, "members": len(members),
                               "nonmembers": None if others is None else len(others),
-                              "exposure": EXPOSURE_NOTE, "alphas": {}}
+                              "exposure": EXPOSURE_NOTE if inputs.space is None else
+                              {"space": {"alphabet": inputs.space.alphabet, "length": inputs.space.n_free}},
+                              "alphas": {}}
     details: dict[str, list[dict[str, Any]]] = {}
     for alpha in (0.0, 1.0):
         set_alpha(model, alpha)
-        result["alphas"][f"{alpha:g}"], details[f"{alpha:g}"] = _measure(model, tok, members, others)
+        result["alphas"][f"{alpha:g}"], details[f"{alpha:g}"] = _measure(model, tok, members, others, inputs.space)
     if show_secrets:
         result["records"] = details
     return result

@@ -49,6 +49,10 @@ def luhn_valid(number: str) -> bool:
     return len(number) >= 2 and number.isdigit() and luhn_check_digit(number[:-1]) == number[-1]
 
 
+NAMED_ALPHABETS = {"digits": string.digits, "hex": "0123456789abcdef", "lower": string.ascii_lowercase,
+                   "upper": string.ascii_uppercase, "alnum": string.digits + string.ascii_letters}
+
+
 @dataclass(frozen=True)
 class SecretSpace:
     """All secrets a generator can emit: ``head + free characters (+ Luhn digit)``.
@@ -116,6 +120,15 @@ class SecretSpace:
     def sample(self, rng: random.Random) -> str:
         """One secret drawn uniformly."""
         return self.compose("".join(rng.choice(self.alphabet) for _ in range(self.n_free)))
+
+    @classmethod
+    def parse(cls, spec: str) -> SecretSpace:
+        """A space from ``ALPHABET:LENGTH``: ALPHABET is one of :data:`NAMED_ALPHABETS` (``digits``,
+        ``hex``, ``lower``, ``upper``, ``alnum``) or the characters themselves (``"ABC123:6"``)."""
+        alphabet, sep, length = spec.rpartition(":")
+        if not sep or not alphabet or not length.isdigit() or int(length) < 1:
+            raise ValueError(f"secret space {spec!r}: expected ALPHABET:LENGTH such as digits:4 or abcdef:8")
+        return cls("", NAMED_ALPHABETS.get(alphabet, alphabet), int(length))
 
 
 @dataclass(frozen=True)
