@@ -29,6 +29,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, required=True)
     p.add_argument("--epochs", type=float, default=1.0)
     p.add_argument("--public-blocks", type=int, default=None, help="default: the preset's")
+    p.add_argument("--members", type=int, default=None, help="default: the preset's")
+    p.add_argument("--model", default="smollm2-135m", help="smollm2-135m or tiny (pre-trained once, cached)")
+    p.add_argument("--work", type=Path, default=Path("runs/separation_pilot"), help="cache of the tiny pre-training")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", type=Path, default=OUT)
     return p.parse_args(argv)
@@ -61,19 +64,25 @@ def main(argv: list[str] | None = None) -> None:
     from libortho.experiments.separation_data import build_separation_data
     from libortho.train.loop import train
 
-    base = separation_preset("smollm2-135m")
+    base = separation_preset(args.model)
     cfg = replace(base, repeats=args.repeats, public_blocks=args.public_blocks or base.public_blocks,
-                  finetune=replace(base.finetune, lr=args.lr, epochs=args.epochs))
+                  members=args.members or base.members, finetune=replace(base.finetune, lr=args.lr, epochs=args.epochs))
     load_pre, tok = _load_pre_and_tokenizer(SimpleNamespace(model=cfg.model))
     data = build_separation_data(cfg, 0, tok, default_general_corpus())
+    if load_pre is None:  # the tiny model: pre-trained here (cached under --work)
+        from libortho.experiments.kill_switch import _tiny_pre_loader
+
+        ns = SimpleNamespace(model="tiny", tiny_arch=cfg.tiny_arch, pretrain=cfg.pretrain, seed=0,
+                             pretrain_blocks=cfg.pretrain_blocks, block_len=cfg.block_len)
+        load_pre, _ = _tiny_pre_loader(ns, data, args.work / "tiny", False, print)
     result = json.loads(args.out.read_text()) if args.out.is_file() else {
         "what": __doc__.splitlines()[0], "script": "bench/separation_pilot.py", "runs": []}
     if "pre" not in result:
-        result["pre"] = measure(load_pre().eval(), tok, data)
+        result["pre"] = {"model": args.model, **measure(load_pre().eval(), tok, data)}
     rows = data.rows(0.0)
     model = load_pre()
     log = train(model, rows, cfg.finetune, progress=True, desc=f"lr {args.lr:g} x{args.repeats}")
-    row = {"config": {"lr": args.lr, "repeats": args.repeats, "epochs": args.epochs,
+    row = {"config": {"model": args.model, "lr": args.lr, "repeats": args.repeats, "epochs": args.epochs,
                       "public_blocks": cfg.public_blocks, "members": cfg.members, "free_len": cfg.free_len,
                       "batch_size": cfg.finetune.batch_size, "bf16": cfg.finetune.bf16, "threads": args.threads},
            "train_rows": len(rows.input_ids), "train_tokens": log.tokens, "steps": log.steps,
