@@ -136,14 +136,14 @@ def separation_preset(model: str, stage: Stage = "screening") -> SeparationExpCo
             separation=SeparationConfig(neurons=64, rank=16, support_neurons=64),
             harness=HarnessConfig(exposure_samples=64, keep_scores=True, exposure_nonmember_limit=48),
             unlearn_sweep=UnlearnSweep(lrs=(1e-4, 3e-4), steps=(10, 30)), calib_blocks=16)
-    # the pilot in docs/results/separation_smollm2/pilot.json: these settings make plain fine-tuning
-    # memorise (extraction well above the 50%); 4-digit secrets at half the learning rate did not.
-    # Not yet settled: the first screening rows show lr 1e-3 raising domain perplexity above the
-    # pre-fine-tune model's, so skill would be measured on a damaged model; re-tune before the run.
+    # Chosen from the pilots in docs/results/separation_smollm2/ (bench/separation_pilot.py writes
+    # pilot_lr.json): at lr 1e-3 x16 plain fine-tuning memorised (88%) but raised domain perplexity above
+    # the pre-fine-tune model's; lr 5e-4 x16 memorised 67%, domain perplexity still above; lr 3e-4 x24
+    # memorises every member with domain perplexity below pre-fine-tune (general perplexity still rises).
     return SeparationExpConfig(
         model=model, stage=stage, seeds=seeds, block_len=128, public_blocks=128, members=100, nonmembers=512,
-        kinds=("id", "phone", "email", "digits"), free_len=3, repeats=16, context_chars=60,
-        finetune=TrainConfig(lr=1e-3, epochs=1.0, batch_size=8, bf16=True),
+        kinds=("id", "phone", "email", "digits"), free_len=3, repeats=24, context_chars=60,
+        finetune=TrainConfig(lr=3e-4, epochs=1.0, batch_size=8, bf16=True),
         separation=SeparationConfig(neurons=64, rank=16, support_neurons=64),
         unlearn_sweep=UnlearnSweep(lrs=(1e-5, 1e-4), steps=(10, 30)),
         harness=HarnessConfig(exposure_samples=64, keep_scores=True, exposure_nonmember_limit=64, batch_size=8),
