@@ -18,6 +18,7 @@ import json
 import shutil
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -91,12 +92,18 @@ class SeedRun:
         self._cleared: set[Path] = set()
         self.base_key = base_key(cfg, seed, general)
         self.quant_key = quant_key(cfg)
+        # the non-members' exposure is the "never seen" control: measured on the reference rows only
+        self.rows_harness = copy.copy(self.harness)
+        self.rows_harness.cfg = replace(cfg.harness, exposure_nonmembers=False)
 
     # ---- caches -------------------------------------------------------------------------------
     def evaluate(self, name: str, label: str, group: str, build: Callable[[], nn.Module], key: dict[str, Any],
                  exposure: bool = True, harness: PrivacyHarness | None = None, **extra: Any) -> dict[str, Any]:
-        """Metrics of the model ``build()`` makes, cached in ``evals/<name>.json`` under ``key``."""
-        key = _canonical({**key, "harness": (harness or self.harness).describe(), "exposure": exposure})
+        """Metrics of the model ``build()`` makes, cached in ``evals/<name>.json`` under ``key``. Without an
+        explicit ``harness``, reference rows get the full harness (with the non-members' exposure, the
+        control), every other row the same harness without it."""
+        harness = harness or (self.harness if group == "reference" else self.rows_harness)
+        key = _canonical({**key, "harness": harness.describe(), "exposure": exposure})
         path = self.work / "evals" / f"{name}.json"
         if not self.fresh and path.is_file():
             saved = json.loads(path.read_text())
@@ -104,7 +111,7 @@ class SeedRun:
                 self.evals[name] = saved["entry"]
                 return saved["entry"]
         model = build()
-        metrics = (harness or self.harness).evaluate(model, progress=self.progress, exposure=exposure)
+        metrics = harness.evaluate(model, progress=self.progress, exposure=exposure)
         del model
         entry = {"label": label, "group": group, "metrics": metrics, **extra}
         atomic_write_json(path, {"key": key, "entry": entry})
@@ -184,8 +191,6 @@ class SeedRun:
 
 
 def replace_seed(cfg: TrainConfig, seed: int) -> TrainConfig:
-    from dataclasses import replace
-
     return replace(cfg, seed=seed)
 
 
@@ -291,7 +296,8 @@ def _relearn(run: SeedRun, target: str, model_q: Callable[[], nn.Module]) -> Non
     exposure are measured on the *other* half (a harness over those members only)."""
     cfg, d = run.cfg, run.data
     half = len(d.members) // 2
-    held = PrivacyHarness(run.harness.tok, d.members[half:], d.nonmembers, d.domain_eval, d.general_eval, cfg.harness)
+    held = PrivacyHarness(run.harness.tok, d.members[half:], d.nonmembers, d.domain_eval, d.general_eval,
+                           replace(cfg.harness, exposure_nonmembers=False))
     held.ref_members, held.ref_nonmembers = None, None
     known = d.member_records(list(range(half)))
     attack_cfg = TrainConfig(lr=cfg.finetune.lr, steps=cfg.relearn_steps, batch_size=cfg.finetune.batch_size,

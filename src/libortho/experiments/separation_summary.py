@@ -44,6 +44,9 @@ def figures(entry: dict[str, Any], n_boot: int = 2000, seed: int = 0) -> dict[st
     expo = [p["exposure"] for p in m["per_canary"] if p["exposure"] is not None]
     if expo:
         out["exposure"] = {"n": len(expo), **_ci(bootstrap_mean(expo, n_boot, seed=seed))}
+    control = [x for x in m.get("nonmember_exposures") or [] if x is not None]
+    if control:  # secrets never trained on (reference rows): what "no memorisation" reads as
+        out["nonmember_exposure"] = {"n": len(control), **_ci(bootstrap_mean(control, n_boot, seed=seed))}
     scores = m.get("mia_scores") or {}
     for key, attack in (("secret_auc", "secret_loss"), ("record_auc", RECORD_ATTACK)):
         if attack in scores:

@@ -142,6 +142,18 @@ def _row_names(evals: dict[str, Any], methods: list[str]) -> list[str]:
     return names
 
 
+def control_table(result: dict[str, Any], seed: str) -> list[Table]:
+    """Exposure of the non-members' secrets (never trained on) under each reference row: what an
+    un-memorised secret reads as on this harness (measured on reference rows only)."""
+    figs = result["summary"]["seeds"][seed]["figures"]
+    body = [[f["label"], _ci(f.get("exposure"), ".2f"), _ci(f["nonmember_exposure"], ".2f"),
+             str(f["nonmember_exposure"]["n"])] for n, f in figs.items() if "nonmember_exposure" in f]
+    if not body:
+        return []
+    return [Table(["reference row", "member exposure bits [CI]", "non-member exposure bits [CI]", "n non-members"],
+                  body, "The exposure control: secrets of the same kinds and passages that were never trained on.")]
+
+
 def main_table(result: dict[str, Any], seed: str) -> Table:
     """Leakage and utility of every evaluated row of one seed, each with its 95% interval."""
     sd, evals = result["summary"]["seeds"][seed], result["seeds"][seed]["evals"]
@@ -291,7 +303,7 @@ def build_blocks(result: dict[str, Any], fig_dir: Path) -> list[Block]:
     for m in sorted(methods, key=lambda m: m != top):
         blocks += [Heading(f"{m} (top-ranked)" if m == top else m, 3), goals_table(result, m)]
     for seed in result["summary"]["seeds"]:
-        blocks += [Heading(f"Seed {seed}: all rows"), main_table(result, seed),
+        blocks += [Heading(f"Seed {seed}: all rows"), main_table(result, seed), *control_table(result, seed),
                    Heading(f"Seed {seed}: the seeds' claims beside ours"), *claims_blocks(result, seed),
                    *figure_blocks(result, seed, fig_dir), *deletion_para(result["seeds"][seed]["evals"])]
     return blocks
