@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 from types import SimpleNamespace
 
@@ -61,3 +62,31 @@ def test_checkpoints_are_kept_per_cache_key_and_fresh_starts_over(tmp_path) -> N
     (a / "state.json").write_text("{}")
     SeedRun.checkpoint_dir(fresh, "mask", {"method": {"support_neurons": 64}})
     assert (a / "state.json").exists()  # cleared once per run: a second use in the same run resumes
+
+
+def test_reference_rows_get_the_nonmember_exposure_control_and_other_rows_do_not(tmp_path) -> None:
+    """SeedRun.evaluate: the full harness for reference rows, the one without non-member exposure otherwise,
+    and the harness's description is part of the cache key (so the two never share an evaluation)."""
+    from libortho.experiments.separation import SeedRun
+
+    class FakeHarness:
+        def __init__(self, nonmembers: bool) -> None:
+            self.nonmembers, self.calls = nonmembers, []
+
+        def describe(self) -> dict:
+            return {"exposure_nonmembers": self.nonmembers}
+
+        def evaluate(self, model, progress, exposure) -> dict:
+            self.calls.append(model)
+            return {"exposure": {"mean": 1.0}, "per_canary": [], "mia": {"secret_loss": {"auc": 0.5}},
+                    "ppl_domain": 1.0, "ppl_general": 1.0, "eval_s": 0.0}
+
+    full, rows = FakeHarness(True), FakeHarness(False)
+    run = SimpleNamespace(harness=full, rows_harness=rows, fresh=False, work=tmp_path, evals={}, progress=False,
+                          say=lambda _m: None, record=lambda: None)
+    SeedRun.evaluate(run, "ft_fp", "FP", "reference", lambda: "ref-model", {"k": 1})
+    SeedRun.evaluate(run, "mask_int4_a0", "mask", "method", lambda: "method-model", {"k": 1})
+    assert full.calls == ["ref-model"] and rows.calls == ["method-model"]
+    keys = [json.loads((tmp_path / "evals" / f"{n}.json").read_text())["key"]["harness"]
+            for n in ("ft_fp", "mask_int4_a0")]
+    assert keys == [{"exposure_nonmembers": True}, {"exposure_nonmembers": False}]
