@@ -283,3 +283,26 @@ def test_experiment_config_round_trips_through_json_and_refuses_unknown_keys() -
         SeparationExpConfig.from_dict({**cfg.to_dict(), "bogus": 1})
     with pytest.raises(ValueError, match="unknown separation config keys"):
         SeparationConfig.from_dict({"method": "mask", "rnak": 3})
+
+
+@pytest.mark.parametrize("public", [True, False])
+def test_two_phase_memory_phase_runs_on_the_public_rows_too_unless_told_not(monkeypatch, public: bool) -> None:
+    """phase2_public: the memory phase sees every row (so the neurons learn to stay quiet on public
+    text); without it only the rows holding private tokens."""
+    from libortho.train.methods import two_phase
+
+    data = _data()
+    seen: list[TokenRows] = []
+    real = two_phase.train
+
+    def spy(model, rows, cfg, **kw):
+        seen.append(rows)
+        return real(model, rows, cfg, **kw)
+
+    monkeypatch.setattr(two_phase, "train", spy)
+    two_phase.TwoPhase(_cfg("two-phase", phase2_public=public)).fit(_model(), data, progress=False, phase1_done=True)
+    (rows,) = seen
+    has_private = data.private_mask().any(dim=1)
+    assert 0 < int(has_private.sum()) < len(data)  # the data has both kinds of rows
+    assert len(rows) == (len(data) if public else int(has_private.sum()))
+    assert bool(rows.private_mask().any(dim=1).all()) == (not public)

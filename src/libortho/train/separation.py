@@ -55,8 +55,9 @@ class SeparationConfig:
     sink pool each sequence uses; phase2: two-phase's memory-only schedule (default: ``train``'s
     learning rate and as many epochs over the private rows); phase2_loss: what two-phase's memory
     learns, ``records`` (every token of the rows holding private records, so the memory also learns
-    to leave their public text alone) or ``secrets`` (the private tokens only); memory_dtype: stored
-    precision.
+    to leave their public text alone) or ``secrets`` (the private tokens only); phase2_public:
+    two-phase's memory phase also runs on the public rows (so the memory learns to stay quiet on
+    public text); memory_dtype: stored precision.
     """
 
     method: str = "mask"
@@ -74,6 +75,7 @@ class SeparationConfig:
     sink_fraction: float = 0.25
     phase2: TrainConfig | None = None
     phase2_loss: str = "records"
+    phase2_public: bool = True
     memory_dtype: str = "fp16"
     seed: int = 0
 

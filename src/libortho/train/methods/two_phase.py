@@ -3,9 +3,12 @@
 Phase 1 is ordinary fine-tuning on every row with the private tokens masked out of the loss (the
 same model as the "retrain, secrets masked" reference, so an experiment can pass it in and train
 it once). Phase 2 adds memory neurons to every MLP and trains only them, on the rows that hold
-private records: on every token of those rows (``phase2_loss = "records"``, the default, so the
-neurons also learn not to disturb the records' public text and alpha = 1 keeps the skill) or on
-the private tokens alone (``"secrets"``). With perfect labels the shared weights never see a
+private records and (``phase2_public``, the default) the public rows too: on every token of those
+rows (``phase2_loss = "records"``, the default) or on the private tokens alone (``"secrets"``).
+The public rows matter for alpha = 1: neurons that only ever saw the records learn to fire on
+them and, never told to stay quiet elsewhere, distort held-out text (on the tiny model revision 2
+more than doubled alpha = 1 perplexity); with every token of the public rows in their loss they
+learn to leave public text alone. With perfect labels the shared weights never see a
 private token, so alpha = 0 is the public-only model by construction: the control every other
 method must beat (under label noise, or on skill).
 """
@@ -61,7 +64,7 @@ class MemoryOnlyRule(StepRule):
 @SEPARATION.register("two-phase", needs_labels=True, memory="neurons")
 class TwoPhase(Separation):
     name = "two-phase"
-    revision = 2  # 2: phase 2 learns every token of the private records by default (phase2_loss)
+    revision = 3  # 2: phase 2 learns every token of the private records (phase2_loss); 3: and the public rows
 
     def attach(self, model: nn.Module, data: TokenRows, probe: TokenRows | None) -> StepRule:
         attach_neurons(model, self.cfg.neurons, self.ctx, seed=self.cfg.seed)
@@ -84,10 +87,10 @@ class TwoPhase(Separation):
         has_private = data.private_mask().any(dim=1).nonzero().flatten()
         if has_private.numel() == 0:
             raise ValueError("two-phase needs rows with private tokens for its memory phase")
-        private_rows = data.subset(has_private)
-        cfg2 = phase2_config(self.cfg.train, self.cfg.phase2, len(private_rows), len(data))
+        rows2 = data if self.cfg.phase2_public else data.subset(has_private)
+        cfg2 = phase2_config(self.cfg.train, self.cfg.phase2, len(rows2), len(data))
         rule = self.attach(model, data, probe)
-        logs["phase2"] = train(model, private_rows, cfg2, progress=progress, desc="two-phase: memory", rule=rule,
+        logs["phase2"] = train(model, rows2, cfg2, progress=progress, desc="two-phase: memory", rule=rule,
                                checkpoint_dir=None if ckpt is None else ckpt / "phase2",
-                               checkpoint_every=_every(cfg2, private_rows))
+                               checkpoint_every=_every(cfg2, rows2))
         return self.finish(model, logs, t0, rule)
