@@ -50,7 +50,7 @@ WORLD = 2
 REL_TOL = 1e-5
 FP32_MAX_REL = 2e-4  # element-wise bound in float32 (see above); the no-all-reduce controls reach > 1e-2
 CONTROL_MIN = 1e-3  # a negative control must differ by at least 100x REL_TOL
-MAX_GRAD_NORM = 0.05  # below the gradient norm of every group at every step: clipping always acts
+MAX_GRAD_NORM = 0.005  # below the gradient norm of every group at every step: clipping always acts
 ARCH = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=128)
 # batch_size * grad_accum = 9 rows per step: the ranks hold 5 and 4 rows
@@ -248,7 +248,7 @@ def test_two_processes_match_one(name, two_process, one_process):
     # the training did something, and clipping acted on every group at every step
     moved, _ = max_rel(ref["weights"], ref["init"])
     assert moved > 1e-2, f"{name}: training barely moved the weights ({moved:.2e})"
-    n_groups = 1 if name.startswith(("plain", "memsink")) else 2
+    n_groups = 1 if name.startswith("plain") else 2
     assert len(ref["norms"]) >= TRAIN["steps"] * n_groups - 1, ref["norms"]  # mask/ogd: one idle memory step
     assert min(ref["norms"]) > MAX_GRAD_NORM, ref["norms"]
     # the same weights, losses and token counts

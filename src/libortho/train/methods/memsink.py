@@ -17,8 +17,8 @@ import torch
 from torch import nn
 
 from libortho.data.records import TokenRows
-from libortho.train.memory import attach_neurons
-from libortho.train.rules import StepCounts, StepRule
+from libortho.train.memory import attach_neurons, memory_parameters, shared_parameters
+from libortho.train.rules import ParamGroup, StepCounts, StepRule
 from libortho.train.separation import SEPARATION, Separation
 
 _HASH_MIX = 0x9E3779B97F4A7C15
@@ -49,13 +49,20 @@ def sink_mask(seq: torch.Tensor, k: int, fraction: float, seed: int = 0,
 
 
 class SinkRule(StepRule):
-    """Plain fine-tuning of everything, each token seeing only its sequence's sinks."""
+    """Plain fine-tuning of everything, each token seeing only its sequence's sinks; the sinks are a
+    parameter group of their own (learning rate ``memory_lr_scale`` times the shared weights')."""
 
     name = "memsink"
 
-    def __init__(self, method: MemSink) -> None:
-        self.method = method
+    def __init__(self, method: MemSink, shared: list[nn.Parameter], memory: list[nn.Parameter]) -> None:
+        self.method, self.shared, self.memory = method, shared, memory
         self.cache: dict[int, torch.Tensor] = {}
+
+    def groups(self, model: nn.Module) -> list[ParamGroup]:
+        return [ParamGroup("shared", self.shared), ParamGroup("memory", self.memory, self.method.cfg.memory_lr_scale)]
+
+    def active(self, step: int, counts: StepCounts) -> list[bool]:
+        return [counts.total > 0, counts.total > 0]
 
     def micro(self, model: nn.Module, rows: TokenRows, counts: StepCounts) -> float:
         cfg = self.method.cfg
@@ -67,15 +74,17 @@ class SinkRule(StepRule):
 
     def state(self) -> dict:
         cfg = self.method.cfg
-        return {"rule": self.name, "neurons": cfg.neurons, "fraction": cfg.sink_fraction}
+        return {"rule": self.name, "neurons": cfg.neurons, "fraction": cfg.sink_fraction,
+                "lr_scale": cfg.memory_lr_scale}
 
 
 @SEPARATION.register("memsink", needs_labels=False, memory="neurons")
 class MemSink(Separation):
     name = "memsink"
+    revision = 2  # 2: the sinks are their own parameter group (own clipping, memory_lr_scale)
 
     def attach(self, model: nn.Module, data: TokenRows, probe: TokenRows | None) -> StepRule:
         if data.seq is None:
             raise ValueError("memsink needs sequence ids (TokenRows.seq): build rows with record ids / first_seq")
         attach_neurons(model, self.cfg.neurons, self.ctx, seed=self.cfg.seed)
-        return SinkRule(self)
+        return SinkRule(self, shared_parameters(model), memory_parameters(model))
