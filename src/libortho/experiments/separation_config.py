@@ -137,10 +137,13 @@ def separation_preset(model: str, stage: Stage = "screening") -> SeparationExpCo
     """The default run for ``model`` (``tiny`` or a real model such as ``smollm2-135m``) and ``stage``."""
     seeds = (0,) if stage == "screening" else (1, 2, 3)
     if model == "tiny":
+        # at lr 1e-3 x24 with 480 public blocks plain fine-tuning extracted 1/48 (docs/results/separation_tiny/
+        # pilot_mask_rev2); pilot_lr.json there: lr 3e-3 x32 with 160 public blocks 47/48, lr 1e-3 x48 37/48
         return SeparationExpConfig(
-            model="tiny", stage=stage, seeds=seeds, block_len=256, public_blocks=480, members=48, nonmembers=192,
-            free_len=3, repeats=24, finetune=TrainConfig(lr=1e-3, epochs=2.0, batch_size=16),
+            model="tiny", stage=stage, seeds=seeds, block_len=256, public_blocks=160, members=48, nonmembers=192,
+            free_len=3, repeats=32, finetune=TrainConfig(lr=3e-3, epochs=2.0, batch_size=16),
             separation=SeparationConfig(neurons=64, rank=16, support_neurons=64),
+            method_overrides={m: dict(v) for m, v in FRESH_MEMORY_LR.items()},
             harness=HarnessConfig(exposure_samples=64, keep_scores=True, exposure_nonmember_limit=48),
             unlearn_sweep=UnlearnSweep(lrs=(1e-4, 3e-4), steps=(10, 30)), calib_blocks=16)
     # Chosen from the pilots in docs/results/separation_smollm2/ (bench/separation_pilot.py writes
