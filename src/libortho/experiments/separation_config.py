@@ -129,7 +129,8 @@ class SeparationExpConfig:
 # Memory parameters created for the run (added neurons, low-rank factors) start from zero output and
 # train at 10x the fine-tuning learning rate; mask's delta edits existing weights and keeps 1x. Chosen
 # on the tiny model (two-phase, docs/results/separation_tiny/pilot_memory_lr.json): alpha = 1 exposure
-# 4.5 bits at 1x, 6.4 at 10x (plain fine-tuning 9.3), perplexity unchanged.
+# 4.5 bits at 1x, 6.4 at 10x (plain fine-tuning 9.3), domain perplexity 19.3 vs 20.0 (masked retrain
+# 20.3); 256 neurons instead of 64 did not help (5.3 bits).
 FRESH_MEMORY_LR = {m: {"memory_lr_scale": 10.0} for m in ("two-phase", "route", "ogd", "memsink")}
 
 
