@@ -7,8 +7,8 @@ from dataclasses import replace
 from types import SimpleNamespace
 
 from libortho.config import QuantConfig
-from libortho.experiments.separation import _relearn_key, base_key, quant_key
-from libortho.experiments.separation_config import separation_preset
+from libortho.experiments.separation_config import base_key, quant_key, separation_preset
+from libortho.experiments.separation_controls import relearn_key
 from libortho.train.loop import TrainConfig
 
 
@@ -19,15 +19,15 @@ def _run(cfg):
 def test_relearn_key_changes_with_the_target_method_config_and_quantization() -> None:
     cfg = separation_preset("tiny")
     attack = TrainConfig(lr=1e-3, steps=20, warmup=0.0, schedule="constant")
-    base = _relearn_key(_run(cfg), "mask", "public", attack)
+    base = relearn_key(_run(cfg), "mask", "public", attack)
     more = replace(cfg, method_overrides={"mask": {"support_neurons": 128}})
-    assert _relearn_key(_run(more), "mask", "public", attack) != base
+    assert relearn_key(_run(more), "mask", "public", attack) != base
     q3 = replace(cfg, quant=QuantConfig(bits=3, group_size=64, method="gptq"))
-    assert _relearn_key(_run(q3), "mask", "public", attack) != base
-    assert _relearn_key(_run(q3), "retrain_masked", "public", attack) != \
-        _relearn_key(_run(cfg), "retrain_masked", "public", attack)
-    assert _relearn_key(_run(cfg), "mask", "public", attack) == base
-    assert _relearn_key(_run(replace(cfg, calib_blocks=cfg.calib_blocks * 2)), "mask", "public", attack) != base
+    assert relearn_key(_run(q3), "mask", "public", attack) != base
+    assert relearn_key(_run(q3), "retrain_masked", "public", attack) != \
+        relearn_key(_run(cfg), "retrain_masked", "public", attack)
+    assert relearn_key(_run(cfg), "mask", "public", attack) == base
+    assert relearn_key(_run(replace(cfg, calib_blocks=cfg.calib_blocks * 2)), "mask", "public", attack) != base
 
 
 def test_base_and_quant_keys_cover_pretraining_and_calibration() -> None:

@@ -23,12 +23,10 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-import torch
 from rich.console import Console
 from torch import nn
 
 from libortho.assemble import (
-    dequantized,
     dual_stream,
     full_precision_with_memory,
     load_streams,
@@ -37,35 +35,19 @@ from libortho.assemble import (
 )
 from libortho.atomic import atomic_write_json
 from libortho.data.corpora import default_general_corpus
-from libortho.data.records import TokenRows, pad_rows, record_ids
+from libortho.data.records import TokenRows
 from libortho.eval.harness import PrivacyHarness
 from libortho.experiments.kill_switch import _load_pre_and_tokenizer, _tiny_pre_loader, environment
-from libortho.experiments.separation_config import SeparationExpConfig
+from libortho.experiments.separation_config import SeparationExpConfig, base_key, quant_key
+from libortho.experiments.separation_controls import deletion_stage, eta_stage, relearn_stage, unlearning_stage
 from libortho.experiments.separation_data import SeparationData, build_separation_data
-from libortho.experiments.separation_summary import pick_tuned, rank_methods, summarise_separation
+from libortho.experiments.separation_summary import rank_methods, summarise_separation
 from libortho.experiments.store import _canonical, cached_model
 from libortho.runtime import set_alpha
 from libortho.train.loop import TrainConfig, train
 from libortho.train.separation import SEPARATION
-from libortho.train.unlearn import UnlearnConfig, UnlearnTask, run_unlearning
 
 RESULT_FILE = "result.json"
-
-
-def base_key(cfg: SeparationExpConfig, seed: int, general: str) -> dict[str, Any]:
-    """What every cached model and evaluation of one seed depends on: model, data and fine-tuning
-    schedule (and, for the tiny model, how the model before fine-tuning was pretrained)."""
-    key: dict[str, Any] = {"model": cfg.model, "seed": seed, "data": [
-        cfg.domain, general, cfg.block_len, cfg.public_blocks, cfg.members, cfg.nonmembers, cfg.kinds,
-        cfg.free_len, cfg.repeats, cfg.context_chars], "finetune": cfg.finetune.__dict__}
-    if cfg.model == "tiny":
-        key["pretrain"] = [cfg.tiny_arch, cfg.pretrain.__dict__, cfg.pretrain_blocks]
-    return key
-
-
-def quant_key(cfg: SeparationExpConfig) -> dict[str, Any]:
-    """What an INT4 base depends on besides the weights: the quantizer and its calibration set's size."""
-    return {"quant": cfg.quant.__dict__, "calib": [cfg.calib_blocks, cfg.calib_len]}
 
 
 class SeedRun:
@@ -252,153 +234,14 @@ def _one_method(run: SeedRun, m: str, noise: float, full: bool) -> None:
                      {**key, "v": f"q{a:g}", **run.quant_key}, alpha=a, base="int4", **extra)
 
 
-def _unlearning(run: SeedRun, ft: nn.Module) -> None:
-    """Each baseline swept over the grid (quick evaluation), the tuned setting measured fully, FP and INT4."""
-    d = run.data
-    forget = pad_rows(record_ids(run.harness.tok, [r.text for r in d.records]), run.harness.pad)
-    task = UnlearnTask(forget=forget, retain=d.public)
-    for name in run.cfg.unlearning:
-        _one_baseline(run, name, ft, task)
-
-
-def _one_baseline(run: SeedRun, name: str, ft: nn.Module, task: UnlearnTask) -> None:
-    cfg, sweep = run.cfg, run.cfg.unlearn_sweep
-
-    def ucfg(lr: float, steps: int) -> UnlearnConfig:
-        return UnlearnConfig(steps=steps, lr=lr, batch_size=sweep.batch_size,
-                             retain_batch_size=sweep.retain_batch_size, seed=run.seed)
-
-    def unlearned(u: UnlearnConfig) -> nn.Module:
-        return run_unlearning(name, copy.deepcopy(ft), task, u, progress=False).model
-
-    entries = {}
-    for lr in sweep.lrs:
-        for steps in sweep.steps:
-            u = ucfg(lr, steps)
-            tag = f"{name}_lr{lr:g}_s{steps}"
-            entries[tag] = run.evaluate(f"sweep_{tag}", f"{name} lr={lr:g} steps={steps}", "unlearning_sweep",
-                                        lambda u=u: unlearned(u), {**run.base_key, "u": name, "cfg": u.__dict__},
-                                        exposure=False, unlearning=name, lr=lr, steps=steps)
-    best = pick_tuned(entries, run.evals["ft_fp"])
-    u = ucfg(entries[best]["lr"], entries[best]["steps"])
-    model = unlearned(u)
-    key = {**run.base_key, "u": name, "cfg": u.__dict__}
-    run.evaluate(f"{name}_fp", f"{name} (tuned: lr={u.lr:g}, {u.steps} steps)", "unlearning", lambda: model, key,
-                 unlearning=name, tuned=best)
-    run.evaluate(f"{name}_int4", f"{name} (tuned) + INT4", "unlearning",
-                 lambda: quantized(model, run.data.calibration, cfg.quant)[0], {**key, **run.quant_key},
-                 unlearning=name, tuned=best)
-
-
-def _relearn(run: SeedRun, target: str, model_q: Callable[[], nn.Module]) -> None:
-    """The relearning attack on an alpha = 0 model: ``relearn_steps`` steps at the fine-tuning learning rate,
-    on public text alone and on public text + the first half of the member records; extraction and
-    exposure are measured on the *other* half (a harness over those members only)."""
-    cfg, d = run.cfg, run.data
-    half = len(d.members) // 2
-    held = PrivacyHarness(run.harness.tok, d.members[half:], d.nonmembers, d.domain_eval, d.general_eval,
-                           replace(cfg.harness, exposure_nonmembers=False))
-    held.ref_members, held.ref_nonmembers = None, None
-    known = d.member_records(list(range(half)))
-    attack_cfg = TrainConfig(lr=cfg.finetune.lr, steps=cfg.relearn_steps, batch_size=cfg.finetune.batch_size,
-                             warmup=0.0, schedule="constant", bf16=cfg.finetune.bf16, seed=run.seed)
-    for data_name, rows in (("public", d.public), ("public+half", TokenRows.cat([d.public, known]))):
-        def build(rows: TokenRows = rows) -> nn.Module:
-            model = dequantized(model_q())
-            train(model, rows, attack_cfg, progress=False, desc="relearn")
-            return model.eval()
-        run.evaluate(f"relearn_{target}_{data_name}", f"{target} alpha=0 relearned on {data_name}", "relearn",
-                     build, _relearn_key(run, target, data_name, attack_cfg),
-                     harness=held, target=target, attack_data=data_name, members_evaluated=len(d.members) - half)
-
-
-def _relearn_key(run: SeedRun, target: str, data_name: str, attack_cfg: TrainConfig) -> dict[str, Any]:
-    """Cache key of one relearning evaluation: everything the attacked model depends on (the target's
-    method config or reference name, the quantization, the attack)."""
-    cfg = run.cfg
-    model = ({"method": cfg.method_config(target, run.seed).to_dict()} if target in SEPARATION.names()
-             else {"reference": target})
-    return {**run.base_key, "target": target, "data": data_name, "attack": attack_cfg.__dict__, "model": model,
-            **quant_key(cfg)}
-
-
-def _delete_records(run: SeedRun) -> None:
-    """memsink: drop the sinks of the first ``delete_records`` members; measure deleted vs kept members."""
-    from libortho.streams import NeuronMemory
-    from libortho.train.methods.memsink import sink_neurons_of
-
-    cfg = run.cfg
-    scfg = cfg.method_config("memsink", run.seed)
-    shared, streams, info = run.method("memsink")
-    drop = torch.zeros(scfg.neurons, dtype=torch.bool)
-    for r in run.data.records[:cfg.delete_records]:
-        drop[sink_neurons_of(r.seq_id, scfg.neurons, scfg.sink_fraction, scfg.seed)] = True
-    kept = {}
-    for name, s in streams.items():
-        keep = ~drop
-        kept[name] = NeuronMemory(s.gate[keep].contiguous(), s.up[keep].contiguous(), s.down[:, keep].contiguous(),
-                                  s.activation) if isinstance(s, NeuronMemory) else s
-
-    def build() -> nn.Module:
-        return dual_stream(shared, kept, run.data.calibration, cfg.quant, alpha=1.0)[0]
-    run.evaluate("memsink_delete_int4_a1", f"memsink, {cfg.delete_records} records' sinks deleted, alpha=1",
-                 "deletion", build, {**run.base_key, "m": "memsink-delete", "n": cfg.delete_records,
-                                     "method": scfg.to_dict(), **run.quant_key},
-                 deleted=list(range(cfg.delete_records)), sinks_dropped=int(drop.sum()), sinks=scfg.neurons)
-
-
-@torch.no_grad()
-def _eta(run: SeedRun, models: dict[str, nn.Module]) -> None:
-    """Seed 000's entanglement eta of every update, on one held-out public subspace.
-
-    The subspace of each block linear's inputs comes from the *pre-fine-tuning* model on the held-out
-    domain blocks (never trained on) at the OGD energy threshold; eta is pooled over layers
-    (``sqrt(sum ||dW P||^2 / sum ||dW||^2)``) with the random baseline ``sqrt(k/d)`` pooled alike.
-    Plain fine-tuning's update is ``W_ft - W_pre``; a method's is its memory (neurons: their input rows).
-    """
-    from libortho.geometry import energy_basis, random_eta_baseline
-    from libortho.streams import NeuronMemory
-    from libortho.train.methods.ogd import block_linear_names, input_moments
-
-    pre = run.load_pre()
-    names = block_linear_names(pre)
-    bases = {n: energy_basis(C, run.cfg.separation.ogd_energy).float()
-             for n, C in input_moments(pre, run.data.domain_eval, names).items()}
-
-    def pooled(updates: dict[str, torch.Tensor]) -> dict[str, float]:
-        num = den = base = 0.0
-        for n, dW in updates.items():
-            U = bases[n]
-            d2 = float(dW.double().norm()) ** 2
-            num += float((dW.double() @ U.double()).norm()) ** 2
-            den += d2
-            base += random_eta_baseline(U.shape[1], U.shape[0]) ** 2 * d2
-        return {"eta": (num / den) ** 0.5 if den else 0.0, "random_baseline": (base / den) ** 0.5 if den else 0.0}
-
-    out = {}
-    for tag, model in models.items():
-        out[tag] = pooled({n: model.get_submodule(n).weight.float() - pre.get_submodule(n).weight.float()
-                           for n in names})
-    for m in run.cfg.methods:
-        _, streams, _ = run.method(m)
-        ups: dict[str, torch.Tensor] = {}
-        for n, st in streams.items():
-            if isinstance(st, NeuronMemory):
-                ups[f"{n}.up_proj"] = torch.cat([st.gate.float(), st.up.float()])
-            else:
-                ups[n] = st.to_dense(torch.float32)
-        out[m] = pooled(ups)
-    run.stages["eta"] = out
-
-
 def run_seed(run: SeedRun) -> None:
     """Every stage of one seed, in order (each cached)."""
     cfg = run.cfg
     models = _references(run)
     _methods(run, full=cfg.full_precision_rows)
-    _eta(run, models)
+    eta_stage(run, models)
     if cfg.unlearning:
-        _unlearning(run, models["ft"])
+        unlearning_stage(run, models["ft"])
     ranking = rank_methods(run.evals, cfg.methods)
     run.stages["ranking"] = ranking
     best = ranking[0]["method"] if ranking else None
@@ -407,12 +250,12 @@ def run_seed(run: SeedRun) -> None:
         _methods(run, noise=f, methods=noisy, full=False)
     if best is not None and cfg.relearn_steps:
         shared, streams, _ = run.method(best)
-        _relearn(run, best, lambda: dual_stream(shared, streams, run.data.calibration, cfg.quant, alpha=0.0)[0])
+        relearn_stage(run, best, lambda: dual_stream(shared, streams, run.data.calibration, cfg.quant, alpha=0.0)[0])
     if cfg.relearn_steps:
-        _relearn(run, "retrain_masked",
+        relearn_stage(run, "retrain_masked",
                  lambda: quantized(models["retrain_masked"], run.data.calibration, cfg.quant)[0])
     if "memsink" in cfg.methods and cfg.delete_records:
-        _delete_records(run)
+        deletion_stage(run)
 
 
 def run_separation(cfg: SeparationExpConfig, out_dir: str | Path, progress: bool = True, fresh: bool = False,

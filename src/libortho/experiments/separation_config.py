@@ -126,6 +126,22 @@ class SeparationExpConfig:
             raise ValueError(f"invalid separation experiment config: {err}") from err
 
 
+def base_key(cfg: SeparationExpConfig, seed: int, general: str) -> dict[str, Any]:
+    """What every cached model and evaluation of one seed depends on: model, data and fine-tuning
+    schedule (and, for the tiny model, how the model before fine-tuning was pretrained)."""
+    key: dict[str, Any] = {"model": cfg.model, "seed": seed, "data": [
+        cfg.domain, general, cfg.block_len, cfg.public_blocks, cfg.members, cfg.nonmembers, cfg.kinds,
+        cfg.free_len, cfg.repeats, cfg.context_chars], "finetune": cfg.finetune.__dict__}
+    if cfg.model == "tiny":
+        key["pretrain"] = [cfg.tiny_arch, cfg.pretrain.__dict__, cfg.pretrain_blocks]
+    return key
+
+
+def quant_key(cfg: SeparationExpConfig) -> dict[str, Any]:
+    """What an INT4 base depends on besides the weights: the quantizer and its calibration set's size."""
+    return {"quant": cfg.quant.__dict__, "calib": [cfg.calib_blocks, cfg.calib_len]}
+
+
 # Memory parameters created for the run (added neurons, low-rank factors) start from zero output and
 # train at 10x the fine-tuning learning rate; mask's delta edits existing weights and keeps 1x. Chosen
 # on the tiny model (two-phase, docs/results/separation_tiny/pilot_memory_lr.json): alpha = 1 exposure
