@@ -90,3 +90,26 @@ def test_reference_rows_get_the_nonmember_exposure_control_and_other_rows_do_not
     keys = [json.loads((tmp_path / "evals" / f"{n}.json").read_text())["key"]["harness"]
             for n in ("ft_fp", "mask_int4_a0")]
     assert keys == [{"exposure_nonmembers": True}, {"exposure_nonmembers": False}]
+
+
+def test_confirmation_preset_keeps_the_screening_schedule_and_drops_its_controls() -> None:
+    """The confirmation must train exactly what the screening trained (same data recipe and schedule,
+    fresh seeds), with only the headline rows."""
+    screen, conf = separation_preset("smollm2-135m"), separation_preset("smollm2-135m", "confirmation")
+    assert set(conf.seeds).isdisjoint(screen.seeds)
+    for k in ("finetune", "separation", "method_overrides", "quant", "harness", "members", "nonmembers", "repeats"):
+        assert getattr(conf, k) == getattr(screen, k), k
+    k0, k1 = base_key(screen, 1, "fortunes"), base_key(conf, 1, "fortunes")
+    assert k0 == k1
+    assert (conf.unlearning, conf.label_noise, conf.delete_records, conf.retrain_dropped) == ((), (), 0, False)
+    assert conf.relearn_steps == screen.relearn_steps > 0
+
+
+def test_confirmation_refuses_to_start_without_a_fixed_method(tmp_path) -> None:
+    from typer.testing import CliRunner
+
+    from libortho.cli import app
+
+    res = CliRunner().invoke(app, ["experiment", "separation", "--stage", "confirmation", "--out", str(tmp_path / "c")])
+    assert res.exit_code != 0 and "needs --methods" in res.output
+    assert not (tmp_path / "c").exists()

@@ -287,6 +287,9 @@ def separation(
         if stage not in ("screening", "confirmation", "demo"):
             raise ValueError(f"--stage must be screening, confirmation or demo, got {stage!r}")
         names = _names(methods)
+        if stage == "confirmation" and not names:
+            raise ValueError("--stage confirmation needs --methods: the method the screening ranked first, fixed "
+                             "before the run starts")
         cfg = demo_preset(names[0] if names else "two-phase") if stage == "demo" else separation_preset(model, stage)
         if overrides:
             base = cfg.to_dict()

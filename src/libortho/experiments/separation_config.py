@@ -146,12 +146,27 @@ def quant_key(cfg: SeparationExpConfig) -> dict[str, Any]:
 # train at 10x the fine-tuning learning rate; mask's delta edits existing weights and keeps 1x. Chosen
 # on the tiny model (two-phase, docs/results/separation_tiny/pilot_memory_lr.json): alpha = 1 exposure
 # 4.5 bits at 1x, 6.4 at 10x (plain fine-tuning 9.3), domain perplexity 19.3 vs 20.0 (masked retrain
-# 20.3); 256 neurons instead of 64 did not help (5.3 bits).
-FRESH_MEMORY_LR = {m: {"memory_lr_scale": 10.0} for m in ("two-phase", "route", "ogd", "memsink")}
+# 20.3); 256 neurons instead of 64 did not help (5.3 bits). route keeps 1x: its neurons also learn
+# from public tokens while the shared weights train, and at 10x its training loss stayed at the
+# pre-fine-tune level on the tiny model (docs/results/separation_tiny/pilot_route_rev2_10x).
+FRESH_MEMORY_LR = {m: {"memory_lr_scale": 10.0} for m in ("two-phase", "ogd", "memsink")}
 
 
 def separation_preset(model: str, stage: Stage = "screening") -> SeparationExpConfig:
-    """The default run for ``model`` (``tiny`` or a real model such as ``smollm2-135m``) and ``stage``."""
+    """The default run for ``model`` (``tiny`` or a real model such as ``smollm2-135m``) and ``stage``.
+
+    ``confirmation``: fresh seeds 1-3 and the headline rows only (plain fine-tuning, the masked retrain,
+    the method, FP and INT4, and the relearning attack); the unlearning sweep, the dropped-records
+    retrain, the label-noise arm and memsink's deletion are the screening's. Give the method fixed by
+    the screening as ``methods``.
+    """
+    cfg = _stage_seeds_preset(model, stage)
+    if stage == "confirmation":
+        cfg = replace(cfg, unlearning=(), label_noise=(), delete_records=0, retrain_dropped=False)
+    return cfg
+
+
+def _stage_seeds_preset(model: str, stage: Stage) -> SeparationExpConfig:
     seeds = (0,) if stage == "screening" else (1, 2, 3)
     if model == "tiny":
         # at lr 1e-3 x24 with 480 public blocks plain fine-tuning extracted 1/48 (docs/results/separation_tiny/

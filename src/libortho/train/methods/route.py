@@ -2,13 +2,14 @@
 
 One forward and one backward, with stop-gradients on *activations*: at every position whose next
 token is private, the outputs of the token embedding, every attention and every shared MLP are
-detached, and the RMSNorm and output-head weights act there as constants; at every other position
-the added neurons' output is detached. So the private tokens' loss reaches only the added neurons
-(tested), and the memory still takes part in every forward pass. What the activation-level
-variant does *not* route: a public token's loss reaches the memory through attention to the keys
-and values of earlier private positions, where the memory's output is live. That leak runs from
-public text into the memory (a skill cost at alpha = 0), not from private text into the shared
-weights.
+detached, and the RMSNorm and output-head weights act there as constants, so the private tokens'
+loss reaches only the added neurons (tested). Public tokens' loss reaches every parameter, the
+added neurons included, as in the paper's expand-route-ablate recipe (revision 2). Revision 1
+detached the added neurons at public positions too; on SmolLM2-135M its training diverged (loss
+2.6 -> 9, perplexity 10^7 with the neurons removed; docs/results/separation_smollm2): neurons that
+fire on public text, which the public loss may not correct, drive the shared weights to compensate
+for them. The price of revision 2: what the neurons learn from public text leaves with them at
+alpha = 0 (measured as skill at alpha = 0).
 
 Supported: Llama/Qwen2/Mistral-style models (RMSNorm ``weight * x / rms(x)``), the layout the
 norms' recomputation assumes.
@@ -90,17 +91,21 @@ def install_routing(model: nn.Module, ctx: MemoryContext) -> list:
 
 
 class RouteRule(RoutedRule):
-    """One backward; the routing lives in the activation hooks and the memory's detach masks."""
+    """One backward; the routing lives in the activation hooks (shared computation detached at private
+    positions)."""
 
     def __init__(self, ctx: MemoryContext, handles: list, **kw: object) -> None:
         super().__init__(**kw)  # type: ignore[arg-type]
         self.ctx, self.handles = ctx, handles
 
+    def active(self, step: int, counts: StepCounts) -> list[bool]:
+        return [counts.public > 0, counts.total > 0]  # public tokens train the neurons too
+
     def micro(self, model: nn.Module, rows: TokenRows, counts: StepCounts) -> float:
         from libortho.train.rules import check_finite, token_nll
 
         pos = _private_positions(rows)
-        self.ctx.detach, self.ctx.detach_memory = pos, ~pos
+        self.ctx.detach, self.ctx.detach_memory = pos, None
         try:
             nll = token_nll(model, rows.input_ids, rows.labels)
         finally:
@@ -122,6 +127,7 @@ class RouteRule(RoutedRule):
 @SEPARATION.register("route", needs_labels=True, memory="neurons")
 class Route(Separation):
     name = "route"
+    revision = 2  # 2: public tokens' loss reaches the added neurons too (revision 1 diverged on SmolLM2)
 
     def attach(self, model: nn.Module, data: TokenRows, probe: TokenRows | None) -> StepRule:
         attach_neurons(model, self.cfg.neurons, self.ctx, seed=self.cfg.seed)
