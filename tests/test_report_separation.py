@@ -149,3 +149,24 @@ def test_cli_dispatch(tmp_path: Path) -> None:
     bad.write_text(json.dumps({"experiment": "other"}))
     res = runner.invoke(app, ["report", str(bad)])
     assert res.exit_code != 0 and "nor a separation one" in res.output
+
+
+def test_training_cost_comes_from_the_benchmark_json_one_folder_up(tmp_path: Path) -> None:
+    """A training_time.json from bench/separation_time.py (in the result's folder or its parent) gives the
+    training-cost section, with each method's ratio and whether it holds; without one the report says
+    the in-run ratios are indicative only."""
+    run = tmp_path / "screening"
+    run.mkdir()
+    md = render_separation_report(_write(run, synthetic()))["markdown"].read_text()
+    assert "not measured by `bench/separation_time.py`" in md
+    timing = {"steps_timed": 4, "rounds": 2, "threads": 2, "goal_ratio": 1.3,
+              "plain": {"seconds_per_step": 2.0, "steps": 100, "projected_s": 200.0},
+              "methods": {"mask": {"seconds_per_step": 2.2, "steps": {"train": 100}, "projected_s": 220.0,
+                                   "ratio_to_plain": 1.1},
+                          "ogd": {"seconds_per_step": 3.0, "steps": {"train": 100}, "projected_s": 300.0,
+                                  "ratio_to_plain": 1.5}}}
+    (tmp_path / "training_time.json").write_text(json.dumps(timing))
+    md = render_separation_report(run / "result.json")["markdown"].read_text()
+    assert "## Training cost" in md and "not measured by" not in md
+    assert "| mask | 2.200 | train 100 | 220 | 1.100 | <= 1.3 | yes |" in md
+    assert "| ogd | 3.000 | train 100 | 300 | 1.500 | <= 1.3 | **no** |" in md
