@@ -39,7 +39,7 @@ test: assets
 
 # The main job on the embedded default: a tiny Llama trained inside the run (no model download).
 demo: $(STAMP) $(LIBORTHO_CACHE)/.fortunes
-	$(PY) -m libortho.cli experiment kill-switch --model tiny --out runs/demo --fresh
+	$(PY) -m libortho.cli experiment separation --stage demo --methods two-phase --out runs/demo --fresh
 
 # The realistic run (~40 min on 2 cores): SmolLM2-135M; the report is copied to docs/results/.
 realistic: assets

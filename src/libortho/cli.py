@@ -310,6 +310,9 @@ def separation(
 
         result = run_separation(cfg, out, progress=not quiet, console=Console(stderr=True), fresh=fresh)
         paths = _render_separation(out / RESULT_FILE)
+    from libortho.report.separation import compact_table
+
+    _print_table(compact_table(result))
     for seed, s in result["summary"]["seeds"].items():
         typer.echo(f"seed {seed}: " + ", ".join(f"{r['method']} {r['met']}/5" for r in s["ranking"]))
     typer.echo(f"result: {out / RESULT_FILE}" + (f"\nreport: {paths['markdown']}" if paths else ""))

@@ -150,7 +150,7 @@ def build_separation_data(cfg: Any, seed: int, tok: Any, general_name: str) -> S
     pretrain = None
     if cfg.model == "tiny":
         pretrain = token_blocks(general_docs, tok, cfg.block_len, cfg.pretrain_blocks, seed=seed + 3)
-    return SeparationData(
+    data = SeparationData(
         members, nonmembers, TokenRows.from_blocks(blocks, first_seq=PUBLIC_SEQ0), records, cfg.repeats,
         cfg.block_len, tok,
         domain_eval=token_blocks(domain_docs, tok, cfg.eval_len, cfg.eval_blocks, seed=seed + 1, split="heldout"),
@@ -159,3 +159,5 @@ def build_separation_data(cfg: Any, seed: int, tok: Any, general_name: str) -> S
         calibration=calibration_blocks([cfg.domain, general_name], tok, cfg.calib_blocks, cfg.calib_len,
                                        seed=seed + 2),
         general_train=pretrain, general_name=general_name, seed=seed)
+    data.rows(0.0)  # pack the records now: one longer than block_len fails here, before any training
+    return data

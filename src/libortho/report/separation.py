@@ -342,15 +342,18 @@ def build_blocks(result: dict[str, Any], fig_dir: Path, timing: dict[str, Any] |
 
 
 def compact_table(result: dict[str, Any]) -> Table:
-    """The first seed's INT4 alpha-0 rows against the references, for a terminal."""
+    """The first seed's references and every method's INT4 model at alpha 0 and 1, for a terminal."""
     seed = next(iter(result["summary"]["seeds"]))
     sd = result["summary"]["seeds"][seed]
-    names = [n for n in (*REFERENCES, *(f"{m}_int4_a0" for m in result["config"]["methods"])) if n in sd["figures"]]
+    methods = [f"{m}_int4_a{a}" for m in result["config"]["methods"] for a in (0, 1)]
+    names = [n for n in (*REFERENCES, *methods) if n in sd["figures"]]
     body = [[sd["figures"][n]["label"], _frac(sd["figures"][n]["extraction"]), _ci(sd["figures"][n].get("exposure"),
-             ".2f"), _ci(sd["figures"][n].get("secret_auc"), ".2f"), _ci(sd["figures"][n].get("ppl_general"), ".1f")]
+             ".2f"), _ci(sd["figures"][n].get("secret_auc"), ".2f"), _ci(sd["figures"][n].get("ppl_domain"), ".1f"),
+             _ci(sd["figures"][n].get("ppl_general"), ".1f")]
             for n in names]
-    return Table(["row", "extraction", "exposure", "secret AUC", "PPL general"], body,
-                 f"separation, seed {seed}: references and every method at INT4, alpha = 0")
+    return Table(["row", "extraction", "exposure (bits)", "secret AUC", "PPL domain", "PPL general"], body,
+                 f"separation, seed {seed}: references, and every method at INT4 with the switch off (alpha = 0) "
+                 "and on (alpha = 1)")
 
 
 def load_separation(result_path: str | Path) -> dict[str, Any]:

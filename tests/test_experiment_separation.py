@@ -1,0 +1,99 @@
+"""The separation experiment end to end on a micro configuration: every stage's rows, the cache, the CLI.
+
+The micro model is far too small to memorise anything; these tests check the pipeline (which rows
+exist, what is cached and reused, what two-phase's construction guarantees), not the science.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from libortho.cli import app
+from libortho.experiments.separation import RESULT_FILE, run_separation
+from libortho.experiments.separation_config import SeparationExpConfig, separation_preset
+
+MICRO = {
+    "general": "python-docs", "block_len": 192, "public_blocks": 12, "members": 6, "nonmembers": 12,
+    "kinds": ["digits", "id"], "free_len": 2, "repeats": 3, "context_chars": 40, "eval_len": 64, "eval_blocks": 2,
+    "general_blocks": 2, "pretrain_blocks": 24, "calib_blocks": 2, "calib_len": 64, "bootstrap": 50,
+    "tiny_arch": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+                  "num_key_value_heads": 2, "max_position_embeddings": 256},
+    "pretrain": {"lr": 3e-3, "steps": 4, "batch_size": 8},
+    "finetune": {"lr": 3e-3, "epochs": 1.0, "batch_size": 8},
+    "separation": {"neurons": 4, "rank": 2, "support_neurons": 4, "probe_rows": 4, "eta_every": 1},
+    "method_overrides": {},
+    "methods": ["two-phase", "mask"], "label_noise": [0.5], "unlearning": ["npo"],
+    "unlearn_sweep": {"lrs": [1e-4], "steps": [2], "batch_size": 2, "retain_batch_size": 2},
+    "relearn_steps": 2, "delete_records": 0,
+    "quant": {"bits": 4, "group_size": 32, "method": "gptq"},
+    "harness": {"max_enumerate": 1000, "exposure_samples": 16, "batch_size": 4, "keep_scores": True,
+                "exposure_nonmember_limit": 4},
+}
+
+
+def micro_config(**over: object) -> SeparationExpConfig:
+    return SeparationExpConfig.from_dict({**separation_preset("tiny").to_dict(), **MICRO, **over})
+
+
+@pytest.fixture(scope="module")
+def micro_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("sep")
+    return out, run_separation(micro_config(), out, progress=False)
+
+
+def test_every_stage_writes_its_rows(micro_run) -> None:
+    out, result = micro_run
+    evals = result["seeds"]["0"]["evals"]
+    refs = {f"{r}_{q}" for r in ("ft", "retrain_masked", "retrain_dropped") for q in ("fp", "int4")}
+    methods = {f"{m}_{b}_a{a}" for m in ("two-phase", "mask") for b in ("fp", "int4") for a in (0, 1)}
+    ranked = [r["method"] for r in result["summary"]["seeds"]["0"]["ranking"]]
+    noisy = {f"{m}@0.5_int4_a{a}" for m in ranked[:2] for a in (0, 1)}
+    unlearn = {"npo_fp", "npo_int4", "sweep_npo_lr0.0001_s2"}
+    relearn = {f"relearn_{t}_{d}" for t in (ranked[0], "retrain_masked") for d in ("public", "public+half")}
+    assert {"pre"} | refs | methods | noisy | unlearn | relearn <= set(evals)
+    assert json.loads((out / RESULT_FILE).read_text())["seeds"]["0"]["evals"].keys() == evals.keys()
+    for name in methods:
+        m = evals[name]["metrics"]
+        assert len(m["per_canary"]) == MICRO["members"] and m["exposure"]["mean"] is not None
+        assert m["ppl_domain"] > 1 and m["ppl_general"] > 1
+
+
+def test_two_phase_alpha0_is_the_masked_retrain(micro_run) -> None:
+    """By construction (phase 1 is the masked retrain, reused): the same model, so the same figures."""
+    evals = micro_run[1]["seeds"]["0"]["evals"]
+    for q, row in (("fp", "two-phase_fp_a0"), ("int4", "two-phase_int4_a0")):
+        a, b = evals[row]["metrics"], evals[f"retrain_masked_{q}"]["metrics"]
+        assert a["nll_domain"] == b["nll_domain"] and a["private_nll"] == b["private_nll"]
+    assert evals["two-phase_int4_a1"]["metrics"]["private_nll"] != evals["two-phase_int4_a0"]["metrics"]["private_nll"]
+
+
+def test_rerun_reuses_every_model_and_evaluation(micro_run) -> None:
+    out, first = micro_run
+    again = run_separation(micro_config(), out, progress=False)
+    e1, e2 = first["seeds"]["0"]["evals"], again["seeds"]["0"]["evals"]
+    assert e1.keys() == e2.keys()
+    assert all(e1[k]["metrics"] == e2[k]["metrics"] for k in e1)  # read back from the cache, not recomputed
+    assert again["wall_s"] < first["wall_s"] / 3
+
+
+def test_demo_stage_through_the_cli_prints_the_switch_table(tmp_path) -> None:
+    cfg = tmp_path / "micro.json"
+    keep = {k: v for k, v in MICRO.items() if k not in ("methods", "label_noise", "unlearning", "relearn_steps")}
+    cfg.write_text(json.dumps(keep))
+    res = CliRunner().invoke(app, ["experiment", "separation", "--stage", "demo", "--methods", "two-phase",
+                                   "--config", str(cfg), "--out", str(tmp_path / "run"), "--quiet"])
+    assert res.exit_code == 0, res.output
+    assert "two-phase INT4, alpha=0" in res.output and "two-phase INT4, alpha=1" in res.output
+    assert "report.md" in res.output and (tmp_path / "run" / "report.html").is_file()
+    evals = json.loads((tmp_path / "run" / RESULT_FILE).read_text())["seeds"]["0"]["evals"]
+    assert set(evals) == {"pre", "ft_fp", "ft_int4", "retrain_masked_fp", "retrain_masked_int4",
+                          "two-phase_int4_a0", "two-phase_int4_a1"}
+
+
+def test_a_record_longer_than_a_block_is_refused_before_any_training(tmp_path) -> None:
+    with pytest.raises(ValueError, match="does not fit in block_len=64"):
+        run_separation(micro_config(block_len=64), tmp_path / "run", progress=False)
+    assert not (tmp_path / "run" / "seed0" / "models").exists()
