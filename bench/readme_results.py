@@ -114,6 +114,48 @@ def exposure_lines(res: dict[str, Any], link: str) -> list[str]:
                == "exact_or_empirical_rank" else ".")]
 
 
+def _row(fig: dict[str, Any]) -> str:
+    e, x, d = fig["extraction"], fig["exposure"], fig["ppl_domain"]
+    return (f"{e['k']}/{e['n']} extracted, exposure {x['estimate']:.2f} bits [{x['low']:.2f}, {x['high']:.2f}], "
+            f"domain perplexity {d['estimate']:.1f}")
+
+
+def separation_demo_lines(res: dict[str, Any], link: str) -> list[str]:
+    """``make demo``: the tiny model's switch against plain fine-tuning and the masked retrain."""
+    figs = res["summary"]["seeds"]["0"]["figures"]
+    m = res["config"]["methods"][0]
+    pre = figs["pre"]["exposure"]["estimate"]
+    n = figs["ft_fp"]["extraction"]["n"]
+    return [f"- **`make demo`** ([report]({link}), the tiny model trained in the run, {n} member canaries; "
+            f"{source_line(res['environment'])}; {res['wall_s'] / 60:.1f} min on "
+            f"{res['environment']['threads']} threads with the environment installed): FP fine-tuned: "
+            f"{_row(figs['ft_fp'])}; retrain with the secrets masked, INT4: {_row(figs['retrain_masked_int4'])}; "
+            f"{m} INT4 at alpha = 0: {_row(figs[f'{m}_int4_a0'])}; at alpha = 1: {_row(figs[f'{m}_int4_a1'])} "
+            f"(before fine-tuning: {pre:.2f} bits).{_switch_verdict(figs, m)}"]
+
+
+def _switch_verdict(figs: dict[str, Any], m: str) -> str:
+    """What the demo's numbers say, decided from them (the goal thresholds of issue 8)."""
+    a0, a1, ref, ft = (figs[k] for k in (f"{m}_int4_a0", f"{m}_int4_a1", "retrain_masked_int4", "ft_fp"))
+    off = a0["extraction"]["k"] == 0 and a0["exposure"]["estimate"] <= ref["exposure"]["estimate"] + 1
+    share = a1["exposure"]["estimate"] / ft["exposure"]["estimate"]
+    text = (" At alpha = 0 nothing is extracted and exposure is within 1 bit of the retrain's." if off else
+            " At alpha = 0 the secrets are **not** removed to the retrain's level.")
+    text += f" At alpha = 1 exposure is {share:.0%} of the FP fine-tuned model's (goal: 90%)"
+    rate = a1["extraction"]["k"] / a1["extraction"]["n"]
+    return text + (", and greedy decoding reproduces few secrets." if rate < 0.25 else ".")
+
+
+def training_time_lines(t: dict[str, Any], link: str) -> list[str]:
+    """Each separation method's training cost against plain fine-tuning (bench/separation_time.py)."""
+    parts = [f"{m} {v['ratio_to_plain']:.2f}x" for m, v in t["methods"].items()]
+    ok = [m for m, v in t["methods"].items() if v["ratio_to_plain"] <= t["goal_ratio"]]
+    return [f"- **Separation training cost** ([JSON]({link}), {t['model']}, {t['threads']} threads, "
+            f"{t['steps_timed']} steps x {t['rounds']} interleaved rounds, projected over the preset's schedule): "
+            + ", ".join(parts) + f" of plain fine-tuning (goal <= {t['goal_ratio']:g}x: met by "
+            f"{', '.join(ok) or 'none'})."]
+
+
 def render_block(results: Path) -> str:
     """The Markdown between the README's markers, from the JSON files under ``results``."""
     lines = []
@@ -124,6 +166,12 @@ def render_block(results: Path) -> str:
     if tab is not None:
         lines += dual_stream_lines(tab, _load(results / "dual_stream_smollm2" / "latency.json"),
                                    "docs/results/dual_stream_smollm2/README.md")
+    demo = _load(results / "separation_tiny" / "demo" / "result.json")
+    if demo is not None:
+        lines += separation_demo_lines(demo, "docs/results/separation_tiny/demo/report.md")
+    tt = _load(results / "separation_smollm2" / "training_time.json")
+    if tt is not None:
+        lines += training_time_lines(tt, "docs/results/separation_smollm2/training_time.json")
     ex = _load(results / "exposure_check" / "result.json")
     if ex is not None and "conclusion" in ex:
         lines += exposure_lines(ex, "docs/results/exposure_check/report.md")
