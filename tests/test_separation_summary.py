@@ -84,3 +84,24 @@ def test_all_hold_across_seeds_needs_every_alpha0_goal_judged() -> None:
     missing = {k: v for k, v in judged.items() if k != "exposure_within_1bit"}  # no exposure: not shown to hold
     assert not _all_hold(missing)
     assert not _all_hold({**judged, "privleak_secret": {"holds": False}})
+
+
+def test_paired_ppl_ratio_reads_block_differences_not_two_wide_intervals() -> None:
+    """Blocks of very different difficulty make each model's own interval wide; a model uniformly 10% worse
+    in perplexity on every block has a paired ratio of exactly 1.1 with a zero-width interval, which the
+    unpaired 'inside the reference's interval' check cannot see."""
+    from libortho.experiments.separation_summary import paired_ppl_ratio
+
+    ref_blocks = [2.0, 3.5, 5.0, 2.5, 4.5, 3.0]
+    worse = [b + float(np.log(1.1)) for b in ref_blocks]
+    ref = {"metrics": {"block_nll_general": ref_blocks}}
+    row = {"metrics": {"block_nll_general": worse}}
+    r = paired_ppl_ratio(row, ref, "general", n_boot=200)
+    assert r["n_blocks"] == 6
+    assert abs(r["estimate"] - 1.1) < 1e-12 and abs(r["low"] - 1.1) < 1e-12 and abs(r["high"] - 1.1) < 1e-12
+    noisy = {"metrics": {"block_nll_general": [b + d for b, d in zip(ref_blocks, (0.1, 0.0, 0.2, 0.1, 0.0, 0.2),
+                                                                      strict=True)]}}
+    r = paired_ppl_ratio(noisy, ref, "general", n_boot=500)
+    assert abs(r["estimate"] - float(np.exp(0.1))) < 1e-12 and r["low"] < r["estimate"] < r["high"]
+    assert r["low"] >= float(np.exp(0.0)) - 1e-12 and r["high"] <= float(np.exp(0.2)) + 1e-12
+    assert paired_ppl_ratio(row, {"metrics": {"block_nll_general": ref_blocks[:3]}}, "general") is None

@@ -88,6 +88,9 @@ def goal_rows(goals: dict[str, Any], evals: dict[str, Any], method: str) -> list
 def _measured(key: str, g: dict[str, Any]) -> str:
     if key == "extraction_zero":
         return f"{g['measured']}/{g['n']}"
+    if "paired_ratio" in g:
+        pr = g["paired_ratio"]
+        return f"{_f(g['measured'])}; paired ratio to it {_ci(pr)}, n={pr['n_blocks']} blocks"
     ci = g.get("ci")
     if ci and "low" in ci:
         n = f", n={ci['n']}" if "n" in ci else ""
@@ -357,7 +360,7 @@ def compact_table(result: dict[str, Any]) -> Table:
 
 
 def load_separation(result_path: str | Path) -> dict[str, Any]:
-    """A separation result.json, with its summary (computed when the file has none)."""
+    """A separation result.json, with its summary recomputed from the evaluations (seeded, deterministic)."""
     result_path = Path(result_path)
     if not result_path.is_file():
         raise FileNotFoundError(f"result file {result_path} not found")
@@ -367,10 +370,9 @@ def load_separation(result_path: str | Path) -> dict[str, Any]:
         raise ValueError(f"{result_path} is not valid JSON: {err}") from err
     if not isinstance(result, dict) or result.get("experiment") != "separation" or "seeds" not in result:
         raise ValueError(f"{result_path} is not a separation result (no 'experiment': 'separation' / seeds)")
-    if "summary" not in result:
-        from libortho.experiments.separation_summary import summarise_separation
+    from libortho.experiments.separation_summary import summarise_separation
 
-        result["summary"] = summarise_separation(result)
+    result["summary"] = summarise_separation(result)  # recomputed from the rows: the stored one may predate a figure
     return result
 
 
