@@ -79,6 +79,37 @@ def test_rerun_reuses_every_model_and_evaluation(micro_run) -> None:
     assert again["wall_s"] < first["wall_s"] / 3
 
 
+def test_a_committed_record_resumes_on_a_fresh_machine_without_training(micro_run, tmp_path) -> None:
+    """Only the record (JSON) travels, as a commit does; the models cache is empty. Nothing recorded may be
+    trained again: the new cache holds only the tiny model's pretraining (the harness's reference)."""
+    out, first = micro_run
+    record = tmp_path / "record"
+    for f in out.rglob("*.json"):
+        rel = f.relative_to(out)
+        if rel.parts[0] == RESULT_FILE or (len(rel.parts) > 1 and rel.parts[1] in ("evals", "stages")):
+            (record / rel).parent.mkdir(parents=True, exist_ok=True)
+            (record / rel).write_bytes(f.read_bytes())
+    assert (record / "seed0" / "stages" / "ft.json").is_file() and (record / "seed0" / "stages" / "eta.json").is_file()
+    again = run_separation(micro_config(), record, progress=False, cache_dir=tmp_path / "cache")
+    made = sorted(p.name for p in (tmp_path / "cache" / "seed0" / "models").iterdir())
+    assert made == ["pre"] and not (tmp_path / "cache" / "seed0" / "memory").exists()
+    s1, s2 = first["seeds"]["0"], again["seeds"]["0"]
+    assert s1["evals"] == s2["evals"]
+    assert s1["stages"]["eta"] == s2["stages"]["eta"] and s1["stages"]["ranking"] == s2["stages"]["ranking"]
+    def trained(stages: dict) -> dict:
+        return {k: v["wall_s"] for k, v in stages.items() if isinstance(v, dict) and "wall_s" in v and k != "pretrain"}
+    assert trained(s2["stages"]) == trained(s1["stages"]) and "ft" in trained(s1["stages"])
+
+
+def test_the_cache_folder_takes_the_models_and_the_out_folder_only_json(tmp_path) -> None:
+    run_separation(micro_config(methods=["two-phase"], label_noise=[], unlearning=[], relearn_steps=0,
+                                retrain_dropped=False, full_precision_rows=False),
+                   tmp_path / "out", progress=False, cache_dir=tmp_path / "cache")
+    assert {p.suffix for p in (tmp_path / "out").rglob("*") if p.is_file()} == {".json"}
+    assert (tmp_path / "cache" / "seed0" / "models" / "ft").is_dir()
+    assert (tmp_path / "cache" / "seed0" / "memory" / "two-phase" / "memory.json").is_file()
+
+
 def test_demo_stage_through_the_cli_prints_the_switch_table(tmp_path) -> None:
     cfg = tmp_path / "micro.json"
     keep = {k: v for k, v in MICRO.items() if k not in ("methods", "label_noise", "unlearning", "relearn_steps")}

@@ -267,6 +267,9 @@ def separation(
     config: Annotated[Path | None, typer.Option(help="JSON file of SeparationExpConfig fields to override")] = None,
     methods: Annotated[str | None, typer.Option(help="comma-separated separation methods")] = None,
     seeds: Annotated[str | None, typer.Option(help="comma-separated seeds")] = None,
+    cache: Annotated[Path | None, typer.Option(help="folder for trained models, memory streams and checkpoints "
+                                                     "(default: OUT); OUT then holds JSON only, which can be "
+                                                     "committed and resumed on another machine")] = None,
     fresh: Annotated[bool, typer.Option(help="retrain everything instead of reusing cached models")] = False,
     quiet: bool = False,
 ) -> None:
@@ -275,8 +278,9 @@ def separation(
 
     with _input_errors():
         out = out or Path("runs") / f"separation-{stage}-{Path(model).name}"
-        if out.exists() and not out.is_dir():
-            raise FileExistsError(f"{out} exists and is a file, not a directory: give a folder for --out")
+        for flag, path in (("--out", out), ("--cache", cache)):
+            if path is not None and path.exists() and not path.is_dir():
+                raise FileExistsError(f"{path} exists and is a file, not a directory: give a folder for {flag}")
         overrides = _config_file(config) if config is not None else {}
         from libortho.experiments.separation_config import (
             SeparationExpConfig,
@@ -308,7 +312,8 @@ def separation(
         check_inputs(SimpleNamespace(model=cfg.model, domain=cfg.domain, general=cfg.general))
         from libortho.experiments.separation import RESULT_FILE, run_separation
 
-        result = run_separation(cfg, out, progress=not quiet, console=Console(stderr=True), fresh=fresh)
+        result = run_separation(cfg, out, progress=not quiet, console=Console(stderr=True), fresh=fresh,
+                                cache_dir=cache)
         paths = _render_separation(out / RESULT_FILE)
     from libortho.report.separation import compact_table
 

@@ -5,9 +5,14 @@ Per seed: the model before fine-tuning; plain fine-tuning on public blocks + mem
 and *retrain, records dropped* (``retrain_dropped``); every separation method; the unlearning
 baselines swept over learning rate and steps and tuned by a rule fixed here. Every model is
 measured at full precision and with an INT4 GPTQ base (methods at alpha 0 and 1). Then the
-relearning attack, the label-noise arm and memsink's per-record deletion. Trained models,
-memory streams and evaluations are cached by configuration under ``out/seed<S>/`` so an
-interrupted run resumes where it stopped; ``result.json`` is rewritten after every evaluation.
+relearning attack, the label-noise arm and memsink's per-record deletion.
+
+Everything is cached by configuration, in two places: the *record* (``out/seed<S>/evals/`` and
+``stages/``: small JSON, safe to commit) and the *cache* (``cache/seed<S>/``: trained models, memory
+streams, training checkpoints; large, never committed). A model is trained or loaded only when an
+evaluation or a stage that is not in the record needs it, so a run whose record was committed
+resumes in a later session, on a fresh machine, where it stopped: nothing recorded is trained
+again. ``result.json`` is rewritten after every evaluation.
 """
 
 from __future__ import annotations
@@ -42,7 +47,7 @@ from libortho.experiments.separation_config import SeparationExpConfig, base_key
 from libortho.experiments.separation_controls import deletion_stage, eta_stage, relearn_stage, unlearning_stage
 from libortho.experiments.separation_data import SeparationData, build_separation_data
 from libortho.experiments.separation_summary import rank_methods, summarise_separation
-from libortho.experiments.store import _canonical, cached_model
+from libortho.experiments.store import META, _canonical, cached_model
 from libortho.runtime import set_alpha
 from libortho.train.loop import TrainConfig, train
 from libortho.train.separation import SEPARATION
@@ -50,12 +55,42 @@ from libortho.train.separation import SEPARATION
 RESULT_FILE = "result.json"
 
 
+class Lazy:
+    """A trained model (or model and memory streams) made only when first called, by training it or by
+    loading it from the cache; ``info`` (how it was trained) comes from the run's record when the record
+    holds it, so a fully recorded stage never needs its model."""
+
+    def __init__(self, make: Callable[[], tuple[Any, dict[str, Any]]], info: dict[str, Any] | None,
+                 on_info: Callable[[dict[str, Any]], None]) -> None:
+        self._make, self._info, self._on_info = make, info, on_info
+        self._value: Any = None
+        self.made = False
+
+    def __call__(self) -> Any:
+        if not self.made:
+            self._value, info = self._make()
+            self.made = True
+            if self._info is None:
+                self._info = info
+                self._on_info(info)
+        return self._value
+
+    @property
+    def info(self) -> dict[str, Any]:
+        if self._info is None:
+            self()
+        assert self._info is not None
+        return self._info
+
+
 class SeedRun:
-    """One seed of the experiment: data, harness, caches, and one method per stage."""
+    """One seed of the experiment: data, harness, record and cache, and one method per stage."""
 
     def __init__(self, cfg: SeparationExpConfig, seed: int, out: Path, console: Console, progress: bool,
-                 fresh: bool, record: Callable[[], None]) -> None:
+                 fresh: bool, record: Callable[[], None], cache: Path | None = None) -> None:
         self.cfg, self.seed, self.work, self.progress, self.fresh = cfg, seed, out / f"seed{seed}", progress, fresh
+        self.heavy = (cache or out) / f"seed{seed}"
+        self._handles: dict[str, Lazy] = {}
         self.say = lambda msg: console.print(f"[cyan]separation[/] seed {seed}: {msg}", highlight=False)
         self.record = record
         load_pre, tok = _load_pre_and_tokenizer(SimpleNamespace(model=cfg.model))
@@ -65,7 +100,7 @@ class SeedRun:
         if load_pre is None:
             ns = SimpleNamespace(model="tiny", tiny_arch=cfg.tiny_arch, pretrain=cfg.pretrain, seed=seed,
                                  pretrain_blocks=cfg.pretrain_blocks, block_len=cfg.block_len)
-            load_pre, self.stages["pretrain"] = _tiny_pre_loader(ns, self.data, self.work / "models", fresh, self.say)
+            load_pre, self.stages["pretrain"] = _tiny_pre_loader(ns, self.data, self.heavy / "models", fresh, self.say)
         self.load_pre = load_pre
         self.harness = PrivacyHarness(tok, self.data.members, self.data.nonmembers, self.data.domain_eval,
                                       self.data.general_eval, cfg.harness)
@@ -95,6 +130,7 @@ class SeedRun:
         model = build()
         metrics = harness.evaluate(model, progress=self.progress, exposure=exposure)
         del model
+        extra = {k: v.info if isinstance(v, Lazy) else v for k, v in extra.items()}
         entry = {"label": label, "group": group, "metrics": metrics, **extra}
         atomic_write_json(path, {"key": key, "entry": entry})
         self.evals[name] = entry
@@ -111,15 +147,43 @@ class SeedRun:
         """Training checkpoints of model ``name`` under its cache ``key``: a run resumes only a checkpoint of
         the same configuration (never a stale one after a config change), and ``fresh`` starts it over."""
         digest = hashlib.sha256(json.dumps(_canonical(key), sort_keys=True).encode()).hexdigest()[:16]
-        path = self.work / "ckpt" / name / digest
+        path = self.heavy / "ckpt" / name / digest
         if self.fresh and path not in self._cleared:
             self._cleared.add(path)
             shutil.rmtree(path, ignore_errors=True)
         return path
 
+    def recorded_info(self, name: str, key: dict[str, Any]) -> dict[str, Any] | None:
+        """How stage ``name`` was trained, from the record (or, for a run recorded before the record held
+        stages, from the cached model's metadata), when it was trained under ``key``; else None."""
+        if self.fresh:
+            return None
+        for path in (self.work / "stages" / f"{name}.json", self.heavy / "models" / name / META):
+            if path.is_file():
+                saved = json.loads(path.read_text())
+                if saved.get("key") == _canonical(key):
+                    return saved["info"]
+        return None
+
+    def _handle(self, name: str, key: dict[str, Any], make: Callable[[], tuple[Any, dict[str, Any]]]) -> Lazy:
+        """The one lazy handle of stage ``name`` (its info written to the record once known)."""
+        if name in self._handles:
+            return self._handles[name]
+
+        def keep(info: dict[str, Any]) -> None:
+            self.stages[name] = info
+            atomic_write_json(self.work / "stages" / f"{name}.json", {"key": _canonical(key), "info": info})
+
+        info = self.recorded_info(name, key)
+        handle = Lazy(make, info, keep)
+        if info is not None:
+            keep(info)
+        self._handles[name] = handle
+        return handle
+
     def trained(self, name: str, rows: TokenRows, cfg: TrainConfig | None = None,
-                start: Callable[[], nn.Module] | None = None, key: dict | None = None) -> tuple[nn.Module, dict]:
-        """A plainly fine-tuned model, cached under ``models/<name>``."""
+                start: Callable[[], nn.Module] | None = None, key: dict | None = None) -> Lazy:
+        """A plainly fine-tuned model, cached under ``models/<name>`` and trained only when first needed."""
         cfg = cfg or replace_seed(self.cfg.finetune, self.seed)
         full_key = {**self.base_key, "stage": name, "train": cfg.__dict__, **(key or {})}
 
@@ -131,69 +195,68 @@ class SeedRun:
             return model, {"wall_s": log.wall_s, "steps": log.steps, "tokens": log.tokens,
                            "final_loss": log.losses[-1]}
 
-        model, info = cached_model(self.work / "models" / name, full_key, build, self.fresh)
-        self.stages[name] = info
-        return model, info
+        return self._handle(name, full_key,
+                            lambda: cached_model(self.heavy / "models" / name, full_key, build, self.fresh))
 
-    def method(self, m: str, noise: float = 0.0) -> tuple[nn.Module, dict[str, Any], dict]:
-        """The shared model and memory streams of method ``m`` trained at label noise ``noise`` (cached)."""
+    def method(self, m: str, noise: float = 0.0) -> Lazy:
+        """Method ``m`` trained at label noise ``noise``: a handle whose call gives (shared model, memory
+        streams), trained only when first needed (cached)."""
         name = f"{m}@{noise:g}" if noise else m
         scfg = self.cfg.method_config(m, self.seed)
         key = {**self.base_key, "stage": "method", "method": scfg.to_dict(), "noise": noise,
                "revision": SEPARATION[m].revision}
-        mem_dir, model_dir = self.work / "memory" / name, self.work / "models" / name
-        streams: dict[str, Any] = {}
+        mem_dir, model_dir = self.heavy / "memory" / name, self.heavy / "models" / name
 
-        def build() -> tuple[nn.Module, dict]:
-            rows = self.data.rows(noise)
-            kw: dict[str, Any] = {}
-            if m == "two-phase":
-                model, _ = self.trained("retrain_masked", self.data.rows(0.0).without_private_loss())
-                model = copy.deepcopy(model).train()
-                if noise:  # phase 1 must not see the secrets it would treat as public
-                    model, _ = self.trained(f"retrain_masked@{noise:g}", rows.without_private_loss())
-                    model = copy.deepcopy(model).train()
-                kw["phase1_done"] = True
-            else:
-                model = self.load_pre()
-            res = SEPARATION[m](scfg).fit(model, rows, None, progress=self.progress,
-                                           checkpoint_dir=self.checkpoint_dir(name, key), **kw)
-            save_streams(mem_dir, res.streams)
-            streams.update(res.streams)
-            return res.model, res.describe()
+        # two-phase's phase 1 (its handle made now, so its training record joins the result's stages); it
+        # must not see the secrets it would treat as public: at label noise it is a retrain of its own
+        phase1 = (None if m != "two-phase" else
+                  self.trained("retrain_masked", self.data.rows(0.0).without_private_loss()) if not noise else
+                  self.trained(f"retrain_masked@{noise:g}", self.data.rows(noise).without_private_loss()))
 
-        if self.fresh or not (mem_dir / "memory.json").is_file():
-            model, info = cached_model(model_dir, key, build, fresh=True)
-        else:
-            model, info = cached_model(model_dir, key, build, self.fresh)
-            if not streams:
-                streams = load_streams(mem_dir)
-        self.stages[name] = info
-        return model, streams, info
+        def make() -> tuple[tuple[nn.Module, dict[str, Any]], dict]:
+            streams: dict[str, Any] = {}
+
+            def build() -> tuple[nn.Module, dict]:
+                rows = self.data.rows(noise)
+                kw: dict[str, Any] = {}
+                if phase1 is not None:
+                    model = copy.deepcopy(phase1()).train()
+                    kw["phase1_done"] = True
+                else:
+                    model = self.load_pre()
+                res = SEPARATION[m](scfg).fit(model, rows, None, progress=self.progress,
+                                               checkpoint_dir=self.checkpoint_dir(name, key), **kw)
+                save_streams(mem_dir, res.streams)
+                streams.update(res.streams)
+                return res.model, res.describe()
+
+            stale = self.fresh or not (mem_dir / "memory.json").is_file()
+            model, info = cached_model(model_dir, key, build, fresh=stale)
+            return (model, streams or load_streams(mem_dir)), info
+
+        return self._handle(name, key, make)
 
 
 def replace_seed(cfg: TrainConfig, seed: int) -> TrainConfig:
     return replace(cfg, seed=seed)
 
 
-def _references(run: SeedRun) -> dict[str, nn.Module]:
+def _references(run: SeedRun) -> dict[str, Lazy]:
     """pre, FP fine-tuned and both retrain references, each at full precision and INT4."""
     cfg, d = run.cfg, run.data
     key = run.base_key
     run.evaluate("pre", "pre-fine-tune", "reference", run.load_pre, {**key, "m": "pre"})
-    models = {"ft": run.trained("ft", d.rows(0.0))[0],
-              "retrain_masked": run.trained("retrain_masked", d.rows(0.0).without_private_loss())[0]}
+    models = {"ft": run.trained("ft", d.rows(0.0)),
+              "retrain_masked": run.trained("retrain_masked", d.rows(0.0).without_private_loss())}
     if cfg.retrain_dropped:
-        models["retrain_dropped"] = run.trained("retrain_dropped", d.rows_without_records())[0]
+        models["retrain_dropped"] = run.trained("retrain_dropped", d.rows_without_records())
     labels = {"ft": "FP fine-tuned", "retrain_masked": "Retrain, secrets masked",
               "retrain_dropped": "Retrain, records dropped"}
     for name, model in models.items():
-        info = run.stages[name]
-        run.evaluate(f"{name}_fp", labels[name], "reference", lambda m=model: m, {**key, "m": name, "q": None},
-                     cost=info)
+        run.evaluate(f"{name}_fp", labels[name], "reference", model, {**key, "m": name, "q": None}, cost=model)
         run.evaluate(f"{name}_int4", f"{labels[name]} + INT4", "reference",
-                     lambda m=model: quantized(m, d.calibration, cfg.quant)[0],
-                     {**key, "m": name, **run.quant_key}, cost=info)
+                     lambda m=model: quantized(m(), d.calibration, cfg.quant)[0],
+                     {**key, "m": name, **run.quant_key}, cost=model)
     return models
 
 
@@ -210,20 +273,20 @@ def _methods(run: SeedRun, noise: float = 0.0, methods: tuple[str, ...] | None =
 def _one_method(run: SeedRun, m: str, noise: float, full: bool) -> None:
     cfg = run.cfg
     tag = f"{m}@{noise:g}" if noise else m
-    shared, streams, info = run.method(m, noise)
+    trained = run.method(m, noise)
     key = {**run.base_key, "m": tag, "method": cfg.method_config(m, run.seed).to_dict()}
-    extra = {"method": m, "noise": noise, "cost": info}
+    extra = {"method": m, "noise": noise, "cost": trained}
     if full:
-        run.evaluate(f"{tag}_fp_a0", f"{m} FP, alpha=0", "method", lambda: shared, {**key, "v": "fp0"},
+        run.evaluate(f"{tag}_fp_a0", f"{m} FP, alpha=0", "method", lambda: trained()[0], {**key, "v": "fp0"},
                      alpha=0.0, base="fp", **extra)
         run.evaluate(f"{tag}_fp_a1", f"{m} FP, alpha=1", "method",
-                     lambda: full_precision_with_memory(shared, streams)[0], {**key, "v": "fp1"}, alpha=1.0,
+                     lambda: full_precision_with_memory(*trained())[0], {**key, "v": "fp1"}, alpha=1.0,
                      base="fp", **extra)
     holder: dict[str, nn.Module] = {}
 
     def q(alpha: float) -> nn.Module:
         if "m" not in holder:
-            holder["m"] = dual_stream(shared, streams, run.data.calibration, cfg.quant)[0]
+            holder["m"] = dual_stream(*trained(), run.data.calibration, cfg.quant)[0]
         set_alpha(holder["m"], alpha)
         return holder["m"]
 
@@ -235,7 +298,7 @@ def _one_method(run: SeedRun, m: str, noise: float, full: bool) -> None:
 
 
 def run_seed(run: SeedRun) -> None:
-    """Every stage of one seed, in order (each cached)."""
+    """Every stage of one seed, in order (each cached; a model is made only where a stage needs it)."""
     cfg = run.cfg
     models = _references(run)
     _methods(run, full=cfg.full_precision_rows)
@@ -249,18 +312,21 @@ def run_seed(run: SeedRun) -> None:
     for f in cfg.label_noise:
         _methods(run, noise=f, methods=noisy, full=False)
     if best is not None and cfg.relearn_steps:
-        shared, streams, _ = run.method(best)
-        relearn_stage(run, best, lambda: dual_stream(shared, streams, run.data.calibration, cfg.quant, alpha=0.0)[0])
+        target = run.method(best)
+        relearn_stage(run, best, lambda: dual_stream(*target(), run.data.calibration, cfg.quant, alpha=0.0)[0])
     if cfg.relearn_steps:
         relearn_stage(run, "retrain_masked",
-                 lambda: quantized(models["retrain_masked"], run.data.calibration, cfg.quant)[0])
+                      lambda: quantized(models["retrain_masked"](), run.data.calibration, cfg.quant)[0])
     if "memsink" in cfg.methods and cfg.delete_records:
         deletion_stage(run)
 
 
 def run_separation(cfg: SeparationExpConfig, out_dir: str | Path, progress: bool = True, fresh: bool = False,
-                   console: Console | None = None) -> dict[str, Any]:
-    """Run every seed of ``cfg``; writes ``out_dir/result.json`` after every evaluation and returns it."""
+                   console: Console | None = None, cache_dir: str | Path | None = None) -> dict[str, Any]:
+    """Run every seed of ``cfg``; writes ``out_dir/result.json`` after every evaluation and returns it.
+
+    ``out_dir`` holds the record (result, evaluations, training records: JSON only), ``cache_dir``
+    (default ``out_dir``) the trained models, memory streams and checkpoints."""
     console = console or Console(stderr=True)
     out, t0 = Path(out_dir), time.perf_counter()
     result: dict[str, Any] = {"experiment": "separation", "stage": cfg.stage, "config": cfg.to_dict(),
@@ -272,7 +338,8 @@ def run_separation(cfg: SeparationExpConfig, out_dir: str | Path, progress: bool
         atomic_write_json(out / RESULT_FILE, result)
 
     for seed in cfg.seeds:
-        run = SeedRun(cfg, seed, out, console, progress, fresh, record)
+        run = SeedRun(cfg, seed, out, console, progress, fresh, record,
+                      None if cache_dir is None else Path(cache_dir))
         result["seeds"][str(seed)] = {"data": run.data.describe(), "stages": run.stages, "evals": run.evals,
                                       "unlabelled": {str(f): run.data.unlabelled(f) for f in cfg.label_noise},
                                       "member_kinds": [c.kind for c in run.data.members]}

@@ -18,10 +18,12 @@ import torch
 from torch import nn
 
 from libortho.assemble import dequantized, dual_stream, quantized
+from libortho.atomic import atomic_write_json
 from libortho.data.records import TokenRows, pad_rows, record_ids
 from libortho.eval.harness import PrivacyHarness
 from libortho.experiments.separation_config import quant_key
 from libortho.experiments.separation_summary import pick_tuned
+from libortho.experiments.store import _canonical
 from libortho.train.loop import TrainConfig, train
 from libortho.train.separation import SEPARATION
 from libortho.train.unlearn import UnlearnConfig, UnlearnTask, run_unlearning
@@ -30,8 +32,9 @@ if TYPE_CHECKING:  # pragma: no cover
     from libortho.experiments.separation import SeedRun
 
 
-def unlearning_stage(run: SeedRun, ft: nn.Module) -> None:
-    """Each baseline swept over the grid (quick evaluation), the tuned setting measured fully, FP and INT4."""
+def unlearning_stage(run: SeedRun, ft: Callable[[], nn.Module]) -> None:
+    """Each baseline swept over the grid (quick evaluation), the tuned setting measured fully, FP and INT4.
+    ``ft`` gives the FP fine-tuned model (called only when an evaluation is not recorded)."""
     d = run.data
     forget = pad_rows(record_ids(run.harness.tok, [r.text for r in d.records]), run.harness.pad)
     task = UnlearnTask(forget=forget, retain=d.public)
@@ -39,7 +42,7 @@ def unlearning_stage(run: SeedRun, ft: nn.Module) -> None:
         _one_baseline(run, name, ft, task)
 
 
-def _one_baseline(run: SeedRun, name: str, ft: nn.Module, task: UnlearnTask) -> None:
+def _one_baseline(run: SeedRun, name: str, ft: Callable[[], nn.Module], task: UnlearnTask) -> None:
     cfg, sweep = run.cfg, run.cfg.unlearn_sweep
 
     def ucfg(lr: float, steps: int) -> UnlearnConfig:
@@ -47,7 +50,7 @@ def _one_baseline(run: SeedRun, name: str, ft: nn.Module, task: UnlearnTask) -> 
                              retain_batch_size=sweep.retain_batch_size, seed=run.seed)
 
     def unlearned(u: UnlearnConfig) -> nn.Module:
-        return run_unlearning(name, copy.deepcopy(ft), task, u, progress=False).model
+        return run_unlearning(name, copy.deepcopy(ft()), task, u, progress=False).model
 
     entries = {}
     for lr in sweep.lrs:
@@ -59,12 +62,18 @@ def _one_baseline(run: SeedRun, name: str, ft: nn.Module, task: UnlearnTask) -> 
                                         exposure=False, unlearning=name, lr=lr, steps=steps)
     best = pick_tuned(entries, run.evals["ft_fp"])
     u = ucfg(entries[best]["lr"], entries[best]["steps"])
-    model = unlearned(u)
+    made: dict[str, nn.Module] = {}
+
+    def tuned() -> nn.Module:
+        if "m" not in made:
+            made["m"] = unlearned(u)
+        return made["m"]
+
     key = {**run.base_key, "u": name, "cfg": u.__dict__}
-    run.evaluate(f"{name}_fp", f"{name} (tuned: lr={u.lr:g}, {u.steps} steps)", "unlearning", lambda: model, key,
+    run.evaluate(f"{name}_fp", f"{name} (tuned: lr={u.lr:g}, {u.steps} steps)", "unlearning", tuned, key,
                  unlearning=name, tuned=best)
     run.evaluate(f"{name}_int4", f"{name} (tuned) + INT4", "unlearning",
-                 lambda: quantized(model, run.data.calibration, cfg.quant)[0], {**key, **run.quant_key},
+                 lambda: quantized(tuned(), run.data.calibration, cfg.quant)[0], {**key, **run.quant_key},
                  unlearning=name, tuned=best)
 
 
@@ -107,17 +116,17 @@ def deletion_stage(run: SeedRun) -> None:
 
     cfg = run.cfg
     scfg = cfg.method_config("memsink", run.seed)
-    shared, streams, info = run.method("memsink")
+    trained = run.method("memsink")
     drop = torch.zeros(scfg.neurons, dtype=torch.bool)
     for r in run.data.records[:cfg.delete_records]:
         drop[sink_neurons_of(r.seq_id, scfg.neurons, scfg.sink_fraction, scfg.seed)] = True
-    kept = {}
-    for name, s in streams.items():
-        keep = ~drop
-        kept[name] = NeuronMemory(s.gate[keep].contiguous(), s.up[keep].contiguous(), s.down[:, keep].contiguous(),
-                                  s.activation) if isinstance(s, NeuronMemory) else s
 
     def build() -> nn.Module:
+        shared, streams = trained()
+        keep, kept = ~drop, {}
+        for name, s in streams.items():
+            kept[name] = NeuronMemory(s.gate[keep].contiguous(), s.up[keep].contiguous(),
+                                      s.down[:, keep].contiguous(), s.activation) if isinstance(s, NeuronMemory) else s
         return dual_stream(shared, kept, run.data.calibration, cfg.quant, alpha=1.0)[0]
     run.evaluate("memsink_delete_int4_a1", f"memsink, {cfg.delete_records} records' sinks deleted, alpha=1",
                  "deletion", build, {**run.base_key, "m": "memsink-delete", "n": cfg.delete_records,
@@ -125,15 +134,27 @@ def deletion_stage(run: SeedRun) -> None:
                  deleted=list(range(cfg.delete_records)), sinks_dropped=int(drop.sum()), sinks=scfg.neurons)
 
 
-@torch.no_grad()
-def eta_stage(run: SeedRun, models: dict[str, nn.Module]) -> None:
-    """Seed 000's entanglement eta of every update, on one held-out public subspace.
+def eta_stage(run: SeedRun, models: dict[str, Callable[[], nn.Module]]) -> None:
+    """Seed 000's entanglement eta of every update, on one held-out public subspace (recorded in
+    ``stages/eta.json`` under its key, so a recorded run makes no model for it).
 
     The subspace of each block linear's inputs comes from the *pre-fine-tuning* model on the held-out
     domain blocks (never trained on) at the OGD energy threshold; eta is pooled over layers
     (``sqrt(sum ||dW P||^2 / sum ||dW||^2)``) with the random baseline ``sqrt(k/d)`` pooled alike.
     Plain fine-tuning's update is ``W_ft - W_pre``; a method's is its memory (neurons: their input rows).
     """
+    cfg = run.cfg
+    key = {**run.base_key, "stage": "eta", "energy": cfg.separation.ogd_energy, "models": sorted(models),
+           "methods": {m: [cfg.method_config(m, run.seed).to_dict(), SEPARATION[m].revision] for m in cfg.methods}}
+    recorded = run.recorded_info("eta", key)
+    if recorded is None:
+        recorded = _eta_of_updates(run, models)
+        atomic_write_json(run.work / "stages" / "eta.json", {"key": _canonical(key), "info": recorded})
+    run.stages["eta"] = recorded
+
+
+@torch.no_grad()
+def _eta_of_updates(run: SeedRun, models: dict[str, Callable[[], nn.Module]]) -> dict[str, dict[str, float]]:
     from libortho.geometry import energy_basis, random_eta_baseline
     from libortho.streams import NeuronMemory
     from libortho.train.methods.ogd import block_linear_names, input_moments
@@ -154,11 +175,12 @@ def eta_stage(run: SeedRun, models: dict[str, nn.Module]) -> None:
         return {"eta": (num / den) ** 0.5 if den else 0.0, "random_baseline": (base / den) ** 0.5 if den else 0.0}
 
     out = {}
-    for tag, model in models.items():
+    for tag, make in models.items():
+        model = make()
         out[tag] = pooled({n: model.get_submodule(n).weight.float() - pre.get_submodule(n).weight.float()
                            for n in names})
     for m in run.cfg.methods:
-        _, streams, _ = run.method(m)
+        _, streams = run.method(m)()
         ups: dict[str, torch.Tensor] = {}
         for n, st in streams.items():
             if isinstance(st, NeuronMemory):
@@ -166,4 +188,4 @@ def eta_stage(run: SeedRun, models: dict[str, nn.Module]) -> None:
             else:
                 ups[n] = st.to_dense(torch.float32)
         out[m] = pooled(ups)
-    run.stages["eta"] = out
+    return out
