@@ -7,6 +7,7 @@ exist, what is cached and reused, what two-phase's construction guarantees), not
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 from typer.testing import CliRunner
@@ -14,6 +15,7 @@ from typer.testing import CliRunner
 from libortho.cli import app
 from libortho.experiments.separation import RESULT_FILE, run_separation
 from libortho.experiments.separation_config import SeparationExpConfig, separation_preset
+from libortho.report.separation import load_separation
 
 MICRO = {
     "general": "python-docs", "block_len": 192, "public_blocks": 12, "members": 6, "nonmembers": 12,
@@ -54,7 +56,9 @@ def test_every_stage_writes_its_rows(micro_run) -> None:
     unlearn = {"npo_fp", "npo_int4", "sweep_npo_lr0.0001_s2"}
     relearn = {f"relearn_{t}_{d}" for t in (ranked[0], "retrain_masked") for d in ("public", "public+half")}
     assert {"pre"} | refs | methods | noisy | unlearn | relearn <= set(evals)
-    assert json.loads((out / RESULT_FILE).read_text())["seeds"]["0"]["evals"].keys() == evals.keys()
+    on_disk = json.loads((out / RESULT_FILE).read_text())["seeds"]["0"]
+    assert on_disk["evals"] == sorted(evals)  # listed by name, recorded once under seed0/evals
+    assert load_separation(out / RESULT_FILE)["seeds"]["0"]["evals"] == evals
     for name in methods:
         m = evals[name]["metrics"]
         assert len(m["per_canary"]) == MICRO["members"] and m["exposure"]["mean"] is not None
@@ -122,6 +126,24 @@ def test_demo_stage_through_the_cli_prints_the_switch_table(tmp_path) -> None:
     evals = json.loads((tmp_path / "run" / RESULT_FILE).read_text())["seeds"]["0"]["evals"]
     assert set(evals) == {"pre", "ft_fp", "ft_int4", "retrain_masked_fp", "retrain_masked_int4",
                           "two-phase_int4_a0", "two-phase_int4_a1"}
+
+
+def test_a_missing_recorded_evaluation_is_named_not_skipped(micro_run, tmp_path) -> None:
+    out, _ = micro_run
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy, ignore=shutil.ignore_patterns("*.safetensors", "ckpt"))
+    (copy / "seed0" / "evals" / "ft_int4.json").unlink()
+    with pytest.raises(FileNotFoundError, match="'ft_int4' of seed 0 .*ft_int4.json is missing"):
+        load_separation(copy / RESULT_FILE)
+
+
+def test_a_result_with_inline_evaluations_still_loads(micro_run, tmp_path) -> None:
+    """Result files written before the record (docs/results/separation_tiny/*) hold their rows inline."""
+    out, first = micro_run
+    old = {**json.loads((out / RESULT_FILE).read_text()), "seeds": {"0": {**first["seeds"]["0"]}}}
+    old["seeds"]["0"].pop("evals_recorded_in", None)
+    (tmp_path / RESULT_FILE).write_text(json.dumps(old))
+    assert load_separation(tmp_path / RESULT_FILE)["seeds"]["0"]["evals"] == first["seeds"]["0"]["evals"]
 
 
 def test_a_record_longer_than_a_block_is_refused_before_any_training(tmp_path) -> None:

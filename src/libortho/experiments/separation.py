@@ -46,13 +46,12 @@ from libortho.experiments.kill_switch import _load_pre_and_tokenizer, _tiny_pre_
 from libortho.experiments.separation_config import SeparationExpConfig, base_key, quant_key
 from libortho.experiments.separation_controls import deletion_stage, eta_stage, relearn_stage, unlearning_stage
 from libortho.experiments.separation_data import SeparationData, build_separation_data
+from libortho.experiments.separation_record import RESULT_FILE, evals_dir, lean
 from libortho.experiments.separation_summary import rank_methods, summarise_separation
 from libortho.experiments.store import META, _canonical, cached_model
 from libortho.runtime import set_alpha
 from libortho.train.loop import TrainConfig, train
 from libortho.train.separation import SEPARATION
-
-RESULT_FILE = "result.json"
 
 
 class Lazy:
@@ -121,7 +120,7 @@ class SeedRun:
         control), every other row the same harness without it."""
         harness = harness or (self.harness if group == "reference" else self.rows_harness)
         key = _canonical({**key, "harness": harness.describe(), "exposure": exposure})
-        path = self.work / "evals" / f"{name}.json"
+        path = self.work.parent / evals_dir(self.seed) / f"{name}.json"
         if not self.fresh and path.is_file():
             saved = json.loads(path.read_text())
             if saved.get("key") == key:
@@ -335,7 +334,7 @@ def run_separation(cfg: SeparationExpConfig, out_dir: str | Path, progress: bool
     def record() -> None:
         result["wall_s"] = time.perf_counter() - t0
         result["summary"] = summarise_separation(result)
-        atomic_write_json(out / RESULT_FILE, result)
+        atomic_write_json(out / RESULT_FILE, lean(result))
 
     for seed in cfg.seeds:
         run = SeedRun(cfg, seed, out, console, progress, fresh, record,

@@ -156,8 +156,8 @@ def separation_preset(model: str, stage: Stage = "screening") -> SeparationExpCo
     """The default run for ``model`` (``tiny`` or a real model such as ``smollm2-135m``) and ``stage``.
 
     ``screening`` of a real model: every method with the INT4 base only (the FP-base rows are the
-    confirmation's). ``confirmation``: fresh seeds 1-3 and the headline rows only (plain fine-tuning, the masked retrain,
-    the method, FP and INT4, and the relearning attack); the unlearning sweep, the dropped-records
+    confirmation's). ``confirmation``: fresh seeds 1-3 and the headline rows only (plain fine-tuning,
+    the masked retrain, the method, FP and INT4, and the relearning attack); the unlearning sweep, the dropped-records
     retrain, the label-noise arm and memsink's deletion are the screening's. Give the method fixed by
     the screening as ``methods``.
     """

@@ -370,8 +370,10 @@ def load_separation(result_path: str | Path) -> dict[str, Any]:
         raise ValueError(f"{result_path} is not valid JSON: {err}") from err
     if not isinstance(result, dict) or result.get("experiment") != "separation" or "seeds" not in result:
         raise ValueError(f"{result_path} is not a separation result (no 'experiment': 'separation' / seeds)")
+    from libortho.experiments.separation_record import hydrate
     from libortho.experiments.separation_summary import summarise_separation
 
+    hydrate(result, result_path.parent)
     result["summary"] = summarise_separation(result)  # recomputed from the rows: the stored one may predate a figure
     return result
 
