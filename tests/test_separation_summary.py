@@ -11,6 +11,7 @@ from libortho.experiments.separation_summary import (
     pick_tuned,
     privleak,
     rank_methods,
+    recorded_compute,
 )
 
 
@@ -105,3 +106,13 @@ def test_paired_ppl_ratio_reads_block_differences_not_two_wide_intervals() -> No
     assert abs(r["estimate"] - float(np.exp(0.1))) < 1e-12 and r["low"] < r["estimate"] < r["high"]
     assert r["low"] >= float(np.exp(0.0)) - 1e-12 and r["high"] <= float(np.exp(0.2)) + 1e-12
     assert paired_ppl_ratio(row, {"metrics": {"block_nll_general": ref_blocks[:3]}}, "general") is None
+
+
+def test_recorded_compute_counts_each_stage_once_and_each_row_with_its_model_making() -> None:
+    """Stages are the training records (eta and the ranking are not); rows add eval_s and build_s."""
+    stages = {"ft": {"wall_s": 100.0}, "retrain_masked": {"wall_s": 50.5}, "mask": {"wall_s": 20, "steps": 3},
+              "eta": {"ft": {"eta": 0.3, "random_baseline": 0.2}}, "ranking": [{"method": "mask"}]}
+    evals = {"a": {"metrics": {"eval_s": 10.0}, "build_s": 5.0}, "b": {"metrics": {"eval_s": 7.0}}}
+    c = recorded_compute({"stages": stages, "evals": evals})
+    assert c["training_s"] == 170.5 and c["evaluation_s"] == 22.0 and c["total_s"] == 192.5
+    assert c["rows"] == 2 and c["rows_without_build_s"] == 1

@@ -90,6 +90,7 @@ class SeedRun:
         self.cfg, self.seed, self.work, self.progress, self.fresh = cfg, seed, out / f"seed{seed}", progress, fresh
         self.heavy = (cache or out) / f"seed{seed}"
         self._handles: dict[str, Lazy] = {}
+        self.made_s = 0.0  # seconds spent making (training or loading) stage models
         self.say = lambda msg: console.print(f"[cyan]separation[/] seed {seed}: {msg}", highlight=False)
         self.record = record
         load_pre, tok = _load_pre_and_tokenizer(SimpleNamespace(model=cfg.model))
@@ -126,11 +127,14 @@ class SeedRun:
             if saved.get("key") == key:
                 self.evals[name] = saved["entry"]
                 return saved["entry"]
+        made, t0 = self.made_s, time.perf_counter()
         model = build()
+        # what making this row's model cost (quantization, unlearning, relearning), less any stage it trained
+        build_s = time.perf_counter() - t0 - (self.made_s - made)
         metrics = harness.evaluate(model, progress=self.progress, exposure=exposure)
         del model
         extra = {k: v.info if isinstance(v, Lazy) else v for k, v in extra.items()}
-        entry = {"label": label, "group": group, "metrics": metrics, **extra}
+        entry = {"label": label, "group": group, "metrics": metrics, "build_s": build_s, **extra}
         atomic_write_json(path, {"key": key, "entry": entry})
         self.evals[name] = entry
         m = metrics
@@ -173,8 +177,15 @@ class SeedRun:
             self.stages[name] = info
             atomic_write_json(self.work / "stages" / f"{name}.json", {"key": _canonical(key), "info": info})
 
+        def timed() -> tuple[Any, dict[str, Any]]:
+            t0 = time.perf_counter()
+            try:
+                return make()
+            finally:
+                self.made_s += time.perf_counter() - t0
+
         info = self.recorded_info(name, key)
-        handle = Lazy(make, info, keep)
+        handle = Lazy(timed, info, keep)
         if info is not None:
             keep(info)
         self._handles[name] = handle

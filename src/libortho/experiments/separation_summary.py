@@ -224,7 +224,19 @@ def summarise_seed(seed_result: dict[str, Any], methods: tuple[str, ...], n_boot
             pls[n] = privleak(e, evals[ref], n_boot)
     goals = {m: method_goals(m, figs, evals, stages, pls) for m in methods if f"{m}_int4_a0" in evals}
     return {"figures": figs, "privleak": pls, "goals": goals, "ranking": rank_methods(evals, methods),
-            "label_noise": _label_noise(seed_result)}
+            "label_noise": _label_noise(seed_result), "compute": recorded_compute(seed_result)}
+
+
+def recorded_compute(seed_result: dict[str, Any]) -> dict[str, Any]:
+    """The compute the record accounts for, summed over every piece of a resumed run (the result's own
+    ``wall_s`` is only the last piece's): each trained stage once, each evaluation with the making of its
+    model (quantization, unlearning, relearning; ``rows_without_build_s`` were recorded before that was kept)."""
+    train = sum(v["wall_s"] for k, v in seed_result["stages"].items()
+                if isinstance(v, dict) and isinstance(v.get("wall_s"), int | float))
+    evals = seed_result["evals"].values()
+    ev = sum(e["metrics"]["eval_s"] + e.get("build_s", 0.0) for e in evals)
+    return {"training_s": train, "evaluation_s": ev, "total_s": train + ev, "rows": len(seed_result["evals"]),
+            "rows_without_build_s": sum("build_s" not in e for e in evals)}
 
 
 def _label_noise(seed_result: dict[str, Any]) -> dict[str, Any]:

@@ -261,8 +261,21 @@ def setup_text(result: dict[str, Any]) -> str:
             f"private) on {c['domain']} + {d.get('general_corpus', c['general'])} (general). Methods: "
             f"{', '.join(c['methods'])}; INT{c['quant']['bits']} {c['quant']['method'].upper()} "
             f"g{c['quant']['group_size']} base; {c['bootstrap']} bootstrap resamples. "
-            f"{source_line(result.get('environment', {}))}; wall time "
-            f"{'n/a' if wall is None else f'{wall / 60:.1f} min'}.")
+            f"{source_line(result.get('environment', {}))}; wall time of the last piece "
+            f"{'n/a' if wall is None else f'{wall / 60:.1f} min'}. {compute_text(result)}")
+
+
+def compute_text(result: dict[str, Any]) -> str:
+    """The compute the record accounts for, per seed, over every piece of the run."""
+    parts = []
+    for s, sd in result["summary"]["seeds"].items():
+        c = sd.get("compute")
+        if c:
+            note = (f"; {c['rows_without_build_s']} rows recorded without their model-making time"
+                    if c["rows_without_build_s"] else "")
+            parts.append(f"seed {s}: {c['total_s'] / 3600:.2f} h ({c['training_s'] / 3600:.2f} h training, "
+                         f"{c['evaluation_s'] / 3600:.2f} h evaluating {c['rows']} rows{note})")
+    return ("Compute recorded over all pieces: " + "; ".join(parts) + ".") if parts else ""
 
 
 def figure_blocks(result: dict[str, Any], seed: str, fig_dir: Path) -> list[Block]:
