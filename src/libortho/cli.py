@@ -284,7 +284,9 @@ def separation(
         overrides = _config_file(config) if config is not None else {}
         from libortho.experiments.separation_config import (
             SeparationExpConfig,
+            changed_fields,
             demo_preset,
+            recorded_config,
             separation_preset,
         )
 
@@ -295,6 +297,16 @@ def separation(
             raise ValueError("--stage confirmation needs --methods: the method the screening ranked first, fixed "
                              "before the run starts")
         cfg = demo_preset(names[0] if names else "two-phase") if stage == "demo" else separation_preset(model, stage)
+        recorded = None if fresh else recorded_config(out)
+        if recorded is not None:  # resuming: the run keeps the config it started with
+            if (recorded.model, recorded.stage) != (cfg.model, cfg.stage):
+                raise ValueError(f"{out} holds a {recorded.stage} run of {recorded.model}, not this one: give "
+                                 "another --out, or --fresh to start it over")
+            changed = changed_fields(recorded, cfg)
+            if changed:
+                typer.echo(f"resuming the run in {out} with the config it started with (today's preset differs "
+                           f"in: {', '.join(changed)}); --fresh starts over with today's", err=True)
+            cfg = recorded
         if overrides:
             base = cfg.to_dict()
             cfg = SeparationExpConfig.from_dict({**base, **{k: {**base[k], **v} if isinstance(v, dict) and

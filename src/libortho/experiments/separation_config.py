@@ -8,13 +8,15 @@ depends on, so an interrupted run resumes stage by stage.
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 from typing import Any, Literal
 
 from libortho.config import QuantConfig, fields_from_dict
 from libortho.eval.harness import HarnessConfig
 from libortho.experiments.config import TINY_ARCH
-from libortho.train.loop import TrainConfig
+from libortho.train.loop import TrainConfig, fast_bf16
 from libortho.train.separation import SEPARATION, SeparationConfig
 from libortho.train.unlearn import UNLEARNING
 
@@ -126,6 +128,33 @@ class SeparationExpConfig:
             raise ValueError(f"invalid separation experiment config: {err}") from err
 
 
+def recorded_config(out_dir: str | Path) -> SeparationExpConfig | None:
+    """The config the run in ``out_dir`` started with (from its ``result.json``), or None when there is none.
+
+    A resumed run keeps it even where today's preset differs (a machine-dependent default such as bf16, a
+    preset re-tuned since), so the pieces of one run never mix two configurations."""
+    path = Path(out_dir) / "result.json"
+    if not path.is_file():
+        return None
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is not valid JSON ({err}): remove it or give another --out") from err
+    if not isinstance(saved, dict) or saved.get("experiment") != "separation" or "config" not in saved:
+        raise ValueError(f"{path} is not a separation result: give another --out")
+    return SeparationExpConfig.from_dict(saved["config"])
+
+
+def changed_fields(a: SeparationExpConfig, b: SeparationExpConfig) -> list[str]:
+    """Top-level fields whose values differ between two configs."""
+    da, db = _canonical_dict(a), _canonical_dict(b)
+    return sorted(k for k in da if da[k] != db.get(k))
+
+
+def _canonical_dict(cfg: SeparationExpConfig) -> dict[str, Any]:
+    return json.loads(json.dumps(cfg.to_dict(), sort_keys=True, default=str))
+
+
 def base_key(cfg: SeparationExpConfig, seed: int, general: str) -> dict[str, Any]:
     """What every cached model and evaluation of one seed depends on: model, data and fine-tuning
     schedule (and, for the tiny model, how the model before fine-tuning was pretrained)."""
@@ -188,10 +217,12 @@ def _stage_seeds_preset(model: str, stage: Stage) -> SeparationExpConfig:
     # pilot_lr.json): at lr 1e-3 x16 plain fine-tuning memorised (88%) but raised domain perplexity above
     # the pre-fine-tune model's; lr 5e-4 x16 memorised 67%, domain perplexity still above; lr 3e-4 x24
     # memorises every member with domain perplexity below pre-fine-tune (general perplexity still rises).
+    # bf16 autocast where the CPU has native bf16 (the pilots' machines), fp32 elsewhere: the precision is part
+    # of every cache key, and a resumed run keeps the config it started with (the CLI reads it back)
     return SeparationExpConfig(
         model=model, stage=stage, seeds=seeds, block_len=128, public_blocks=128, members=100, nonmembers=512,
         kinds=("id", "phone", "email", "digits"), free_len=3, repeats=24, context_chars=60,
-        finetune=TrainConfig(lr=3e-4, epochs=1.0, batch_size=8, bf16=True),
+        finetune=TrainConfig(lr=3e-4, epochs=1.0, batch_size=8, bf16=fast_bf16()),
         separation=SeparationConfig(neurons=64, rank=16, support_neurons=64),
         method_overrides={m: dict(v) for m, v in FRESH_MEMORY_LR.items()},
         unlearn_sweep=UnlearnSweep(lrs=(1e-5, 1e-4), steps=(10, 30)),
