@@ -146,6 +146,46 @@ def test_a_result_with_inline_evaluations_still_loads(micro_run, tmp_path) -> No
     assert load_separation(tmp_path / RESULT_FILE)["seeds"]["0"]["evals"] == first["seeds"]["0"]["evals"]
 
 
+def test_a_resumed_run_keeps_its_recorded_config(tmp_path) -> None:
+    """The pieces of one run never mix configs: a result.json in OUT decides, and the CLI names what changed."""
+    cfg = tmp_path / "micro.json"
+    keep = {k: v for k, v in MICRO.items() if k not in ("methods", "label_noise", "unlearning", "relearn_steps")}
+    cfg.write_text(json.dumps(keep))
+    args = ["experiment", "separation", "--stage", "demo", "--methods", "two-phase", "--config", str(cfg),
+            "--out", str(tmp_path / "run"), "--quiet"]
+    assert CliRunner().invoke(app, args).exit_code == 0
+    path = tmp_path / "run" / RESULT_FILE
+    saved = json.loads(path.read_text())
+    # as if today's preset had changed since the run started (a field this command's --config leaves alone)
+    saved["config"]["label_noise_methods"] = ["two-phase"]
+    path.write_text(json.dumps(saved))
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    assert "today's preset differs in: label_noise_methods" in res.output
+    assert json.loads(path.read_text())["config"]["label_noise_methods"] == ["two-phase"]
+    saved = json.loads(path.read_text())
+    saved["config"]["stage"] = "confirmation"
+    path.write_text(json.dumps(saved))
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code != 0 and "holds a confirmation run of tiny, not this one" in res.output
+
+
+def test_recorded_config_reads_back_what_a_run_wrote(tmp_path) -> None:
+    from libortho.experiments.separation_config import changed_fields, recorded_config
+
+    assert recorded_config(tmp_path) is None
+    cfg = micro_config()
+    (tmp_path / RESULT_FILE).write_text(json.dumps({"experiment": "separation", "config": cfg.to_dict()}))
+    assert recorded_config(tmp_path) == cfg and changed_fields(cfg, cfg) == []
+    assert changed_fields(cfg, micro_config(members=7, repeats=4)) == ["members", "repeats"]
+    (tmp_path / RESULT_FILE).write_text(json.dumps({"experiment": "kill_switch", "config": {}}))
+    with pytest.raises(ValueError, match="is not a separation result"):
+        recorded_config(tmp_path)
+    (tmp_path / RESULT_FILE).write_text("{")
+    with pytest.raises(ValueError, match="is not valid JSON"):
+        recorded_config(tmp_path)
+
+
 def test_a_record_longer_than_a_block_is_refused_before_any_training(tmp_path) -> None:
     with pytest.raises(ValueError, match="does not fit in block_len=64"):
         run_separation(micro_config(block_len=64), tmp_path / "run", progress=False)

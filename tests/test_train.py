@@ -14,6 +14,7 @@ from libortho.train.loop import (
     TrainLog,
     batch_order,
     causal_lm_loss_sum,
+    fast_bf16,
     load_checkpoint,
     lr_factor,
     make_optimizer,
@@ -302,3 +303,27 @@ def test_checkpoint_round_trip_with_tied_embeddings(tmp_path: Path) -> None:
     assert step == 2 and log.losses == [1.0, 0.5]
     _assert_same_weights(fresh, model)
     assert fresh.lm_head.weight.data_ptr() == fresh.model.embed_tokens.weight.data_ptr()
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_bf16_training_warns_only_where_the_cpu_lacks_native_bf16(tiny_llama, monkeypatch, native: bool) -> None:
+    import warnings
+
+    import libortho.train.loop as loop
+
+    monkeypatch.setattr(loop, "fast_bf16", lambda device="cpu": native)
+    cfg = TrainConfig(lr=1e-3, steps=1, batch_size=2, bf16=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train(tiny_llama, _blocks(n=2), cfg, progress=False)
+    slow = [w for w in caught if "without native bf16" in str(w.message)]
+    assert len(slow) == (0 if native else 1)
+    with warnings.catch_warnings(record=True) as caught:  # fp32 never warns
+        warnings.simplefilter("always")
+        train(tiny_llama, _blocks(n=2), replace(cfg, bf16=False), progress=False)
+    assert not [w for w in caught if "bf16" in str(w.message)]
+
+
+def test_fast_bf16_follows_onednn() -> None:
+    assert fast_bf16("cpu") == bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    assert fast_bf16("meta") is False

@@ -296,29 +296,36 @@ def separation(
         if stage == "confirmation" and not names:
             raise ValueError("--stage confirmation needs --methods: the method the screening ranked first, fixed "
                              "before the run starts")
-        cfg = demo_preset(names[0] if names else "two-phase") if stage == "demo" else separation_preset(model, stage)
+        if seeds:
+            try:
+                seed_list = tuple(int(x) for x in seeds.split(",") if x.strip())
+            except ValueError as err:
+                raise ValueError(f"--seeds must be comma-separated integers, got {seeds!r}") from err
+
+        def requested(base: SeparationExpConfig) -> SeparationExpConfig:
+            """``base`` with this command's --config, --methods and --seeds applied."""
+            if overrides:
+                d = base.to_dict()
+                base = SeparationExpConfig.from_dict({**d, **{k: {**d[k], **v} if isinstance(v, dict) and
+                                                              isinstance(d.get(k), dict) else v
+                                                              for k, v in overrides.items()}})
+            if names and stage != "demo":
+                base = replace(base, methods=names)
+            return replace(base, seeds=seed_list) if seeds else base
+
+        preset = demo_preset(names[0] if names else "two-phase") if stage == "demo" else separation_preset(model, stage)
+        cfg = requested(preset)
         recorded = None if fresh else recorded_config(out)
-        if recorded is not None:  # resuming: the run keeps the config it started with
+        if recorded is not None:  # resuming: the run keeps the config it started with, under today's flags
             if (recorded.model, recorded.stage) != (cfg.model, cfg.stage):
                 raise ValueError(f"{out} holds a {recorded.stage} run of {recorded.model}, not this one: give "
                                  "another --out, or --fresh to start it over")
-            changed = changed_fields(recorded, cfg)
+            resumed = requested(recorded)
+            changed = changed_fields(resumed, cfg)
             if changed:
                 typer.echo(f"resuming the run in {out} with the config it started with (today's preset differs "
                            f"in: {', '.join(changed)}); --fresh starts over with today's", err=True)
-            cfg = recorded
-        if overrides:
-            base = cfg.to_dict()
-            cfg = SeparationExpConfig.from_dict({**base, **{k: {**base[k], **v} if isinstance(v, dict) and
-                                                            isinstance(base.get(k), dict) else v
-                                                            for k, v in overrides.items()}})
-        if names and stage != "demo":
-            cfg = replace(cfg, methods=names)
-        if seeds:
-            try:
-                cfg = replace(cfg, seeds=tuple(int(x) for x in seeds.split(",") if x.strip()))
-            except ValueError as err:
-                raise ValueError(f"--seeds must be comma-separated integers, got {seeds!r}") from err
+            cfg = resumed
         from libortho.experiments.config import check_inputs
 
         check_inputs(SimpleNamespace(model=cfg.model, domain=cfg.domain, general=cfg.general))
