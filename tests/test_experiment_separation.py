@@ -59,6 +59,8 @@ def test_every_stage_writes_its_rows(micro_run) -> None:
     on_disk = json.loads((out / RESULT_FILE).read_text())["seeds"]["0"]
     assert on_disk["evals"] == sorted(evals)  # listed by name, recorded once under seed0/evals
     assert load_separation(out / RESULT_FILE)["seeds"]["0"]["evals"] == evals
+    # making a row's model never counts a stage trained inside it (two-phase@0.5's phase 1) twice
+    assert all(e["build_s"] >= 0 for e in evals.values())
     for name in methods:
         m = evals[name]["metrics"]
         assert len(m["per_canary"]) == MICRO["members"] and m["exposure"]["mean"] is not None
@@ -103,6 +105,17 @@ def test_a_committed_record_resumes_on_a_fresh_machine_without_training(micro_ru
     def trained(stages: dict) -> dict:
         return {k: v["wall_s"] for k, v in stages.items() if isinstance(v, dict) and "wall_s" in v and k != "pretrain"}
     assert trained(s2["stages"]) == trained(s1["stages"]) and "ft" in trained(s1["stages"])
+
+    # a missing row whose model the new cache lacks: that stage is trained again (deterministically, the same
+    # row comes back) and the retraining is recorded beside the first training, not in its place
+    (record / "seed0" / "evals" / "ft_int4.json").unlink()
+    third = run_separation(micro_config(), record, progress=False, cache_dir=tmp_path / "cache2")
+    ft = json.loads((record / "seed0" / "stages" / "ft.json").read_text())["info"]
+    assert ft["wall_s"] == s1["stages"]["ft"]["wall_s"] and len(ft["retrained"]) == 1
+    assert third["seeds"]["0"]["evals"]["ft_int4"]["metrics"]["private_nll"] == \
+        s1["evals"]["ft_int4"]["metrics"]["private_nll"]
+    compute = [r["summary"]["seeds"]["0"]["compute"]["training_s"] for r in (again, third)]
+    assert compute[1] > compute[0]
 
 
 def test_the_cache_folder_takes_the_models_and_the_out_folder_only_json(tmp_path) -> None:

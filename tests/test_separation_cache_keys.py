@@ -30,6 +30,17 @@ def test_relearn_key_changes_with_the_target_method_config_and_quantization() ->
     assert relearn_key(_run(replace(cfg, calib_blocks=cfg.calib_blocks * 2)), "mask", "public", attack) != base
 
 
+def test_a_method_revision_invalidates_its_relearning_rows(monkeypatch) -> None:
+    """A changed implementation (revision bump) must never reuse a row measured on the old one."""
+    from libortho.train.separation import SEPARATION
+
+    cfg = separation_preset("tiny")
+    attack = TrainConfig(lr=1e-3, steps=20, warmup=0.0, schedule="constant")
+    base = relearn_key(_run(cfg), "mask", "public", attack)
+    monkeypatch.setattr(SEPARATION["mask"], "revision", SEPARATION["mask"].revision + 1)
+    assert relearn_key(_run(cfg), "mask", "public", attack) != base
+
+
 def test_base_and_quant_keys_cover_pretraining_and_calibration() -> None:
     tiny = separation_preset("tiny")
     key = base_key(tiny, 0, "fortunes")
@@ -49,13 +60,13 @@ def test_checkpoints_are_kept_per_cache_key_and_fresh_starts_over(tmp_path) -> N
     """A changed config must not resume the old config's training checkpoint (e.g. a finished one)."""
     from libortho.experiments.separation import SeedRun
 
-    run = SimpleNamespace(work=tmp_path, fresh=False, _cleared=set())
+    run = SimpleNamespace(heavy=tmp_path, fresh=False, _cleared=set())
     a = SeedRun.checkpoint_dir(run, "mask", {"method": {"support_neurons": 64}})
     b = SeedRun.checkpoint_dir(run, "mask", {"method": {"support_neurons": 128}})
     assert a != b and a == SeedRun.checkpoint_dir(run, "mask", {"method": {"support_neurons": 64}})
     a.mkdir(parents=True)
     (a / "state.json").write_text("{}")
-    fresh = SimpleNamespace(work=tmp_path, fresh=True, _cleared=set())
+    fresh = SimpleNamespace(heavy=tmp_path, fresh=True, _cleared=set())
     assert SeedRun.checkpoint_dir(fresh, "mask", {"method": {"support_neurons": 64}}) == a
     assert not (a / "state.json").exists()  # --fresh retrains instead of resuming a finished run
     a.mkdir(parents=True)
@@ -82,12 +93,12 @@ def test_reference_rows_get_the_nonmember_exposure_control_and_other_rows_do_not
                     "ppl_domain": 1.0, "ppl_general": 1.0, "eval_s": 0.0}
 
     full, rows = FakeHarness(True), FakeHarness(False)
-    run = SimpleNamespace(harness=full, rows_harness=rows, fresh=False, work=tmp_path, evals={}, progress=False,
-                          say=lambda _m: None, record=lambda: None)
+    run = SimpleNamespace(harness=full, rows_harness=rows, fresh=False, work=tmp_path / "seed0", seed=0, evals={},
+                          progress=False, say=lambda _m: None, record=lambda: None, made_s=0.0)
     SeedRun.evaluate(run, "ft_fp", "FP", "reference", lambda: "ref-model", {"k": 1})
     SeedRun.evaluate(run, "mask_int4_a0", "mask", "method", lambda: "method-model", {"k": 1})
     assert full.calls == ["ref-model"] and rows.calls == ["method-model"]
-    keys = [json.loads((tmp_path / "evals" / f"{n}.json").read_text())["key"]["harness"]
+    keys = [json.loads((tmp_path / "seed0" / "evals" / f"{n}.json").read_text())["key"]["harness"]
             for n in ("ft_fp", "mask_int4_a0")]
     assert keys == [{"exposure_nonmembers": True}, {"exposure_nonmembers": False}]
 

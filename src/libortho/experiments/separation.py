@@ -57,7 +57,11 @@ from libortho.train.separation import SEPARATION
 class Lazy:
     """A trained model (or model and memory streams) made only when first called, by training it or by
     loading it from the cache; ``info`` (how it was trained) comes from the run's record when the record
-    holds it, so a fully recorded stage never needs its model."""
+    holds it, so a fully recorded stage never needs its model.
+
+    A recorded stage whose model a missing row needs, on a machine whose cache lacks it, is trained
+    again (deterministically, from the same seed); that training is added to the record under
+    ``retrained`` beside the first, never in its place."""
 
     def __init__(self, make: Callable[[], tuple[Any, dict[str, Any]]], info: dict[str, Any] | None,
                  on_info: Callable[[dict[str, Any]], None]) -> None:
@@ -72,7 +76,14 @@ class Lazy:
             if self._info is None:
                 self._info = info
                 self._on_info(info)
+            elif not info.get("reused", False):  # recorded, but trained again here
+                self._info = {**self._info, "retrained": [*self._info.get("retrained", []), info]}
+                self._on_info(self._info)
         return self._value
+
+    def release(self) -> None:
+        """Forget the model (the next call loads it from the cache again); the training record stays."""
+        self._value, self.made = None, False
 
     @property
     def info(self) -> dict[str, Any]:
@@ -90,6 +101,7 @@ class SeedRun:
         self.cfg, self.seed, self.work, self.progress, self.fresh = cfg, seed, out / f"seed{seed}", progress, fresh
         self.heavy = (cache or out) / f"seed{seed}"
         self._handles: dict[str, Lazy] = {}
+        self._made: set[str] = set()  # stages made (trained or loaded) in this run
         self.made_s = 0.0  # seconds spent making (training or loading) stage models
         self.say = lambda msg: console.print(f"[cyan]separation[/] seed {seed}: {msg}", highlight=False)
         self.record = record
@@ -123,7 +135,7 @@ class SeedRun:
         key = _canonical({**key, "harness": harness.describe(), "exposure": exposure})
         path = self.work.parent / evals_dir(self.seed) / f"{name}.json"
         if not self.fresh and path.is_file():
-            saved = json.loads(path.read_text())
+            saved = read_json(path, "recorded evaluation")
             if saved.get("key") == key:
                 self.evals[name] = saved["entry"]
                 return saved["entry"]
@@ -163,13 +175,15 @@ class SeedRun:
             return None
         for path in (self.work / "stages" / f"{name}.json", self.heavy / "models" / name / META):
             if path.is_file():
-                saved = json.loads(path.read_text())
+                saved = read_json(path, "training record")
                 if saved.get("key") == _canonical(key):
                     return saved["info"]
         return None
 
-    def _handle(self, name: str, key: dict[str, Any], make: Callable[[], tuple[Any, dict[str, Any]]]) -> Lazy:
-        """The one lazy handle of stage ``name`` (its info written to the record once known)."""
+    def _handle(self, name: str, key: dict[str, Any], make: Callable[[bool], tuple[Any, dict[str, Any]]]) -> Lazy:
+        """The one lazy handle of stage ``name`` (its info written to the record once known). ``make(fresh)``
+        trains or loads it; under ``--fresh`` only its first making in this run trains, later ones (after a
+        release) load what that one cached."""
         if name in self._handles:
             return self._handles[name]
 
@@ -178,11 +192,13 @@ class SeedRun:
             atomic_write_json(self.work / "stages" / f"{name}.json", {"key": _canonical(key), "info": info})
 
         def timed() -> tuple[Any, dict[str, Any]]:
-            t0 = time.perf_counter()
+            start, t0 = self.made_s, time.perf_counter()
+            fresh = self.fresh and name not in self._made
+            self._made.add(name)
             try:
-                return make()
-            finally:
-                self.made_s += time.perf_counter() - t0
+                return make(fresh)
+            finally:  # a stage made inside this one (two-phase's phase 1) is already inside this elapsed time
+                self.made_s = start + time.perf_counter() - t0
 
         info = self.recorded_info(name, key)
         handle = Lazy(timed, info, keep)
@@ -206,7 +222,7 @@ class SeedRun:
                            "final_loss": log.losses[-1]}
 
         return self._handle(name, full_key,
-                            lambda: cached_model(self.heavy / "models" / name, full_key, build, self.fresh))
+                            lambda fresh: cached_model(self.heavy / "models" / name, full_key, build, fresh))
 
     def method(self, m: str, noise: float = 0.0) -> Lazy:
         """Method ``m`` trained at label noise ``noise``: a handle whose call gives (shared model, memory
@@ -223,7 +239,7 @@ class SeedRun:
                   self.trained("retrain_masked", self.data.rows(0.0).without_private_loss()) if not noise else
                   self.trained(f"retrain_masked@{noise:g}", self.data.rows(noise).without_private_loss()))
 
-        def make() -> tuple[tuple[nn.Module, dict[str, Any]], dict]:
+        def make(fresh: bool) -> tuple[tuple[nn.Module, dict[str, Any]], dict]:
             streams: dict[str, Any] = {}
 
             def build() -> tuple[nn.Module, dict]:
@@ -240,11 +256,22 @@ class SeedRun:
                 streams.update(res.streams)
                 return res.model, res.describe()
 
-            stale = self.fresh or not (mem_dir / "memory.json").is_file()
+            stale = fresh or not (mem_dir / "memory.json").is_file()
             model, info = cached_model(model_dir, key, build, fresh=stale)
             return (model, streams or load_streams(mem_dir)), info
 
         return self._handle(name, key, make)
+
+
+def read_json(path: Path, what: str) -> dict[str, Any]:
+    """A JSON object of the record; a damaged file is a one-line error naming it (never silently retrained)."""
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is not a valid {what} ({err}): restore it from git or delete it") from None
+    if not isinstance(saved, dict):
+        raise ValueError(f"{path} is not a valid {what} (not a JSON object): restore it from git or delete it")
+    return saved
 
 
 def replace_seed(cfg: TrainConfig, seed: int) -> TrainConfig:
@@ -284,7 +311,8 @@ def _one_method(run: SeedRun, m: str, noise: float, full: bool) -> None:
     cfg = run.cfg
     tag = f"{m}@{noise:g}" if noise else m
     trained = run.method(m, noise)
-    key = {**run.base_key, "m": tag, "method": cfg.method_config(m, run.seed).to_dict()}
+    key = {**run.base_key, "m": tag, "method": cfg.method_config(m, run.seed).to_dict(),
+           "revision": SEPARATION[m].revision}
     extra = {"method": m, "noise": noise, "cost": trained}
     if full:
         run.evaluate(f"{tag}_fp_a0", f"{m} FP, alpha=0", "method", lambda: trained()[0], {**key, "v": "fp0"},
@@ -305,6 +333,7 @@ def _one_method(run: SeedRun, m: str, noise: float, full: bool) -> None:
     for a in (0.0, 1.0):
         run.evaluate(f"{tag}_int4_a{a:g}", f"{m}{what} INT4, alpha={a:g}", group, lambda a=a: q(a),
                      {**key, "v": f"q{a:g}", **run.quant_key}, alpha=a, base="int4", **extra)
+    trained.release()  # later stages (eta, relearning, deletion) load it from the cache again
 
 
 def run_seed(run: SeedRun) -> None:

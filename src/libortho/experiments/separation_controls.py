@@ -103,8 +103,8 @@ def relearn_key(run: SeedRun, target: str, data_name: str, attack_cfg: TrainConf
     """Cache key of one relearning evaluation: everything the attacked model depends on (the target's
     method config or reference name, the quantization, the attack)."""
     cfg = run.cfg
-    model = ({"method": cfg.method_config(target, run.seed).to_dict()} if target in SEPARATION.names()
-             else {"reference": target})
+    model = ({"method": cfg.method_config(target, run.seed).to_dict(), "revision": SEPARATION[target].revision}
+             if target in SEPARATION.names() else {"reference": target})
     return {**run.base_key, "target": target, "data": data_name, "attack": attack_cfg.__dict__, "model": model,
             **quant_key(cfg)}
 
@@ -130,7 +130,8 @@ def deletion_stage(run: SeedRun) -> None:
         return dual_stream(shared, kept, run.data.calibration, cfg.quant, alpha=1.0)[0]
     run.evaluate("memsink_delete_int4_a1", f"memsink, {cfg.delete_records} records' sinks deleted, alpha=1",
                  "deletion", build, {**run.base_key, "m": "memsink-delete", "n": cfg.delete_records,
-                                     "method": scfg.to_dict(), **run.quant_key},
+                                     "method": scfg.to_dict(), "revision": SEPARATION["memsink"].revision,
+                                     **run.quant_key},
                  deleted=list(range(cfg.delete_records)), sinks_dropped=int(drop.sum()), sinks=scfg.neurons)
 
 
@@ -180,7 +181,9 @@ def _eta_of_updates(run: SeedRun, models: dict[str, Callable[[], nn.Module]]) ->
         out[tag] = pooled({n: model.get_submodule(n).weight.float() - pre.get_submodule(n).weight.float()
                            for n in names})
     for m in run.cfg.methods:
-        _, streams = run.method(m)()
+        handle = run.method(m)
+        _, streams = handle()
+        handle.release()
         ups: dict[str, torch.Tensor] = {}
         for n, st in streams.items():
             if isinstance(st, NeuronMemory):

@@ -36,7 +36,10 @@ def hydrate(result: dict[str, Any], root: str | Path) -> dict[str, Any]:
     for s, sd in result.get("seeds", {}).items():
         if not isinstance(sd.get("evals"), list):
             continue  # written before the record: evaluations inline
-        where = Path(root) / sd.get("evals_recorded_in", evals_dir(s))
+        rel = Path(sd.get("evals_recorded_in", evals_dir(s)))
+        if rel.is_absolute() or ".." in rel.parts:
+            raise ValueError(f"seed {s}: evaluations recorded in {rel}, outside the result's folder")
+        where = Path(root) / rel
         entries = {}
         for name in sd["evals"]:
             path = where / f"{name}.json"
@@ -45,7 +48,7 @@ def hydrate(result: dict[str, Any], root: str | Path) -> dict[str, Any]:
             except FileNotFoundError:
                 raise FileNotFoundError(f"evaluation {name!r} of seed {s} is listed in the result but "
                                         f"{path} is missing") from None
-            except (json.JSONDecodeError, KeyError, UnicodeDecodeError) as err:
+            except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as err:
                 raise ValueError(f"{path} is not a recorded evaluation: {err}") from err
         sd["evals"] = entries
     return result

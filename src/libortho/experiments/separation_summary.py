@@ -230,8 +230,10 @@ def summarise_seed(seed_result: dict[str, Any], methods: tuple[str, ...], n_boot
 def recorded_compute(seed_result: dict[str, Any]) -> dict[str, Any]:
     """The compute the record accounts for, summed over every piece of a resumed run (the result's own
     ``wall_s`` is only the last piece's): each trained stage once, each evaluation with the making of its
-    model (quantization, unlearning, relearning; ``rows_without_build_s`` were recorded before that was kept)."""
-    train = sum(v["wall_s"] for k, v in seed_result["stages"].items()
+    model (quantization, unlearning, relearning; ``rows_without_build_s`` were recorded before that was kept),
+    and a recorded stage trained again in a later piece once more for each time (``retrained``)."""
+    train = sum(v["wall_s"] + sum(r.get("wall_s", 0.0) for r in v.get("retrained", []))
+                for v in seed_result["stages"].values()
                 if isinstance(v, dict) and isinstance(v.get("wall_s"), int | float))
     evals = seed_result["evals"].values()
     ev = sum(e["metrics"]["eval_s"] + e.get("build_s", 0.0) for e in evals)
