@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> None:
         methods[m] = {"seconds_per_step": per_step[m], "samples": timings[m], "setup_s": setup[m], "steps": steps,
                       "projected_s": projected, "ratio_to_plain": projected / plain_s}
     result = {"what": __doc__.splitlines()[0], "script": "bench/separation_time.py", "model": args.model,
-              "threads": args.threads, "steps_timed": args.steps, "rounds": args.rounds,
+              "threads": args.threads, "steps_timed": args.steps, "rounds": args.rounds, "bf16": ft.bf16,
               "plain": {"seconds_per_step": per_step["plain"], "samples": timings["plain"],
                         "steps": total_steps, "projected_s": plain_s},
               "methods": methods, "goal_ratio": 1.3, "environment": environment()}

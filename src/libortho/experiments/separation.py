@@ -11,8 +11,10 @@ Everything is cached by configuration, in two places: the *record* (``out/seed<S
 ``stages/``: small JSON, safe to commit) and the *cache* (``cache/seed<S>/``: trained models, memory
 streams, training checkpoints; large, never committed). A model is trained or loaded only when an
 evaluation or a stage that is not in the record needs it, so a run whose record was committed
-resumes in a later session, on a fresh machine, where it stopped: nothing recorded is trained
-again. ``result.json`` is rewritten after every evaluation.
+resumes in a later session, on a fresh machine, where it stopped: no recorded evaluation is
+repeated, and a recorded stage is trained again only when a missing row needs its model and the
+cache lacks it (that training is recorded beside the first, see :class:`Lazy`). ``result.json`` is
+rewritten after every evaluation.
 """
 
 from __future__ import annotations
