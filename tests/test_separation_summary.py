@@ -116,3 +116,5 @@ def test_recorded_compute_counts_each_stage_once_and_each_row_with_its_model_mak
     c = recorded_compute({"stages": stages, "evals": evals})
     assert c["training_s"] == 170.5 and c["evaluation_s"] == 22.0 and c["total_s"] == 192.5
     assert c["rows"] == 2 and c["rows_without_build_s"] == 1
+    stages["ft"]["retrained"] = [{"wall_s": 90.0, "reused": False}]  # trained again in a later piece
+    assert recorded_compute({"stages": stages, "evals": evals})["training_s"] == 260.5
