@@ -194,7 +194,7 @@ def test_recorded_config_reads_back_what_a_run_wrote(tmp_path) -> None:
     with pytest.raises(ValueError, match="is not a separation result"):
         recorded_config(tmp_path)
     (tmp_path / RESULT_FILE).write_text("{")
-    with pytest.raises(ValueError, match="is not valid JSON"):
+    with pytest.raises(ValueError, match="is not a valid result file"):
         recorded_config(tmp_path)
 
 

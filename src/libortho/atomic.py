@@ -92,6 +92,19 @@ def atomic_write_json(path: str | Path, obj: Any) -> Path:
     return atomic_write_text(path, json.dumps(obj, indent=2, default=json_default) + "\n")
 
 
+def read_json_object(path: str | Path, what: str, remedy: str = "") -> dict[str, Any]:
+    """The JSON object in ``path``; an unreadable file or another JSON value is a one-line ``ValueError`` that
+    names the file, says it is not a valid ``what`` and (``remedy``) what to do about it."""
+    tail = f": {remedy}" if remedy else ""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is not a valid {what} ({err}){tail}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} is not a valid {what} (a JSON {type(data).__name__}, not an object){tail}")
+    return data
+
+
 def replace_dir(new: Path, out: Path) -> None:
     """Rename ``new`` to ``out``; an existing ``out`` is first moved aside, then deleted."""
     old = None

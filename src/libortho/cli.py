@@ -202,13 +202,9 @@ def _names(text: str | None) -> tuple[str, ...] | None:
 
 def _config_file(path: Path) -> dict[str, Any]:
     """A JSON object of KillSwitchConfig fields."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path} is not valid JSON: {err}") from err
-    if not isinstance(data, dict):
-        raise ValueError(f"{path} must hold a JSON object of kill-switch config fields, not {type(data).__name__}")
-    return data
+    from libortho.atomic import read_json_object
+
+    return read_json_object(path, "config file", "give a JSON object of config fields")
 
 
 @experiment_app.command("kill-switch")

@@ -40,7 +40,7 @@ from libortho.assemble import (
     quantized,
     save_streams,
 )
-from libortho.atomic import atomic_write_json
+from libortho.atomic import atomic_write_json, read_json_object
 from libortho.data.corpora import default_general_corpus
 from libortho.data.records import TokenRows
 from libortho.eval.harness import PrivacyHarness
@@ -267,13 +267,7 @@ class SeedRun:
 
 def read_json(path: Path, what: str) -> dict[str, Any]:
     """A JSON object of the record; a damaged file is a one-line error naming it (never silently retrained)."""
-    try:
-        saved = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path} is not a valid {what} ({err}): restore it from git or delete it") from None
-    if not isinstance(saved, dict):
-        raise ValueError(f"{path} is not a valid {what} (not a JSON object): restore it from git or delete it")
-    return saved
+    return read_json_object(path, what, "restore it from git or delete it")
 
 
 def replace_seed(cfg: TrainConfig, seed: int) -> TrainConfig:

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
+from libortho.atomic import read_json_object
 from libortho.config import QuantConfig, fields_from_dict
 from libortho.eval.harness import HarnessConfig
 from libortho.experiments.config import TINY_ARCH
@@ -136,11 +137,8 @@ def recorded_config(out_dir: str | Path) -> SeparationExpConfig | None:
     path = Path(out_dir) / "result.json"
     if not path.is_file():
         return None
-    try:
-        saved = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path} is not valid JSON ({err}): remove it or give another --out") from err
-    if not isinstance(saved, dict) or saved.get("experiment") != "separation" or "config" not in saved:
+    saved = read_json_object(path, "result file", "remove it or give another --out")
+    if saved.get("experiment") != "separation" or "config" not in saved:
         raise ValueError(f"{path} is not a separation result: give another --out")
     return SeparationExpConfig.from_dict(saved["config"])
 

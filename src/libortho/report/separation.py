@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from libortho.atomic import atomic_write_text
+from libortho.atomic import atomic_write_text, read_json_object
 from libortho.report.document import Block, Figure, Heading, Para, Table, to_html, to_markdown
 from libortho.report.kill_switch import source_line
 from libortho.report.separation_plots import (
@@ -377,11 +377,8 @@ def load_separation(result_path: str | Path) -> dict[str, Any]:
     result_path = Path(result_path)
     if not result_path.is_file():
         raise FileNotFoundError(f"result file {result_path} not found")
-    try:
-        result = json.loads(result_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{result_path} is not valid JSON: {err}") from err
-    if not isinstance(result, dict) or result.get("experiment") != "separation" or "seeds" not in result:
+    result = read_json_object(result_path, "result file")
+    if result.get("experiment") != "separation" or "seeds" not in result:
         raise ValueError(f"{result_path} is not a separation result (no 'experiment': 'separation' / seeds)")
     from libortho.experiments.separation_record import hydrate
     from libortho.experiments.separation_summary import summarise_separation
