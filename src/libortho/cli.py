@@ -270,7 +270,6 @@ def separation(
     quiet: bool = False,
 ) -> None:
     """Training-time separation: every method against plain fine-tuning, retraining and unlearning, at FP and INT4."""
-    from dataclasses import replace
 
     with _input_errors():
         out = out or Path("runs") / f"separation-{stage}-{Path(model).name}"
@@ -278,13 +277,7 @@ def separation(
             if path is not None and path.exists() and not path.is_dir():
                 raise FileExistsError(f"{path} exists and is a file, not a directory: give a folder for {flag}")
         overrides = _config_file(config) if config is not None else {}
-        from libortho.experiments.separation_config import (
-            SeparationExpConfig,
-            changed_fields,
-            demo_preset,
-            recorded_config,
-            separation_preset,
-        )
+        from libortho.experiments.separation_config import run_config
 
         if stage not in ("screening", "confirmation", "demo"):
             raise ValueError(f"--stage must be screening, confirmation or demo, got {stage!r}")
@@ -292,36 +285,16 @@ def separation(
         if stage == "confirmation" and not names:
             raise ValueError("--stage confirmation needs --methods: the method the screening ranked first, fixed "
                              "before the run starts")
+        seed_list = None
         if seeds:
             try:
                 seed_list = tuple(int(x) for x in seeds.split(",") if x.strip())
             except ValueError as err:
                 raise ValueError(f"--seeds must be comma-separated integers, got {seeds!r}") from err
-
-        def requested(base: SeparationExpConfig) -> SeparationExpConfig:
-            """``base`` with this command's --config, --methods and --seeds applied."""
-            if overrides:
-                d = base.to_dict()
-                base = SeparationExpConfig.from_dict({**d, **{k: {**d[k], **v} if isinstance(v, dict) and
-                                                              isinstance(d.get(k), dict) else v
-                                                              for k, v in overrides.items()}})
-            if names and stage != "demo":
-                base = replace(base, methods=names)
-            return replace(base, seeds=seed_list) if seeds else base
-
-        preset = demo_preset(names[0] if names else "two-phase") if stage == "demo" else separation_preset(model, stage)
-        cfg = requested(preset)
-        recorded = None if fresh else recorded_config(out)
-        if recorded is not None:  # resuming: the run keeps the config it started with, under today's flags
-            if (recorded.model, recorded.stage) != (cfg.model, cfg.stage):
-                raise ValueError(f"{out} holds a {recorded.stage} run of {recorded.model}, not this one: give "
-                                 "another --out, or --fresh to start it over")
-            resumed = requested(recorded)
-            changed = changed_fields(resumed, cfg)
-            if changed:
-                typer.echo(f"resuming the run in {out} with the config it started with (today's preset differs "
-                           f"in: {', '.join(changed)}); --fresh starts over with today's", err=True)
-            cfg = resumed
+        cfg, changed = run_config(model, stage, out, fresh, overrides, names, seed_list)
+        if changed:
+            typer.echo(f"resuming the run in {out} with the config it started with (today's preset differs "
+                       f"in: {', '.join(changed)}); --fresh starts over with today's", err=True)
         from libortho.experiments.config import check_inputs
 
         check_inputs(SimpleNamespace(model=cfg.model, domain=cfg.domain, general=cfg.general))

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 from libortho.atomic import read_json_object
 from libortho.config import QuantConfig, fields_from_dict
@@ -141,6 +141,39 @@ def recorded_config(out_dir: str | Path) -> SeparationExpConfig | None:
     if saved.get("experiment") != "separation" or "config" not in saved:
         raise ValueError(f"{path} is not a separation result: give another --out")
     return SeparationExpConfig.from_dict(saved["config"])
+
+
+def run_config(model: str, stage: str, out_dir: str | Path, fresh: bool, overrides: dict[str, Any],
+               methods: tuple[str, ...] | None, seeds: tuple[int, ...] | None) -> tuple[SeparationExpConfig, list[str]]:
+    """The config of a run started (or resumed) in ``out_dir``, and the fields where it differs from today's.
+
+    ``stage`` is ``screening``, ``confirmation`` or ``demo`` (the tiny model, ``methods[0]``); ``overrides``
+    (a ``--config`` file: nested objects merge into the preset's), ``methods`` and ``seeds`` apply on top.
+    A run already recorded in ``out_dir`` keeps the config it started with, under the same overrides,
+    unless ``fresh``; a record of another model or stage is refused.
+    """
+
+    def requested(base: SeparationExpConfig) -> SeparationExpConfig:
+        if overrides:
+            d = base.to_dict()
+            base = SeparationExpConfig.from_dict({**d, **{k: {**d[k], **v} if isinstance(v, dict) and
+                                                          isinstance(d.get(k), dict) else v
+                                                          for k, v in overrides.items()}})
+        if methods and stage != "demo":
+            base = replace(base, methods=methods)
+        return replace(base, seeds=seeds) if seeds else base
+
+    preset = (demo_preset(methods[0] if methods else "two-phase") if stage == "demo"
+              else separation_preset(model, cast(Stage, stage)))
+    cfg = requested(preset)
+    recorded = None if fresh else recorded_config(out_dir)
+    if recorded is None:
+        return cfg, []
+    if (recorded.model, recorded.stage) != (cfg.model, cfg.stage):
+        raise ValueError(f"{out_dir} holds a {recorded.stage} run of {recorded.model}, not this one: give another "
+                         "--out, or --fresh to start it over")
+    resumed = requested(recorded)
+    return resumed, changed_fields(resumed, cfg)
 
 
 def changed_fields(a: SeparationExpConfig, b: SeparationExpConfig) -> list[str]:
