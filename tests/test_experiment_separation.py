@@ -86,10 +86,10 @@ def test_rerun_reuses_every_model_and_evaluation(micro_run) -> None:
 
 
 def test_a_committed_record_resumes_on_a_fresh_machine_without_training(micro_run, tmp_path) -> None:
-    """Only the record (JSON) travels, as a commit does; the models cache is empty. Nothing recorded may be
+    """Only the results (JSON) travel, as a commit does; the models cache is empty. Nothing recorded may be
     trained again: the new cache holds only the tiny model's pretraining (the harness's reference)."""
     out, first = micro_run
-    record = tmp_path / "record"
+    record = tmp_path / "results"
     for f in out.rglob("*.json"):
         rel = f.relative_to(out)
         if rel.parts[0] == RESULT_FILE or (len(rel.parts) > 1 and rel.parts[1] in ("evals", "stages")):
@@ -150,7 +150,7 @@ def test_a_missing_recorded_evaluation_is_named_not_skipped(micro_run, tmp_path)
 
 
 def test_a_result_with_inline_evaluations_still_loads(micro_run, tmp_path) -> None:
-    """Result files written before the record (docs/results/separation_tiny/*) hold their rows inline."""
+    """Result files written before this layout (docs/results/separation_tiny/*) hold their rows inline."""
     out, first = micro_run
     old = {**json.loads((out / RESULT_FILE).read_text()), "seeds": {"0": {**first["seeds"]["0"]}}}
     old["seeds"]["0"].pop("evals_recorded_in", None)

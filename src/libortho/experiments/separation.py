@@ -7,10 +7,10 @@ baselines swept over learning rate and steps and tuned by a rule fixed here. Eve
 measured at full precision and with an INT4 GPTQ base (methods at alpha 0 and 1). Then the
 relearning attack, the label-noise arm and memsink's per-record deletion.
 
-Everything is cached by configuration, in two places: the *record* (``out/seed<S>/evals/`` and
+Everything is cached by configuration, in two places: the *results* (``out/seed<S>/evals/`` and
 ``stages/``: small JSON, safe to commit) and the *cache* (``cache/seed<S>/``: trained models, memory
 streams, training checkpoints; large, never committed). A model is trained or loaded only when an
-evaluation or a stage that is not in the record needs it, so a run whose record was committed
+evaluation or a stage that is not in the results needs it, so a run whose results were committed
 resumes in a later session, on a fresh machine, where it stopped: no recorded evaluation is
 repeated, and a recorded stage is trained again only when a missing row needs its model and the
 cache lacks it (that training is recorded beside the first, see :class:`Lazy`). ``result.json`` is
@@ -48,7 +48,7 @@ from libortho.experiments.kill_switch import _load_pre_and_tokenizer, _tiny_pre_
 from libortho.experiments.separation_config import SeparationExpConfig, base_key, quant_key
 from libortho.experiments.separation_controls import deletion_stage, eta_stage, relearn_stage, unlearning_stage
 from libortho.experiments.separation_data import SeparationData, build_separation_data
-from libortho.experiments.separation_record import RESULT_FILE, evals_dir, lean
+from libortho.experiments.separation_results import RESULT_FILE, evals_dir, lean
 from libortho.experiments.separation_summary import rank_methods, summarise_separation
 from libortho.experiments.store import META, _canonical, cached_model
 from libortho.runtime import set_alpha
@@ -58,11 +58,11 @@ from libortho.train.separation import SEPARATION
 
 class Lazy:
     """A trained model (or model and memory streams) made only when first called, by training it or by
-    loading it from the cache; ``info`` (how it was trained) comes from the run's record when the record
-    holds it, so a fully recorded stage never needs its model.
+    loading it from the cache; ``info`` (how it was trained) comes from the run's results when they
+    hold it, so a fully recorded stage never needs its model.
 
     A recorded stage whose model a missing row needs, on a machine whose cache lacks it, is trained
-    again (deterministically, from the same seed); that training is added to the record under
+    again (deterministically, from the same seed); that training is added to the results under
     ``retrained`` beside the first, never in its place."""
 
     def __init__(self, make: Callable[[], tuple[Any, dict[str, Any]]], info: dict[str, Any] | None,
@@ -96,7 +96,7 @@ class Lazy:
 
 
 class SeedRun:
-    """One seed of the experiment: data, harness, record and cache, and one method per stage."""
+    """One seed of the experiment: data, harness, results and cache, and one method per stage."""
 
     def __init__(self, cfg: SeparationExpConfig, seed: int, out: Path, console: Console, progress: bool,
                  fresh: bool, record: Callable[[], None], cache: Path | None = None) -> None:
@@ -171,7 +171,7 @@ class SeedRun:
         return path
 
     def recorded_info(self, name: str, key: dict[str, Any]) -> dict[str, Any] | None:
-        """How stage ``name`` was trained, from the record (or, for a run recorded before the record held
+        """How stage ``name`` was trained, from the results (or, for a run recorded before the results held
         stages, from the cached model's metadata), when it was trained under ``key``; else None."""
         if self.fresh:
             return None
@@ -183,7 +183,7 @@ class SeedRun:
         return None
 
     def _handle(self, name: str, key: dict[str, Any], make: Callable[[bool], tuple[Any, dict[str, Any]]]) -> Lazy:
-        """The one lazy handle of stage ``name`` (its info written to the record once known). ``make(fresh)``
+        """The one lazy handle of stage ``name`` (its info written to the results once known). ``make(fresh)``
         trains or loads it; under ``--fresh`` only its first making in this run trains, later ones (after a
         release) load what that one cached."""
         if name in self._handles:
@@ -266,7 +266,7 @@ class SeedRun:
 
 
 def read_json(path: Path, what: str) -> dict[str, Any]:
-    """A JSON object of the record; a damaged file is a one-line error naming it (never silently retrained)."""
+    """A JSON file of the run's results; a damaged one is a one-line error naming it (never silently retrained)."""
     return read_json_object(path, what, "restore it from git or delete it")
 
 
@@ -360,7 +360,7 @@ def run_separation(cfg: SeparationExpConfig, out_dir: str | Path, progress: bool
                    console: Console | None = None, cache_dir: str | Path | None = None) -> dict[str, Any]:
     """Run every seed of ``cfg``; writes ``out_dir/result.json`` after every evaluation and returns it.
 
-    ``out_dir`` holds the record (result, evaluations, training records: JSON only), ``cache_dir``
+    ``out_dir`` holds the results (result, evaluations, training infos: JSON only), ``cache_dir``
     (default ``out_dir``) the trained models, memory streams and checkpoints."""
     console = console or Console(stderr=True)
     out, t0 = Path(out_dir), time.perf_counter()

@@ -150,7 +150,7 @@ def run_config(model: str, stage: str, out_dir: str | Path, fresh: bool, overrid
     ``stage`` is ``screening``, ``confirmation`` or ``demo`` (the tiny model, ``methods[0]``); ``overrides``
     (a ``--config`` file: nested objects merge into the preset's), ``methods`` and ``seeds`` apply on top.
     A run already recorded in ``out_dir`` keeps the config it started with, under the same overrides,
-    unless ``fresh``; a record of another model or stage is refused.
+    unless ``fresh``; results of another model or stage are refused.
     """
 
     def requested(base: SeparationExpConfig) -> SeparationExpConfig:

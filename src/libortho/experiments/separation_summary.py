@@ -228,7 +228,7 @@ def summarise_seed(seed_result: dict[str, Any], methods: tuple[str, ...], n_boot
 
 
 def recorded_compute(seed_result: dict[str, Any]) -> dict[str, Any]:
-    """The compute the record accounts for, summed over every piece of a resumed run (the result's own
+    """The compute the run's results account for, summed over every piece of a resumed run (the result's own
     ``wall_s`` is only the last piece's): each trained stage once, each evaluation with the making of its
     model (quantization, unlearning, relearning; ``rows_without_build_s`` were recorded before that was kept),
     and a recorded stage trained again in a later piece once more for each time (``retrained``)."""

@@ -266,7 +266,7 @@ def setup_text(result: dict[str, Any]) -> str:
 
 
 def compute_text(result: dict[str, Any]) -> str:
-    """The compute the record accounts for, per seed, over every piece of the run."""
+    """The compute the run's results account for, per seed, over every piece of the run."""
     parts = []
     for s, sd in result["summary"]["seeds"].items():
         c = sd.get("compute")
@@ -380,7 +380,7 @@ def load_separation(result_path: str | Path) -> dict[str, Any]:
     result = read_json_object(result_path, "result file")
     if result.get("experiment") != "separation" or "seeds" not in result:
         raise ValueError(f"{result_path} is not a separation result (no 'experiment': 'separation' / seeds)")
-    from libortho.experiments.separation_record import hydrate
+    from libortho.experiments.separation_results import hydrate
     from libortho.experiments.separation_summary import summarise_separation
 
     hydrate(result, result_path.parent)

@@ -1,10 +1,10 @@
-"""The separation experiment's result file and its record of evaluations (torch-free).
+"""The separation experiment's result file and the evaluations it lists (torch-free).
 
 Every evaluation is recorded once, in ``seed<S>/evals/<name>.json`` beside ``result.json``. The result
 file lists the evaluations of each seed by name instead of repeating them (on SmolLM2 one evaluation,
 with every record's attack scores for the bootstrap, is ~150 KB: a full screening inlined would be
-~9 MB), and :func:`hydrate` puts them back when the file is read. Result files written before the
-record existed hold their evaluations inline and are read as they are.
+~9 MB), and :func:`hydrate` puts them back when the file is read. Result files written before
+this layout hold their evaluations inline and are read as they are.
 """
 
 from __future__ import annotations
@@ -29,13 +29,13 @@ def lean(result: dict[str, Any]) -> dict[str, Any]:
 
 
 def hydrate(result: dict[str, Any], root: str | Path) -> dict[str, Any]:
-    """Each seed's evaluations read back from the record under ``root`` (in place; returns ``result``).
+    """Each seed's evaluations read back from ``seed<S>/evals/`` under ``root`` (in place; returns ``result``).
 
     A missing or unreadable evaluation is a one-line error naming the file: a report must never be
     drawn from part of the rows without saying so."""
     for s, sd in result.get("seeds", {}).items():
         if not isinstance(sd.get("evals"), list):
-            continue  # written before the record: evaluations inline
+            continue  # written before this layout: evaluations inline
         rel = Path(sd.get("evals_recorded_in", evals_dir(s)))
         if rel.is_absolute() or ".." in rel.parts:
             raise ValueError(f"seed {s}: evaluations recorded in {rel}, outside the result's folder")
