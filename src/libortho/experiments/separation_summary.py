@@ -236,7 +236,7 @@ def recorded_compute(seed_result: dict[str, Any]) -> dict[str, Any]:
                 for v in seed_result["stages"].values()
                 if isinstance(v, dict) and isinstance(v.get("wall_s"), int | float))
     evals = seed_result["evals"].values()
-    ev = sum(e["metrics"]["eval_s"] + e.get("build_s", 0.0) for e in evals)
+    ev = sum(e["metrics"].get("eval_s", 0.0) + e.get("build_s", 0.0) for e in evals)
     return {"training_s": train, "evaluation_s": ev, "total_s": train + ev, "rows": len(seed_result["evals"]),
             "rows_without_build_s": sum("build_s" not in e for e in evals)}
 
