@@ -95,7 +95,8 @@ def test_a_committed_record_resumes_on_a_fresh_machine_without_training(micro_ru
         if rel.parts[0] == RESULT_FILE or (len(rel.parts) > 1 and rel.parts[1] in ("evals", "stages")):
             (record / rel).parent.mkdir(parents=True, exist_ok=True)
             (record / rel).write_bytes(f.read_bytes())
-    assert (record / "seed0" / "stages" / "ft.json").is_file() and (record / "seed0" / "stages" / "eta.json").is_file()
+    stages = record / "seed0" / "stages"
+    assert (stages / "ft.json").is_file() and (stages / "eta" / "ft.json").is_file()
     again = run_separation(micro_config(), record, progress=False, cache_dir=tmp_path / "cache")
     made = sorted(p.name for p in (tmp_path / "cache" / "seed0" / "models").iterdir())
     assert made == ["pre"] and not (tmp_path / "cache" / "seed0" / "memory").exists()

@@ -50,7 +50,7 @@ from libortho.experiments.separation_controls import deletion_stage, eta_stage, 
 from libortho.experiments.separation_data import SeparationData, build_separation_data
 from libortho.experiments.separation_results import RESULT_FILE, evals_dir, lean
 from libortho.experiments.separation_summary import rank_methods, summarise_separation
-from libortho.experiments.store import META, _canonical, cached_model
+from libortho.experiments.store import META, _canonical, cached_model, is_cached_model
 from libortho.runtime import set_alpha
 from libortho.train.loop import TrainConfig, train
 from libortho.train.separation import SEPARATION
@@ -66,10 +66,18 @@ class Lazy:
     ``retrained`` beside the first, never in its place."""
 
     def __init__(self, make: Callable[[], tuple[Any, dict[str, Any]]], info: dict[str, Any] | None,
-                 on_info: Callable[[dict[str, Any]], None]) -> None:
+                 on_info: Callable[[dict[str, Any]], None], key: dict[str, Any] | None = None,
+                 cached: Callable[[], bool] | None = None) -> None:
         self._make, self._info, self._on_info = make, info, on_info
+        self._cached = cached
+        self.key = key  # what the model depends on (its cache key)
         self._value: Any = None
         self.made = False
+
+    @property
+    def available(self) -> bool:
+        """Whether calling costs no training: the model is in memory or in the cache under its key."""
+        return self.made or (self._cached is not None and self._cached())
 
     def __call__(self) -> Any:
         if not self.made:
@@ -123,6 +131,7 @@ class SeedRun:
         self._cleared: set[Path] = set()
         self.base_key = base_key(cfg, seed, general)
         self.quant_key = quant_key(cfg)
+        self.eta_bases: dict[str, Any] | None = None  # held-out public input subspaces (the eta stage's)
         # the non-members' exposure is the "never seen" control: measured on the reference rows only
         self.rows_harness = copy.copy(self.harness)
         self.rows_harness.cfg = replace(cfg.harness, exposure_nonmembers=False)
@@ -182,7 +191,8 @@ class SeedRun:
                     return saved["info"]
         return None
 
-    def _handle(self, name: str, key: dict[str, Any], make: Callable[[bool], tuple[Any, dict[str, Any]]]) -> Lazy:
+    def _handle(self, name: str, key: dict[str, Any], make: Callable[[bool], tuple[Any, dict[str, Any]]],
+                cached: Callable[[], bool] | None = None) -> Lazy:
         """The one lazy handle of stage ``name`` (its info written to the results once known). ``make(fresh)``
         trains or loads it; under ``--fresh`` only its first making in this run trains, later ones (after a
         release) load what that one cached."""
@@ -203,7 +213,8 @@ class SeedRun:
                 self.made_s = start + time.perf_counter() - t0
 
         info = self.recorded_info(name, key)
-        handle = Lazy(timed, info, keep)
+        handle = Lazy(timed, info, keep, key=key,
+                      cached=None if cached is None else (lambda: (not self.fresh or name in self._made) and cached()))
         if info is not None:
             keep(info)
         self._handles[name] = handle
@@ -223,8 +234,9 @@ class SeedRun:
             return model, {"wall_s": log.wall_s, "steps": log.steps, "tokens": log.tokens,
                            "final_loss": log.losses[-1]}
 
-        return self._handle(name, full_key,
-                            lambda fresh: cached_model(self.heavy / "models" / name, full_key, build, fresh))
+        model_dir = self.heavy / "models" / name
+        return self._handle(name, full_key, lambda fresh: cached_model(model_dir, full_key, build, fresh),
+                            cached=lambda: is_cached_model(model_dir, full_key))
 
     def method(self, m: str, noise: float = 0.0) -> Lazy:
         """Method ``m`` trained at label noise ``noise``: a handle whose call gives (shared model, memory
@@ -262,7 +274,8 @@ class SeedRun:
             model, info = cached_model(model_dir, key, build, fresh=stale)
             return (model, streams or load_streams(mem_dir)), info
 
-        return self._handle(name, key, make)
+        return self._handle(name, key, make, cached=lambda: (is_cached_model(model_dir, key)
+                                                              and (mem_dir / "memory.json").is_file()))
 
 
 def read_json(path: Path, what: str) -> dict[str, Any]:
@@ -333,13 +346,20 @@ def _one_method(run: SeedRun, m: str, noise: float, full: bool) -> None:
 
 
 def run_seed(run: SeedRun) -> None:
-    """Every stage of one seed, in order (each cached; a model is made only where a stage needs it)."""
+    """Every stage of one seed (each cached; a model is made only where a stage needs it).
+
+    Ordered so that a model, once made, serves every stage that needs it before a later stage makes the
+    next one (the cache of trained models may not outlive a working session; the JSON results do): each
+    stage that may make models is followed by the eta of whatever is at hand, memsink's deletion comes
+    right after the method rows, the relearning attack needs the best method and the masked retrain, and
+    the unlearning baselines the FP fine-tuned model, whose eta closes the seed."""
     cfg = run.cfg
     models = _references(run)
+    eta_stage(run, models, available_only=True)
     _methods(run, full=cfg.full_precision_rows)
-    eta_stage(run, models)
-    if cfg.unlearning:
-        unlearning_stage(run, models["ft"])
+    eta_stage(run, models, available_only=True)
+    if "memsink" in cfg.methods and cfg.delete_records:
+        deletion_stage(run)
     ranking = rank_methods(run.evals, cfg.methods)
     run.stages["ranking"] = ranking
     best = ranking[0]["method"] if ranking else None
@@ -352,8 +372,10 @@ def run_seed(run: SeedRun) -> None:
     if cfg.relearn_steps:
         relearn_stage(run, "retrain_masked",
                       lambda: quantized(models["retrain_masked"](), run.data.calibration, cfg.quant)[0])
-    if "memsink" in cfg.methods and cfg.delete_records:
-        deletion_stage(run)
+    eta_stage(run, models, available_only=True)
+    if cfg.unlearning:
+        unlearning_stage(run, models["ft"])
+    eta_stage(run, models)
 
 
 def run_separation(cfg: SeparationExpConfig, out_dir: str | Path, progress: bool = True, fresh: bool = False,

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from libortho.assemble import dequantized, dual_stream, quantized
-from libortho.atomic import atomic_write_json
+from libortho.atomic import atomic_write_json, read_json_object
 from libortho.data.records import TokenRows, pad_rows, record_ids
 from libortho.eval.harness import PrivacyHarness
 from libortho.experiments.separation_config import quant_key
@@ -29,7 +29,7 @@ from libortho.train.separation import SEPARATION
 from libortho.train.unlearn import UnlearnConfig, UnlearnTask, run_unlearning
 
 if TYPE_CHECKING:  # pragma: no cover
-    from libortho.experiments.separation import SeedRun
+    from libortho.experiments.separation import Lazy, SeedRun
 
 
 def unlearning_stage(run: SeedRun, ft: Callable[[], nn.Module]) -> None:
@@ -135,60 +135,77 @@ def deletion_stage(run: SeedRun) -> None:
                  deleted=list(range(cfg.delete_records)), sinks_dropped=int(drop.sum()), sinks=scfg.neurons)
 
 
-def eta_stage(run: SeedRun, models: dict[str, Callable[[], nn.Module]]) -> None:
-    """Seed 000's entanglement eta of every update, on one held-out public subspace (recorded in
-    ``stages/eta.json`` under its key, so a recorded run makes no model for it).
+def eta_stage(run: SeedRun, models: dict[str, Lazy], available_only: bool = False) -> None:
+    """Seed 000's entanglement eta of every update, on one held-out public subspace.
+
+    Each model's eta is recorded on its own (``stages/eta/<model>.json``, under the model's cache key), so
+    that a run records it while the model is at hand and a recorded eta never needs its model again (a
+    cache lost between sessions then costs no retraining for it). Models already in memory or in the cache
+    go first; ``available_only`` stops there (called after each stage that made models).
 
     The subspace of each block linear's inputs comes from the *pre-fine-tuning* model on the held-out
     domain blocks (never trained on) at the OGD energy threshold; eta is pooled over layers
     (``sqrt(sum ||dW P||^2 / sum ||dW||^2)``) with the random baseline ``sqrt(k/d)`` pooled alike.
     Plain fine-tuning's update is ``W_ft - W_pre``; a method's is its memory (neurons: their input rows).
     """
-    cfg = run.cfg
-    key = {**run.base_key, "stage": "eta", "energy": cfg.separation.ogd_energy, "models": sorted(models),
-           "methods": {m: [cfg.method_config(m, run.seed).to_dict(), SEPARATION[m].revision] for m in cfg.methods}}
-    recorded = run.recorded_info("eta", key)
-    if recorded is None:
-        recorded = _eta_of_updates(run, models)
-        atomic_write_json(run.work / "stages" / "eta.json", {"key": _canonical(key), "info": recorded})
-    run.stages["eta"] = recorded
+    handles: dict[str, Lazy] = {**models, **{m: run.method(m) for m in run.cfg.methods}}
+    etas = run.stages.setdefault("eta", {})
+    order = sorted(handles, key=lambda t: not handles[t].available)  # stable: at-hand models first
+    for tag in order:
+        h = handles[tag]
+        key = _canonical({**run.base_key, "stage": "eta", "energy": run.cfg.separation.ogd_energy, "of": h.key})
+        path = run.work / "stages" / "eta" / f"{tag}.json"
+        if not run.fresh and path.is_file():
+            saved = read_json_object(path, "recorded eta", "restore it from git or delete it")
+            if saved.get("key") == key:
+                etas[tag] = saved["info"]
+                continue
+        if available_only and not h.available:
+            continue
+        was_made = h.made
+        etas[tag] = _eta_of_update(run, tag in run.cfg.methods, h)
+        if not was_made:
+            h.release()
+        atomic_write_json(path, {"key": key, "info": etas[tag]})
+        run.record()
 
 
 @torch.no_grad()
-def _eta_of_updates(run: SeedRun, models: dict[str, Callable[[], nn.Module]]) -> dict[str, dict[str, float]]:
-    from libortho.geometry import energy_basis, random_eta_baseline
-    from libortho.streams import NeuronMemory
+def _eta_bases(run: SeedRun) -> dict[str, torch.Tensor]:
+    """Each block linear's held-out public input subspace (computed once per run)."""
+    from libortho.geometry import energy_basis
     from libortho.train.methods.ogd import block_linear_names, input_moments
 
-    pre = run.load_pre()
-    names = block_linear_names(pre)
-    bases = {n: energy_basis(C, run.cfg.separation.ogd_energy).float()
-             for n, C in input_moments(pre, run.data.domain_eval, names).items()}
+    if run.eta_bases is None:
+        pre = run.load_pre()
+        names = block_linear_names(pre)
+        run.eta_bases = {n: energy_basis(C, run.cfg.separation.ogd_energy).float()
+                         for n, C in input_moments(pre, run.data.domain_eval, names).items()}
+    return run.eta_bases
 
-    def pooled(updates: dict[str, torch.Tensor]) -> dict[str, float]:
-        num = den = base = 0.0
-        for n, dW in updates.items():
-            U = bases[n]
-            d2 = float(dW.double().norm()) ** 2
-            num += float((dW.double() @ U.double()).norm()) ** 2
-            den += d2
-            base += random_eta_baseline(U.shape[1], U.shape[0]) ** 2 * d2
-        return {"eta": (num / den) ** 0.5 if den else 0.0, "random_baseline": (base / den) ** 0.5 if den else 0.0}
 
-    out = {}
-    for tag, make in models.items():
-        model = make()
-        out[tag] = pooled({n: model.get_submodule(n).weight.float() - pre.get_submodule(n).weight.float()
-                           for n in names})
-    for m in run.cfg.methods:
-        handle = run.method(m)
-        _, streams = handle()
-        handle.release()
-        ups: dict[str, torch.Tensor] = {}
-        for n, st in streams.items():
+@torch.no_grad()
+def _eta_of_update(run: SeedRun, is_method: bool, handle: Lazy) -> dict[str, float]:
+    """Pooled eta of one model's update: ``W - W_pre`` of a plain model, the memory of a method's."""
+    from libortho.geometry import random_eta_baseline
+    from libortho.streams import NeuronMemory
+
+    bases = _eta_bases(run)
+    ups: dict[str, torch.Tensor] = {}
+    if is_method:
+        for n, st in handle()[1].items():
             if isinstance(st, NeuronMemory):
                 ups[f"{n}.up_proj"] = torch.cat([st.gate.float(), st.up.float()])
             else:
                 ups[n] = st.to_dense(torch.float32)
-        out[m] = pooled(ups)
-    return out
+    else:
+        model, pre = handle(), run.load_pre()
+        ups = {n: model.get_submodule(n).weight.float() - pre.get_submodule(n).weight.float() for n in bases}
+    num = den = base = 0.0
+    for n, dW in ups.items():
+        U = bases[n]
+        d2 = float(dW.double().norm()) ** 2
+        num += float((dW.double() @ U.double()).norm()) ** 2
+        den += d2
+        base += random_eta_baseline(U.shape[1], U.shape[0]) ** 2 * d2
+    return {"eta": (num / den) ** 0.5 if den else 0.0, "random_baseline": (base / den) ** 0.5 if den else 0.0}

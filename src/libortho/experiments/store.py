@@ -34,6 +34,17 @@ def load_saved_model(path: Path) -> nn.Module:
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, local_files_only=True).eval()
 
 
+def is_cached_model(path: str | Path, key: dict[str, Any]) -> bool:
+    """Whether :func:`cached_model` would load the model at ``path`` under ``key`` instead of building it."""
+    meta_path = Path(path) / META
+    if not meta_path.is_file():
+        return False
+    try:
+        return json.loads(meta_path.read_text()).get("key") == _canonical(key)
+    except (OSError, ValueError):
+        return False
+
+
 def cached_model(path: str | Path, key: dict[str, Any], build: Callable[[], tuple[nn.Module, dict[str, Any]]],
                  fresh: bool = False) -> tuple[nn.Module, dict[str, Any]]:
     """The model stored at ``path`` under ``key``, or ``build()``'s (then stored); returns (model, info).
