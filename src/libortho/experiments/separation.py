@@ -243,7 +243,7 @@ class SeedRun:
         streams), trained only when first needed (cached)."""
         name = f"{m}@{noise:g}" if noise else m
         scfg = self.cfg.method_config(m, self.seed)
-        key = {**self.base_key, "stage": "method", "method": scfg.to_dict(), "noise": noise,
+        key = {**self.base_key, "stage": "method", "method": scfg.key_dict(), "noise": noise,
                "revision": SEPARATION[m].revision}
         mem_dir, model_dir = self.heavy / "memory" / name, self.heavy / "models" / name
 
@@ -320,7 +320,7 @@ def _one_method(run: SeedRun, m: str, noise: float, full: bool) -> None:
     cfg = run.cfg
     tag = f"{m}@{noise:g}" if noise else m
     trained = run.method(m, noise)
-    key = {**run.base_key, "m": tag, "method": cfg.method_config(m, run.seed).to_dict(),
+    key = {**run.base_key, "m": tag, "method": cfg.method_config(m, run.seed).key_dict(),
            "revision": SEPARATION[m].revision}
     extra = {"method": m, "noise": noise, "cost": trained}
     if full:

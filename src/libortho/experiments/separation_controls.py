@@ -103,7 +103,7 @@ def relearn_key(run: SeedRun, target: str, data_name: str, attack_cfg: TrainConf
     """Cache key of one relearning evaluation: everything the attacked model depends on (the target's
     method config or reference name, the quantization, the attack)."""
     cfg = run.cfg
-    model = ({"method": cfg.method_config(target, run.seed).to_dict(), "revision": SEPARATION[target].revision}
+    model = ({"method": cfg.method_config(target, run.seed).key_dict(), "revision": SEPARATION[target].revision}
              if target in SEPARATION.names() else {"reference": target})
     return {**run.base_key, "target": target, "data": data_name, "attack": attack_cfg.__dict__, "model": model,
             **quant_key(cfg)}
@@ -130,7 +130,7 @@ def deletion_stage(run: SeedRun) -> None:
         return dual_stream(shared, kept, run.data.calibration, cfg.quant, alpha=1.0)[0]
     run.evaluate("memsink_delete_int4_a1", f"memsink, {cfg.delete_records} records' sinks deleted, alpha=1",
                  "deletion", build, {**run.base_key, "m": "memsink-delete", "n": cfg.delete_records,
-                                     "method": scfg.to_dict(), "revision": SEPARATION["memsink"].revision,
+                                     "method": scfg.key_dict(), "revision": SEPARATION["memsink"].revision,
                                      **run.quant_key},
                  deleted=list(range(cfg.delete_records)), sinks_dropped=int(drop.sum()), sinks=scfg.neurons)
 
@@ -174,7 +174,8 @@ def eta_stage(run: SeedRun, models: dict[str, Lazy], available_only: bool = Fals
 def _eta_bases(run: SeedRun) -> dict[str, torch.Tensor]:
     """Each block linear's held-out public input subspace (computed once per run)."""
     from libortho.geometry import energy_basis
-    from libortho.train.methods.ogd import block_linear_names, input_moments
+    from libortho.models.layers import block_linear_names
+    from libortho.train.methods.ogd import input_moments
 
     if run.eta_bases is None:
         pre = run.load_pre()

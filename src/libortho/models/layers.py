@@ -75,6 +75,12 @@ def block_linears(block: nn.Module) -> dict[str, nn.Linear]:
     return {name: mod for name, mod in block.named_modules() if isinstance(mod, nn.Linear)}
 
 
+def block_linear_names(model: nn.Module) -> list[str]:
+    """Full module names of every decoder block's linears, block by block (what the INT4 base quantizes)."""
+    prefix = block_prefix(model)
+    return [f"{prefix}.{i}.{rel}" for i, b in enumerate(decoder_blocks(model)) for rel in block_linears(b)]
+
+
 def find_linears(model: nn.Module, skip: tuple[str, ...] = ("lm_head",)) -> dict[str, nn.Linear]:
     """Every ``nn.Linear`` of the model by qualified name, except names containing a ``skip`` substring."""
     refuse_conv1d(model)

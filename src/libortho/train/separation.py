@@ -30,7 +30,7 @@ from typing import Any
 
 from torch import nn
 
-from libortho.config import fields_from_dict
+from libortho.config import QuantConfig, fields_from_dict
 from libortho.data.records import TokenRows
 from libortho.registry import Registry
 from libortho.train.loop import TrainConfig, TrainLog, train
@@ -38,6 +38,9 @@ from libortho.train.memory import MemoryContext, export_memory
 from libortho.train.rules import StepRule
 
 MEMORY_DTYPES = ("fp16", "bf16", "fp32")
+# options added after the first recorded runs, with the default that reproduces those runs
+LATER_OPTIONS: dict[str, Any] = {"fake_quant_fraction": 0.0, "fake_quant_bits": 4, "fake_quant_group": 64,
+                                 "ogd_gradient_energy": None}
 
 
 @dataclass(frozen=True)
@@ -57,7 +60,10 @@ class SeparationConfig:
     learns, ``records`` (every token of the rows holding private records, so the memory also learns
     to leave their public text alone) or ``secrets`` (the private tokens only); phase2_public:
     two-phase's memory phase also runs on the public rows (so the memory learns to stay quiet on
-    public text); memory_dtype: stored precision.
+    public text); memory_dtype: stored precision; fake_quant_fraction: the last share of the steps
+    (two-phase: of its memory phase) run on a round-to-nearest fake-quantized base, with
+    fake_quant_bits / fake_quant_group its grid (0: never); ogd_gradient_energy: ogd also keeps the
+    memory's updates off the public *output-gradient* subspace at this energy (None: inputs only).
     """
 
     method: str = "mask"
@@ -78,6 +84,10 @@ class SeparationConfig:
     phase2_public: bool = True
     memory_dtype: str = "fp16"
     seed: int = 0
+    fake_quant_fraction: float = 0.0
+    fake_quant_bits: int = 4
+    fake_quant_group: int = 64
+    ogd_gradient_energy: float | None = None
 
     def __post_init__(self) -> None:
         SEPARATION.check([self.method])
@@ -99,9 +109,28 @@ class SeparationConfig:
             raise ValueError(f"phase2_loss must be 'records' or 'secrets', got {self.phase2_loss!r}")
         if self.memory_dtype not in MEMORY_DTYPES:
             raise ValueError(f"memory_dtype must be one of {MEMORY_DTYPES}, got {self.memory_dtype!r}")
+        if not 0 <= self.fake_quant_fraction <= 1:
+            raise ValueError(f"fake_quant_fraction must be in [0, 1], got {self.fake_quant_fraction}")
+        if self.fake_quant_fraction:
+            self.fake_quant_config()  # bits / group size checked now, not at the tail of training
+        if self.ogd_gradient_energy is not None and not 0 < self.ogd_gradient_energy <= 1:
+            raise ValueError(f"ogd_gradient_energy must be in (0, 1] or None, got {self.ogd_gradient_energy}")
+
+    def fake_quant_config(self) -> QuantConfig:
+        """The round-to-nearest grid of the fake-quantized base."""
+        return QuantConfig(bits=self.fake_quant_bits, group_size=self.fake_quant_group, method="rtn")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def key_dict(self) -> dict[str, Any]:
+        """:meth:`to_dict` for cache keys: options added after runs were recorded are left out while they
+        hold their defaults (they change nothing then), so adding one never invalidates recorded runs."""
+        d = self.to_dict()
+        for name, default in LATER_OPTIONS.items():
+            if d[name] == default:
+                del d[name]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> SeparationConfig:
@@ -152,10 +181,16 @@ class Separation(ABC):
             checkpoint_dir: str | Path | None = None) -> SeparationResult:
         """Train ``model`` in place on ``data`` (public and private rows); ``probe``: public rows for subspaces."""
         t0 = time.perf_counter()
-        rule = self.attach(model, data, probe)
+        rule = self.with_fake_quant(self.attach(model, data, probe), model, self.cfg.train.total_steps(len(data)))
         log = train(model, data, self.cfg.train, progress=progress, desc=f"fine-tune ({self.name})", rule=rule,
                     checkpoint_dir=checkpoint_dir, checkpoint_every=_every(self.cfg.train, data))
         return self.finish(model, {"train": log}, t0, rule)
+
+    def with_fake_quant(self, rule: StepRule, model: nn.Module, total_steps: int) -> StepRule:
+        """``rule``, fake-quantizing the base over the last ``fake_quant_fraction`` of ``total_steps``."""
+        from libortho.train.fake_quant import with_fake_quant
+
+        return with_fake_quant(rule, model, self.cfg.fake_quant_fraction, self.cfg.fake_quant_config(), total_steps)
 
     def finish(self, model: nn.Module, logs: dict[str, TrainLog], t0: float, rule: StepRule) -> SeparationResult:
         """Strip the memory into streams and package the result. ``wall_s`` counts this process's time

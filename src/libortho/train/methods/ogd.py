@@ -7,6 +7,12 @@ tokens' loss only ``A`` and ``B`` (:class:`RoutedRule`), and after every optimiz
 projected onto the orthogonal complement of ``S_gen`` (``A <- A (I - U U^T)``), so whatever Adam
 did, the memory's rows stay orthogonal to the public inputs and ``B A x = 0`` on them.
 
+With ``ogd_gradient_energy`` the memory is also kept off the public *output-gradient* subspace: the
+top eigenvectors ``V`` of the public loss's gradients w.r.t. each linear's outputs (``E[g g^T]`` over
+the same probe rows), and ``B <- (I - V V^T) B`` after every step, so ``B A`` moves neither the
+outputs that public inputs produce nor in the output directions the public loss is sensitive to
+(the two sides of a K-FAC-style block, GPM's input side alone being the default).
+
 On its own subspace eta is 0 by construction; the log reports eta on a *held-out* public subspace
 (other probe rows) beside the random baseline ``sqrt(k/d)``, which is what says something.
 """
@@ -18,7 +24,7 @@ from torch import nn
 
 from libortho.data.records import TokenRows
 from libortho.geometry import energy_basis, eta, project_out, random_eta_baseline
-from libortho.models.layers import block_linears, block_prefix, decoder_blocks
+from libortho.models.layers import block_linear_names
 from libortho.train.memory import (
     LinearMemorySpec,
     MemoryLinear,
@@ -55,18 +61,54 @@ def input_moments(model: nn.Module, rows: torch.Tensor, names: list[str], batch_
     return {n: acc[n] / count[n] for n in names}
 
 
-def block_linear_names(model: nn.Module) -> list[str]:
-    prefix = block_prefix(model)
-    return [f"{prefix}.{i}.{rel}" for i, b in enumerate(decoder_blocks(model)) for rel in block_linears(b)]
+def output_gradient_moments(model: nn.Module, rows: torch.Tensor, names: list[str], batch_size: int = 4
+                            ) -> dict[str, torch.Tensor]:
+    """``E[g g^T]`` (float64) of the next-token loss's gradient w.r.t. each named linear's outputs, over
+    public token rows ``(n, L)`` (summed token loss; the scale does not move an energy basis). Leaves
+    no gradient on the model's parameters."""
+    acc: dict[str, torch.Tensor] = {}
+    count: dict[str, int] = {}
+
+    def keep(name: str, g: torch.Tensor) -> None:
+        g = g.detach().reshape(-1, g.shape[-1]).double()
+        acc[name] = acc.get(name, 0) + g.T @ g
+        count[name] = count.get(name, 0) + g.shape[0]
+
+    def hook(_m: nn.Module, _args: tuple, out: torch.Tensor, name: str) -> None:
+        if out.requires_grad:
+            out.register_hook(lambda g: keep(name, g))
+
+    handles = [model.get_submodule(n).register_forward_hook(lambda m, a, o, n=n: hook(m, a, o, n)) for n in names]
+    was = model.training
+    model.eval()
+    try:
+        with torch.enable_grad():
+            for i in range(0, rows.shape[0], batch_size):
+                ids = rows[i:i + batch_size]
+                logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
+                loss = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
+                                                   reduction="sum")
+                loss.backward()
+    finally:
+        model.train(was)
+        model.zero_grad(set_to_none=True)
+        for h in handles:
+            h.remove()
+    missing = [n for n in names if n not in acc]
+    if missing:
+        raise ValueError(f"no output gradient reached {missing[0]} (are its weights frozen?)")
+    return {n: acc[n] / count[n] for n in names}
 
 
 class OGDRule(RoutedRule):
     """Routed losses, then ``A <- A (I - U U^T)`` per layer after every step; eta on held-out subspaces."""
 
     def __init__(self, layers: dict[str, MemoryLinear], bases: dict[str, torch.Tensor],
-                 heldout: dict[str, torch.Tensor], eta_every: int, **kw: object) -> None:
+                 heldout: dict[str, torch.Tensor], eta_every: int,
+                 out_bases: dict[str, torch.Tensor] | None = None, **kw: object) -> None:
         super().__init__(**kw)  # type: ignore[arg-type]
         self.layers, self.bases, self.heldout, self.eta_every = layers, bases, heldout, eta_every
+        self.out_bases = out_bases or {}
         self.eta_log: list[dict] = []
         self.memory_stepped = False
         self.project()
@@ -76,6 +118,9 @@ class OGDRule(RoutedRule):
         for name, layer in self.layers.items():
             U = self.bases[name].to(layer.mem_A.dtype)
             layer.mem_A.copy_(project_out(layer.mem_A, U))
+            if name in self.out_bases:  # (I - V V^T) B: the columns of B off the public gradients' subspace
+                V = self.out_bases[name].to(layer.mem_B.dtype)
+                layer.mem_B.copy_(project_out(layer.mem_B.T, V).T)
 
     def active(self, step: int, counts: StepCounts) -> list[bool]:
         self.memory_stepped = counts.private > 0
@@ -91,8 +136,11 @@ class OGDRule(RoutedRule):
         dims = {n: (int(u.shape[1]), int(u.shape[0])) for n, u in self.heldout.items()}
         baseline = sum(random_eta_baseline(k, d) for k, d in dims.values()) / max(1, len(dims))
         own = {n: int(u.shape[1]) for n, u in self.bases.items()}
-        return {"eta": self.eta_log, "eta_random_baseline": baseline,
-                "subspace_dims": {n: [own[n], *dims[n]] for n in own}}
+        out = {"eta": self.eta_log, "eta_random_baseline": baseline,
+               "subspace_dims": {n: [own[n], *dims[n]] for n in own}}
+        if self.out_bases:
+            out["gradient_subspace_dims"] = {n: list(v.shape[::-1]) for n, v in self.out_bases.items()}
+        return out
 
 
 @torch.no_grad()
@@ -132,6 +180,9 @@ class OGD(Separation):
         fit_rows, held_rows = probe_split(probe, data, cfg.probe_rows)
         own = {n: energy_basis(C, cfg.ogd_energy).float() for n, C in input_moments(model, fit_rows, names).items()}
         held = {n: energy_basis(C, cfg.ogd_energy).float() for n, C in input_moments(model, held_rows, names).items()}
+        out = None if cfg.ogd_gradient_energy is None else {
+            n: energy_basis(C, cfg.ogd_gradient_energy).float()
+            for n, C in output_gradient_moments(model, fit_rows, names).items()}
         layers = attach_linear_memory(model, LinearMemorySpec("lowrank", rank=cfg.rank), self.ctx, names, cfg.seed)
-        return OGDRule(layers, own, held, cfg.eta_every, shared=shared_parameters(model),
+        return OGDRule(layers, own, held, cfg.eta_every, out_bases=out, shared=shared_parameters(model),
                        memory=memory_parameters(model), memory_lr_scale=cfg.memory_lr_scale, name="ogd")

@@ -89,7 +89,7 @@ class TwoPhase(Separation):
             raise ValueError("two-phase needs rows with private tokens for its memory phase")
         rows2 = data if self.cfg.phase2_public else data.subset(has_private)
         cfg2 = phase2_config(self.cfg.train, self.cfg.phase2, len(rows2), len(data))
-        rule = self.attach(model, data, probe)
+        rule = self.with_fake_quant(self.attach(model, data, probe), model, cfg2.total_steps(len(rows2)))
         logs["phase2"] = train(model, rows2, cfg2, progress=progress, desc="two-phase: memory", rule=rule,
                                checkpoint_dir=None if ckpt is None else ckpt / "phase2",
                                checkpoint_every=_every(cfg2, rows2))

@@ -1,0 +1,128 @@
+"""Fake-quantized base during the last part of training (quantization-aware separation).
+
+The saved model's base stream is the shared weights quantized to INT4; a memory trained against the
+full-precision shared weights learns to correct a base that alpha = 1 no longer has. Over the last
+``fraction`` of the optimizer steps, :class:`FakeQuantRule` runs every forward and backward pass with
+each block linear's shared weight replaced by its round-to-nearest INT4 value (straight-through: the
+gradient computed at the quantized point updates the latent full-precision weight, BinaryConnect
+style), so the memory (and, where a method trains them, the shared weights) adapt to the quantized
+base. The latent weights are swapped back before every optimizer step and checkpoint, so training
+state, checkpoints and the exported model hold full-precision weights, and GPTQ quantizes them later
+as it would any model.
+
+Round-to-nearest, not GPTQ: GPTQ's error feedback needs calibration Hessians per step; RTN on the same
+grid is the cheap stand-in, and the test of this module checks it is exactly the RTN quantizer's.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from libortho.config import QuantConfig
+from libortho.data.records import TokenRows
+from libortho.models.layers import block_linear_names
+from libortho.quant.grid import grid_scale
+from libortho.quant.rtn import rtn_quantize
+from libortho.train.rules import ParamGroup, StepCounts, StepRule
+
+
+@torch.no_grad()
+def fake_quantize(W: torch.Tensor, cfg: QuantConfig) -> torch.Tensor:
+    """``W`` rounded to its RTN grid (``cfg``'s bits and group size; asymmetric min-max, the range holding
+    0, scales rounded up to bf16 as :func:`~libortho.quant.grid.grid_scale` does) and dequantized, in
+    ``W``'s dtype. One vectorised pass over all groups (it runs on every block linear at every step);
+    other grids go through :func:`~libortho.quant.rtn.rtn_quantize`."""
+    if cfg.grid != "minmax" or cfg.symmetric:
+        return rtn_quantize(W, QuantConfig(bits=cfg.bits, group_size=cfg.group_size, symmetric=cfg.symmetric,
+                                           grid=cfg.grid, method="rtn")).dequantize().to(W.dtype)
+    out_f, in_f = W.shape
+    g = cfg.group_size
+    pad = (-in_f) % g
+    Wf = W.float()
+    Wg = (torch.nn.functional.pad(Wf, (0, pad)) if pad else Wf).view(out_f, -1, g)
+    maxq = 2**cfg.bits - 1
+    lo, hi = Wg.amin(2, keepdim=True), Wg.amax(2, keepdim=True)
+    if pad:  # the zero padding must not widen the last group's range (it always holds 0 anyway)
+        last = Wf[:, in_f - (g - pad):]
+        lo[:, -1, 0], hi[:, -1, 0] = last.amin(1), last.amax(1)
+    lo, hi = lo.clamp(max=0.0), hi.clamp(min=0.0)
+    scale = grid_scale((hi - lo) / maxq)
+    zero = torch.round(-lo / scale).clamp(0, maxq)
+    q = (torch.round(Wg / scale + zero).clamp(0, maxq) - zero) * scale
+    return q.view(out_f, -1)[:, :in_f].to(W.dtype)
+
+
+def start_step(total_steps: int, fraction: float) -> int:
+    """First step (0-based) of the fake-quantized tail: the last ``fraction`` of ``total_steps``."""
+    if not 0 < fraction <= 1:
+        raise ValueError(f"fake-quant fraction must be in (0, 1], got {fraction}")
+    return total_steps - max(1, round(fraction * total_steps))
+
+
+class FakeQuantRule(StepRule):
+    """``inner``'s step rule, with the weights ``weights`` fake-quantized from step ``start`` on."""
+
+    def __init__(self, inner: StepRule, weights: dict[str, nn.Parameter], cfg: QuantConfig, start: int,
+                 total: int) -> None:
+        if not weights:
+            raise ValueError("fake quantization needs at least one weight to quantize")
+        self.inner, self.weights, self.cfg, self.start, self.total = inner, weights, cfg, start, total
+        self.group_private_rows = inner.group_private_rows
+        self.name = f"{inner.name}+fq"
+        self.on = False  # whether the current step runs on the quantized weights
+        self._quantized: dict[str, torch.Tensor] = {}
+
+    def row_groups(self, rows: TokenRows, step: int) -> torch.Tensor:
+        return self.inner.row_groups(rows, step)
+
+    def groups(self, model: nn.Module) -> list[ParamGroup]:
+        return self.inner.groups(model)
+
+    def active(self, step: int, counts: StepCounts) -> list[bool]:
+        self.on = step >= self.start
+        # the weights do not change within a step: quantize once, for every micro-batch of it
+        self._quantized = {n: fake_quantize(w.detach(), self.cfg) for n, w in self.weights.items()} if self.on else {}
+        return self.inner.active(step, counts)
+
+    def micro(self, model: nn.Module, rows: TokenRows, counts: StepCounts) -> float:
+        if not self.on:
+            return self.inner.micro(model, rows, counts)
+        latent = {}
+        with torch.no_grad():
+            for name, w in self.weights.items():
+                latent[name] = w.data
+                w.data = self._quantized[name]
+        try:
+            return self.inner.micro(model, rows, counts)
+        finally:
+            for name, w in self.weights.items():
+                w.data = latent[name]
+
+    def after_step(self, model: nn.Module, step: int) -> None:
+        self.inner.after_step(model, step)
+
+    def state(self) -> dict[str, Any]:
+        return {**self.inner.state(), "fake_quant": {"bits": self.cfg.bits, "group_size": self.cfg.group_size,
+                                                     "grid": self.cfg.grid, "symmetric": self.cfg.symmetric,
+                                                     "start": self.start}}
+
+    def log(self) -> dict[str, Any]:
+        return {**self.inner.log(), "fake_quant": {"start_step": self.start, "bits": self.cfg.bits,
+                                                   "group_size": self.cfg.group_size,
+                                                   "steps_quantized": self.total - self.start}}
+
+
+def shared_block_weights(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The weight Parameter of every decoder-block linear (what the INT4 base stream quantizes)."""
+    return {n: model.get_submodule(n).weight for n in block_linear_names(model)}
+
+
+def with_fake_quant(rule: StepRule, model: nn.Module, fraction: float, cfg: QuantConfig, total_steps: int
+                    ) -> StepRule:
+    """``rule`` itself when ``fraction`` is 0, else wrapped to fake-quantize the last ``fraction`` of the steps."""
+    if fraction == 0:
+        return rule
+    return FakeQuantRule(rule, shared_block_weights(model), cfg, start_step(total_steps, fraction), total_steps)
