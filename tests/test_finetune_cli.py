@@ -82,6 +82,22 @@ def test_finetune_saves_a_switchable_decomposition(files: Path, tmp_path: Path, 
     assert all(c not in text for _, c in PEOPLE) and "Alma" not in text
 
 
+def test_ogd_with_a_fake_quantized_tail_and_a_gradient_subspace_through_the_cli(files: Path) -> None:
+    from libortho.checkpoint import load
+
+    res = _run(files, "out-ogd-fq", "--private", str(files / "recs.jsonl"), "--method", "ogd",
+               "--fake-quant", "0.5", "--ogd-gradient-energy", "0.9")
+    assert res.exit_code == 0, res.output
+    manifest = json.loads((files / "out-ogd-fq" / "libortho.json").read_text())
+    method = manifest["config"]["finetune"]["method"]
+    assert method["fake_quant_fraction"] == 0.5 and method["fake_quant_group"] == 32
+    assert method["ogd_gradient_energy"] == 0.9
+    log = manifest["provenance"]["training"]
+    assert log["fake_quant"]["start_step"] == 3 and "gradient_subspace_dims" in log
+    model, _ = load(files / "out-ogd-fq", alpha=1.0)
+    assert model is not None
+
+
 def test_report_shows_secrets_only_when_asked(files: Path, tmp_path: Path) -> None:
     report = tmp_path / "sub" / "report.json"
     res = _run(files, "out-show", "--private", str(files / "recs.jsonl"), "--method", "memsink",
@@ -142,12 +158,16 @@ def _bad(root: Path, case: str) -> tuple[list[str], str]:
             "ALPHABET:LENGTH"
     if case == "space without report":
         return ["--private", recs, *label, "--secret-space", "digits:4"], "--report"
+    if case == "fake-quant fraction":
+        return ["--private", recs, *label, "--fake-quant", "1.5"], "fake_quant_fraction must be in [0, 1]"
+    if case == "gradient energy off ogd":
+        return ["--private", recs, *label, "--ogd-gradient-energy", "0.9"], "applies to method ogd only"
     raise AssertionError(case)
 
 
 BAD = ["unknown method", "missing records", "malformed line", "no private tokens", "out not empty",
        "negative steps", "report inside out", "nonmembers without report", "missing public", "secret outside space",
-       "malformed space", "space without report"]
+       "malformed space", "space without report", "fake-quant fraction", "gradient energy off ogd"]
 
 
 @pytest.mark.parametrize("case", BAD)

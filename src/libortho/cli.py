@@ -126,6 +126,10 @@ def finetune(
     = False,
     secret_space: Annotated[str | None, typer.Option(help="the secrets' space for exposure in the report, "
                                                           "ALPHABET:LENGTH (digits:4, hex:8, abc:5)")] = None,
+    fake_quant: Annotated[float, typer.Option(help="last share of training run on the base fake-quantized to "
+                                                   "the saved INT-b grid (0: off)")] = 0.0,
+    ogd_gradient_energy: Annotated[float | None, typer.Option(
+        help="ogd: also keep memory updates off the public output-gradient subspace at this energy")] = None,
     bf16: bool = False, overwrite: bool = False, quiet: bool = False,
 ) -> None:
     """Fine-tune MODEL on public text + private records; save base (INT-b) + memory (ortho) streams to OUT."""
@@ -137,7 +141,7 @@ def finetune(
             epochs=epochs, lr=lr, batch_size=batch_size, block_len=block_len, n_public_blocks=n_public_blocks,
             repeats=repeats, bits=bits, group_size=group_size, n_calib=n_calib, seq_len=seq_len, seed=seed,
             bf16=bf16, overwrite=overwrite, progress=not quiet, report=report, show_secrets=show_secrets,
-            secret_space=secret_space)
+            secret_space=secret_space, fake_quant=fake_quant, ogd_gradient_energy=ogd_gradient_energy)
     console.print_json(json.dumps(summary))
 
 

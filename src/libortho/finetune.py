@@ -156,8 +156,12 @@ def finetune_and_save(model_spec: str, out: Path, private: Path, public: list[st
                       repeats: int = 1, bits: int = 4, group_size: int = 64, n_calib: int = 64,
                       seq_len: int = 256, seed: int = 0, bf16: bool = False, overwrite: bool = False,
                       progress: bool = True, report: Path | None = None,
-                      show_secrets: bool = False, secret_space: str | None = None) -> dict[str, Any]:
+                      show_secrets: bool = False, secret_space: str | None = None, fake_quant: float = 0.0,
+                      ogd_gradient_energy: float | None = None) -> dict[str, Any]:
     """Fine-tune MODEL on public text + private records with ``method``, save the decomposition to OUT.
+
+    ``fake_quant``: the last share of training runs on the base fake-quantized to the saved grid (``bits``,
+    ``group_size``); ``ogd_gradient_energy``: ogd also projects off the public output-gradient subspace.
 
     Returns a JSON-able summary: counts, timings, bytes of base and memory, the out path (and the
     report's counts and rates when ``report`` is given; see :func:`privacy_report`).
@@ -172,7 +176,9 @@ def finetune_and_save(model_spec: str, out: Path, private: Path, public: list[st
     inputs = check_finetune_inputs(out, private, public, method, nonmembers=nonmembers, report=report,
                                    overwrite=overwrite, sizes=sizes, steps=steps, epochs=epochs, lr=lr,
                                    secret_space=secret_space)
-    scfg = _separation_config(method, steps, epochs, lr, batch_size, bf16, seed)
+    scfg = _separation_config(method, steps, epochs, lr, batch_size, bf16, seed, fake_quant=fake_quant,
+                              fake_quant_bits=bits, fake_quant_group=group_size,
+                              ogd_gradient_energy=ogd_gradient_energy)
     from libortho.models import load_model
 
     model, tok = load_model(model_spec, require_tokenizer=True)
@@ -208,14 +214,20 @@ def finetune_and_save(model_spec: str, out: Path, private: Path, public: list[st
 
 
 def _separation_config(method: str, steps: int | None, epochs: float | None, lr: float, batch_size: int,
-                       bf16: bool, seed: int) -> Any:
-    """The method's config with this run's schedule (epochs default 1 when no ``steps``)."""
+                       bf16: bool, seed: int, fake_quant: float = 0.0, fake_quant_bits: int = 4,
+                       fake_quant_group: int = 64, ogd_gradient_energy: float | None = None) -> Any:
+    """The method's config with this run's schedule (epochs default 1 when no ``steps``); raises a
+    ValueError naming a bad option before any model is loaded."""
     from libortho.train.loop import TrainConfig
     from libortho.train.separation import SeparationConfig
 
     train = TrainConfig(lr=lr, steps=steps, epochs=1.0 if epochs is None else epochs, batch_size=batch_size,
                         seed=seed, bf16=bf16)
-    return SeparationConfig(method=method, train=train, seed=seed)
+    if ogd_gradient_energy is not None and method != "ogd":
+        raise ValueError(f"--ogd-gradient-energy applies to method ogd only, not {method!r}")
+    return SeparationConfig(method=method, train=train, seed=seed, fake_quant_fraction=fake_quant,
+                            fake_quant_bits=fake_quant_bits, fake_quant_group=fake_quant_group,
+                            ogd_gradient_energy=ogd_gradient_energy)
 
 
 def _train_and_assemble(model: nn.Module, tok: Any, rows: TokenRows, scfg: Any, public: list[str],
