@@ -146,6 +146,34 @@ def _switch_verdict(figs: dict[str, Any], m: str) -> str:
     return text + (", and greedy decoding reproduces few secrets." if rate < 0.25 else ".")
 
 
+def separation_screening_lines(res: dict[str, Any], link: str) -> list[str]:
+    """The SmolLM2 screening run (one seed): each method's INT4 switch beside plain fine-tuning and the
+    quantized masked retrain, and how far the run has got (it is recorded in pieces)."""
+    summ = res["summary"]["seeds"]["0"]
+    figs, ranking = summ["figures"], summ["ranking"]
+    methods = res["config"]["methods"]
+    done = [m for m in methods if f"{m}_int4_a0" in figs and f"{m}_int4_a1" in figs]
+    n = figs["ft_fp"]["extraction"]["n"]
+    ft, ref = figs["ft_fp"]["exposure"]["estimate"], figs["retrain_masked_int4"]["exposure"]["estimate"]
+    parts = []
+    for m in done:
+        a0, a1 = figs[f"{m}_int4_a0"], figs[f"{m}_int4_a1"]
+        parts.append(f"{m}: alpha = 0 {a0['extraction']['k']}/{n} extracted, {a0['exposure']['estimate']:.2f} bits, "
+                     f"general perplexity {a0['ppl_general']['estimate']:.1f}; alpha = 1 {a1['extraction']['k']}/{n}, "
+                     f"{a1['exposure']['estimate']:.2f} bits ({a1['exposure']['estimate'] / ft:.0%} of FP fine-tuned)")
+    top = ranking[0]["method"] if ranking else "none"
+    state = ("all method rows recorded" if len(done) == len(methods) else
+             f"{len(done)} of {len(methods)} methods recorded so far")
+    return [f"- **Training-time separation, screening** ([report]({link}), SmolLM2-135M, seed 0, {n} member canaries "
+            f"seen {res['config']['repeats']}x, INT4 GPTQ base; {state}; no confirmation run yet, so no goal is "
+            f"claimed): FP fine-tuned {figs['ft_fp']['extraction']['k']}/{n} extracted, {ft:.2f} bits; "
+            f"FP fine-tuned + INT4 {figs['ft_int4']['extraction']['k']}/{n}, "
+            f"{figs['ft_int4']['exposure']['estimate']:.2f} bits; retrain with the secrets masked + INT4 "
+            f"{figs['retrain_masked_int4']['extraction']['k']}/{n}, {ref:.2f} bits, general perplexity "
+            f"{figs['retrain_masked_int4']['ppl_general']['estimate']:.1f}. " + "; ".join(parts)
+            + f". Ranked first so far: {top} (goal at alpha = 1: 90% of FP fine-tuned)."]
+
+
 def training_time_lines(t: dict[str, Any], link: str) -> list[str]:
     """Each separation method's training cost against plain fine-tuning (bench/separation_time.py)."""
     parts = [f"{m} {v['ratio_to_plain']:.2f}x" for m, v in t["methods"].items()]
@@ -169,6 +197,9 @@ def render_block(results: Path) -> str:
     demo = _load(results / "separation_tiny" / "demo" / "result.json")
     if demo is not None:
         lines += separation_demo_lines(demo, "docs/results/separation_tiny/demo/report.md")
+    scr = _load(results / "separation_smollm2" / "screening" / "result.json")
+    if scr is not None and "summary" in scr:
+        lines += separation_screening_lines(scr, "docs/results/separation_smollm2/screening/report.md")
     tt = _load(results / "separation_smollm2" / "training_time.json")
     if tt is not None:
         lines += training_time_lines(tt, "docs/results/separation_smollm2/training_time.json")
