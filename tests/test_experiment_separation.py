@@ -118,6 +118,27 @@ def test_a_committed_record_resumes_on_a_fresh_machine_without_training(micro_ru
     assert third["seeds"]["0"]["stages"]["ft"]["retrained"] == ft["retrained"]
 
 
+def test_a_pilot_reusing_a_run_measures_only_its_changed_method(micro_run, tmp_path) -> None:
+    """--reuse: rows recorded under the same keys are copied (with their source), nothing else is measured
+    again; the varied method (another config, so another key) is trained and measured."""
+    out, first = micro_run
+    pilot = micro_config(methods=["two-phase"], label_noise=[], unlearning=[], relearn_steps=0,
+                         method_overrides={"two-phase": {"fake_quant_fraction": 1.0}})
+    res = run_separation(pilot, tmp_path / "pilot", progress=False, cache_dir=tmp_path / "cache",
+                         reuse=(out,))
+    evals, s1 = res["seeds"]["0"]["evals"], first["seeds"]["0"]["evals"]
+    for name in ("pre", "ft_fp", "ft_int4", "retrain_masked_int4"):
+        assert evals[name] == s1[name]
+        saved = json.loads((tmp_path / "pilot" / "seed0" / "evals" / f"{name}.json").read_text())
+        assert saved["copied_from"].startswith(str(out))
+    assert evals["two-phase_int4_a1"]["metrics"] != s1["two-phase_int4_a1"]["metrics"]
+    assert evals["two-phase_int4_a0"]["metrics"]["private_nll"] == s1["two-phase_int4_a0"]["metrics"]["private_nll"]
+    made = sorted(p.name for p in (tmp_path / "cache" / "seed0" / "models").iterdir())
+    assert "ft" not in made and "two-phase" in made  # the references were not trained again
+    with pytest.raises(FileNotFoundError, match="--reuse"):
+        run_separation(pilot, tmp_path / "p2", progress=False, reuse=(tmp_path / "nothing",))
+
+
 def test_the_cache_folder_takes_the_models_and_the_out_folder_only_json(tmp_path) -> None:
     run_separation(micro_config(methods=["two-phase"], label_noise=[], unlearning=[], relearn_steps=0,
                                 retrain_dropped=False, full_precision_rows=False),

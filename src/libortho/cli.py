@@ -271,6 +271,9 @@ def separation(
                                                      "(default: OUT); OUT then holds JSON only, which can be "
                                                      "committed and resumed on another machine")] = None,
     fresh: Annotated[bool, typer.Option(help="retrain everything instead of reusing cached models")] = False,
+    reuse: Annotated[list[Path] | None, typer.Option(
+        help="out folder of another separation run: its rows under the same keys are copied, not measured "
+             "again (repeatable)")] = None,
     quiet: bool = False,
 ) -> None:
     """Training-time separation: every method against plain fine-tuning, retraining and unlearning, at FP and INT4."""
@@ -305,7 +308,7 @@ def separation(
         from libortho.experiments.separation import RESULT_FILE, run_separation
 
         result = run_separation(cfg, out, progress=not quiet, console=Console(stderr=True), fresh=fresh,
-                                cache_dir=cache)
+                                cache_dir=cache, reuse=tuple(reuse or ()))
         paths = _render_separation(out / RESULT_FILE)
     from libortho.report.separation import compact_table
 

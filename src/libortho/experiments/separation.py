@@ -107,8 +107,11 @@ class SeedRun:
     """One seed of the experiment: data, harness, results and cache, and one method per stage."""
 
     def __init__(self, cfg: SeparationExpConfig, seed: int, out: Path, console: Console, progress: bool,
-                 fresh: bool, record: Callable[[], None], cache: Path | None = None) -> None:
+                 fresh: bool, record: Callable[[], None], cache: Path | None = None,
+                 reuse: tuple[Path, ...] = ()) -> None:
         self.cfg, self.seed, self.work, self.progress, self.fresh = cfg, seed, out / f"seed{seed}", progress, fresh
+        # other runs' results (their out folders): a row or record they hold under the same key is copied here
+        self.reuse = tuple(Path(r) / f"seed{seed}" for r in reuse)
         self.heavy = (cache or out) / f"seed{seed}"
         self._handles: dict[str, Lazy] = {}
         self._made: set[str] = set()  # stages made (trained or loaded) in this run
@@ -145,11 +148,10 @@ class SeedRun:
         harness = harness or (self.harness if group == "reference" else self.rows_harness)
         key = _canonical({**key, "harness": harness.describe(), "exposure": exposure})
         path = self.work.parent / evals_dir(self.seed) / f"{name}.json"
-        if not self.fresh and path.is_file():
-            saved = read_json(path, "recorded evaluation")
-            if saved.get("key") == key:
-                self.evals[name] = saved["entry"]
-                return saved["entry"]
+        saved = self.recorded(path, key, "recorded evaluation")
+        if saved is not None:
+            self.evals[name] = saved
+            return saved
         made, t0 = self.made_s, time.perf_counter()
         model = build()
         # what making this row's model cost (quantization, unlearning, relearning), less any stage it trained
@@ -169,6 +171,22 @@ class SeedRun:
         self.record()
         return entry
 
+    def recorded(self, path: Path, key: dict[str, Any], what: str) -> Any:
+        """What ``path`` (a JSON record ``{"key", "entry" or "info"}`` under this run's results) holds under
+        ``key``, else the same record of a ``reuse`` run (copied here, with where it came from), else None.
+        The key is the whole identity of a row, so a copied row is the row this run would have measured."""
+        if self.fresh:
+            return None
+        rel = path.relative_to(self.work)
+        for src in (path, *(r / rel for r in self.reuse)):
+            if src.is_file():
+                saved = read_json(src, what)
+                if saved.get("key") == key:
+                    if src != path:
+                        atomic_write_json(path, {**saved, "copied_from": str(src)})
+                    return saved.get("entry", saved.get("info"))
+        return None
+
     def checkpoint_dir(self, name: str, key: dict[str, Any]) -> Path:
         """Training checkpoints of model ``name`` under its cache ``key``: a run resumes only a checkpoint of
         the same configuration (never a stale one after a config change), and ``fresh`` starts it over."""
@@ -182,13 +200,14 @@ class SeedRun:
     def recorded_info(self, name: str, key: dict[str, Any]) -> dict[str, Any] | None:
         """How stage ``name`` was trained, from the results (or, for a run recorded before the results held
         stages, from the cached model's metadata), when it was trained under ``key``; else None."""
-        if self.fresh:
-            return None
-        for path in (self.work / "stages" / f"{name}.json", self.heavy / "models" / name / META):
-            if path.is_file():
-                saved = read_json(path, "training record")
-                if saved.get("key") == _canonical(key):
-                    return saved["info"]
+        info = self.recorded(self.work / "stages" / f"{name}.json", _canonical(key), "training record")
+        if info is not None:
+            return info
+        path = self.heavy / "models" / name / META
+        if not self.fresh and path.is_file():
+            saved = read_json(path, "training record")
+            if saved.get("key") == _canonical(key):
+                return saved["info"]
         return None
 
     def _handle(self, name: str, key: dict[str, Any], make: Callable[[bool], tuple[Any, dict[str, Any]]],
@@ -379,11 +398,20 @@ def run_seed(run: SeedRun) -> None:
 
 
 def run_separation(cfg: SeparationExpConfig, out_dir: str | Path, progress: bool = True, fresh: bool = False,
-                   console: Console | None = None, cache_dir: str | Path | None = None) -> dict[str, Any]:
+                   console: Console | None = None, cache_dir: str | Path | None = None,
+                   reuse: tuple[str | Path, ...] = ()) -> dict[str, Any]:
     """Run every seed of ``cfg``; writes ``out_dir/result.json`` after every evaluation and returns it.
 
     ``out_dir`` holds the results (result, evaluations, training infos: JSON only), ``cache_dir``
-    (default ``out_dir``) the trained models, memory streams and checkpoints."""
+    (default ``out_dir``) the trained models, memory streams and checkpoints. ``reuse``: the results
+    folders of other runs, whose rows and records under the same keys are copied instead of measured
+    again (a pilot that varies one method then re-measures none of the references)."""
+    reuse_dirs = tuple(Path(r) for r in reuse)
+    for r in reuse_dirs:
+        if not (r / RESULT_FILE).is_file():
+            raise FileNotFoundError(f"--reuse {r}: no {RESULT_FILE} there (give the out folder of a separation run)")
+        if r.resolve() == Path(out_dir).resolve():
+            raise ValueError(f"--reuse {r} is this run's own --out")
     console = console or Console(stderr=True)
     out, t0 = Path(out_dir), time.perf_counter()
     result: dict[str, Any] = {"experiment": "separation", "stage": cfg.stage, "config": cfg.to_dict(),
@@ -396,7 +424,7 @@ def run_separation(cfg: SeparationExpConfig, out_dir: str | Path, progress: bool
 
     for seed in cfg.seeds:
         run = SeedRun(cfg, seed, out, console, progress, fresh, record,
-                      None if cache_dir is None else Path(cache_dir))
+                      None if cache_dir is None else Path(cache_dir), reuse_dirs)
         result["seeds"][str(seed)] = {"data": run.data.describe(), "stages": run.stages, "evals": run.evals,
                                       "unlabelled": {str(f): run.data.unlabelled(f) for f in cfg.label_noise},
                                       "member_kinds": [c.kind for c in run.data.members]}

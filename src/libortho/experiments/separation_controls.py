@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from libortho.assemble import dequantized, dual_stream, quantized
-from libortho.atomic import atomic_write_json, read_json_object
+from libortho.atomic import atomic_write_json
 from libortho.data.records import TokenRows, pad_rows, record_ids
 from libortho.eval.harness import PrivacyHarness
 from libortho.experiments.separation_config import quant_key
@@ -155,11 +155,10 @@ def eta_stage(run: SeedRun, models: dict[str, Lazy], available_only: bool = Fals
         h = handles[tag]
         key = _canonical({**run.base_key, "stage": "eta", "energy": run.cfg.separation.ogd_energy, "of": h.key})
         path = run.work / "stages" / "eta" / f"{tag}.json"
-        if not run.fresh and path.is_file():
-            saved = read_json_object(path, "recorded eta", "restore it from git or delete it")
-            if saved.get("key") == key:
-                etas[tag] = saved["info"]
-                continue
+        saved = run.recorded(path, key, "recorded eta")
+        if saved is not None:
+            etas[tag] = saved
+            continue
         if available_only and not h.available:
             continue
         was_made = h.made
