@@ -14,6 +14,7 @@ from libortho.config import QuantConfig
 from libortho.data.private import PrivateRecord, pack_private_records
 from libortho.data.records import TokenRows
 from libortho.models import ByteTokenizer, build_tiny_llama
+from libortho.quant.rtn import rtn_quantize
 from libortho.train.fake_quant import FakeQuantRule, fake_quantize, shared_block_weights, start_step
 from libortho.train.loop import TrainConfig, train
 from libortho.train.methods.ogd import output_gradient_moments
@@ -56,6 +57,9 @@ def test_fake_quantize_matches_a_plain_loop_minmax_rtn() -> None:
         assert torch.allclose(got, ref, atol=1e-6, rtol=0), float((got - ref).abs().max())
         for g0 in range(0, 40, group):
             assert torch.unique(got[:, g0:g0 + group][0]).numel() <= 16
+        # and bit for bit the library's RTN quantizer (the base stream's grid)
+        cfg = QuantConfig(bits=4, group_size=group, method="rtn")
+        assert torch.equal(fake_quantize(W, cfg), rtn_quantize(W, cfg).dequantize())
 
 
 def test_start_step_is_the_last_fraction_and_refuses_bad_fractions() -> None:
@@ -130,7 +134,7 @@ def _cfg(method: str, **kw: object) -> SeparationConfig:
     return SeparationConfig(**{**base, **kw})
 
 
-@pytest.mark.parametrize("method", ["mask", "two-phase"])
+@pytest.mark.parametrize("method", ["mask", "two-phase", "route"])
 def test_a_fake_quantized_tail_changes_what_is_learned_and_exports_full_precision_weights(method) -> None:
     data = _data()
     plain = separate(build_tiny_llama(seed=0, **ARCH), data, _cfg(method), progress=False)
@@ -145,6 +149,8 @@ def test_a_fake_quantized_tail_changes_what_is_learned_and_exports_full_precisio
     w = shared_block_weights(fq.model)
     n0, w0 = next(iter(w.items()))
     assert not torch.equal(w0.detach(), fake_quantize(w0.detach(), QuantConfig(group_size=16, method="rtn")))
+    # the wrapper hides no clean-up of the method's own (route removes its routing hooks)
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in fq.model.modules())
 
 
 def _tensors(stream: object) -> list[torch.Tensor]:
@@ -191,6 +197,42 @@ def test_ogd_with_a_gradient_subspace_keeps_the_memory_off_both_subspaces() -> N
     assert ratios and max(ratios) <= 1e-6
     assert any(float((m.mem_B - b).abs().max()) > 0 for m, b in zip(rule.layers.values(), before, strict=True))
     assert "gradient_subspace_dims" in rule.log()
+
+
+def test_a_frozen_weight_is_quantized_once_and_a_trained_one_every_step() -> None:
+    from libortho.train.rules import ParamGroup
+
+    model = build_tiny_llama(seed=0, **ARCH)
+    weights = shared_block_weights(model)
+    (n_tr, w_tr), (n_fr, w_fr) = list(weights.items())[:2]
+
+    class OneGroup(StepRule):
+        def groups(self, model: nn.Module) -> list[ParamGroup]:
+            return [ParamGroup("memory", [w_tr])]
+
+    rule = FakeQuantRule(OneGroup(), {n_tr: w_tr, n_fr: w_fr}, QuantConfig(group_size=16, method="rtn"), 0, 3)
+    rule.groups(model)
+    counts = StepCounts.of(_rows())
+    rule.active(0, counts)
+    frozen, trained = rule._quantized[n_fr], rule._quantized[n_tr]
+    with torch.no_grad():
+        w_tr.add_(0.5)
+    rule.active(1, counts)
+    assert rule._quantized[n_fr] is frozen and rule._quantized[n_tr] is not trained
+    assert torch.equal(rule._quantized[n_tr], fake_quantize(w_tr.detach(), rule.cfg))
+    rule.after_step(model, 2)
+    assert rule._quantized == {}
+
+
+def test_the_experiment_fake_quantizes_on_its_own_base_grid() -> None:
+    from libortho.experiments.separation_config import separation_preset
+
+    cfg = separation_preset("tiny")
+    over = {"method_overrides": {"two-phase": {"fake_quant_fraction": 0.5}}}
+    from dataclasses import replace
+    c = replace(cfg, quant=replace(cfg.quant, group_size=32), **over).method_config("two-phase", 0)
+    assert (c.fake_quant_bits, c.fake_quant_group) == (cfg.quant.bits, 32)
+    assert replace(cfg, **over).method_config("mask", 0).fake_quant_fraction == 0.0
 
 
 def test_later_options_stay_out_of_cache_keys_at_their_defaults() -> None:

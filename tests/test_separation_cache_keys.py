@@ -94,7 +94,8 @@ def test_reference_rows_get_the_nonmember_exposure_control_and_other_rows_do_not
 
     full, rows = FakeHarness(True), FakeHarness(False)
     run = SimpleNamespace(harness=full, rows_harness=rows, fresh=False, work=tmp_path / "seed0", seed=0, evals={},
-                          progress=False, say=lambda _m: None, record=lambda: None, made_s=0.0)
+                          progress=False, say=lambda _m: None, record=lambda: None, made_s=0.0, reuse=())
+    run.recorded = lambda path, key, what: SeedRun.recorded(run, path, key, what)
     SeedRun.evaluate(run, "ft_fp", "FP", "reference", lambda: "ref-model", {"k": 1})
     SeedRun.evaluate(run, "mask_int4_a0", "mask", "method", lambda: "method-model", {"k": 1})
     assert full.calls == ["ref-model"] and rows.calls == ["method-model"]

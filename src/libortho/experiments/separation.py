@@ -46,7 +46,13 @@ from libortho.data.records import TokenRows
 from libortho.eval.harness import PrivacyHarness
 from libortho.experiments.kill_switch import _load_pre_and_tokenizer, _tiny_pre_loader, environment
 from libortho.experiments.separation_config import SeparationExpConfig, base_key, quant_key
-from libortho.experiments.separation_controls import deletion_stage, eta_stage, relearn_stage, unlearning_stage
+from libortho.experiments.separation_controls import (
+    deletion_stage,
+    eta_of,
+    eta_stage,
+    relearn_stage,
+    unlearning_stage,
+)
 from libortho.experiments.separation_data import SeparationData, build_separation_data
 from libortho.experiments.separation_results import RESULT_FILE, evals_dir, lean
 from libortho.experiments.separation_summary import rank_methods, summarise_separation
@@ -361,6 +367,8 @@ def _one_method(run: SeedRun, m: str, noise: float, full: bool) -> None:
     for a in (0.0, 1.0):
         run.evaluate(f"{tag}_int4_a{a:g}", f"{m}{what} INT4, alpha={a:g}", group, lambda a=a: q(a),
                      {**key, "v": f"q{a:g}", **run.quant_key}, alpha=a, base="int4", **extra)
+    if not noise and trained.made:  # its eta while the model is at hand (recorded, so never trained for again)
+        eta_of(run, m, trained, True)
     trained.release()  # later stages (eta, relearning, deletion) load it from the cache again
 
 

@@ -110,7 +110,11 @@ class SeparationExpConfig:
     def method_config(self, method: str, seed: int) -> SeparationConfig:
         """The separation config of ``method``: shared knobs, its overrides, the fine-tuning schedule."""
         over = dict(self.method_overrides.get(method, {}))
-        return replace(self.separation, method=method, train=replace(self.finetune, seed=seed), seed=seed, **over)
+        cfg = replace(self.separation, method=method, train=replace(self.finetune, seed=seed), seed=seed, **over)
+        if cfg.fake_quant_fraction and not {"fake_quant_bits", "fake_quant_group"} & set(over):
+            # a fake-quantized base trains against the grid the run's INT4 base is evaluated on
+            cfg = replace(cfg, fake_quant_bits=self.quant.bits, fake_quant_group=self.quant.group_size)
+        return cfg
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -149,24 +149,32 @@ def eta_stage(run: SeedRun, models: dict[str, Lazy], available_only: bool = Fals
     Plain fine-tuning's update is ``W_ft - W_pre``; a method's is its memory (neurons: their input rows).
     """
     handles: dict[str, Lazy] = {**models, **{m: run.method(m) for m in run.cfg.methods}}
-    etas = run.stages.setdefault("eta", {})
     order = sorted(handles, key=lambda t: not handles[t].available)  # stable: at-hand models first
     for tag in order:
-        h = handles[tag]
-        key = _canonical({**run.base_key, "stage": "eta", "energy": run.cfg.separation.ogd_energy, "of": h.key})
-        path = run.work / "stages" / "eta" / f"{tag}.json"
-        saved = run.recorded(path, key, "recorded eta")
-        if saved is not None:
-            etas[tag] = saved
-            continue
-        if available_only and not h.available:
-            continue
-        was_made = h.made
-        etas[tag] = _eta_of_update(run, tag in run.cfg.methods, h)
-        if not was_made:
-            h.release()
-        atomic_write_json(path, {"key": key, "info": etas[tag]})
-        run.record()
+        eta_of(run, tag, handles[tag], tag in run.cfg.methods, available_only)
+
+
+def eta_of(run: SeedRun, tag: str, handle: Lazy, is_method: bool, available_only: bool = False) -> None:
+    """One model's eta into ``run.stages["eta"][tag]``: recorded, else measured (unless ``available_only``
+    and making the model would train it) and recorded. A model made here only is released again."""
+    etas = run.stages.setdefault("eta", {})
+    cfg = run.cfg
+    # the held-out subspace: the pre-fine-tuning model's inputs on the domain evaluation blocks at this energy
+    key = _canonical({**run.base_key, "stage": "eta", "energy": cfg.separation.ogd_energy,
+                      "heldout": [cfg.eval_blocks, cfg.eval_len], "of": handle.key})
+    path = run.work / "stages" / "eta" / f"{tag}.json"
+    saved = run.recorded(path, key, "recorded eta")
+    if saved is not None:
+        etas[tag] = saved
+        return
+    if available_only and not handle.available:
+        return
+    was_made = handle.made
+    etas[tag] = _eta_of_update(run, is_method, handle)
+    if not was_made:
+        handle.release()
+    atomic_write_json(path, {"key": key, "info": etas[tag]})
+    run.record()
 
 
 @torch.no_grad()

@@ -74,17 +74,26 @@ class FakeQuantRule(StepRule):
         self.name = f"{inner.name}+fq"
         self.on = False  # whether the current step runs on the quantized weights
         self._quantized: dict[str, torch.Tensor] = {}
+        self._trained: set[str] | None = None  # weights some optimizer group updates (None: assume all)
 
     def row_groups(self, rows: TokenRows, step: int) -> torch.Tensor:
         return self.inner.row_groups(rows, step)
 
     def groups(self, model: nn.Module) -> list[ParamGroup]:
-        return self.inner.groups(model)
+        groups = self.inner.groups(model)
+        ids = {id(p) for g in groups for p in g.params}
+        self._trained = {n for n, w in self.weights.items() if id(w) in ids}
+        return groups
 
     def active(self, step: int, counts: StepCounts) -> list[bool]:
         self.on = step >= self.start
-        # the weights do not change within a step: quantize once, for every micro-batch of it
-        self._quantized = {n: fake_quantize(w.detach(), self.cfg) for n, w in self.weights.items()} if self.on else {}
+        if self.on:
+            # a weight changes only at an optimizer step: quantize a trained one once per step (for all its
+            # micro-batches), a frozen one (two-phase's memory phase) once for the whole tail
+            for n, w in self.weights.items():
+                if n not in self._quantized or self._trained is None or n in self._trained:
+                    self._quantized.pop(n, None)  # free the old copy before making the new one
+                    self._quantized[n] = fake_quantize(w.detach(), self.cfg)
         return self.inner.active(step, counts)
 
     def micro(self, model: nn.Module, rows: TokenRows, counts: StepCounts) -> float:
@@ -103,6 +112,8 @@ class FakeQuantRule(StepRule):
 
     def after_step(self, model: nn.Module, step: int) -> None:
         self.inner.after_step(model, step)
+        if step + 1 >= self.total:
+            self._quantized = {}  # training is over: drop the quantized copies
 
     def state(self) -> dict[str, Any]:
         return {**self.inner.state(), "fake_quant": {"bits": self.cfg.bits, "group_size": self.cfg.group_size,

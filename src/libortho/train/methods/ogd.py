@@ -132,6 +132,11 @@ class OGDRule(RoutedRule):
         if (step + 1) % self.eta_every == 0:
             self.eta_log.append({"step": step + 1, **memory_eta(self.layers, self.heldout, self.bases)})
 
+    def state(self) -> dict:
+        own = {n: int(u.shape[1]) for n, u in self.bases.items()}
+        out = {n: int(v.shape[1]) for n, v in self.out_bases.items()}
+        return {**super().state(), "input_subspace_dims": own, "gradient_subspace_dims": out}
+
     def log(self) -> dict:
         dims = {n: (int(u.shape[1]), int(u.shape[0])) for n, u in self.heldout.items()}
         baseline = sum(random_eta_baseline(k, d) for k, d in dims.values()) / max(1, len(dims))

@@ -136,6 +136,7 @@ class Route(Separation):
                          memory_lr_scale=self.cfg.memory_lr_scale, name="route")
 
     def finish(self, model: nn.Module, logs: dict, t0: float, rule: StepRule) -> object:
-        if isinstance(rule, RouteRule):
-            rule.remove()
+        inner = getattr(rule, "inner", rule)  # under a FakeQuantRule wrapper too
+        if isinstance(inner, RouteRule):
+            inner.remove()
         return super().finish(model, logs, t0, rule)
