@@ -107,12 +107,20 @@ def test_a_committed_record_resumes_on_a_fresh_machine_without_training(micro_ru
         return {k: v["wall_s"] for k, v in stages.items() if isinstance(v, dict) and "wall_s" in v and k != "pretrain"}
     assert trained(s2["stages"]) == trained(s1["stages"]) and "ft" in trained(s1["stages"])
 
+    # a missing eta whose model the new cache lacks: the model is trained again (with gradients: the eta
+    # itself is measured without) and gives the same eta
+    (stages / "eta" / "ft.json").unlink()
+    (stages / "eta" / "mask.json").unlink()
+    redo = run_separation(micro_config(), record, progress=False, cache_dir=tmp_path / "cache-eta")
+    for tag in ("ft", "mask"):
+        assert redo["seeds"]["0"]["stages"]["eta"][tag] == pytest.approx(s1["stages"]["eta"][tag], rel=1e-6)
+
     # a missing row whose model the new cache lacks: that stage is trained again (deterministically, the same
     # row comes back) and the retraining is recorded beside the first training, not in its place
     (record / "seed0" / "evals" / "ft_int4.json").unlink()
     third = run_separation(micro_config(), record, progress=False, cache_dir=tmp_path / "cache2")
     ft = json.loads((record / "seed0" / "stages" / "ft.json").read_text())["info"]
-    assert ft["wall_s"] == s1["stages"]["ft"]["wall_s"] and len(ft["retrained"]) == 1
+    assert ft["wall_s"] == s1["stages"]["ft"]["wall_s"] and len(ft["retrained"]) == 2  # the eta redo, this one
     assert third["seeds"]["0"]["evals"]["ft_int4"]["metrics"]["private_nll"] == \
         s1["evals"]["ft_int4"]["metrics"]["private_nll"]
     assert third["seeds"]["0"]["stages"]["ft"]["retrained"] == ft["retrained"]

@@ -192,22 +192,29 @@ def _eta_bases(run: SeedRun) -> dict[str, torch.Tensor]:
     return run.eta_bases
 
 
-@torch.no_grad()
 def _eta_of_update(run: SeedRun, is_method: bool, handle: Lazy) -> dict[str, float]:
-    """Pooled eta of one model's update: ``W - W_pre`` of a plain model, the memory of a method's."""
+    """Pooled eta of one model's update: ``W - W_pre`` of a plain model, the memory of a method's.
+
+    The model is made first, with gradients enabled: making it may mean training it (a lost cache)."""
+    made = handle()
+    with torch.no_grad():
+        return _pooled_eta(run, is_method, made)
+
+
+def _pooled_eta(run: SeedRun, is_method: bool, made: Any) -> dict[str, float]:
     from libortho.geometry import random_eta_baseline
     from libortho.streams import NeuronMemory
 
     bases = _eta_bases(run)
     ups: dict[str, torch.Tensor] = {}
     if is_method:
-        for n, st in handle()[1].items():
+        for n, st in made[1].items():
             if isinstance(st, NeuronMemory):
                 ups[f"{n}.up_proj"] = torch.cat([st.gate.float(), st.up.float()])
             else:
                 ups[n] = st.to_dense(torch.float32)
     else:
-        model, pre = handle(), run.load_pre()
+        model, pre = made, run.load_pre()
         ups = {n: model.get_submodule(n).weight.float() - pre.get_submodule(n).weight.float() for n in bases}
     num = den = base = 0.0
     for n, dW in ups.items():
