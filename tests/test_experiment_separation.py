@@ -147,6 +147,25 @@ def test_a_pilot_reusing_a_run_measures_only_its_changed_method(micro_run, tmp_p
         run_separation(pilot, tmp_path / "p2", progress=False, reuse=(tmp_path / "nothing",))
 
 
+def test_memsink_deletion_is_measured_or_said_to_be_impossible(tmp_path) -> None:
+    """Deleting one record's sinks (one of four) is evaluated, with the collateral on the kept members'
+    sinks recorded; when the deleted records' sinks cover the whole pool, deletion is the alpha = 0 model:
+    the stage says so instead of building a memory of zero neurons."""
+    lean = dict(methods=["memsink"], label_noise=[], unlearning=[], relearn_steps=0, retrain_dropped=False,
+                full_precision_rows=False, delete_records=1)
+    one = run_separation(micro_config(**lean), tmp_path / "one", progress=False, cache_dir=tmp_path / "c")
+    st = one["seeds"]["0"]["stages"]["deletion"]
+    assert st["evaluated"] and st["sinks_dropped"] == 1 and st["sinks"] == 4
+    assert 0 <= st["kept_members_sinks_lost_mean"] <= 1
+    assert "memsink_delete_int4_a1" in one["seeds"]["0"]["evals"]
+    everything = micro_config(**{**lean, "method_overrides": {"memsink": {"sink_fraction": 1.0}}})
+    res = run_separation(everything, tmp_path / "all", progress=False, cache_dir=tmp_path / "c")
+    st = res["seeds"]["0"]["stages"]["deletion"]
+    assert st["evaluated"] is False and st["sinks_dropped"] == 4 and "alpha = 0" in st["why"]
+    assert st["kept_members_sinks_lost_mean"] == 1.0
+    assert "memsink_delete_int4_a1" not in res["seeds"]["0"]["evals"]
+
+
 def test_the_cache_folder_takes_the_models_and_the_out_folder_only_json(tmp_path) -> None:
     run_separation(micro_config(methods=["two-phase"], label_noise=[], unlearning=[], relearn_steps=0,
                                 retrain_dropped=False, full_precision_rows=False),

@@ -120,6 +120,22 @@ def deletion_stage(run: SeedRun) -> None:
     drop = torch.zeros(scfg.neurons, dtype=torch.bool)
     for r in run.data.records[:cfg.delete_records]:
         drop[sink_neurons_of(r.seq_id, scfg.neurons, scfg.sink_fraction, scfg.seed)] = True
+    # collateral: the share of each kept member's own sinks that the deletion also drops
+    kept_ids = [c.seq_id for c in run.data.records[cfg.delete_records:]]
+    lost = [float(drop[sink_neurons_of(i, scfg.neurons, scfg.sink_fraction, scfg.seed)].float().mean())
+            for i in kept_ids]
+    overlap = {"records_deleted": cfg.delete_records, "sinks_dropped": int(drop.sum()), "sinks": scfg.neurons,
+               "kept_members_sinks_lost_mean": sum(lost) / max(1, len(lost))}
+    if bool(drop.all()):
+        # every sink serves some deleted record: per-record deletion cannot keep anything here, and the
+        # "deleted" model is the alpha = 0 model already measured (memsink_int4_a0)
+        run.stages["deletion"] = {**overlap, "evaluated": False,
+                                  "why": f"the {cfg.delete_records} deleted records' sinks cover all {scfg.neurons} "
+                                         f"sinks (each sequence uses {scfg.sink_fraction:g} of them): deleting them "
+                                         "is switching the memory off, the alpha = 0 row"}
+        run.say(f"memsink deletion: {run.stages['deletion']['why']}; not evaluated again")
+        run.record()
+        return
 
     def build() -> nn.Module:
         shared, streams = trained()
@@ -132,7 +148,9 @@ def deletion_stage(run: SeedRun) -> None:
                  "deletion", build, {**run.base_key, "m": "memsink-delete", "n": cfg.delete_records,
                                      "method": scfg.key_dict(), "revision": SEPARATION["memsink"].revision,
                                      **run.quant_key},
-                 deleted=list(range(cfg.delete_records)), sinks_dropped=int(drop.sum()), sinks=scfg.neurons)
+                 deleted=list(range(cfg.delete_records)), sinks_dropped=int(drop.sum()), sinks=scfg.neurons,
+                 kept_members_sinks_lost_mean=overlap["kept_members_sinks_lost_mean"])
+    run.stages["deletion"] = {**overlap, "evaluated": True}
 
 
 def eta_stage(run: SeedRun, models: dict[str, Lazy], available_only: bool = False) -> None:

@@ -297,9 +297,12 @@ def figure_blocks(result: dict[str, Any], seed: str, fig_dir: Path) -> list[Bloc
     return [Figure(p, cap) for p, cap in made if p is not None]
 
 
-def deletion_para(evals: dict[str, Any]) -> list[Block]:
+def deletion_para(evals: dict[str, Any], stages: dict[str, Any] | None = None) -> list[Block]:
     split = deletion_split(evals)
+    info = (stages or {}).get("deletion")
     if not split:
+        if isinstance(info, dict) and info.get("evaluated") is False:
+            return [Para(f"memsink deletion: not measurable in this configuration: {info['why']}.")]
         return []
     parts = [f"{k.replace('_', ' ')}: {v['k']}/{v['n']} extracted, exposure {_f(v['exposure'], '.2f')} bits"
              for k, v in split.items()]
@@ -351,9 +354,10 @@ def build_blocks(result: dict[str, Any], fig_dir: Path, timing: dict[str, Any] |
         blocks += [Heading(f"{m} (top-ranked)" if m == top else m, 3), goals_table(result, m)]
     blocks += timing_blocks(timing, timing_source)
     for seed in result["summary"]["seeds"]:
+        sd = result["seeds"][seed]
         blocks += [Heading(f"Seed {seed}: all rows"), main_table(result, seed), *control_table(result, seed),
                    Heading(f"Seed {seed}: the seeds' claims beside ours"), *claims_blocks(result, seed),
-                   *figure_blocks(result, seed, fig_dir), *deletion_para(result["seeds"][seed]["evals"])]
+                   *figure_blocks(result, seed, fig_dir), *deletion_para(sd["evals"], sd.get("stages"))]
     return blocks
 
 
