@@ -24,35 +24,31 @@ from torch import nn
 from libortho.config import QuantConfig
 from libortho.data.records import TokenRows
 from libortho.models.layers import block_linear_names
-from libortho.quant.grid import grid_scale
-from libortho.quant.rtn import rtn_quantize
+from libortho.quant.grid import dequantize_with_params, fit_group_params, quantize_with_params
 from libortho.train.rules import ParamGroup, StepCounts, StepRule
 
 
 @torch.no_grad()
 def fake_quantize(W: torch.Tensor, cfg: QuantConfig) -> torch.Tensor:
-    """``W`` rounded to its RTN grid (``cfg``'s bits and group size; asymmetric min-max, the range holding
-    0, scales rounded up to bf16 as :func:`~libortho.quant.grid.grid_scale` does) and dequantized, in
-    ``W``'s dtype. One vectorised pass over all groups (it runs on every block linear at every step);
-    other grids go through :func:`~libortho.quant.rtn.rtn_quantize`."""
-    if cfg.grid != "minmax" or cfg.symmetric:
-        return rtn_quantize(W, QuantConfig(bits=cfg.bits, group_size=cfg.group_size, symmetric=cfg.symmetric,
-                                           grid=cfg.grid, method="rtn")).dequantize().to(W.dtype)
+    """``W`` rounded to its RTN grid (``cfg``'s bits, group size, grid, symmetry) and dequantized, in ``W``'s
+    dtype: :func:`~libortho.quant.rtn.rtn_quantize`'s values, with every full column group of every row
+    fitted in one call of the same per-row grid fit (it runs on every block linear at every step)."""
     out_f, in_f = W.shape
     g = cfg.group_size
-    pad = (-in_f) % g
-    Wf = W.float()
-    Wg = (torch.nn.functional.pad(Wf, (0, pad)) if pad else Wf).view(out_f, -1, g)
-    maxq = 2**cfg.bits - 1
-    lo, hi = Wg.amin(2, keepdim=True), Wg.amax(2, keepdim=True)
-    if pad:  # the zero padding must not widen the last group's range (it always holds 0 anyway)
-        last = Wf[:, in_f - (g - pad):]
-        lo[:, -1, 0], hi[:, -1, 0] = last.amin(1), last.amax(1)
-    lo, hi = lo.clamp(max=0.0), hi.clamp(min=0.0)
-    scale = grid_scale((hi - lo) / maxq)
-    zero = torch.round(-lo / scale).clamp(0, maxq)
-    q = (torch.round(Wg / scale + zero).clamp(0, maxq) - zero) * scale
-    return q.view(out_f, -1)[:, :in_f].to(W.dtype)
+    Wf, full = W.float(), in_f // g * g
+    parts = []
+    if full:
+        parts.append(_round_rows(Wf[:, :full].reshape(-1, g), cfg).reshape(out_f, full))
+    if full < in_f:  # the partial last group is a group of its own, as the quantizer fits it
+        parts.append(_round_rows(Wf[:, full:], cfg))
+    return torch.cat(parts, 1).to(W.dtype)
+
+
+def _round_rows(w: torch.Tensor, cfg: QuantConfig) -> torch.Tensor:
+    """Each row of ``w`` is one group: fit its grid, round to it, dequantize."""
+    scale, zero = fit_group_params(w, cfg.bits, cfg.symmetric, cfg.grid)
+    s, z = scale[:, None], zero[:, None]
+    return dequantize_with_params(quantize_with_params(w, s, z, cfg.bits), s, z)
 
 
 def start_step(total_steps: int, fraction: float) -> int:
