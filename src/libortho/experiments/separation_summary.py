@@ -224,7 +224,7 @@ def summarise_seed(seed_result: dict[str, Any], methods: tuple[str, ...], n_boot
             pls[n] = privleak(e, evals[ref], n_boot)
     goals = {m: method_goals(m, figs, evals, stages, pls) for m in methods if f"{m}_int4_a0" in evals}
     return {"figures": figs, "privleak": pls, "goals": goals, "ranking": rank_methods(evals, methods),
-            "label_noise": _label_noise(seed_result), "compute": recorded_compute(seed_result)}
+            "label_noise": _label_noise(seed_result, n_boot), "compute": recorded_compute(seed_result)}
 
 
 def recorded_compute(seed_result: dict[str, Any]) -> dict[str, Any]:
@@ -241,16 +241,37 @@ def recorded_compute(seed_result: dict[str, Any]) -> dict[str, Any]:
             "rows_without_build_s": sum("build_s" not in e for e in evals)}
 
 
-def _label_noise(seed_result: dict[str, Any]) -> dict[str, Any]:
-    """Extraction at alpha = 0 of the unlabelled and the labelled members, per noisy row."""
-    out = {}
-    for name, e in seed_result["evals"].items():
-        if e.get("group") != "label_noise" or e.get("alpha") != 0.0:
+def subset_figures(entry: dict[str, Any], idx: list[int], n_boot: int = 2000, seed: int = 0) -> dict[str, Any]:
+    """Extraction (exact interval) and mean exposure (bootstrap over canaries) among the members ``idx``."""
+    k, n = extracted(entry, idx)
+    out: dict[str, Any] = {"extraction": {"k": k, "n": n, **_ci(clopper_pearson(k, n))}}
+    per = entry["metrics"]["per_canary"]
+    expo = [per[i]["exposure"] for i in idx if per[i].get("exposure") is not None]
+    if expo:
+        out["exposure"] = {"n": len(expo), **_ci(bootstrap_mean(expo, n_boot, seed=seed))}
+    return out
+
+
+def _label_noise(seed_result: dict[str, Any], n_boot: int = 2000) -> dict[str, Any]:
+    """Per noisy row, the unlabelled and the labelled members apart: extraction and exposure, each beside the
+    same members under the reference of the same base (the masked retrain with every label right, where the
+    unlabelled members' secrets were never trained on), so a leak of the unlabelled is read against what an
+    untrained secret of those very members scores."""
+    evals, out = seed_result["evals"], {}
+    for name, e in evals.items():
+        if e.get("group") != "label_noise":
             continue
-        off = seed_result["unlabelled"].get(str(e["noise"]), [])
+        off = list(seed_result["unlabelled"].get(str(e["noise"]), []))
         on = [i for i in range(len(e["metrics"]["per_canary"])) if i not in set(off)]
-        out[name] = {"noise": e["noise"], "method": e["method"], "unlabelled": extracted(e, off),
-                     "labelled": extracted(e, on)}
+        ref_name = "retrain_masked_int4" if e.get("base", "int4") == "int4" else "retrain_masked_fp"
+        ref = evals.get(ref_name)
+        row: dict[str, Any] = {"noise": e["noise"], "method": e["method"], "alpha": e.get("alpha"),
+                               "label": e["label"], "reference": ref_name if ref else None}
+        for part, idx in (("unlabelled", off), ("labelled", on)):
+            row[part] = subset_figures(e, idx, n_boot)
+            if ref is not None:
+                row[f"{part}_reference"] = subset_figures(ref, idx, n_boot)
+        out[name] = row
     return out
 
 

@@ -136,22 +136,40 @@ def eta_figure(stages: dict[str, Any], path: Path) -> Path | None:
 
 
 def label_noise_figure(summary: dict[str, Any], path: Path) -> Path | None:
-    """(d) Extraction at alpha = 0 of the unlabelled vs the labelled members, per method and noise fraction."""
-    rows = summary.get("label_noise") or {}
+    """(d) At alpha = 0, extraction (left) and mean exposure (right) of the unlabelled vs the labelled members,
+    per method and noise fraction, 95% intervals; black ticks: the same members under the quantized retrain."""
+    rows = {n: r for n, r in (summary.get("label_noise") or {}).items() if r.get("alpha") == 0.0}
     if not rows:
         return None
     names = sorted(rows, key=lambda n: (rows[n]["method"], rows[n]["noise"]))
-    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(names)), 4.2))
-    for j, (part, color) in enumerate((("unlabelled", "tab:red"), ("labelled", "tab:blue"))):
-        ys = [rows[n][part][0] / rows[n][part][1] if rows[n][part][1] else 0.0 for n in names]
-        ax.bar([i + (j - 0.5) * 0.38 for i in range(len(names))], ys, width=0.38, color=color,
-               label=f"{part} members")
-    ax.set_xticks(range(len(names)))
-    ax.set_xticklabels([f"{rows[n]['method']}\n{rows[n]['noise']:.0%} unlabelled" for n in names], fontsize=8)
-    ax.set_ylabel("extraction rate at alpha = 0 (INT4)")
-    ax.set_ylim(0, 1.03)
-    ax.grid(alpha=0.3, axis="y")
-    ax.legend(fontsize=8)
+    fig, axes = plt.subplots(1, 2, figsize=(max(9, 2.6 * len(names)), 4.4))
+    width = 0.38
+    for ax, metric, ylabel in ((axes[0], "extraction", "extraction rate at alpha = 0 (INT4)"),
+                               (axes[1], "exposure", "mean exposure at alpha = 0 (bits)")):
+        for j, (part, color) in enumerate((("unlabelled", "tab:red"), ("labelled", "tab:blue"))):
+            xs = [i + (j - 0.5) * width for i in range(len(names))]
+            ys, lo, hi, refs = [], [], [], []
+            for n in names:
+                f = rows[n][part].get(metric)
+                scale = 1.0 / f["n"] if metric == "extraction" and f and f["n"] else 1.0
+                est = (f["k"] * scale if metric == "extraction" else f["estimate"]) if f else 0.0
+                ys.append(est)
+                lo.append(est - f["low"] if f and "low" in f else 0.0)
+                hi.append(f["high"] - est if f and "high" in f else 0.0)
+                r = (rows[n].get(f"{part}_reference") or {}).get(metric)
+                refs.append(None if not r else (r["k"] / r["n"] if metric == "extraction" else r["estimate"]))
+            ax.bar(xs, ys, width=width, color=color, yerr=[lo, hi], capsize=3, label=f"{part} members")
+            for x, r in zip(xs, refs, strict=True):
+                if r is not None:
+                    ax.hlines(r, x - width / 2, x + width / 2, color="black", linewidth=2)
+        ax.set_xticks(range(len(names)))
+        ax.set_xticklabels([f"{rows[n]['method']}\n{rows[n]['noise']:.0%} unlabelled" for n in names], fontsize=8)
+        ax.set_ylabel(ylabel)
+        if metric == "extraction":
+            ax.set_ylim(0, 1.03)
+        ax.grid(alpha=0.3, axis="y")
+    axes[0].plot([], [], color="black", linewidth=2, label="same members, quantized retrain")
+    axes[0].legend(fontsize=8)
     return _save(fig, path)
 
 
