@@ -171,7 +171,22 @@ def separation_screening_lines(res: dict[str, Any], link: str) -> list[str]:
             f"{figs['ft_int4']['exposure']['estimate']:.2f} bits; retrain with the secrets masked + INT4 "
             f"{figs['retrain_masked_int4']['extraction']['k']}/{n}, {ref:.2f} bits, general perplexity "
             f"{figs['retrain_masked_int4']['ppl_general']['estimate']:.1f}. " + "; ".join(parts)
-            + f". Ranked first so far: {top} (goal at alpha = 1: 90% of FP fine-tuned)."]
+            + f". Ranked first so far: {top} (goal at alpha = 1: 90% of FP fine-tuned)." + _label_noise_text(summ)]
+
+
+def _label_noise_text(summ: dict[str, Any]) -> str:
+    """The label-noise arm at alpha = 0: the unlabelled members, beside the same members under the retrain."""
+    rows = {n: r for n, r in (summ.get("label_noise") or {}).items() if r.get("alpha") == 0.0}
+    if not rows:
+        return ""
+    parts = []
+    for n in sorted(rows, key=lambda n: (rows[n]["noise"], rows[n]["method"])):
+        r = rows[n]
+        u, ref = r["unlabelled"], r.get("unlabelled_reference") or {}
+        parts.append(f"{r['method']} with {r['noise']:.0%} unlabelled {u['extraction']['k']}/{u['extraction']['n']} "
+                     f"extracted, {u['exposure']['estimate']:.2f} bits "
+                     f"(the same members under the quantized retrain: {ref['exposure']['estimate']:.2f} bits)")
+    return " Label noise, alpha = 0, the unlabelled members only: " + "; ".join(parts) + "."
 
 
 def training_time_lines(t: dict[str, Any], link: str) -> list[str]:
@@ -197,9 +212,13 @@ def render_block(results: Path) -> str:
     demo = _load(results / "separation_tiny" / "demo" / "result.json")
     if demo is not None:
         lines += separation_demo_lines(demo, "docs/results/separation_tiny/demo/report.md")
-    scr = _load(results / "separation_smollm2" / "screening" / "result.json")
-    if scr is not None and "summary" in scr:
-        lines += separation_screening_lines(scr, "docs/results/separation_smollm2/screening/report.md")
+    scr_path = results / "separation_smollm2" / "screening" / "result.json"
+    if scr_path.is_file():
+        # summary recomputed from the rows, as the report does: the stored one is as old as the run's last piece
+        from libortho.report.separation import load_separation
+
+        lines += separation_screening_lines(load_separation(scr_path),
+                                            "docs/results/separation_smollm2/screening/report.md")
     tt = _load(results / "separation_smollm2" / "training_time.json")
     if tt is not None:
         lines += training_time_lines(tt, "docs/results/separation_smollm2/training_time.json")
