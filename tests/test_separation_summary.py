@@ -71,7 +71,8 @@ def test_goals_judge_against_the_quantized_retrain_and_report_cis() -> None:
     assert a0["extraction_zero"]["holds"] and a0["extraction_zero"]["n"] == 6
     assert a0["exposure_within_1bit"]["holds"] and a0["exposure_within_1bit"]["goal"] == 2.5
     assert g["alpha1_exposure"]["holds"] and g["alpha1_exposure"]["goal"] == 0.9 * 8.0
-    assert g["training_time"]["measured"] == 1.31 and not g["training_time"]["holds"]
+    # the run's wall clocks are indicative only: the goal is the benchmark's (the report reads it)
+    assert g["training_time"]["measured"] == 1.31 and g["training_time"]["holds"] is None
     assert "privleak_secret" in a0 and "low" in a0["privleak_secret"]["ci"]
     assert extracted(evals["m_int4_a0"]) == (0, 6)
 
@@ -138,3 +139,19 @@ def test_label_noise_splits_members_by_label_and_reads_the_same_members_under_th
     assert np.isclose(row["unlabelled_reference"]["exposure"]["estimate"], 2.5)
     assert np.isclose(row["labelled_reference"]["exposure"]["estimate"], 1.5)
     assert row["reference"] == "retrain_masked_int4" and row["alpha"] == 0.0
+
+
+def test_perplexity_goal_is_judged_on_the_paired_ratio_not_the_wide_unpaired_interval() -> None:
+    """A model 10% worse on every block sits inside the reference's wide (block-difficulty) interval, which the
+    unpaired reading passed; the paired ratio's interval excludes 1, so the goal fails. Equal blocks hold."""
+    evals = _evals([False] * 6, method_expo=2.0, a1_expo=7.5)
+    ref_blocks = [2.0, 5.5, 3.0, 6.0, 2.5, 4.5, 3.5, 5.0]
+    evals["retrain_masked_int4"]["metrics"]["block_nll_general"] = ref_blocks
+    evals["m_int4_a0"]["metrics"]["block_nll_general"] = [b + float(np.log(1.1)) for b in ref_blocks]
+    figs = {k: figures(v, n_boot=300) for k, v in evals.items()}
+    g = method_goals("m", figs, evals, {}, {})["alpha0_int4"]["ppl_general_in_reference_ci"]
+    assert g["unpaired_holds"] is True and g["holds"] is False
+    assert abs(g["paired_ratio"]["low"] - 1.1) < 1e-9
+    evals["m_int4_a0"]["metrics"]["block_nll_general"] = list(ref_blocks)
+    figs = {k: figures(v, n_boot=300) for k, v in evals.items()}
+    assert method_goals("m", figs, evals, {}, {})["alpha0_int4"]["ppl_general_in_reference_ci"]["holds"] is True

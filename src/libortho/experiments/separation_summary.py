@@ -164,19 +164,28 @@ def method_goals(m: str, figs: dict[str, dict], evals: dict[str, dict], stages: 
             out[f"alpha0_{base}"] = goals = _within_reference(figs[row], figs[ref], pls.get(row, {}))
             for key in ("domain", "general"):
                 ratio = paired_ppl_ratio(evals[row], evals[ref], key)
-                if ratio and f"ppl_{key}_in_reference_ci" in goals:
-                    goals[f"ppl_{key}_in_reference_ci"]["paired_ratio"] = ratio
+                g = goals.get(f"ppl_{key}_in_reference_ci")
+                if ratio and g is not None and "low" in ratio:
+                    # judged on the same blocks: not measurably worse than the reference (the paired ratio's
+                    # interval reaches 1). The unpaired reading (estimate under the reference's upper bound)
+                    # passed a 1.33x ratio whose interval excludes 1, so it is kept only beside it
+                    g["paired_ratio"] = ratio
+                    g["unpaired_holds"] = g["holds"]
+                    g["holds"] = ratio["low"] <= 1.0
     a1, ft = figs.get(f"{m}_int4_a1"), figs.get("ft_fp")
     if a1 and ft and "exposure" in a1 and "exposure" in ft:
         goal = ALPHA1_EXPOSURE_SHARE * ft["exposure"]["estimate"]
-        out["alpha1_exposure"] = {"measured": a1["exposure"]["estimate"], "goal": goal,
+        out["alpha1_exposure"] = {"measured": a1["exposure"]["estimate"], "ci": a1["exposure"], "goal": goal,
                                   "holds": a1["exposure"]["estimate"] >= goal}
     out["relearn"] = _relearn_goal(m, evals)
     cost = evals.get(f"{m}_int4_a0", {}).get("cost", {})
     ft_s = stages.get("ft", {}).get("wall_s")
     if cost.get("wall_s") and ft_s:
         total = cost["wall_s"] + (stages.get("retrain_masked", {}).get("wall_s", 0.0) if m == "two-phase" else 0.0)
-        out["training_time"] = {"measured": total / ft_s, "goal": TIME_BUDGET, "holds": total / ft_s <= TIME_BUDGET,
+        # indicative only: the run's wall clocks mix machine states (pieces on other machines, other jobs on the
+        # cores; plain fine-tuning took 3077 s once and 1167 s when retrained), so the goal is judged by the
+        # interleaved benchmark (bench/separation_time.py), which the report reads
+        out["training_time"] = {"measured": total / ft_s, "goal": TIME_BUDGET, "holds": None, "indicative": True,
                                 "seconds": total, "plain_seconds": ft_s}
     out["dominates_unlearning"] = _dominance(f"{m}_int4_a0", evals)
     return out

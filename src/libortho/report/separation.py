@@ -14,6 +14,7 @@ from typing import Any
 from libortho.atomic import atomic_write_text, read_json_object
 from libortho.report.document import Block, Figure, Heading, Para, Table, to_html, to_markdown
 from libortho.report.kill_switch import source_line
+from libortho.report.separation_checks import missing_rows, review_blocks
 from libortho.report.separation_plots import (
     alpha_figure,
     deletion_figure,
@@ -31,6 +32,7 @@ BASE_NAMES = {"alpha0_int4": "INT4 a=0 vs quantized retrain", "alpha0_fp": "FP a
 REFERENCES = ("pre", "ft_fp", "ft_int4", "retrain_masked_fp", "retrain_masked_int4", "retrain_dropped_fp",
               "retrain_dropped_int4")
 PLAIN_ETA, OGD_ETA_BOUND = 0.3, 0.05  # seed 000's figures
+STAGE_BUDGET_H = 3.0  # issue 8: each of the screening and confirmation runs within 3 hours of compute
 PLAIN_ETA_BAND = (0.2, 0.4)  # ours, not the seed's: how far from its "~0.3" we still call it a match
 
 
@@ -56,8 +58,11 @@ def _holds(h: bool | None) -> str:
 
 
 # ---- goals ---------------------------------------------------------------------------------------------
-def goal_rows(goals: dict[str, Any], evals: dict[str, Any], method: str) -> list[tuple[str, str, str, bool | None]]:
-    """(goal, measured, target, holds) for every goal of one method on one seed, in the issue's order."""
+def goal_rows(goals: dict[str, Any], evals: dict[str, Any], method: str, timing: dict[str, Any] | None = None
+              ) -> list[tuple[str, str, str, bool | None]]:
+    """(goal, measured, target, holds) for every goal of one method on one seed, in the issue's order; the
+    training-time goal is judged by the interleaved benchmark ``timing`` (the run's own wall clocks mix
+    machine states and are shown as indicative only)."""
     rows = []
     for base in ("alpha0_int4", "alpha0_fp"):
         for key, g in goals.get(base, {}).items():
@@ -65,15 +70,20 @@ def goal_rows(goals: dict[str, Any], evals: dict[str, Any], method: str) -> list
                          g["holds"]))
     if "alpha1_exposure" in goals:
         g = goals["alpha1_exposure"]
-        rows.append(("INT4 a=1 exposure >= 90% of FP fine-tuned", _f(g["measured"]), f">= {g['goal']:.3f}",
-                     g["holds"]))
+        rows.append(("INT4 a=1 exposure >= 90% of FP fine-tuned", _measured("alpha1_exposure", g),
+                     f">= {g['goal']:.3f}", g["holds"]))
     for data, g in (goals.get("relearn") or {}).items():
         rows.append((f"relearning on {data}: recovered <= retrain's", f"{g['recovered']}/{g['n']}",
                      f"<= {g['reference_recovered']}/{g['n']}", g["holds"]))
+    bench = (timing or {}).get("methods", {}).get(method)
+    if bench is not None:
+        goal = timing.get("goal_ratio", 1.3)
+        rows.append(("training time / plain fine-tuning (bench/separation_time.py; see Training cost)",
+                     f"{bench['ratio_to_plain']:.3f}", f"<= {goal:g}", bench["ratio_to_plain"] <= goal))
     if "training_time" in goals:
         g = goals["training_time"]
-        rows.append(("training time / plain fine-tuning (this run's wall clock; see Training cost)",
-                     f"{g['measured']:.3f} ({g['seconds']:.1f} s vs "
+        rows.append(("training time / plain fine-tuning (this run's wall clock: indicative only, machine states "
+                     "differ between pieces)", f"{g['measured']:.3f} ({g['seconds']:.1f} s vs "
                      f"{g['plain_seconds']:.1f} s)", f"<= {g['goal']:g}", g["holds"]))
     me = evals.get(f"{method}_int4_a0", {}).get("metrics", {})
     for name, ok in (goals.get("dominates_unlearning") or {}).items():
@@ -90,7 +100,8 @@ def _measured(key: str, g: dict[str, Any]) -> str:
         return f"{g['measured']}/{g['n']}"
     if "paired_ratio" in g:
         pr = g["paired_ratio"]
-        return f"{_f(g['measured'])}; paired ratio to it {_ci(pr)}, n={pr['n_blocks']} blocks"
+        return (f"{_f(g['measured'])}; paired ratio to it {_ci(pr)}, n={pr['n_blocks']} blocks (judged: the "
+                "ratio's interval reaches 1)")
     ci = g.get("ci")
     if ci and "low" in ci:
         n = f", n={ci['n']}" if "n" in ci else ""
@@ -107,10 +118,10 @@ def _target(key: str, g: dict[str, Any]) -> str:
     return str(goal) if isinstance(goal, str) else f"{goal:g}"
 
 
-def goals_table(result: dict[str, Any], method: str) -> Table:
+def goals_table(result: dict[str, Any], method: str, timing: dict[str, Any] | None = None) -> Table:
     """One method's goals; with several seeds one row per seed and goal, plus an 'all seeds' row."""
     seeds = result["summary"]["seeds"]
-    per_seed = {s: goal_rows(sd["goals"].get(method, {}), result["seeds"][s]["evals"], method)
+    per_seed = {s: goal_rows(sd["goals"].get(method, {}), result["seeds"][s]["evals"], method, timing)
                 for s, sd in seeds.items() if method in sd["goals"]}
     if len(per_seed) <= 1:
         body = [[g, m, t, _holds(h)] for rows in per_seed.values() for g, m, t, h in rows]
@@ -231,7 +242,9 @@ def kill_switch_claims(sd: dict[str, Any], method: str) -> list[dict[str, Any]]:
     removes = k1 > 0 and k0 == 0 and expo_ok is not False
     ppl = goals.get("ppl_domain_in_reference_ci")
     pre = figs.get("pre", {}).get("ppl_domain", {}).get("estimate")
-    keeps = None if ppl is None else bool(ppl["holds"] and (pre is None or ppl["measured"] < pre))
+    # judged against the quantized retrain alone: the pre-fine-tune model is full precision, and the INT4
+    # retrain itself sits above it, so "below pre" would fail the reference by its own standard
+    keeps = None if ppl is None else bool(ppl["holds"])
     return [{"claim": f"{method}: alpha = 0 removes the memorised secrets",
              "seed": "extraction and exposure fall to the retrain level",
              "measured": f"extraction {k1}/{n} -> {k0}/{n}; exposure {_f(e1, '.2f')} -> {_f(e0, '.2f')} bits",
@@ -240,7 +253,8 @@ def kill_switch_claims(sd: dict[str, Any], method: str) -> list[dict[str, Any]]:
             {"claim": f"{method}: alpha = 0 keeps the public skill", "seed": "domain skill kept",
              "measured": "n/a" if ppl is None else f"domain ppl {ppl['measured']:.2f} (retrain "
                                                    f"{_ci(ppl['goal'], '.2f')}, pre {_f(pre, '.2f')})",
-             "criterion": "in the quantized retrain's CI and below pre-fine-tune", "holds": keeps}]
+             "criterion": "not measurably worse than the quantized retrain (paired ratio's interval reaches 1)",
+             "holds": keeps}]
 
 
 def claims(result: dict[str, Any], seed: str) -> list[dict[str, Any]]:
@@ -295,19 +309,25 @@ def compute_text(result: dict[str, Any]) -> str:
                     if c["rows_without_build_s"] else "")
             parts.append(f"seed {s}: {c['total_s'] / 3600:.2f} h ({c['training_s'] / 3600:.2f} h training, "
                          f"{c['evaluation_s'] / 3600:.2f} h evaluating {c['rows']} rows{note})")
-    return ("Compute recorded over all pieces: " + "; ".join(parts) + ".") if parts else ""
+    if not parts:
+        return ""
+    budget = (f" The issue's budget is {STAGE_BUDGET_H:g} h of compute per run (screening or confirmation)."
+              if result.get("stage", result["config"].get("stage")) in ("screening", "confirmation") else "")
+    return "Compute recorded over all pieces: " + "; ".join(parts) + "." + budget
 
 
 def figure_blocks(result: dict[str, Any], seed: str, fig_dir: Path) -> list[Block]:
     sd, raw = result["summary"]["seeds"][seed], result["seeds"][seed]
     methods, baselines = list(result["config"]["methods"]), list(result["config"].get("unlearning", []))
     tag = f"seed{seed}_"
+    groups = {e.get("group") for e in raw["evals"].values()}
+    has_fp = any(f"{m}_fp_a0" in raw["evals"] for m in methods)
     made = [(plane_figure(sd, methods, baselines, fig_dir / f"{tag}leakage_utility.png"),
              "Leakage-utility plane: general perplexity against exposure at alpha = 0 (left) and secret-level "
-             "AUC with the unlearning sweep (right), 95% CIs."),
+             "AUC" + (" with the unlearning sweep" if "unlearning_sweep" in groups else "") + " (right), 95% CIs."),
             (alpha_figure(sd, methods, fig_dir / f"{tag}alpha.png"),
-             "Extraction and exposure at alpha 0 and 1 (INT4 solid, FP dashed), with the FP fine-tuned and "
-             "retrain levels."),
+             "Extraction and exposure at alpha 0 and 1 (INT4 solid" + (", FP dashed" if has_fp else "")
+             + "), with the FP fine-tuned and retrain levels."),
             (eta_figure(raw["stages"], fig_dir / f"{tag}ogd_eta.png"),
              "OGD: eta during training on the held-out and its own public subspace, random baseline dashed."),
             (label_noise_figure(sd, fig_dir / f"{tag}label_noise.png"),
@@ -366,17 +386,22 @@ def build_blocks(result: dict[str, Any], fig_dir: Path, timing: dict[str, Any] |
                            Heading("Setup"), Para(setup_text(result)), Heading("Goals")]
     if top:
         met = next(iter(result["summary"]["seeds"].values()))["ranking"][0]["met"]
-        blocks.append(Para(f"Top-ranked method: **{top}** ({met}/5 ranking checks met on the first seed; the "
-                           "ranking reads point estimates and was fixed before any confirmation run; the goal "
-                           "tables below read the bootstrap intervals)."))
+        partial = any(missing_rows(result, s) for s in result["summary"]["seeds"])
+        blocks.append(Para(f"Top-ranked method{' so far' if partial else ''}: **{top}** ({met}/5 ranking checks "
+                           "met on the first seed; the ranking reads point estimates and was fixed before any "
+                           "confirmation run; the goal tables below read the bootstrap intervals)."
+                           + (" Provisional: rows this run asks for are not recorded yet (listed below)."
+                              if partial else "")))
     methods = [m for m in result["config"]["methods"] if any(m in sd["goals"] for sd in
                                                              result["summary"]["seeds"].values())]
     for m in sorted(methods, key=lambda m: m != top):
-        blocks += [Heading(f"{m} (top-ranked)" if m == top else m, 3), goals_table(result, m)]
+        blocks += [Heading(f"{m} (top-ranked)" if m == top else m, 3), goals_table(result, m, timing)]
     blocks += timing_blocks(timing, timing_source)
     for seed in result["summary"]["seeds"]:
         sd = result["seeds"][seed]
+        review = review_blocks(result, seed)
         blocks += [Heading(f"Seed {seed}: all rows"), main_table(result, seed), *control_table(result, seed),
+                   *([Heading(f"Seed {seed}: what a reviewer asks first"), *review] if review else []),
                    Heading(f"Seed {seed}: the seeds' claims beside ours"), *claims_blocks(result, seed),
                    *label_noise_table(result, seed), *figure_blocks(result, seed, fig_dir),
                    *deletion_para(sd["evals"], sd.get("stages"))]
