@@ -38,12 +38,8 @@ def extracted(entry: dict[str, Any], idx: list[int] | None = None) -> tuple[int,
 def figures(entry: dict[str, Any], n_boot: int = 2000, seed: int = 0) -> dict[str, Any]:
     """Every headline figure of one evaluation with its n and interval."""
     m = entry["metrics"]
-    k, n = extracted(entry)
     out: dict[str, Any] = {"label": entry["label"], "group": entry["group"],
-                           "extraction": {"k": k, "n": n, **_ci(clopper_pearson(k, n))}}
-    expo = [p["exposure"] for p in m["per_canary"] if p["exposure"] is not None]
-    if expo:
-        out["exposure"] = {"n": len(expo), **_ci(bootstrap_mean(expo, n_boot, seed=seed))}
+                           **subset_figures(entry, list(range(len(m["per_canary"]))), n_boot, seed)}
     control = [x for x in m.get("nonmember_exposures") or [] if x is not None]
     if control:  # secrets never trained on (reference rows): what "no memorisation" reads as
         out["nonmember_exposure"] = {"n": len(control), **_ci(bootstrap_mean(control, n_boot, seed=seed))}

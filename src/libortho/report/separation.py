@@ -14,7 +14,7 @@ from typing import Any
 from libortho.atomic import atomic_write_text, read_json_object
 from libortho.report.document import Block, Figure, Heading, Para, Table, to_html, to_markdown
 from libortho.report.kill_switch import source_line
-from libortho.report.separation_checks import missing_rows, review_blocks
+from libortho.report.separation_checks import fmt_interval, missing_rows, review_blocks
 from libortho.report.separation_plots import (
     alpha_figure,
     deletion_figure,
@@ -40,13 +40,7 @@ def _f(x: Any, fmt: str = ".3f") -> str:
     return "n/a" if x is None else format(x, fmt)
 
 
-def _ci(iv: dict[str, Any] | None, fmt: str = ".3f") -> str:
-    """``estimate [low, high]`` of an interval dict (just the estimate when it has no interval)."""
-    if not iv or iv.get("estimate") is None:
-        return "n/a"
-    if "low" not in iv:
-        return _f(iv["estimate"], fmt)
-    return f"{iv['estimate']:{fmt}} [{iv['low']:{fmt}}, {iv['high']:{fmt}}]"
+_ci = fmt_interval
 
 
 def _frac(ex: dict[str, Any] | None) -> str:

@@ -23,11 +23,17 @@ def _overlap(a: dict[str, Any] | None, b: dict[str, Any] | None) -> bool | None:
     return a["low"] <= b["high"] and b["low"] <= a["high"]
 
 
-def _iv(iv: dict[str, Any] | None, fmt: str = ".2f") -> str:
+def fmt_interval(iv: dict[str, Any] | None, fmt: str = ".3f") -> str:
+    """``estimate [low, high]`` of an interval dict (just the estimate when it has no interval)."""
     if not iv or iv.get("estimate") is None:
         return "n/a"
-    return f"{iv['estimate']:{fmt}} [{iv['low']:{fmt}}, {iv['high']:{fmt}}]" if "low" in iv else \
-        format(iv["estimate"], fmt)
+    if "low" not in iv:
+        return format(iv["estimate"], fmt)
+    return f"{iv['estimate']:{fmt}} [{iv['low']:{fmt}}, {iv['high']:{fmt}}]"
+
+
+def _iv(iv: dict[str, Any] | None, fmt: str = ".2f") -> str:
+    return fmt_interval(iv, fmt)
 
 
 def ranking_blocks(result: dict[str, Any], seed: str) -> list[Block]:
