@@ -260,7 +260,9 @@ def _stage_seeds_preset(model: str, stage: Stage) -> SeparationExpConfig:
         finetune=TrainConfig(lr=3e-4, epochs=1.0, batch_size=8, bf16=fast_bf16()),
         separation=SeparationConfig(neurons=64, rank=16, support_neurons=64),
         method_overrides={m: dict(v) for m, v in FRESH_MEMORY_LR.items()},
-        unlearn_sweep=UnlearnSweep(lrs=(1e-5, 1e-4), steps=(10, 30)),
+        # 3e-5 added after the first screening: every in-budget setting of the (1e-5, 1e-4) grid barely unlearned
+        # (GA/GD/NPO tuned 84-91/100 extracted at FP) and every 1e-4 x 30 one broke general perplexity (> 398)
+        unlearn_sweep=UnlearnSweep(lrs=(1e-5, 3e-5, 1e-4), steps=(10, 30)),
         harness=HarnessConfig(exposure_samples=64, keep_scores=True, exposure_nonmember_limit=64, batch_size=8),
         calib_blocks=32, calib_len=256)
 
