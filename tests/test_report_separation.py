@@ -173,3 +173,15 @@ def test_training_cost_comes_from_the_benchmark_json_one_folder_up(tmp_path: Pat
     # the goal row reads the benchmark's ratio, not the run's wall clock
     row = "| training time / plain fine-tuning (bench/separation_time.py; see Training cost) | 1.100 | <= 1.3 | yes |"
     assert row in md
+
+
+def test_a_run_with_only_reference_rows_says_no_goal_is_judged(tmp_path: Path) -> None:
+    """A confirmation's first piece records the references before any method row: the Goals section must say
+    why it is empty instead of rendering a heading with nothing under it (or a goal table of missing rows)."""
+    result = synthetic(label_noise=False, ogd=False)
+    for seed in result["seeds"].values():
+        seed["evals"] = {k: v for k, v in seed["evals"].items() if v["group"] == "reference"}
+    result["summary"] = summarise_separation(result)
+    text = render_separation_report(_write(tmp_path, result), tmp_path / "out")["markdown"].read_text()
+    goals = text.split("## Goals", 1)[1].split("\n## ", 1)[0]
+    assert "No method row is recorded yet" in goals and "| goal |" not in goals

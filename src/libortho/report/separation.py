@@ -388,6 +388,9 @@ def build_blocks(result: dict[str, Any], fig_dir: Path, timing: dict[str, Any] |
                               if partial else "")))
     methods = [m for m in result["config"]["methods"] if any(m in sd["goals"] for sd in
                                                              result["summary"]["seeds"].values())]
+    if not methods:
+        blocks.append(Para("No method row is recorded yet, so no goal is judged: the goal tables appear once the "
+                           "methods' rows land."))
     for m in sorted(methods, key=lambda m: m != top):
         blocks += [Heading(f"{m} (top-ranked)" if m == top else m, 3), goals_table(result, m, timing)]
     blocks += timing_blocks(timing, timing_source)
