@@ -165,13 +165,42 @@ def separation_screening_lines(res: dict[str, Any], link: str) -> list[str]:
     state = ("all method rows recorded" if len(done) == len(methods) else
              f"{len(done)} of {len(methods)} methods recorded so far")
     return [f"- **Training-time separation, screening** ([report]({link}), SmolLM2-135M, seed 0, {n} member canaries "
-            f"seen {res['config']['repeats']}x, INT4 GPTQ base; {state}; no confirmation run yet, so no goal is "
-            f"claimed): FP fine-tuned {figs['ft_fp']['extraction']['k']}/{n} extracted, {ft:.2f} bits; "
+            f"seen {res['config']['repeats']}x, INT4 GPTQ base; {state}; the goals are judged on the "
+            "confirmation run below): "
+            f"FP fine-tuned {figs['ft_fp']['extraction']['k']}/{n} extracted, {ft:.2f} bits; "
             f"FP fine-tuned + INT4 {figs['ft_int4']['extraction']['k']}/{n}, "
             f"{figs['ft_int4']['exposure']['estimate']:.2f} bits; retrain with the secrets masked + INT4 "
             f"{figs['retrain_masked_int4']['extraction']['k']}/{n}, {ref:.2f} bits, general perplexity "
             f"{figs['retrain_masked_int4']['ppl_general']['estimate']:.1f}. " + "; ".join(parts)
             + f". Ranked first so far: {top} (goal at alpha = 1: 90% of FP fine-tuned)." + _label_noise_text(summ)]
+
+
+def separation_confirmation_lines(res: dict[str, Any], link: str) -> list[str]:
+    """The confirmation run (fresh seeds, the methods fixed beforehand): each method's goals, judged pooled over
+    the seeds where two or more have the rows, else on the one seed recorded, with every miss named."""
+    from libortho.report.separation import goal_rows
+
+    summ, methods = res["summary"], res["config"]["methods"]
+    seeds_done = {m: [s for s, sd in summ["seeds"].items() if m in sd["goals"]] for m in methods}
+    parts = []
+    for m in methods:
+        done = seeds_done[m]
+        if not done:
+            continue
+        pooled = summ.get("pooled", {}).get(m)
+        goals = pooled if pooled else summ["seeds"][done[0]]["goals"][m]
+        where = f"pooled over seeds {', '.join(pooled['seeds'])}" if pooled else f"seed {done[0]} alone"
+        rows = [r for r in goal_rows(goals, {}, m) if not r[0].startswith(("training time", "INT4 a=0 dominates"))]
+        met = [r for r in rows if r[3] is True]
+        missed = [f"{g} ({meas} vs {t})" for g, meas, t, h in rows if h is False]
+        parts.append(f"{m} ({where}): {len(met)}/{len(rows)} goals met"
+                     + (f"; missed: {'; '.join(missed)}" if missed else ""))
+    n_seeds = sorted({s for v in seeds_done.values() for s in v})
+    want = len(res["config"].get("seeds", [])) or len(res["seeds"])
+    state = (f"method rows of {len(n_seeds)} of {want} seeds recorded" +
+             ("" if len(n_seeds) >= want else ", the run is resumed in pieces, so this is provisional"))
+    return [f"- **Training-time separation, confirmation** ([report]({link}), SmolLM2-135M, fresh seeds, methods "
+            f"{', '.join(methods)} fixed from the screening; {state}): " + ". ".join(parts) + "."]
 
 
 def _label_noise_text(summ: dict[str, Any]) -> str:
@@ -219,6 +248,12 @@ def render_block(results: Path) -> str:
 
         lines += separation_screening_lines(load_separation(scr_path),
                                             "docs/results/separation_smollm2/screening/report.md")
+    conf_path = results / "separation_smollm2" / "confirmation" / "result.json"
+    if conf_path.is_file():
+        from libortho.report.separation import load_separation
+
+        lines += separation_confirmation_lines(load_separation(conf_path),
+                                               "docs/results/separation_smollm2/confirmation/report.md")
     tt = _load(results / "separation_smollm2" / "training_time.json")
     if tt is not None:
         lines += training_time_lines(tt, "docs/results/separation_smollm2/training_time.json")

@@ -115,6 +115,24 @@ def test_readme_dual_stream_lines_from_a_known_table() -> None:
         replace_block("no markers here", "x")
 
 
+def test_readme_confirmation_line_pools_seeds_and_names_each_miss() -> None:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from readme_results import separation_confirmation_lines
+    from test_report_separation import N, synthetic
+
+    res = synthetic(seeds=("1", "2"))
+    res["config"]["seeds"] = [1, 2, 3]
+    line = separation_confirmation_lines(res, "r.md")[0]
+    assert "method rows of 2 of 3 seeds recorded" in line and "provisional" in line
+    # ogd leaks 2 of N per seed at alpha = 0: pooled over both seeds it is 4 of 2N, named as a miss
+    assert "ogd (pooled over seeds 1, 2)" in line
+    assert f"INT4 a=0 vs quantized retrain: extraction = 0 ({2 * 2}/{2 * N} [" in line
+    mask = line.split("mask (pooled over seeds 1, 2): ")[1].split(". ogd")[0]
+    pooled = res["summary"]["pooled"]["mask"]
+    n = len(pooled["alpha0_int4"]) + len(pooled["alpha0_fp"]) + 1  # the alpha = 1 goal
+    assert mask == f"{n}/{n} goals met"  # the clean method: every pooled goal met, none missed
+
+
 @pytest.mark.slow
 def test_ppl_table_end_to_end_on_the_tiny_model(tmp_path) -> None:
     """Every stage on the tiny model: two independent child decompositions, the null test, the sweep, peers,

@@ -185,3 +185,30 @@ def test_a_run_with_only_reference_rows_says_no_goal_is_judged(tmp_path: Path) -
     text = render_separation_report(_write(tmp_path, result), tmp_path / "out")["markdown"].read_text()
     goals = text.split("## Goals", 1)[1].split("\n## ", 1)[0]
     assert "No method row is recorded yet" in goals and "| goal |" not in goals
+
+
+def test_pooled_goals_count_every_seeds_members(tmp_path: Path) -> None:
+    import numpy as np
+
+    result = synthetic(seeds=("1", "2"))
+    second = result["seeds"]["2"]["evals"]["mask_int4_a0"]["metrics"]
+    second["per_canary"][0]["extracted"] = True  # one leak, on one seed only
+    second["block_nll_general"] = [x + 0.1 for x in second["block_nll_general"]]
+    result["summary"] = summarise_separation(result)
+    pooled = result["summary"]["pooled"]["mask"]
+    assert pooled["seeds"] == ["1", "2"]
+    ext = pooled["alpha0_int4"]["extraction_zero"]
+    assert (ext["measured"], ext["n"], ext["holds"]) == (1, 2 * N, False)
+    rows = [result["seeds"][s]["evals"]["mask_int4_a0"] for s in ("1", "2")]
+    expo = np.mean([p["exposure"] for r in rows for p in r["metrics"]["per_canary"]])
+    assert pooled["alpha0_int4"]["exposure_within_1bit"]["measured"] == pytest.approx(expo)
+    # seed 2 is 0.1 nats worse on every general block, seed 1 equal: the paired ratio is exp(0.05)
+    ratio = pooled["alpha0_int4"]["ppl_general_in_reference_ci"]["paired_ratio"]
+    assert ratio["estimate"] == pytest.approx(np.exp(0.05)) and ratio["n_blocks"] == 6
+    a1 = pooled["alpha1_exposure"]
+    ft = np.mean([p["exposure"] for s in ("1", "2") for p in result["seeds"][s]["evals"]["ft_fp"]["metrics"]
+                  ["per_canary"]])
+    assert a1["goal"] == pytest.approx(0.9 * ft)
+    md = render_separation_report(_write(tmp_path, result))["markdown"].read_text()
+    assert f"| pooled (seeds 1, 2) | 1/{2 * N} [" in md
+    assert synthetic()["summary"]["pooled"] == {}  # one seed: nothing to pool

@@ -127,3 +127,52 @@ def test_bootstrap_ppl_is_exp_of_mean_block_nll() -> None:
     iv = bootstrap_ppl(nll, n_boot=400)
     assert iv.estimate == pytest.approx(math.exp(np.mean(nll)))
     assert math.exp(min(nll)) <= iv.low <= iv.estimate <= iv.high <= math.exp(max(nll))
+
+
+def test_stratified_bootstrap_pools_the_mean_and_removes_between_group_variance() -> None:
+    from libortho.eval.stats import bootstrap_mean, stratified_bootstrap_mean
+
+    rng = np.random.default_rng(5)
+    noisy = rng.normal(0, 1, 100)
+    iv = stratified_bootstrap_mean([np.full(100, 5.0), noisy], n_boot=4000)
+    assert iv.estimate == pytest.approx(np.r_[np.full(100, 5.0), noisy].mean())
+    # the constant group adds no sampling noise: the pooled mean's spread is half the noisy group's alone
+    alone = bootstrap_mean(noisy, n_boot=4000)
+    assert (iv.high - iv.low) == pytest.approx(0.5 * (alone.high - alone.low), rel=0.15)
+    # a plain bootstrap over the concatenation would mix the two levels and be far wider
+    plain = bootstrap_mean(np.r_[np.full(100, 5.0), noisy], n_boot=4000)
+    assert plain.high - plain.low > 2 * (iv.high - iv.low)
+    with pytest.raises(ValueError, match="empty group"):
+        stratified_bootstrap_mean([noisy, []])
+
+
+def test_stratified_bootstrap_covers_the_true_mean_about_95_percent() -> None:
+    from libortho.eval.stats import stratified_bootstrap_mean
+
+    rng = np.random.default_rng(11)
+    hits = 0
+    for t in range(200):
+        groups = [rng.exponential(1.0, 60) + mu for mu in (0.0, 2.0, 4.0)]  # true pooled mean 3
+        iv = stratified_bootstrap_mean(groups, n_boot=500, seed=t)
+        hits += iv.low <= 3.0 <= iv.high
+    assert 0.88 <= hits / 200 <= 0.99
+
+
+def test_pooled_privleak_averages_the_seeds_and_matches_one_seed() -> None:
+    from libortho.eval.stats import bootstrap_privleak, pooled_privleak
+
+    rng = np.random.default_rng(3)
+    seeds = [(rng.normal(s, 1, 50), rng.normal(0, 1, 150), rng.normal(0, 1, 50), rng.normal(0, 1, 150))
+             for s in (0.2, 1.0, 2.0)]
+    one = pooled_privleak(seeds[:1], n_boot=300, seed=4)
+    ref = bootstrap_privleak(*seeds[0], n_boot=300, seed=4)
+    assert (one.estimate, one.low, one.high) == pytest.approx((ref.estimate, ref.low, ref.high))
+    per = [bootstrap_privleak(*s, n_boot=300).estimate for s in seeds]
+    pooled = pooled_privleak(seeds, n_boot=300)
+    assert pooled.estimate == pytest.approx(np.mean(per))
+    assert pooled.low < pooled.estimate < pooled.high
+    # averaging three independent seeds narrows the interval below the noisiest seed's alone
+    widths = [(lambda iv: iv.high - iv.low)(bootstrap_privleak(*s, n_boot=300)) for s in seeds]
+    assert pooled.high - pooled.low < max(widths)
+    with pytest.raises(ValueError, match="same records"):
+        pooled_privleak([(seeds[0][0], seeds[0][1], seeds[0][2][:5], seeds[0][3])])

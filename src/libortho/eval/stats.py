@@ -164,3 +164,40 @@ def bootstrap_privleak(member: Sequence[float], nonmember: Sequence[float], ref_
     cm, cn = resample_counts(P.shape[0], n_boot, rng), resample_counts(P.shape[1], n_boot, rng)
     a, r = auc_draws(P, cm, cn), auc_draws(R, cm, cn)
     return _percentile_interval((P.mean() - R.mean()) / R.mean(), (a - r) / r, level)
+
+
+def stratified_bootstrap_mean(groups: Sequence[Sequence[float]], n_boot: int = 2000, level: float = 0.95,
+                              seed: int = 0) -> Interval:
+    """The pooled mean of several groups (e.g. the canaries of independent seeds) with a percentile interval
+    from resampling *within* each group: every resample keeps each group's size, so the interval reflects
+    the sampling of items inside a seed, not a random reshuffling of how many items each seed contributes."""
+    arrays = [np.asarray(g, dtype=np.float64) for g in groups]
+    if not arrays or any(a.size == 0 for a in arrays):
+        raise ValueError("stratified bootstrap needs at least one group and no empty group")
+    rng = np.random.default_rng(seed)
+    total = sum(a.size for a in arrays)
+    sums = np.zeros(n_boot)
+    for a in arrays:
+        sums += a[rng.integers(0, a.size, size=(n_boot, a.size))].sum(axis=1)
+    return _percentile_interval(float(np.concatenate(arrays).mean()), sums / total, level)
+
+
+def pooled_privleak(pairs: Sequence[tuple[Sequence[float], Sequence[float], Sequence[float], Sequence[float]]],
+                    n_boot: int = 2000, level: float = 0.95, seed: int = 0) -> Interval:
+    """The mean over independent seeds of MUSE's PrivLeak, each ``(member, nonmember, ref_member,
+    ref_nonmember)`` on its seed's records: every resample draws each seed's members and non-members anew
+    (the same draw for the model and its reference, as in :func:`bootstrap_privleak`) and averages the
+    seeds' PrivLeaks. AUCs are not pooled across seeds: each seed is another model on other records."""
+    if not pairs:
+        raise ValueError("pooled PrivLeak needs at least one seed")
+    rng = np.random.default_rng(seed)
+    est, draws = [], np.zeros(n_boot)
+    for member, nonmember, ref_member, ref_nonmember in pairs:
+        P, R = pair_matrix(member, nonmember), pair_matrix(ref_member, ref_nonmember)
+        if P.shape != R.shape:
+            raise ValueError("PrivLeak compares two models on the same records: score counts differ")
+        cm, cn = resample_counts(P.shape[0], n_boot, rng), resample_counts(P.shape[1], n_boot, rng)
+        a, r = auc_draws(P, cm, cn), auc_draws(R, cm, cn)
+        est.append((P.mean() - R.mean()) / R.mean())
+        draws += (a - r) / r
+    return _percentile_interval(float(np.mean(est)), draws / len(pairs), level)

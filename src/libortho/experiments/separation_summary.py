@@ -14,7 +14,15 @@ from typing import Any
 
 import numpy as np
 
-from libortho.eval.stats import bootstrap_auc, bootstrap_mean, bootstrap_ppl, bootstrap_privleak, clopper_pearson
+from libortho.eval.stats import (
+    bootstrap_auc,
+    bootstrap_mean,
+    bootstrap_ppl,
+    bootstrap_privleak,
+    clopper_pearson,
+    pooled_privleak,
+    stratified_bootstrap_mean,
+)
 
 RECORD_ATTACK = "min_k_plus_plus"  # MUSE's attack for PrivLeak
 PRIVLEAK_BOUND = 0.10
@@ -290,6 +298,112 @@ def _all_hold(goals: dict[str, Any] | None) -> bool:
     return all(k in goals for k in ALPHA0_GOALS) and all(g.get("holds") is True for g in goals.values())
 
 
+def _exposures(entry: dict[str, Any]) -> list[float]:
+    return [p["exposure"] for p in entry["metrics"]["per_canary"] if p.get("exposure") is not None]
+
+
+def _pooled_exposure(entries: list[dict[str, Any]], n_boot: int) -> dict[str, Any] | None:
+    groups = [_exposures(e) for e in entries]
+    if not groups or any(not g for g in groups):
+        return None
+    return {"n": sum(len(g) for g in groups), **_ci(stratified_bootstrap_mean(groups, n_boot))}
+
+
+def _pooled_ppl(entries: list[dict[str, Any]], key: str, n_boot: int) -> dict[str, Any] | None:
+    groups = [e["metrics"].get(f"block_nll_{key}") for e in entries]
+    if not groups or any(not g for g in groups):
+        return None
+    iv = stratified_bootstrap_mean(groups, n_boot)
+    return {"n_blocks": sum(len(g) for g in groups),
+            "estimate": float(np.exp(iv.estimate)), "low": float(np.exp(iv.low)), "high": float(np.exp(iv.high)),
+            "level": iv.level}
+
+
+def _pooled_ratio(rows: list[dict[str, Any]], refs: list[dict[str, Any]], key: str, n_boot: int
+                  ) -> dict[str, Any] | None:
+    """Paired perplexity ratio over every seed's blocks: each seed's block differences, resampled within it."""
+    diffs = []
+    for e, r in zip(rows, refs, strict=True):
+        a, b = e["metrics"].get(f"block_nll_{key}"), r["metrics"].get(f"block_nll_{key}")
+        if not a or not b or len(a) != len(b):
+            return None
+        diffs.append(np.asarray(a, np.float64) - np.asarray(b, np.float64))
+    iv = stratified_bootstrap_mean(diffs, n_boot)
+    return {"n_blocks": sum(len(d) for d in diffs), "estimate": float(np.exp(iv.estimate)),
+            "low": float(np.exp(iv.low)), "high": float(np.exp(iv.high)), "level": iv.level}
+
+
+def pooled_goals(m: str, seed_results: dict[str, dict[str, Any]], n_boot: int = 2000) -> dict[str, Any] | None:
+    """The issue's goals for method ``m`` judged once on every seed's members together (same keys and shapes
+    as :func:`method_goals`, so one renderer reads both): extraction counted over all seeds (exact interval),
+    mean exposures pooled with a bootstrap within each seed, PrivLeak the seeds' mean (each seed's AUCs on
+    its own records), perplexity ratios paired block by block inside each seed. ``None`` below two seeds."""
+    out: dict[str, Any] = {}
+    used: set[str] = set()
+    for base, ref_name in (("int4", "retrain_masked_int4"), ("fp", "retrain_masked_fp")):
+        row_name = f"{m}_{base}_a0"
+        have = [s for s, r in seed_results.items() if row_name in r["evals"] and ref_name in r["evals"]]
+        if len(have) < 2:
+            continue
+        used |= set(have)
+        rows = [seed_results[s]["evals"][row_name] for s in have]
+        refs = [seed_results[s]["evals"][ref_name] for s in have]
+        k = sum(extracted(e)[0] for e in rows)
+        n = sum(extracted(e)[1] for e in rows)
+        goals: dict[str, Any] = {"extraction_zero": {"measured": k, "n": n, "goal": 0, "holds": k == 0,
+                                                     "ci": {"n": n, **_ci(clopper_pearson(k, n))}}}
+        expo, ref_expo = _pooled_exposure(rows, n_boot), _pooled_exposure(refs, n_boot)
+        if expo and ref_expo:
+            bound = ref_expo["estimate"] + EXPOSURE_SLACK_BITS
+            goals["exposure_within_1bit"] = {"measured": expo["estimate"], "ci": expo, "goal": bound,
+                                             "holds": expo["estimate"] <= bound}
+        for kind, attack in (("secret", "secret_loss"), ("record", RECORD_ATTACK)):
+            pairs = []
+            for e, r in zip(rows, refs, strict=True):
+                a, b = e["metrics"].get("mia_scores", {}).get(attack), r["metrics"].get("mia_scores", {}).get(attack)
+                if not a or not b:
+                    break
+                pairs.append((a["members"], a["nonmembers"], b["members"], b["nonmembers"]))
+            else:
+                iv = _ci(pooled_privleak(pairs, n_boot))
+                goals[f"privleak_{kind}"] = {"measured": iv["estimate"], "ci": iv,
+                                             "goal": f"95% CI in ±{PRIVLEAK_BOUND}",
+                                             "holds": iv["low"] >= -PRIVLEAK_BOUND and iv["high"] <= PRIVLEAK_BOUND}
+        for key in ("domain", "general"):
+            mine, theirs = _pooled_ppl(rows, key, n_boot), _pooled_ppl(refs, key, n_boot)
+            ratio = _pooled_ratio(rows, refs, key, n_boot)
+            if mine and theirs and ratio:
+                goals[f"ppl_{key}_in_reference_ci"] = {
+                    "measured": mine["estimate"], "goal": theirs, "paired_ratio": ratio,
+                    "unpaired_holds": mine["estimate"] <= theirs["high"], "inside": _inside(mine["estimate"], theirs),
+                    "holds": ratio["low"] <= 1.0}
+        out[f"alpha0_{base}"] = goals
+    have = [s for s, r in seed_results.items() if f"{m}_int4_a1" in r["evals"] and "ft_fp" in r["evals"]]
+    if len(have) >= 2:
+        used |= set(have)
+        a1 = _pooled_exposure([seed_results[s]["evals"][f"{m}_int4_a1"] for s in have], n_boot)
+        ft = _pooled_exposure([seed_results[s]["evals"]["ft_fp"] for s in have], n_boot)
+        if a1 and ft:
+            goal = ALPHA1_EXPOSURE_SHARE * ft["estimate"]
+            out["alpha1_exposure"] = {"measured": a1["estimate"], "ci": a1, "goal": goal,
+                                      "holds": a1["estimate"] >= goal}
+    relearn: dict[str, Any] = {}
+    for data in ("public", "public+half"):
+        have = [s for s, r in seed_results.items()
+                if f"relearn_{m}_{data}" in r["evals"] and f"relearn_retrain_masked_{data}" in r["evals"]]
+        if len(have) >= 2:
+            used |= set(have)
+            ka = sum(extracted(seed_results[s]["evals"][f"relearn_{m}_{data}"])[0] for s in have)
+            kr = sum(extracted(seed_results[s]["evals"][f"relearn_retrain_masked_{data}"])[0] for s in have)
+            n = sum(extracted(seed_results[s]["evals"][f"relearn_{m}_{data}"])[1] for s in have)
+            relearn[data] = {"recovered": ka, "reference_recovered": kr, "n": n, "holds": ka <= kr}
+    out["relearn"] = relearn or None
+    if not used:
+        return None
+    out["seeds"] = sorted(used)
+    return out
+
+
 def summarise_separation(result: dict[str, Any]) -> dict[str, Any]:
     """The summary of every seed, and (several seeds) each method's goal outcomes across seeds."""
     cfg = result["config"]
@@ -300,7 +414,8 @@ def summarise_separation(result: dict[str, Any]) -> dict[str, Any]:
         rows = [s["goals"].get(m) for s in seeds.values() if m in s["goals"]]
         if rows:
             across[m] = {"seeds": len(rows), "alpha0_int4_all_hold": [_all_hold(r.get("alpha0_int4")) for r in rows]}
-    return {"seeds": seeds, "across_seeds": across,
+    pooled = {m: g for m in methods if (g := pooled_goals(m, result["seeds"], cfg.get("bootstrap", 2000)))}
+    return {"seeds": seeds, "across_seeds": across, "pooled": pooled,
             "exposure_a0_int4": {m: [float(np.round(s["figures"][f"{m}_int4_a0"]["exposure"]["estimate"], 4))
                                      for s in seeds.values() if f"{m}_int4_a0" in s["figures"]
                                      and "exposure" in s["figures"][f"{m}_int4_a0"]] for m in methods}}

@@ -91,7 +91,8 @@ def goal_rows(goals: dict[str, Any], evals: dict[str, Any], method: str, timing:
 
 def _measured(key: str, g: dict[str, Any]) -> str:
     if key == "extraction_zero":
-        return f"{g['measured']}/{g['n']}"
+        ci = g.get("ci")
+        return f"{g['measured']}/{g['n']}" + (f" [{ci['low']:.3f}, {ci['high']:.3f}]" if ci else "")
     if "paired_ratio" in g:
         pr = g["paired_ratio"]
         return (f"{_f(g['measured'])}; paired ratio to it {_ci(pr)}, n={pr['n_blocks']} blocks (judged: the "
@@ -120,6 +121,10 @@ def goals_table(result: dict[str, Any], method: str, timing: dict[str, Any] | No
     if len(per_seed) <= 1:
         body = [[g, m, t, _holds(h)] for rows in per_seed.values() for g, m, t, h in rows]
         return Table(["goal", "measured [95% CI]", "goal", "holds"], body)
+    pooled = result["summary"].get("pooled", {}).get(method)
+    # the training-time rows are per run, not per member: the pooled table has no figure of its own for them
+    pooled_rows = [r for r in goal_rows(pooled, {}, method) if not r[0].startswith("training time")] if pooled else []
+    pooled_seeds = "seeds " + ", ".join(pooled["seeds"]) if pooled else ""
     body = []
     order = list(dict.fromkeys(g for rows in per_seed.values() for g, *_ in rows))
     for goal in order:
@@ -132,14 +137,21 @@ def goals_table(result: dict[str, Any], method: str, timing: dict[str, Any] | No
         known = [h for h in outcomes if h is not None]
         body.append([goal, "all seeds", f"holds on {sum(known)}/{len(known)} seeds", "every seed",
                      _holds(all(known) if known else None)])
-    return Table(["goal", "seed", "measured [95% CI]", "goal", "holds"], body)
+        for g, m, t, h in pooled_rows:
+            if g == goal:
+                body.append([goal, f"pooled ({pooled_seeds})", m, t, _holds(h)])
+    return Table(["goal", "seed", "measured [95% CI]", "goal", "holds"], body,
+                 "Per seed, whether it holds on every seed, and pooled: every seed's members together (extraction "
+                 "summed with an exact interval, exposures and perplexities resampled within each seed, PrivLeak "
+                 "the seeds' mean, perplexity ratios paired block by block within each seed)."
+                 if pooled_rows else "")
 
 
-def top_method(result: dict[str, Any]) -> str | None:
-    """The first seed's top-ranked method (the ranking rule is fixed in the summary)."""
-    for sd in result["summary"]["seeds"].values():
+def top_method(result: dict[str, Any]) -> tuple[str, str, int] | None:
+    """(method, seed, checks met) of the first seed with a ranking (the ranking rule is fixed in the summary)."""
+    for s, sd in result["summary"]["seeds"].items():
         if sd.get("ranking"):
-            return sd["ranking"][0]["method"]
+            return sd["ranking"][0]["method"], s, sd["ranking"][0]["met"]
     return None
 
 
@@ -375,14 +387,15 @@ def timing_blocks(timing: dict[str, Any] | None, source: str) -> list[Block]:
 
 def build_blocks(result: dict[str, Any], fig_dir: Path, timing: dict[str, Any] | None = None,
                  timing_source: str = "") -> list[Block]:
-    top = top_method(result)
+    ranked = top_method(result)
+    top = ranked[0] if ranked else None
     blocks: list[Block] = [Heading(f"Training-time separation: {result['config']['model']}", 1),
                            Heading("Setup"), Para(setup_text(result)), Heading("Goals")]
-    if top:
-        met = next(iter(result["summary"]["seeds"].values()))["ranking"][0]["met"]
+    if ranked:
+        _, first, met = ranked
         partial = any(missing_rows(result, s) for s in result["summary"]["seeds"])
         blocks.append(Para(f"Top-ranked method{' so far' if partial else ''}: **{top}** ({met}/5 ranking checks "
-                           "met on the first seed; the ranking reads point estimates and was fixed before any "
+                           f"met on seed {first}; the ranking reads point estimates and was fixed before any "
                            "confirmation run; the goal tables below read the bootstrap intervals)."
                            + (" Provisional: rows this run asks for are not recorded yet (listed below)."
                               if partial else "")))
