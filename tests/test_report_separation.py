@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 from typer.testing import CliRunner
 
@@ -212,3 +213,30 @@ def test_pooled_goals_count_every_seeds_members(tmp_path: Path) -> None:
     md = render_separation_report(_write(tmp_path, result))["markdown"].read_text()
     assert f"| pooled (seeds 1, 2) | 1/{2 * N} [" in md
     assert synthetic()["summary"]["pooled"] == {}  # one seed: nothing to pool
+
+
+def test_against_two_phase_names_skill_and_label_noise_and_refuses_a_leaky_skill_win(tmp_path: Path) -> None:
+    from libortho.report.separation_checks import recommendation_blocks
+
+    result = synthetic(seeds=("1", "2"))
+    result["config"]["methods"] = ["two-phase", "mask", "ogd"]
+    for sd in result["seeds"].values():
+        ev = sd["evals"]
+        ev["two-phase_int4_a0"] = json.loads(json.dumps(ev["mask_int4_a0"]))
+        for key in ("block_nll_domain", "block_nll_general"):  # mask 0.1 nats better than two-phase per block
+            ev["two-phase_int4_a0"]["metrics"][key] = [x + 0.1 for x in ev["mask_int4_a0"]["metrics"][key]]
+        ev["ogd_int4_a0"]["metrics"]["block_nll_general"] = list(ev["mask_int4_a0"]["metrics"]["block_nll_general"])
+        ev["ogd_int4_a0"]["metrics"]["block_nll_domain"] = list(ev["mask_int4_a0"]["metrics"]["block_nll_domain"])
+    result["summary"] = summarise_separation(result)
+    sk = result["summary"]["skill_vs_control"]
+    assert sk["mask"]["general"]["estimate"] == pytest.approx(float(np.exp(-0.1)))
+    assert sk["mask"]["general"]["verdict"] == "better" and sk["ogd"]["extracted_a0"]["k"] == 4
+    text = "\n".join(b.text for b in recommendation_blocks(result, None, "") if hasattr(b, "text"))
+    assert "Beats two-phase: mask (on skill)" in text
+    assert "ogd" in text and "so its skill is no win" in text and "ogd (on skill)" not in text
+    # no method ahead: the report says so plainly
+    for sd in result["seeds"].values():
+        sd["evals"]["two-phase_int4_a0"] = json.loads(json.dumps(sd["evals"]["mask_int4_a0"]))
+    result["summary"] = summarise_separation(result)
+    text = "\n".join(b.text for b in recommendation_blocks(result, None, "") if hasattr(b, "text"))
+    assert "**Two-phase suffices**" in text

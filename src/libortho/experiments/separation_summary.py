@@ -237,7 +237,7 @@ def summarise_seed(seed_result: dict[str, Any], methods: tuple[str, ...], n_boot
             pls[n] = privleak(e, evals[ref], n_boot)
     goals = {m: method_goals(m, figs, evals, stages, pls) for m in methods if f"{m}_int4_a0" in evals}
     return {"figures": figs, "privleak": pls, "goals": goals, "ranking": rank_methods(evals, methods),
-            "label_noise": _label_noise(seed_result, n_boot), "compute": recorded_compute(seed_result)}
+            "label_noise": label_noise_rows(seed_result, n_boot), "compute": recorded_compute(seed_result)}
 
 
 def recorded_compute(seed_result: dict[str, Any]) -> dict[str, Any]:
@@ -265,7 +265,7 @@ def subset_figures(entry: dict[str, Any], idx: list[int], n_boot: int = 2000, se
     return out
 
 
-def _label_noise(seed_result: dict[str, Any], n_boot: int = 2000) -> dict[str, Any]:
+def label_noise_rows(seed_result: dict[str, Any], n_boot: int = 2000) -> dict[str, Any]:
     """Per noisy row, the unlabelled and the labelled members apart: extraction and exposure, each beside the
     same members under the reference of the same base (the masked retrain with every label right, where the
     unlabelled members' secrets were never trained on), so a leak of the unlabelled is read against what an
@@ -404,6 +404,29 @@ def pooled_goals(m: str, seed_results: dict[str, dict[str, Any]], n_boot: int = 
     return out
 
 
+CONTROL = "two-phase"
+
+
+def skill_vs_control(m: str, seed_results: dict[str, dict[str, Any]], base: str = "int4",
+                     n_boot: int = 2000) -> dict[str, Any]:
+    """Method ``m``'s alpha = 0 perplexity over the two-phase control's (domain and general), paired block by
+    block within each seed that has both rows and pooled over those seeds: > 1 means ``m`` costs skill."""
+    mine, theirs = f"{m}_{base}_a0", f"{CONTROL}_{base}_a0"
+    have = [s for s, r in seed_results.items() if mine in r["evals"] and theirs in r["evals"]]
+    out: dict[str, Any] = {"seeds": have}
+    if not have:
+        return out
+    rows = [seed_results[s]["evals"][mine] for s in have]
+    ctrl = [seed_results[s]["evals"][theirs] for s in have]
+    out["extracted_a0"] = {"k": sum(extracted(e)[0] for e in rows), "n": sum(extracted(e)[1] for e in rows)}
+    for key in ("domain", "general"):
+        ratio = _pooled_ratio(rows, ctrl, key, n_boot)
+        if ratio:
+            out[key] = {**ratio, "verdict": "better" if ratio["high"] < 1 else "worse" if ratio["low"] > 1
+                        else "not separable"}
+    return out
+
+
 def summarise_separation(result: dict[str, Any]) -> dict[str, Any]:
     """The summary of every seed, and (several seeds) each method's goal outcomes across seeds."""
     cfg = result["config"]
@@ -415,7 +438,9 @@ def summarise_separation(result: dict[str, Any]) -> dict[str, Any]:
         if rows:
             across[m] = {"seeds": len(rows), "alpha0_int4_all_hold": [_all_hold(r.get("alpha0_int4")) for r in rows]}
     pooled = {m: g for m in methods if (g := pooled_goals(m, result["seeds"], cfg.get("bootstrap", 2000)))}
-    return {"seeds": seeds, "across_seeds": across, "pooled": pooled,
+    skill = {m: skill_vs_control(m, result["seeds"], n_boot=cfg.get("bootstrap", 2000))
+             for m in methods if m != CONTROL and CONTROL in methods}
+    return {"seeds": seeds, "across_seeds": across, "pooled": pooled, "skill_vs_control": skill,
             "exposure_a0_int4": {m: [float(np.round(s["figures"][f"{m}_int4_a0"]["exposure"]["estimate"], 4))
                                      for s in seeds.values() if f"{m}_int4_a0" in s["figures"]
                                      and "exposure" in s["figures"][f"{m}_int4_a0"]] for m in methods}}

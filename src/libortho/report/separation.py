@@ -14,7 +14,7 @@ from typing import Any
 from libortho.atomic import atomic_write_text, read_json_object
 from libortho.report.document import Block, Figure, Heading, Para, Table, to_html, to_markdown
 from libortho.report.kill_switch import source_line
-from libortho.report.separation_checks import fmt_interval, missing_rows, review_blocks
+from libortho.report.separation_checks import fmt_interval, missing_rows, recommendation_blocks, review_blocks
 from libortho.report.separation_plots import (
     alpha_figure,
     deletion_figure,
@@ -385,8 +385,29 @@ def timing_blocks(timing: dict[str, Any] | None, source: str) -> list[Block]:
             Table(["method", "s / step", "steps", "projected s", "ratio to plain", "goal", "holds"], body)]
 
 
+def find_label_noise(result: dict[str, Any], result_path: Path) -> tuple[dict[str, Any], str] | None:
+    """The label-noise rows to judge the methods against two-phase by: this run's own (first seed that has
+    them), else those of the screening run beside this one (``../screening/result.json``), which holds the
+    label-noise arm the confirmation run does not repeat."""
+    for s, sd in result["summary"]["seeds"].items():
+        if sd.get("label_noise"):
+            return sd["label_noise"], f"this run, seed {s}"
+    other = result_path.resolve().parent.parent / "screening" / "result.json"
+    if not other.is_file() or other == result_path.resolve():
+        return None
+    from libortho.experiments.separation_results import hydrate
+    from libortho.experiments.separation_summary import label_noise_rows
+
+    screening = hydrate(read_json_object(other, "screening result"), other.parent)
+    for s, sd in screening.get("seeds", {}).items():
+        rows = label_noise_rows(sd, screening["config"].get("bootstrap", 2000))
+        if rows:
+            return rows, f"screening run, seed {s}"
+    return None
+
+
 def build_blocks(result: dict[str, Any], fig_dir: Path, timing: dict[str, Any] | None = None,
-                 timing_source: str = "") -> list[Block]:
+                 timing_source: str = "", noise: tuple[dict[str, Any], str] | None = None) -> list[Block]:
     ranked = top_method(result)
     top = ranked[0] if ranked else None
     blocks: list[Block] = [Heading(f"Training-time separation: {result['config']['model']}", 1),
@@ -407,6 +428,7 @@ def build_blocks(result: dict[str, Any], fig_dir: Path, timing: dict[str, Any] |
     for m in sorted(methods, key=lambda m: m != top):
         blocks += [Heading(f"{m} (top-ranked)" if m == top else m, 3), goals_table(result, m, timing)]
     blocks += timing_blocks(timing, timing_source)
+    blocks += recommendation_blocks(result, *(noise if noise else (None, "")))
     for seed in result["summary"]["seeds"]:
         sd = result["seeds"][seed]
         review = review_blocks(result, seed)
@@ -455,7 +477,8 @@ def render_separation_report(result_path: str | Path, out_dir: str | Path | None
     out = Path(out_dir) if out_dir is not None else Path(result_path).parent
     found = find_training_time(Path(result_path))
     timing = json.loads(found.read_text(encoding="utf-8")) if found else None
-    blocks = build_blocks(result, out / "figures", timing, found.name if found else "")
+    blocks = build_blocks(result, out / "figures", timing, found.name if found else "",
+                          find_label_noise(result, Path(result_path)))
     md = atomic_write_text(out / "report.md", to_markdown(blocks, out))
     page = atomic_write_text(out / "report.html", to_html(blocks, f"libortho separation: {result['config']['model']}"))
     return {"markdown": md, "html": page, "figures": out / "figures"}
