@@ -179,26 +179,29 @@ def separation_confirmation_lines(res: dict[str, Any], link: str) -> list[str]:
     """The confirmation run (fresh seeds, the methods fixed beforehand): each method's goals, judged pooled over
     the seeds where two or more have the rows, else on the one seed recorded, with every miss named."""
     from libortho.report.separation import goal_rows
+    from libortho.report.separation_checks import missing_rows
 
     summ, methods = res["summary"], res["config"]["methods"]
     seeds_done = {m: [s for s, sd in summ["seeds"].items() if m in sd["goals"]] for m in methods}
+    complete = [s for s in summ["seeds"] if not missing_rows(res, s)]
+
+    def judged(goals: dict[str, Any], m: str, where: str) -> str:
+        rows = [r for r in goal_rows(goals, {}, m) if not r[0].startswith(("training time", "INT4 a=0 dominates"))]
+        met = sum(r[3] is True for r in rows)
+        missed = [f"{g} ({meas} vs {t})" for g, meas, t, h in rows if h is False]
+        return f"{m} ({where}): {met}/{len(rows)} goals met" + (f"; missed: {'; '.join(missed)}" if missed else "")
+
     parts = []
     for m in methods:
-        done = seeds_done[m]
-        if not done:
-            continue
         pooled = summ.get("pooled", {}).get(m)
-        goals = pooled if pooled else summ["seeds"][done[0]]["goals"][m]
-        where = f"pooled over seeds {', '.join(pooled['seeds'])}" if pooled else f"seed {done[0]} alone"
-        rows = [r for r in goal_rows(goals, {}, m) if not r[0].startswith(("training time", "INT4 a=0 dominates"))]
-        met = [r for r in rows if r[3] is True]
-        missed = [f"{g} ({meas} vs {t})" for g, meas, t, h in rows if h is False]
-        parts.append(f"{m} ({where}): {len(met)}/{len(rows)} goals met"
-                     + (f"; missed: {'; '.join(missed)}" if missed else ""))
-    n_seeds = sorted({s for v in seeds_done.values() for s in v})
+        if pooled and not pooled["not_pooled"]:  # every seed with a row of m has every goal's rows
+            parts.append(judged(pooled, m, f"pooled over seeds {', '.join(pooled['seeds'])}"))
+        else:  # some seed is part-way: each complete seed on its own, never a pool over a subset
+            parts += [judged(summ["seeds"][s]["goals"][m], m, f"seed {s}" + ("" if s in complete else ", part-way"))
+                      for s in seeds_done[m]]
     want = len(res["config"].get("seeds", [])) or len(res["seeds"])
-    state = (f"method rows of {len(n_seeds)} of {want} seeds recorded" +
-             ("" if len(n_seeds) >= want else ", the run is resumed in pieces, so this is provisional"))
+    state = (f"{len(complete)} of {want} seeds complete" +
+             ("" if len(complete) >= want else ", the run is resumed in pieces, so this is provisional"))
     return [f"- **Training-time separation, confirmation** ([report]({link}), SmolLM2-135M, fresh seeds, methods "
             f"{', '.join(methods)} fixed from the screening; {state}): " + ". ".join(parts) + "."]
 

@@ -117,20 +117,25 @@ def test_readme_dual_stream_lines_from_a_known_table() -> None:
 
 def test_readme_confirmation_line_pools_seeds_and_names_each_miss() -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from libortho.experiments.separation_summary import summarise_separation
     from readme_results import separation_confirmation_lines
     from test_report_separation import N, synthetic
 
     res = synthetic(seeds=("1", "2"))
     res["config"]["seeds"] = [1, 2, 3]
     line = separation_confirmation_lines(res, "r.md")[0]
-    assert "method rows of 2 of 3 seeds recorded" in line and "provisional" in line
+    assert "2 of 3 seeds complete" in line and "provisional" in line
     # ogd leaks 2 of N per seed at alpha = 0: pooled over both seeds it is 4 of 2N, named as a miss
     assert "ogd (pooled over seeds 1, 2)" in line
     assert f"INT4 a=0 vs quantized retrain: extraction = 0 ({2 * 2}/{2 * N} [" in line
     mask = line.split("mask (pooled over seeds 1, 2): ")[1].split(". ogd")[0]
-    pooled = res["summary"]["pooled"]["mask"]
-    n = len(pooled["alpha0_int4"]) + len(pooled["alpha0_fp"]) + 1  # the alpha = 1 goal
-    assert mask == f"{n}/{n} goals met"  # the clean method: every pooled goal met, none missed
+    assert mask == "13/13 goals met"  # 6 INT4 + 6 FP alpha = 0 goals and the alpha = 1 one, none missed
+    # a seed part-way (seed 2 without mask's INT4 alpha = 1 row): no pool over a subset, each seed alone
+    del res["seeds"]["2"]["evals"]["mask_int4_a1"]
+    res["summary"] = summarise_separation(res)
+    line = separation_confirmation_lines(res, "r.md")[0]
+    assert "pooled" not in line.split("ogd")[0]
+    assert "mask (seed 1): 13/13 goals met" in line and "mask (seed 2, part-way): 12/12 goals met" in line
 
 
 @pytest.mark.slow

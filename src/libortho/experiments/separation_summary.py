@@ -279,7 +279,8 @@ def label_noise_rows(seed_result: dict[str, Any], n_boot: int = 2000) -> dict[st
         ref_name = "retrain_masked_int4" if e.get("base", "int4") == "int4" else "retrain_masked_fp"
         ref = evals.get(ref_name)
         row: dict[str, Any] = {"noise": e["noise"], "method": e["method"], "alpha": e.get("alpha"),
-                               "label": e["label"], "reference": ref_name if ref else None}
+                               "label": e["label"], "reference": ref_name if ref else None,
+                               "base": e.get("base", "int4")}
         for part, idx in (("unlabelled", off), ("labelled", on)):
             row[part] = subset_figures(e, idx, n_boot)
             if ref is not None:
@@ -333,21 +334,44 @@ def _pooled_ratio(rows: list[dict[str, Any]], refs: list[dict[str, Any]], key: s
             "low": float(np.exp(iv.low)), "high": float(np.exp(iv.high)), "level": iv.level}
 
 
+def method_seeds(m: str, seed_results: dict[str, dict[str, Any]]) -> list[str]:
+    """The seeds on which any row of method ``m`` is recorded (its switch rows or its relearning attack)."""
+    return [s for s, r in seed_results.items()
+            if any(n.startswith((f"{m}_", f"relearn_{m}_")) for n in r["evals"])]
+
+
+def _per_seed_privleak(pairs: list[tuple], n_boot: int) -> list[dict[str, float]]:
+    return [_ci(bootstrap_privleak(*p, n_boot)) for p in pairs]
+
+
 def pooled_goals(m: str, seed_results: dict[str, dict[str, Any]], n_boot: int = 2000) -> dict[str, Any] | None:
     """The issue's goals for method ``m`` judged once on every seed's members together (same keys and shapes
     as :func:`method_goals`, so one renderer reads both): extraction counted over all seeds (exact interval),
     mean exposures pooled with a bootstrap within each seed, PrivLeak the seeds' mean (each seed's AUCs on
-    its own records), perplexity ratios paired block by block inside each seed. ``None`` below two seeds."""
-    out: dict[str, Any] = {}
-    used: set[str] = set()
+    its own records), perplexity ratios paired block by block inside each seed.
+
+    A group of goals is pooled only when *every* seed with a row of ``m`` has that group's rows: a goal is
+    never judged on fewer seeds than its neighbours without saying so (``not_pooled`` names the seeds each
+    missing group lacks). The intervals resample members and blocks within each seed, holding each seed's
+    trained model fixed, so a seed-level effect could cancel in a mean: a pooled PrivLeak holds only when
+    each seed's own estimate is inside the bound too. ``None`` below two seeds."""
+    seeds = method_seeds(m, seed_results)
+    if len(seeds) < 2:
+        return None
+    out: dict[str, Any] = {"seeds": seeds, "not_pooled": {}}
+
+    def complete(group: str, names: tuple[str, ...]) -> bool:
+        lacking = [s for s in seeds if any(n not in seed_results[s]["evals"] for n in names)]
+        if lacking and len(lacking) < len(seeds):  # on no seed at all: not part of this run, nothing to flag
+            out["not_pooled"][group] = lacking
+        return not lacking
+
     for base, ref_name in (("int4", "retrain_masked_int4"), ("fp", "retrain_masked_fp")):
         row_name = f"{m}_{base}_a0"
-        have = [s for s, r in seed_results.items() if row_name in r["evals"] and ref_name in r["evals"]]
-        if len(have) < 2:
+        if not complete(f"alpha0_{base}", (row_name, ref_name)):
             continue
-        used |= set(have)
-        rows = [seed_results[s]["evals"][row_name] for s in have]
-        refs = [seed_results[s]["evals"][ref_name] for s in have]
+        rows = [seed_results[s]["evals"][row_name] for s in seeds]
+        refs = [seed_results[s]["evals"][ref_name] for s in seeds]
         k = sum(extracted(e)[0] for e in rows)
         n = sum(extracted(e)[1] for e in rows)
         goals: dict[str, Any] = {"extraction_zero": {"measured": k, "n": n, "goal": 0, "holds": k == 0,
@@ -366,9 +390,11 @@ def pooled_goals(m: str, seed_results: dict[str, dict[str, Any]], n_boot: int = 
                 pairs.append((a["members"], a["nonmembers"], b["members"], b["nonmembers"]))
             else:
                 iv = _ci(pooled_privleak(pairs, n_boot))
-                goals[f"privleak_{kind}"] = {"measured": iv["estimate"], "ci": iv,
-                                             "goal": f"95% CI in ±{PRIVLEAK_BOUND}",
-                                             "holds": iv["low"] >= -PRIVLEAK_BOUND and iv["high"] <= PRIVLEAK_BOUND}
+                per = [p["estimate"] for p in _per_seed_privleak(pairs, n_boot)]
+                goals[f"privleak_{kind}"] = {
+                    "measured": iv["estimate"], "ci": iv, "goal": f"95% CI in ±{PRIVLEAK_BOUND}", "per_seed": per,
+                    "holds": (iv["low"] >= -PRIVLEAK_BOUND and iv["high"] <= PRIVLEAK_BOUND
+                              and max(abs(x) for x in per) <= PRIVLEAK_BOUND)}
         for key in ("domain", "general"):
             mine, theirs = _pooled_ppl(rows, key, n_boot), _pooled_ppl(refs, key, n_boot)
             ratio = _pooled_ratio(rows, refs, key, n_boot)
@@ -378,29 +404,22 @@ def pooled_goals(m: str, seed_results: dict[str, dict[str, Any]], n_boot: int = 
                     "unpaired_holds": mine["estimate"] <= theirs["high"], "inside": _inside(mine["estimate"], theirs),
                     "holds": ratio["low"] <= 1.0}
         out[f"alpha0_{base}"] = goals
-    have = [s for s, r in seed_results.items() if f"{m}_int4_a1" in r["evals"] and "ft_fp" in r["evals"]]
-    if len(have) >= 2:
-        used |= set(have)
-        a1 = _pooled_exposure([seed_results[s]["evals"][f"{m}_int4_a1"] for s in have], n_boot)
-        ft = _pooled_exposure([seed_results[s]["evals"]["ft_fp"] for s in have], n_boot)
+    if complete("alpha1_exposure", (f"{m}_int4_a1", "ft_fp")):
+        a1 = _pooled_exposure([seed_results[s]["evals"][f"{m}_int4_a1"] for s in seeds], n_boot)
+        ft = _pooled_exposure([seed_results[s]["evals"]["ft_fp"] for s in seeds], n_boot)
         if a1 and ft:
             goal = ALPHA1_EXPOSURE_SHARE * ft["estimate"]
             out["alpha1_exposure"] = {"measured": a1["estimate"], "ci": a1, "goal": goal,
                                       "holds": a1["estimate"] >= goal}
     relearn: dict[str, Any] = {}
     for data in ("public", "public+half"):
-        have = [s for s, r in seed_results.items()
-                if f"relearn_{m}_{data}" in r["evals"] and f"relearn_retrain_masked_{data}" in r["evals"]]
-        if len(have) >= 2:
-            used |= set(have)
-            ka = sum(extracted(seed_results[s]["evals"][f"relearn_{m}_{data}"])[0] for s in have)
-            kr = sum(extracted(seed_results[s]["evals"][f"relearn_retrain_masked_{data}"])[0] for s in have)
-            n = sum(extracted(seed_results[s]["evals"][f"relearn_{m}_{data}"])[1] for s in have)
+        names = (f"relearn_{m}_{data}", f"relearn_retrain_masked_{data}")
+        if complete(f"relearn_{data}", names):
+            ka = sum(extracted(seed_results[s]["evals"][names[0]])[0] for s in seeds)
+            kr = sum(extracted(seed_results[s]["evals"][names[1]])[0] for s in seeds)
+            n = sum(extracted(seed_results[s]["evals"][names[0]])[1] for s in seeds)
             relearn[data] = {"recovered": ka, "reference_recovered": kr, "n": n, "holds": ka <= kr}
     out["relearn"] = relearn or None
-    if not used:
-        return None
-    out["seeds"] = sorted(used)
     return out
 
 
@@ -410,20 +429,26 @@ CONTROL = "two-phase"
 def skill_vs_control(m: str, seed_results: dict[str, dict[str, Any]], base: str = "int4",
                      n_boot: int = 2000) -> dict[str, Any]:
     """Method ``m``'s alpha = 0 perplexity over the two-phase control's (domain and general), paired block by
-    block within each seed that has both rows and pooled over those seeds: > 1 means ``m`` costs skill."""
+    block within each seed that has both rows and pooled over those seeds: > 1 means ``m`` costs skill.
+
+    "better" / "worse" needs the pooled interval to exclude 1 *and* every seed's own ratio on that side (the
+    interval holds each seed's model fixed; the seeds' agreement is the run-to-run check); else "not
+    separable". ``missing``: seeds with a row of ``m`` but not both rows compared here."""
     mine, theirs = f"{m}_{base}_a0", f"{CONTROL}_{base}_a0"
     have = [s for s, r in seed_results.items() if mine in r["evals"] and theirs in r["evals"]]
-    out: dict[str, Any] = {"seeds": have}
+    out: dict[str, Any] = {"seeds": have, "missing": [s for s in method_seeds(m, seed_results) if s not in have]}
     if not have:
         return out
     rows = [seed_results[s]["evals"][mine] for s in have]
     ctrl = [seed_results[s]["evals"][theirs] for s in have]
-    out["extracted_a0"] = {"k": sum(extracted(e)[0] for e in rows), "n": sum(extracted(e)[1] for e in rows)}
     for key in ("domain", "general"):
         ratio = _pooled_ratio(rows, ctrl, key, n_boot)
         if ratio:
-            out[key] = {**ratio, "verdict": "better" if ratio["high"] < 1 else "worse" if ratio["low"] > 1
-                        else "not separable"}
+            per = [_pooled_ratio([e], [c], key, n_boot)["estimate"] for e, c in zip(rows, ctrl, strict=True)]
+            better = ratio["high"] < 1 and all(x < 1 for x in per)
+            worse = ratio["low"] > 1 and all(x > 1 for x in per)
+            out[key] = {**ratio, "per_seed": per,
+                        "verdict": "better" if better else "worse" if worse else "not separable"}
     return out
 
 

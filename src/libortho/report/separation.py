@@ -140,11 +140,17 @@ def goals_table(result: dict[str, Any], method: str, timing: dict[str, Any] | No
         for g, m, t, h in pooled_rows:
             if g == goal:
                 body.append([goal, f"pooled ({pooled_seeds})", m, t, _holds(h)])
-    return Table(["goal", "seed", "measured [95% CI]", "goal", "holds"], body,
-                 "Per seed, whether it holds on every seed, and pooled: every seed's members together (extraction "
-                 "summed with an exact interval, exposures and perplexities resampled within each seed, PrivLeak "
-                 "the seeds' mean, perplexity ratios paired block by block within each seed)."
-                 if pooled_rows else "")
+    lacking = "; ".join(f"{group} (seeds {', '.join(ss)} lack its rows)"
+                        for group, ss in (pooled or {}).get("not_pooled", {}).items())
+    caption = ("Per seed, whether it holds on every seed, and pooled: every seed's members together (extraction "
+               "summed with an exact interval, exposures and perplexities resampled within each seed, PrivLeak "
+               "the seeds' mean and held only if each seed's own estimate is inside the bound, perplexity ratios "
+               "paired block by block within each seed). The pooled intervals hold each seed's trained model "
+               "fixed: the run-to-run variation is in the per-seed rows and the 'all seeds' verdict."
+               if pooled_rows else "")
+    if lacking:
+        caption += f" Not pooled: {lacking}."
+    return Table(["goal", "seed", "measured [95% CI]", "goal", "holds"], body, caption.strip())
 
 
 def top_method(result: dict[str, Any]) -> tuple[str, str, int] | None:
@@ -402,7 +408,7 @@ def find_label_noise(result: dict[str, Any], result_path: Path) -> tuple[dict[st
     for s, sd in screening.get("seeds", {}).items():
         rows = label_noise_rows(sd, screening["config"].get("bootstrap", 2000))
         if rows:
-            return rows, f"screening run, seed {s}"
+            return rows, f"screening run, seed {s}: the run that chose the methods, one seed"
     return None
 
 

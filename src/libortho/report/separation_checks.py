@@ -152,6 +152,10 @@ def missing_rows(result: dict[str, Any], seed: str) -> list[str]:
     cfg, sd = result["config"], result["summary"]["seeds"][seed]
     evals = result["seeds"][seed]["evals"]
     missing = []
+    for m in cfg.get("methods", []):
+        gaps = [f"alpha = {a}" for a in (0, 1) if f"{m}_int4_a{a}" not in evals]
+        if gaps:
+            missing.append(f"{m} INT4 at {' and '.join(gaps)}")
     ranking = sd.get("ranking") or []
     noisy = cfg.get("label_noise_methods") or [r["method"] for r in ranking[:2]]
     for f in cfg.get("label_noise", []):
@@ -211,13 +215,16 @@ def setup_asymmetry_blocks(result: dict[str, Any], seed: str) -> list[Block]:
     return [Para("Setup asymmetries: " + "; ".join(parts) + ".")]
 
 
-def _noise_comparison(m: str, noise: dict[str, Any]) -> list[tuple[float, str, str]]:
-    """(fraction, less/more/not separable, text) of ``m``'s unlabelled members against two-phase's at alpha = 0."""
-    rows = [r for r in noise.values() if r.get("alpha") == 0.0]
+def _noise_comparison(m: str, noise: dict[str, Any]) -> list[tuple[float, str, bool | None, str]]:
+    """(fraction, less/more/not separable, above the retrain?, text) of ``m``'s unlabelled members against the
+    two-phase control's at alpha = 0 on the INT4 base."""
+    from libortho.experiments.separation_summary import CONTROL
+
+    rows = [r for r in noise.values() if r.get("alpha") == 0.0 and r.get("base", "int4") == "int4"]
     out = []
     for f in sorted({r["noise"] for r in rows}):
         mine = next((r for r in rows if r["noise"] == f and r["method"] == m), None)
-        ctrl = next((r for r in rows if r["noise"] == f and r["method"] == "two-phase"), None)
+        ctrl = next((r for r in rows if r["noise"] == f and r["method"] == CONTROL), None)
         if mine is None or ctrl is None:
             continue
         e, t = mine["unlabelled"].get("exposure"), ctrl["unlabelled"].get("exposure")
@@ -226,46 +233,71 @@ def _noise_comparison(m: str, noise: dict[str, Any]) -> list[tuple[float, str, s
             continue
         cmp = "not separable" if ov else ("less" if e["estimate"] < t["estimate"] else "more")
         ref = (mine.get("unlabelled_reference") or {}).get("exposure")
-        out.append((f, cmp, f"{f:.0%} unlabelled: {_iv(e)} vs {_iv(t)} bits"
+        above = None if ref is None else (not _overlap(e, ref) and e["estimate"] > ref["estimate"])
+        out.append((f, cmp, above, f"{f:.0%} unlabelled: {_iv(e)} vs {_iv(t)} bits"
                     + (f", the retrain on the same members {_iv(ref)}" if ref else "")))
     return out
+
+
+def _privacy_holds(result: dict[str, Any], m: str, seeds: list[str]) -> tuple[bool, list[str]]:
+    """Whether ``m``'s INT4 alpha = 0 model meets the extraction and exposure goals on every seed in ``seeds``."""
+    failed = []
+    for s in seeds:
+        goals = result["summary"]["seeds"][s]["goals"].get(m, {}).get("alpha0_int4", {})
+        for key in ("extraction_zero", "exposure_within_1bit"):
+            g = goals.get(key)
+            if g is None or g.get("holds") is not True:
+                failed.append(f"{key.replace('_', ' ')} on seed {s}")
+    return not failed, failed
 
 
 def recommendation_blocks(result: dict[str, Any], noise: dict[str, Any] | None, noise_source: str) -> list[Block]:
     """Does any method beat the two-phase control under label noise or on skill? (issue 8: otherwise the
     report must say plainly that two-phase suffices). Skill: alpha = 0 INT4 perplexity over two-phase's,
-    paired within each seed and pooled; label noise: the unlabelled members' exposure at alpha = 0, from
-    ``noise`` (the label-noise rows of the run that has them), non-overlapping intervals only."""
+    paired within each seed and pooled, counted only for a method that meets the alpha = 0 extraction and
+    exposure goals on those seeds; label noise: the unlabelled members' exposure at alpha = 0, from ``noise``
+    (the label-noise rows of the run that has them), non-overlapping intervals only. Three outcomes: a method
+    beats it, none does (two-phase suffices), or a comparison is missing (not judged)."""
     skill = result["summary"].get("skill_vs_control") or {}
     if not skill:
         return []
-    parts, beats = [], []
+    parts, beats, unjudged = [], [], []
     for m, sk in skill.items():
-        if not sk.get("seeds"):
-            continue
         g, d = sk.get("general"), sk.get("domain")
+        if not sk.get("seeds") or not g or not d:
+            unjudged.append(m)
+            parts.append(f"{m}: skill not comparable (no seed has both its and two-phase's INT4 alpha = 0 rows)")
+            continue
         text = (f"{m}: general perplexity {_iv(g, '.3f')}x two-phase's ({g['verdict']}), domain {_iv(d, '.3f')}x "
-                f"({d['verdict']}), seeds {', '.join(sk['seeds'])}") if g and d else f"{m}: skill not comparable"
+                f"({d['verdict']}), seeds {', '.join(sk['seeds'])}")
+        if sk.get("missing"):
+            unjudged.append(m)
+            text += f" (seeds {', '.join(sk['missing'])} not compared yet)"
+        private, failed = _privacy_holds(result, m, sk["seeds"])
+        if not private:  # a model that still leaks at alpha = 0 has no skill win to claim
+            text += f" (but it misses {', '.join(failed)}, so its skill is no win)"
         cmp = _noise_comparison(m, noise or {})
         if cmp:
-            text += "; unlabelled members' exposure vs two-phase's (" + noise_source + "): " + "; ".join(
-                f"{c} at {t}" for _, c, t in cmp)
-        leak = sk.get("extracted_a0", {"k": 0, "n": 0})
-        if leak["k"]:  # a model that still leaks at alpha = 0 has no skill win to claim
-            text += f" (but it extracts {leak['k']}/{leak['n']} at alpha = 0, so its skill is no win)"
-        on_skill = bool(not leak["k"] and g and d and "better" in (g["verdict"], d["verdict"]) and "worse" not in
-                        (g["verdict"], d["verdict"]))
-        on_noise = bool(cmp) and all(c == "less" for _, c, _ in cmp)
+            text += f"; unlabelled members' exposure vs two-phase's ({noise_source}): " + "; ".join(
+                f"{c} at {t}" + (" (still above the retrain)" if above else "") for _, c, above, t in cmp)
+        verdicts = (g["verdict"], d["verdict"])
+        on_skill = private and "better" in verdicts and "worse" not in verdicts
+        on_noise = bool(cmp) and all(c == "less" for _, c, _, _ in cmp)
         if on_skill or on_noise:
             how = " and ".join(w for w, ok in (("on skill", on_skill), ("under label noise", on_noise)) if ok)
-            cost = ", at a measured skill cost" if on_noise and g and g["verdict"] == "worse" else ""
+            cost = ", at a measured skill cost" if on_noise and "worse" in verdicts else ""
             beats.append(f"{m} ({how}{cost})")
         parts.append(text)
-    if not parts:
-        return []
-    verdict = ("Beats two-phase: " + "; ".join(beats) + ". With every label right, two-phase meets the alpha = 0 "
-               "goals by construction; the case for another method rests on the comparisons above."
-               if beats else "**Two-phase suffices**: no method beats it on skill or under label noise here.")
+    provisional = unjudged or any(missing_rows(result, s) for s in result["summary"]["seeds"])
+    if beats:
+        verdict = ("Beats two-phase: " + "; ".join(beats) + ". With every label right, two-phase meets the alpha "
+                   "= 0 goals by construction; the case for another method rests on the comparisons above.")
+    elif unjudged:
+        verdict = f"Not judged yet: {', '.join(unjudged)} not compared with two-phase on every seed."
+    else:
+        verdict = "**Two-phase suffices**: no method beats it on skill or under label noise here."
+    if provisional:
+        verdict += " Provisional: rows this run asks for are not all recorded."
     return [Heading("Against the two-phase control"), Para("; ".join(parts) + "."), Para(verdict)]
 
 
