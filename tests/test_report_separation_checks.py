@@ -87,8 +87,16 @@ def test_missing_rows_are_listed_from_the_config_and_vanish_once_recorded() -> N
                  "full-precision-base rows of ogd, mask"):
         assert part in md
     relearn = [f"relearn_{t}_{d}" for t in ("ogd", "retrain_masked") for d in ("public", "public+half")]
-    done = {n: {} for n in ("ogd@0.5_int4_a0", "mask@0.5_int4_a0", "npo_int4", "ogd_fp_a0", "mask_fp_a0", *relearn)}
+    switch = [f"{m}_int4_a{a}" for m in ("ogd", "mask") for a in (0, 1)]
+    done = {n: {} for n in ("ogd@0.5_int4_a0", "mask@0.5_int4_a0", "npo_int4", "ogd_fp_a0", "mask_fp_a0", *relearn,
+                            *switch)}
     assert missing_blocks(_result(ranking, {}, done, cfg), "0") == []
+    # a method's own INT4 switch rows are asked for too
+    md = _md(missing_blocks(_result(ranking, {}, {k: v for k, v in done.items() if k != "mask_int4_a1"}, cfg), "0"))
+    assert "mask INT4 at alpha = 1" in md and "ogd INT4" not in md
+    # the confirmation attacks every method of the run (fixed beforehand), not this seed's top-ranked one
+    conf = _result(ranking, {}, done, {**cfg, "stage": "confirmation"})
+    assert "relearning attack on mask (public)" in _md(missing_blocks(conf, "0"))
     # a stage that leaves the FP-base rows to another run says so, without calling itself partial
     md = _md(missing_blocks(_result(ranking, {}, done, {**cfg, "full_precision_rows": False}), "0"))
     assert "Not measured yet" not in md and "Not in this run's config: every method with a full-precision" in md

@@ -55,7 +55,7 @@ from libortho.experiments.separation_controls import (
 )
 from libortho.experiments.separation_data import SeparationData, build_separation_data
 from libortho.experiments.separation_results import RESULT_FILE, evals_dir, lean
-from libortho.experiments.separation_summary import rank_methods, summarise_separation
+from libortho.experiments.separation_summary import rank_methods, relearn_targets, summarise_separation
 from libortho.experiments.store import META, _canonical, cached_model, is_cached_model
 from libortho.runtime import set_alpha
 from libortho.train.loop import TrainConfig, train
@@ -378,7 +378,7 @@ def run_seed(run: SeedRun) -> None:
     Ordered so that a model, once made, serves every stage that needs it before a later stage makes the
     next one (the cache of trained models may not outlive a working session; the JSON results do): each
     stage that may make models is followed by the eta of whatever is at hand, memsink's deletion comes
-    right after the method rows, the relearning attack needs the best method and the masked retrain, and
+    right after the method rows, the relearning attack needs its targets (relearn_targets) and the masked retrain, and
     the unlearning baselines the FP fine-tuned model, whose eta closes the seed."""
     cfg = run.cfg
     models = _references(run)
@@ -389,13 +389,13 @@ def run_seed(run: SeedRun) -> None:
         deletion_stage(run)
     ranking = rank_methods(run.evals, cfg.methods)
     run.stages["ranking"] = ranking
-    best = ranking[0]["method"] if ranking else None
     noisy = cfg.label_noise_methods if cfg.label_noise_methods is not None else tuple(r["method"] for r in ranking[:2])
     for f in cfg.label_noise:
         _methods(run, noise=f, methods=noisy, full=False)
-    if best is not None and cfg.relearn_steps:
-        target = run.method(best)
-        relearn_stage(run, best, lambda: dual_stream(*target(), run.data.calibration, cfg.quant, alpha=0.0)[0])
+    for m in relearn_targets(cfg.stage, cfg.methods, [r["method"] for r in ranking]) if cfg.relearn_steps else []:
+        target = run.method(m)
+        relearn_stage(run, m, lambda target=target: dual_stream(*target(), run.data.calibration, cfg.quant,
+                                                                 alpha=0.0)[0])
     if cfg.relearn_steps:
         relearn_stage(run, "retrain_masked",
                       lambda: quantized(models["retrain_masked"](), run.data.calibration, cfg.quant)[0])

@@ -32,6 +32,15 @@ TIME_BUDGET = 1.3
 UTILITY_BUDGET = 1.10  # tuned unlearning: general perplexity at most 10% above the FP fine-tuned model's
 
 
+def relearn_targets(stage: str, methods: tuple[str, ...] | list[str], ranked: list[str]) -> list[str]:
+    """The methods the relearning attack is run on: in the confirmation every method of the run (its headline
+    rows, fixed before it starts, so each seed attacks the same models and the goal can be pooled); in the
+    screening only this seed's top-ranked one (the attack costs two trainings and evaluations a method)."""
+    if stage == "confirmation":
+        return list(methods)
+    return ranked[:1]
+
+
 def _ci(iv: Any) -> dict[str, float]:
     return {k: v for k, v in asdict(iv).items() if v is not None}
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from libortho.experiments.separation_summary import relearn_targets
 from libortho.report.document import Block, Heading, Para, Table
 
 CHECK_NAMES = {"extraction_zero": "a=0 extracts 0", "exposure_within_1bit": "a=0 exposure <= ref + 1 bit",
@@ -165,8 +166,10 @@ def missing_rows(result: dict[str, Any], seed: str) -> list[str]:
     for u in cfg.get("unlearning", []):
         if f"{u}_int4" not in evals:
             missing.append(f"{u} (swept, then INT4)")
-    if cfg.get("relearn_steps") and ranking:
-        for target in (ranking[0]["method"], "retrain_masked"):
+    targets = relearn_targets(result.get("stage", cfg.get("stage", "screening")), cfg.get("methods", []),
+                              [r["method"] for r in ranking])
+    if cfg.get("relearn_steps") and targets:
+        for target in (*targets, "retrain_masked"):
             for data in ("public", "public+half"):
                 if f"relearn_{target}_{data}" not in evals:
                     missing.append(f"relearning attack on {target} ({data})")
