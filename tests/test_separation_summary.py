@@ -122,7 +122,7 @@ def test_recorded_compute_counts_each_stage_once_and_each_row_with_its_model_mak
 
 
 def test_label_noise_splits_members_by_label_and_reads_the_same_members_under_the_reference() -> None:
-    from libortho.experiments.separation_summary import _label_noise
+    from libortho.experiments.separation_summary import label_noise_rows
 
     # members 1 and 3 unlabelled: they leak (extracted, 9-10 bits); the labelled ones do not
     noisy = _entry("ogd noisy a=0", "label_noise", [False, True, False, True], [1.0, 9.0, 2.0, 10.0], 20.0,
@@ -130,7 +130,7 @@ def test_label_noise_splits_members_by_label_and_reads_the_same_members_under_th
     ref = _entry("retrain INT4", "reference", [False] * 4, [0.5, 1.5, 2.5, 3.5], 20.0)
     seed_result = {"evals": {"ogd@0.5_int4_a0": noisy, "retrain_masked_int4": ref},
                    "unlabelled": {"0.5": [1, 3]}}
-    row = _label_noise(seed_result, n_boot=200)["ogd@0.5_int4_a0"]
+    row = label_noise_rows(seed_result, n_boot=200)["ogd@0.5_int4_a0"]
     assert row["unlabelled"]["extraction"]["k"] == 2 and row["unlabelled"]["extraction"]["n"] == 2
     assert row["labelled"]["extraction"]["k"] == 0 and row["labelled"]["extraction"]["n"] == 2
     assert np.isclose(row["unlabelled"]["exposure"]["estimate"], 9.5)
