@@ -168,3 +168,30 @@ def test_ppl_table_end_to_end_on_the_tiny_model(tmp_path) -> None:
     ppl_table.main(argv)  # resumes: every stage is cached, only the provenance list grows
     again = json.loads(out.read_text())
     assert again["rows"] == tab["rows"] and len(again["git"]) == 2 and before != out.read_text()
+
+
+def test_decompose_profile_reports_the_ratio_and_where_the_time_went(tmp_path) -> None:
+    """bench/decompose_profile.py on the tiny model: the ratio is decomposition over the forward it timed,
+    the phases cover the wall time without double counting, and the goals' verdicts follow the figures."""
+    import subprocess
+
+    out = tmp_path / "profile.json"
+    script = Path(__file__).resolve().parent.parent / "bench" / "decompose_profile.py"
+    subprocess.run([sys.executable, str(script), "--model", "tiny", "--n-calib", "4", "--seq-len", "32",
+                    "--group-size", "32", "--out", str(out)], check=True, capture_output=True)
+    r = json.loads(out.read_text())
+    assert r["ratio_to_forward"] == pytest.approx(r["decompose_s"] / r["fp32_forward_s"])
+    assert r["calib_tokens"] == 4 * 32 and r["blocks"] == r["blocks_total"] >= 1
+    top = sum(v for k, v in r["phase_fraction"].items() if k != "quantize_cholesky")
+    assert 0.6 <= top <= 1.001
+    assert r["goals"]["ratio_to_forward"]["holds"] == (r["ratio_to_forward"] <= 1.0)
+    assert r["goals"]["peak_rss_mb"]["holds"] == (r["peak_rss_mb"] <= 2048)
+
+
+def test_decompose_profile_refuses_a_bad_out_path_before_loading_anything(tmp_path) -> None:
+    import subprocess
+
+    script = Path(__file__).resolve().parent.parent / "bench" / "decompose_profile.py"
+    p = subprocess.run([sys.executable, str(script), "--out", str(tmp_path / "x.txt")], capture_output=True, text=True)
+    assert p.returncode != 0 and "--out must be a .json file" in p.stderr
+    assert not (tmp_path / "x.txt").exists()

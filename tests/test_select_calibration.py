@@ -148,3 +148,22 @@ def test_malformed_select_calibration_is_refused(tiny_llama) -> None:
     with pytest.raises(ValueError, match="empty"):
         libortho.decompose(copy.deepcopy(tiny_llama), _ids(4, 32, seed=0), CFG, progress=False,
                            select_calibration=torch.zeros(0, 8, dtype=torch.long))
+
+
+def test_phase_profile_accounts_for_the_wall_time(runs) -> None:
+    """stats["phase_s"] says where the decomposition's time went: every phase present, none counted twice.
+
+    Fails if a phase is dropped (the sum falls well short of the wall time), if the Hessian accumulation is
+    left inside the forwards (the sum exceeds it), or if the call counts stop matching the schedule.
+    """
+    _, res = runs["sel"]
+    phases, calls, wall = res.stats["phase_s"], res.stats["phase_calls"], res.stats["wall_s"]
+    for p in ("capture", "stage_discovery", "stage_forward", "hessian_accumulate", "select_hessian_accumulate",
+              "quantize", "select", "advance_forward"):
+        assert phases[p] >= 0.0 and calls[p] >= 1, p
+    assert "quantize_cholesky" in phases and phases["quantize_cholesky"] <= phases["quantize"]
+    top = sum(v for k, v in phases.items() if k != "quantize_cholesky")  # cholesky is inside quantize
+    assert 0.6 * wall <= top <= wall * 1.001
+    n_layers = res.stats["layers"]
+    assert calls["quantize"] == calls["select"] == n_layers
+    assert calls["advance_forward"] == 2 * res.stats["blocks"]  # base and selector flows each advance per block

@@ -33,6 +33,34 @@ from libortho.select import global_threshold, impact_scores, optimal_values, thr
 from libortho.streams import BaseStream, LowRankMemory, SparseOrtho
 
 
+class PhaseTimer:
+    """Wall seconds spent in each named phase of a decomposition (where the time goes).
+
+    Phases nest: time inside a hook (Hessian accumulation) is also inside the enclosing forward, so
+    :meth:`exclusive` reports forwards without it. One instance per run; cheap (two clock reads).
+    """
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self.calls: dict[str, int] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, phase: str):  # noqa: ANN204 - a context manager
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - t
+            self.calls[phase] = self.calls.get(phase, 0) + 1
+
+    def exclusive(self) -> dict[str, float]:
+        """Seconds per phase, the Hessian accumulation taken out of the stage forwards that ran it."""
+        out = dict(self.seconds)
+        if "stage_forward" in out:
+            out["stage_forward"] -= out.get("hessian_accumulate", 0.0) + out.get("select_hessian_accumulate", 0.0)
+        return out
+
+
 class _StopForward(Exception):
     """Raised by the capture hook once block 0's inputs are recorded."""
 
@@ -114,13 +142,15 @@ class _Flow:
     def capture(cls, model: nn.Module, tokens: torch.Tensor, batch_size: int) -> _Flow:
         return cls(*capture_block_inputs(model, tokens, batch_size))
 
-    def hessians(self, block: nn.Module, linears: dict[str, nn.Linear], names: list[str]) -> dict[str, torch.Tensor]:
-        return _accumulate(block, linears, names, self.hidden, self.kws)
+    def hessians(self, block: nn.Module, linears: dict[str, nn.Linear], names: list[str],
+                 timer: PhaseTimer | None = None, phase: str = "hessian_accumulate") -> dict[str, torch.Tensor]:
+        return _accumulate(block, linears, names, self.hidden, self.kws, timer, phase)
 
     @torch.no_grad()
-    def advance(self, block: nn.Module) -> None:
+    def advance(self, block: nn.Module, timer: PhaseTimer | None = None) -> None:
         """Run the (already decomposed) block: its outputs are the next block's inputs."""
-        self.hidden = [_block_out(block, hs, kw) for hs, kw in zip(self.hidden, self.kws, strict=True)]
+        with (timer or PhaseTimer())("advance_forward"):
+            self.hidden = [_block_out(block, hs, kw) for hs, kw in zip(self.hidden, self.kws, strict=True)]
 
 
 @torch.no_grad()
@@ -163,18 +193,25 @@ def kw_slice(kw: dict[str, Any], n: int) -> dict[str, Any]:
 
 @torch.no_grad()
 def _accumulate(block: nn.Module, linears: dict[str, nn.Linear], names: list[str],
-                hidden: list[torch.Tensor], kws: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+                hidden: list[torch.Tensor], kws: list[dict[str, Any]], timer: PhaseTimer | None = None,
+                phase: str = "hessian_accumulate") -> dict[str, torch.Tensor]:
     """Hessians of the named linears' inputs over all calibration batches (shared when inputs are)."""
+    timer = timer or PhaseTimer()
     accs: dict[str, HessianAccumulator] = {}
     handles = []
+
+    def add(name: str, x: torch.Tensor) -> None:
+        with timer(phase):
+            accs[name].add_batch(x.detach().float())
+
     for name in names:
         lin = linears[name]
         accs[name] = HessianAccumulator(lin.in_features)
-        handles.append(lin.register_forward_pre_hook(
-            lambda _m, args, n=name: accs[n].add_batch(args[0].detach().float())))
+        handles.append(lin.register_forward_pre_hook(lambda _m, args, n=name: add(n, args[0])))
     try:
         for hs, kw in zip(hidden, kws, strict=True):
-            _block_out(block, hs, kw)
+            with timer("stage_forward"):
+                _block_out(block, hs, kw)
     finally:
         for h in handles:
             h.remove()
@@ -229,17 +266,23 @@ def needs_calibration(cfg: DecomposeConfig) -> bool:
 def _quantize_stage(prefix: str, linears: dict[str, nn.Linear], names: list[str],
                     hessians: dict[str, torch.Tensor], cfg: DecomposeConfig, block: nn.Module,
                     result: DecompositionResult, keep: bool,
-                    select_hessians: dict[str, torch.Tensor] | None = None) -> None:
+                    select_hessians: dict[str, torch.Tensor] | None = None,
+                    timer: PhaseTimer | None = None) -> None:
+    timer = timer or PhaseTimer()
     for name in names:
         lin = linears[name]
         W = lin.weight.detach().float()
-        res = quantize(W, cfg.quant, hessians[name])
-        base = res.to_stream()
+        with timer("quantize"):
+            res = quantize(W, cfg.quant, hessians[name])
+            base = res.to_stream()
+        if "cholesky_s" in res.info:  # part of "quantize": the inverse Hessian factor
+            timer.seconds["quantize_cholesky"] = timer.seconds.get("quantize_cholesky", 0.0) + res.info["cholesky_s"]
         full = f"{prefix}.{name}"
         result.base[full] = base
         H_sel = None if select_hessians is None else select_hessians[name]
         if cfg.ortho and cfg.select.scope == "layer":
-            result.ortho[full] = make_ortho(W, base, hessians[name] if H_sel is None else H_sel, cfg.select)
+            with timer("select"):
+                result.ortho[full] = make_ortho(W, base, hessians[name] if H_sel is None else H_sel, cfg.select)
         if keep:
             result.records[full] = LayerRecord(W.clone(), base, hessians[name],
                                                {k: v for k, v in res.info.items() if k != "losses"}, H_sel)
@@ -274,8 +317,10 @@ def decompose(model: nn.Module, calibration: torch.Tensor | None, config: Decomp
         raise ValueError("this configuration needs calibration data (GPTQ or a curvature selector)")
     if select_calibration is not None and not (cfg.ortho and calibrate):
         raise ValueError("select_calibration needs an ortho stream and a calibrated (GPTQ or curvature) run")
-    flow = _Flow.capture(model, calibration, cfg.batch_size) if calibrate else None
-    sel_flow = None if select_calibration is None else _Flow.capture(model, select_calibration, cfg.batch_size)
+    timer = PhaseTimer()
+    with timer("capture"):
+        flow = _Flow.capture(model, calibration, cfg.batch_size) if calibrate else None
+        sel_flow = None if select_calibration is None else _Flow.capture(model, select_calibration, cfg.batch_size)
     blocks = decoder_blocks(model)[:max_blocks]
     prefixes = {id(m): n for n, m in model.named_modules()}
     for k, block in enumerate(tqdm(blocks, desc="decompose", disable=not progress, unit="block")):
@@ -284,22 +329,25 @@ def decompose(model: nn.Module, calibration: torch.Tensor | None, config: Decomp
                    if not any(s in f"{prefix}.{n}" for s in cfg.skip)}
         if flow is None:  # RTN + magnitude: no curvature and no forward passes needed
             eye = {n: torch.eye(m.in_features) for n, m in linears.items()}
-            _quantize_stage(prefix, linears, list(linears), eye, cfg, block, result, keep)
+            _quantize_stage(prefix, linears, list(linears), eye, cfg, block, result, keep, timer=timer)
             continue
-        stages = _linear_stages(block, linears, flow.hidden[0], flow.kws[0])
+        with timer("stage_discovery"):
+            stages = _linear_stages(block, linears, flow.hidden[0], flow.kws[0])
         for stage in stages if true_sequential else [[n for s in stages for n in s]]:
-            sel = None if sel_flow is None else sel_flow.hessians(block, linears, stage)
-            _quantize_stage(prefix, linears, stage, flow.hessians(block, linears, stage), cfg, block, result, keep,
-                            sel)
+            sel = None if sel_flow is None else sel_flow.hessians(block, linears, stage, timer,
+                                                                 "select_hessian_accumulate")
+            _quantize_stage(prefix, linears, stage, flow.hessians(block, linears, stage, timer), cfg, block, result,
+                            keep, sel, timer)
             peak = max(peak, psutil.Process().memory_info().rss)
         for f in (flow, sel_flow):
             if f is not None:
-                f.advance(block)
+                f.advance(block, timer)
         if on_block is not None:
             on_block(k)
     if cfg.ortho:
         if cfg.select.scope == "global":
-            result.ortho = select_ortho(result.records, cfg.select)
+            with timer("select"):
+                result.ortho = select_ortho(result.records, cfg.select)
         attach_ortho(model, result.ortho, alpha)
     if not keep_records:
         result.records = {}
@@ -307,5 +355,6 @@ def decompose(model: nn.Module, calibration: torch.Tensor | None, config: Decomp
                     "rss_growth_mb": (peak - rss0) / 2**20, "blocks": len(blocks), "layers": len(result.base),
                     "calib_tokens": 0 if calibration is None else int(calibration.numel()),
                     "select_calib_tokens": 0 if select_calibration is None else int(select_calibration.numel()),
-                    "true_sequential": true_sequential}
+                    "true_sequential": true_sequential,
+                    "phase_s": timer.exclusive(), "phase_calls": dict(timer.calls)}
     return result

@@ -83,7 +83,9 @@ def gptq_quantize(W: torch.Tensor, cfg: QuantConfig, H: torch.Tensor) -> QuantRe
         scales, zeros = s.to(dtype), z.to(dtype)
         perm = torch.argsort(torch.diagonal(H), descending=True, stable=True)
         W, H = W[:, perm], H[perm][:, perm]
+    t_chol = time.perf_counter()
     U, damp = inverse_cholesky(H, cfg.damp)
+    t_chol = time.perf_counter() - t_chol
     codes = torch.zeros(d_out, d_in, dtype=dtype)
     losses = torch.zeros(d_out, d_in, dtype=dtype)
     for i1 in range(0, d_in, cfg.block_size):
@@ -110,5 +112,6 @@ def gptq_quantize(W: torch.Tensor, cfg: QuantConfig, H: torch.Tensor) -> QuantRe
     codes, losses = codes[:, inv], losses[:, inv]
     col_losses = losses.sum(0).float()
     info = {"method": "gptq", "damp": damp, "act_order": cfg.act_order, "dead_columns": int(dead.sum()),
-            "losses": col_losses, "loss": float(col_losses.sum()), "time_s": time.perf_counter() - t0}
+            "losses": col_losses, "loss": float(col_losses.sum()), "time_s": time.perf_counter() - t0,
+            "cholesky_s": t_chol}
     return QuantResult(codes.clamp(0, maxq).to(torch.uint8), scales.float(), zeros.float(), cfg.bits, g, info)
