@@ -53,6 +53,11 @@ class PhaseTimer:
             self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - t
             self.calls[phase] = self.calls.get(phase, 0) + 1
 
+    def add(self, phase: str, seconds: float) -> None:
+        """Record time measured elsewhere (e.g. GPTQ's own Cholesky timing, a sub-phase of "quantize")."""
+        self.seconds[phase] = self.seconds.get(phase, 0.0) + seconds
+        self.calls[phase] = self.calls.get(phase, 0) + 1
+
     def exclusive(self) -> dict[str, float]:
         """Seconds per phase, the Hessian accumulation taken out of the stage forwards that ran it."""
         out = dict(self.seconds)
@@ -276,7 +281,7 @@ def _quantize_stage(prefix: str, linears: dict[str, nn.Linear], names: list[str]
             res = quantize(W, cfg.quant, hessians[name])
             base = res.to_stream()
         if "cholesky_s" in res.info:  # part of "quantize": the inverse Hessian factor
-            timer.seconds["quantize_cholesky"] = timer.seconds.get("quantize_cholesky", 0.0) + res.info["cholesky_s"]
+            timer.add("quantize_cholesky", res.info["cholesky_s"])
         full = f"{prefix}.{name}"
         result.base[full] = base
         H_sel = None if select_hessians is None else select_hessians[name]
