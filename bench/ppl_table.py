@@ -86,7 +86,8 @@ def child_decompose(gs: int, with_ortho: bool, out_dir: str, hess_path: str | No
     stats = dict(res.stats, child_peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                  with_ortho=with_ortho, **bits_summary(res.base, res.ortho if with_ortho else None))
     if hess_path is not None:
-        save_file({n: r.hessian.contiguous() for n, r in res.records.items()}, hess_path)
+        # linears of one stage share one Hessian tensor; safetensors wants each stored once per name
+        save_file({n: r.hessian.clone() for n, r in res.records.items()}, hess_path)
     save(model, out_dir, config=cfg.to_dict(), tokenizer=tok, overwrite=True,
          provenance={"source_model": args.model, "stats": stats})
     return stats

@@ -178,10 +178,17 @@ def test_decompose_profile_reports_the_ratio_and_where_the_time_went(tmp_path) -
     out = tmp_path / "profile.json"
     script = Path(__file__).resolve().parent.parent / "bench" / "decompose_profile.py"
     subprocess.run([sys.executable, str(script), "--model", "tiny", "--n-calib", "4", "--seq-len", "32",
-                    "--group-size", "32", "--out", str(out)], check=True, capture_output=True)
+                    "--group-size", "32", "--quality", "--eval-corpus", "shakespeare", "--n-eval", "3",
+                    "--out", str(out)], check=True, capture_output=True)
     r = json.loads(out.read_text())
     assert r["ratio_to_forward"] == pytest.approx(r["decompose_s"] / r["fp32_forward_s"])
-    assert r["calib_tokens"] == 4 * 32 and r["blocks"] == r["blocks_total"] >= 1
+    assert r["calib_tokens"] == 4 * 32 and r["blocks"] >= 1 and r["block_plans"] == ["prenorm-gated"]
+    q = r["quality"]
+    for a in ("alpha0", "alpha1"):
+        for k in ("fp32_precision", "bf16_forward_fp32_products", "default_calib_seed1"):
+            d = q[f"delta_{a}"][f"default_minus_{k}"]
+            assert d["lo"] <= d["mean"] <= d["hi"]
+        assert len(q["default"][a]["block_nll"]) == 3
     top = sum(v for k, v in r["phase_fraction"].items() if k != "quantize_cholesky")
     assert 0.6 <= top <= 1.001
     assert r["goals"]["ratio_to_forward"]["holds"] == (r["ratio_to_forward"] <= 1.0)

@@ -29,7 +29,6 @@ follows its own half of the data): they must differ from the reference by far mo
 
 from __future__ import annotations
 
-import socket
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -45,6 +44,7 @@ from libortho.train import distributed
 from libortho.train.loop import TrainConfig, batch_order, train
 from libortho.train.rules import StepCounts
 from libortho.train.separation import SEPARATION, SeparationConfig
+from spawn import free_port, spawn
 
 WORLD = 2
 REL_TOL = 1e-5
@@ -132,28 +132,9 @@ def _missing_gradients(rank: int, out_dir: Path) -> None:
                    out_dir / "missing-gradients.pt")
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _spawn(out_dir: Path, timeout_s: float = 240.0) -> None:
-    """Run ``_worker`` in ``WORLD`` spawned processes; a failure in one re-raises here, and no process outlives it."""
-    import torch.multiprocessing as mp
-
-    ctx = mp.start_processes(_worker, args=(_free_port(), str(out_dir)), nprocs=WORLD, join=False,
-                             start_method="spawn")
-    try:
-        deadline = time.monotonic() + timeout_s
-        while not ctx.join(timeout=1.0):  # raises ProcessRaisedException / ProcessExitedException
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"distributed workers did not finish within {timeout_s:.0f} s")
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.kill()
-            p.join(timeout=10)
+    """Run ``_worker`` in ``WORLD`` spawned processes (see tests/spawn.py)."""
+    spawn(_worker, (free_port(), str(out_dir)), WORLD, timeout_s)
 
 
 def max_rel(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> tuple[float, str]:

@@ -4,6 +4,7 @@ report, and bad inputs refused in one line before the model loads, leaving nothi
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -79,7 +80,8 @@ def test_finetune_saves_a_switchable_decomposition(files: Path, tmp_path: Path, 
     for a in ("0", "1"):
         assert rep["alphas"][a]["extraction"]["n"] == 4 and 0 <= rep["alphas"][a]["mia_loss"]["auc"] <= 1
     text = report.read_text()
-    assert all(c not in text for _, c in PEOPLE) and "Alma" not in text
+    # a secret as a number of its own, not four digits that happen to sit inside a float like 5.78322743...
+    assert not any(re.search(rf"(?<![\d.]){c}(?![\d])", text) for _, c in PEOPLE) and "Alma" not in text
 
 
 def test_ogd_with_a_fake_quantized_tail_and_a_gradient_subspace_through_the_cli(files: Path) -> None:

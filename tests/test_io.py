@@ -56,7 +56,7 @@ def test_round_trip_preserves_every_tensor(tmp_path) -> None:
     assert m["layers"]["layers.0.q"] == {"bits": 4, "group_size": 16, "shape": [8, 48], "nnz": 10,
                                          "ortho_dtype": "float16", "memory_kind": "sparse"}
     assert m["memory"]["layers.0.q"] == {"kind": "sparse", "site": "linear", "shape": [8, 48], "nnz": 10,
-                                         "dtype": "fp16"}
+                                         "dtype": "fp16", "index_coding": "delta8"}
     assert {"libortho", "torch", "written"} <= set(m["provenance"]) and m["provenance"]["source_model"] == "x"
     assert m["files"]["base.safetensors"]["sha256"] == sha256_file(out / "base.safetensors")
     assert "libortho.json" not in m["files"] and json.loads((out / "config.json").read_text())["model_type"] == "llama"
@@ -70,8 +70,9 @@ def test_base_and_ortho_live_in_separate_files(tmp_path) -> None:
         assert all(k.rsplit(".", 1)[1] in ("packed", "scales", "zeros") for k in f.keys())  # noqa: SIM118
     with safe_open(out / "ortho.safetensors", "pt") as f:
         assert sorted(f.keys()) == sorted(f"{n}.{k}" for n in ("layers.0.q", "layers.0.down")  # noqa: SIM118
-                                          for k in ("indices", "values"))
-        assert f.get_tensor("layers.0.q.indices").dtype == torch.int32
+                                          for k in ("gaps", "far", "values"))
+        assert f.get_tensor("layers.0.q.gaps").dtype == torch.uint8
+        assert f.get_tensor("layers.0.q.far").dtype == torch.int32
 
 
 def test_missing_ortho_gives_a_locked_model(tmp_path, caplog) -> None:

@@ -284,7 +284,7 @@ def test_round_trip_and_withholding_for_every_form(tmp_path, form) -> None:
     assert not torch.equal(on, off)  # the memory does something, so the comparisons below can fail
     out = libortho.save(model, tmp_path / "dec")
     m = json.loads((out / "libortho.json").read_text())
-    assert m["format_version"] == 2 and m["has_ortho"]
+    assert m["format_version"] == 3 and m["has_ortho"]
     kinds = {meta["kind"] for meta in m["memory"].values()}
     assert kinds == {"sparse": {"sparse"}, "lowrank": {"lowrank"}, "neurons": {"sparse", "neurons"},
                      "mixed": {"sparse", "lowrank", "neurons"}}[form]
@@ -357,7 +357,7 @@ def _rewrite_manifest(out, edit) -> None:
 
 
 @pytest.mark.parametrize(("edit", "match"), [
-    (lambda m: m.update(format_version=3), "unsupported format version 3 .this libortho reads 1, 2."),
+    (lambda m: m.update(format_version=4), "unsupported format version 4 .this libortho reads 1, 2, 3."),
     (lambda m: m["memory"][MLP0].update(kind="dora"), "memory stream 'model.layers.0.mlp' has unknown kind 'dora'"),
     (lambda m: m["memory"][MLP0].update(site="linear"), "has site 'linear', expected 'mlp'"),
     (lambda m: m.pop("memory"), "has no 'memory' table"),

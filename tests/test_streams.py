@@ -72,7 +72,7 @@ def test_sparse_ortho_from_flat_sorts_and_views_agree() -> None:
     assert o.indices.dtype == torch.int32 and o.indices.tolist() == [4, 10, 12, 16]
     assert o.values.tolist() == [-2.0, 3.0, 0.25, 1.5]  # values follow their indices
     assert o.nnz == 4 and o.density == pytest.approx(4 / 20)
-    assert o.nbytes == 4 * 4 + 4 * 4
+    assert o.nbytes == 4 * 1 + 4 * 4  # one byte per delta-coded index (gaps 5, 6, 2, 4: no escape) + fp32 values
     rows, cols = o.rows_cols()
     assert rows.tolist() == [0, 2, 2, 3] and cols.tolist() == [4, 0, 2, 1]
     assert torch.equal(o.to_dense(), dense)
@@ -87,7 +87,7 @@ def test_sparse_ortho_from_mask_dtypes(dtype, torch_dtype, size) -> None:
     dense, _ = _example()
     o = SparseOrtho.from_mask(dense, dense != 0, dtype)
     assert o.values.dtype == torch_dtype and o.indices.tolist() == [4, 10, 12, 16]
-    assert o.nbytes == 4 * 4 + 4 * size
+    assert o.nbytes == 4 * 1 + 4 * size
     assert torch.equal(o.to_dense(), dense.to(torch_dtype).float())  # these values are exact in every dtype
     x = torch.randn(5, 3)
     torch.testing.assert_close(o.to_csr() @ x, dense @ x)
@@ -185,8 +185,9 @@ def test_neuron_storage_and_validation() -> None:
 def test_registry_and_sparse_protocol() -> None:
     assert {"sparse": SparseOrtho, "lowrank": LowRankMemory, "neurons": NeuronMemory} == STREAM_FORMS
     s = SparseOrtho.from_flat(torch.tensor([5, 1]), torch.tensor([2.0, -1.0]), (2, 3), "bf16")
-    assert (s.kind, s.site) == ("sparse", "linear") and sorted(s.tensors()) == ["indices", "values"]
-    assert s.meta() == {"kind": "sparse", "site": "linear", "shape": [2, 3], "nnz": 2, "dtype": "bf16"}
+    assert (s.kind, s.site) == ("sparse", "linear") and sorted(s.tensors()) == ["far", "gaps", "values"]
+    assert s.meta() == {"kind": "sparse", "site": "linear", "shape": [2, 3], "nnz": 2, "dtype": "bf16",
+                        "index_coding": "delta8"}
     back = stream_from_tensors(s.tensors(), s.meta())
     assert torch.equal(back.to_dense(), s.to_dense()) and memory_params(back) == 2
     for cls in STREAM_FORMS.values():
@@ -197,3 +198,39 @@ def test_registry_and_sparse_protocol() -> None:
 
 def _form_example(cls: type) -> object:
     return {SparseOrtho: SparseOrtho.empty((2, 2)), LowRankMemory: _lowrank(2, 2, 1), NeuronMemory: _neurons(2, 1)}[cls]
+
+
+def test_delta_coded_indices_round_trip_with_escapes() -> None:
+    """Gaps of 1..255 in one byte, larger ones (and a first index past 254) through the far array.
+    Fails on an off-by-one at an escape, at the start, or at the 255/256 boundary."""
+    from libortho.streams.ortho import decode_indices, encode_indices
+
+    cases = [[], [0], [254], [255], [256], [0, 255, 256, 511, 512, 100000, 100001, 100256, 100257],
+             sorted(torch.randperm(2_000_000, generator=torch.Generator().manual_seed(0))[:20000].tolist())]
+    for idx in cases:
+        t = torch.tensor(idx, dtype=torch.int32)
+        gaps, far = encode_indices(t)
+        assert gaps.dtype == torch.uint8 and far.dtype == torch.int32
+        assert torch.equal(decode_indices(gaps, far), t), idx[:10]
+    gaps, far = encode_indices(torch.tensor([0, 300, 301], dtype=torch.int32))
+    assert gaps.tolist() == [1, 0, 1] and far.tolist() == [300]
+    with pytest.raises(ValueError, match="escaped"):
+        decode_indices(gaps, far[:0])
+
+
+def test_sparse_file_tensors_are_delta_coded_and_old_files_still_read() -> None:
+    from libortho.streams import SparseOrtho
+
+    mask = torch.rand(64, 300, generator=torch.Generator().manual_seed(1)) < 0.01
+    o = SparseOrtho.from_mask(torch.randn(64, 300), mask, "fp16")
+    t, m = o.tensors(), o.meta()
+    assert set(t) == {"gaps", "far", "values"} and m["index_coding"] == "delta8"
+    assert o.nbytes == t["gaps"].numel() + 4 * t["far"].numel() + 2 * o.nnz
+    back = SparseOrtho.from_tensors(t, m)
+    assert torch.equal(back.indices, o.indices) and torch.equal(back.values, o.values)
+    old_meta = {k: v for k, v in m.items() if k != "index_coding"}
+    old = SparseOrtho.from_tensors({"indices": o.indices, "values": o.values}, old_meta)
+    assert torch.equal(old.to_dense(), o.to_dense())
+    assert SparseOrtho.file_tensor_names(old_meta) == ("indices", "values")
+    with pytest.raises(ValueError, match="coding"):
+        SparseOrtho.from_tensors(t, dict(m, index_coding="huffman"))

@@ -23,6 +23,7 @@ from libortho.models.load import load_tokenizer
 from libortho.runtime import (
     OrthoLinear,
     attach_neurons,
+    log_kernel_fallbacks,
     neuron_sites,
     ortho_layers,
     replace_module,
@@ -159,6 +160,7 @@ def load(path: str | Path, alpha: float = 1.0, load_ortho: bool = True, verify: 
         raise CorruptDecompositionError(f"{path}: the decomposition is missing tensors: {still_meta[:5]}")
     _attach_neurons(model, dec)
     model.eval()
+    log_kernel_fallbacks(model, str(path))
     if dec.ortho is not None and switchable_layers(model):
         set_alpha(model, alpha)
     return model, load_tokenizer(path)

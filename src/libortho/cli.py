@@ -78,7 +78,7 @@ AlphaOpt = Annotated[float, typer.Option(help="the privacy switch, in [0, 1]: 0 
 def decompose(
     model: Annotated[str, typer.Argument(help="smollm2-135m, tiny, a HF directory or a .gguf file", metavar="MODEL")],
     out: Annotated[Path, typer.Argument(help="output directory (new or empty unless --overwrite)", metavar="OUT")],
-    bits: int = 4, group_size: int = 128, method: str = "gptq", grid: str = "minmax",
+    bits: int = 4, group_size: int = 64, method: str = "gptq", grid: str = "minmax",
     act_order: bool = False, symmetric: bool = False,
     rho: float = 0.01, selector: str = "diag", scope: str = "layer",
     tau: Annotated[float | None, typer.Option(help="score threshold (overrides rho)")] = None,
@@ -178,10 +178,10 @@ def info(path: DecDir) -> None:
         from libortho.workflows import describe
 
         d = describe(path)
-    table = Table("layer", "shape", "bits", "group", "ortho nnz", "density")
+    table = Table("layer", "shape", "bits", "group", "kernel", "ortho nnz", "density")
     for row in d["layers"]:
         table.add_row(row["name"], "x".join(map(str, row["shape"])), str(row["bits"]),
-                      str(row["group_size"]), str(row["nnz"]), f"{row['density']:.4%}")
+                      str(row["group_size"]), row["kernel"], str(row["nnz"]), f"{row['density']:.4%}")
     Console(width=max(console.width, 120)).print(table)  # full layer names, also when piped
     console.print({k: v for k, v in d.items() if k != "layers"})
 

@@ -235,6 +235,13 @@ def _check_file_table(mpath: Path, files: dict[str, Any]) -> None:
             raise CorruptDecompositionError(f"{mpath}: file entry {name!r} has no valid 'sha256' (got {digest!r})")
 
 
+def _file_tensor_names(meta: dict[str, Any]) -> tuple[str, ...]:
+    """The tensor names a file holds for a stream (a form may have changed its file coding over versions)."""
+    form = STREAM_FORMS[meta["kind"]]
+    names = getattr(form, "file_tensor_names", None)
+    return form.tensor_names if names is None else names(meta)
+
+
 def _build_streams(path: Path, layers: dict[str, dict], memory: dict[str, dict], use_ortho: bool
                    ) -> tuple[dict[str, BaseStream], dict[str, MemoryStream] | None]:
     """Base (and optionally memory) stream objects from the tensor files and the manifest's tables."""
@@ -249,7 +256,7 @@ def _build_streams(path: Path, layers: dict[str, dict], memory: dict[str, dict],
         return base, None
     o = _load(path / ORTHO)
     try:
-        ortho = {n: stream_from_tensors({t: o[f"{n}.{t}"] for t in STREAM_FORMS[m["kind"]].tensor_names}, m)
+        ortho = {n: stream_from_tensors({t: o[f"{n}.{t}"] for t in _file_tensor_names(m)}, m)
                  for n, m in memory.items()}
         _check_streams(base, ortho)
     except (KeyError, ValueError, TypeError, IndexError) as err:

@@ -11,8 +11,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-FORMAT_VERSION = 2  # 2: memory streams of any form (sparse, lowrank, neurons) and the manifest's "memory" table
-SUPPORTED_VERSIONS = (1, 2)  # 1: sparse ortho streams only, described by the layer table
+FORMAT_VERSION = 3  # 3: sparse indices delta-coded on disk ("index_coding": "delta8" in the memory table)
+SUPPORTED_VERSIONS = (1, 2, 3)  # 2: memory streams of any form and the "memory" table; 1: sparse only
 MANIFEST = "libortho.json"
 BASE, ORTHO, REST = "base.safetensors", "ortho.safetensors", "rest.safetensors"
 RESERVED = (MANIFEST, BASE, ORTHO, REST)

@@ -13,7 +13,6 @@ construction, and one quantization pass serves every selector/rho (see :func:`se
 
 from __future__ import annotations
 
-import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -25,54 +24,22 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from libortho.config import DecomposeConfig, SelectConfig
-from libortho.curvature import HessianAccumulator
+from libortho.curvature.capture import CalibrationFlow, PhaseTimer, block_plan, forward_precision, stage_hessian
 from libortho.models.layers import block_linears, decoder_blocks
-from libortho.quant import quantize
+from libortho.quant import QuantResult, quantize
 from libortho.runtime import OrthoLinear, replace_module
+from libortho.runtime.allocator import retain_freed_memory
 from libortho.select import global_threshold, impact_scores, optimal_values, threshold_mask, topk_mask
 from libortho.streams import BaseStream, LowRankMemory, SparseOrtho
 
 
-class PhaseTimer:
-    """Wall seconds spent in each named phase of a decomposition (where the time goes).
-
-    Phases nest: time inside a hook (Hessian accumulation) is also inside the enclosing forward, so
-    :meth:`exclusive` reports forwards without it. One instance per run; cheap (two clock reads).
-    """
-
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = {}
-        self.calls: dict[str, int] = {}
-
-    @contextlib.contextmanager
-    def __call__(self, phase: str):  # noqa: ANN204 - a context manager
-        t = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - t
-            self.calls[phase] = self.calls.get(phase, 0) + 1
-
-    def add(self, phase: str, seconds: float) -> None:
-        """Record time measured elsewhere (e.g. GPTQ's own Cholesky timing, a sub-phase of "quantize")."""
-        self.seconds[phase] = self.seconds.get(phase, 0.0) + seconds
-        self.calls[phase] = self.calls.get(phase, 0) + 1
-
-    def exclusive(self) -> dict[str, float]:
-        """Seconds per phase, the Hessian accumulation taken out of the stage forwards that ran it."""
-        out = dict(self.seconds)
-        if "stage_forward" in out:
-            out["stage_forward"] -= out.get("hessian_accumulate", 0.0) + out.get("select_hessian_accumulate", 0.0)
-        return out
-
-
-class _StopForward(Exception):
-    """Raised by the capture hook once block 0's inputs are recorded."""
-
-
 @dataclass(eq=False)
 class LayerRecord:
-    """What re-selecting the ortho stream of one linear needs: W, its base stream and H."""
+    """What re-selecting the ortho stream of one linear needs: W, its base stream and H.
+
+    Linears of one stage (q/k/v; gate/up) read the same input, so their records hold the *same*
+    Hessian tensor (clone before saving them side by side, e.g. with safetensors).
+    """
 
     weight: torch.Tensor
     base: BaseStream
@@ -94,133 +61,6 @@ class DecompositionResult:
     ortho: dict[str, SparseOrtho]
     records: dict[str, LayerRecord]
     stats: dict[str, Any]
-
-
-def _batches(calib: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
-    if calib.dim() != 2 or calib.dtype not in (torch.int64, torch.int32):
-        raise ValueError(f"calibration must be a (n, seq_len) integer tensor, got "
-                         f"{tuple(calib.shape)} {calib.dtype}")
-    if calib.shape[0] == 0:
-        raise ValueError("calibration set is empty")
-    return [calib[i:i + batch_size] for i in range(0, calib.shape[0], batch_size)]
-
-
-@torch.no_grad()
-def capture_block_inputs(model: nn.Module, calib: torch.Tensor, batch_size: int,
-                         ) -> tuple[list[torch.Tensor], list[dict[str, Any]]]:
-    """Run the model up to decoder block 0; return its hidden-state inputs and kwargs per batch."""
-    first = decoder_blocks(model)[0]
-    hidden: list[torch.Tensor] = []
-    kwargs_list: list[dict[str, Any]] = []
-
-    def hook(_mod: nn.Module, args: tuple, kwargs: dict) -> None:
-        hs = args[0] if args else kwargs.pop("hidden_states")
-        hidden.append(hs.detach())
-        kw = {k: v for k, v in kwargs.items() if k not in ("hidden_states", "past_key_values")}
-        kw["use_cache"] = False
-        kwargs_list.append(kw)
-        raise _StopForward
-
-    handle = first.register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        for batch in _batches(calib, batch_size):
-            with contextlib.suppress(_StopForward):
-                model(input_ids=batch, use_cache=False)
-    finally:
-        handle.remove()
-    return hidden, kwargs_list
-
-
-def _block_out(block: nn.Module, hs: torch.Tensor, kw: dict[str, Any]) -> torch.Tensor:
-    out = block(hs, **kw)
-    return out[0] if isinstance(out, tuple) else out
-
-
-@dataclass(eq=False)
-class _Flow:
-    """Calibration activations entering the current decoder block (per batch), with the block kwargs."""
-
-    hidden: list[torch.Tensor]
-    kws: list[dict[str, Any]]
-
-    @classmethod
-    def capture(cls, model: nn.Module, tokens: torch.Tensor, batch_size: int) -> _Flow:
-        return cls(*capture_block_inputs(model, tokens, batch_size))
-
-    def hessians(self, block: nn.Module, linears: dict[str, nn.Linear], names: list[str],
-                 timer: PhaseTimer | None = None, phase: str = "hessian_accumulate") -> dict[str, torch.Tensor]:
-        return _accumulate(block, linears, names, self.hidden, self.kws, timer, phase)
-
-    @torch.no_grad()
-    def advance(self, block: nn.Module, timer: PhaseTimer | None = None) -> None:
-        """Run the (already decomposed) block: its outputs are the next block's inputs."""
-        with (timer or PhaseTimer())("advance_forward"):
-            self.hidden = [_block_out(block, hs, kw) for hs, kw in zip(self.hidden, self.kws, strict=True)]
-
-
-@torch.no_grad()
-def _linear_stages(block: nn.Module, linears: dict[str, nn.Linear], hs: torch.Tensor,
-                   kw: dict[str, Any]) -> list[list[str]]:
-    """Group the block's linears into stages of shared input, in call order."""
-    order: list[tuple[str, torch.Tensor]] = []  # holding the inputs keeps their addresses unique
-    handles = [lin.register_forward_pre_hook(
-        lambda _m, args, n=name: order.append((n, args[0]))) for name, lin in linears.items()]
-    try:
-        _block_out(block, hs[:1], kw_slice(kw, 1))
-    finally:
-        for h in handles:
-            h.remove()
-    stages: list[list[str]] = []
-    seen: dict[int, int] = {}
-    for name, x in order:
-        if any(name in s for s in stages):
-            continue
-        key = id(x)
-        if key in seen:
-            stages[seen[key]].append(name)
-        else:
-            seen[key] = len(stages)
-            stages.append([name])
-    missing = [n for n in linears if not any(n in s for s in stages)]
-    return stages + ([missing] if missing else [])
-
-
-def kw_slice(kw: dict[str, Any], n: int) -> dict[str, Any]:
-    """Slice batch-dimensioned tensors (and tuples of them) in block kwargs to the first n rows."""
-    def cut(v: Any) -> Any:
-        if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] > n:
-            return v[:n]
-        if isinstance(v, tuple):
-            return tuple(cut(x) for x in v)
-        return v
-    return {k: cut(v) for k, v in kw.items()}
-
-
-@torch.no_grad()
-def _accumulate(block: nn.Module, linears: dict[str, nn.Linear], names: list[str],
-                hidden: list[torch.Tensor], kws: list[dict[str, Any]], timer: PhaseTimer | None = None,
-                phase: str = "hessian_accumulate") -> dict[str, torch.Tensor]:
-    """Hessians of the named linears' inputs over all calibration batches (shared when inputs are)."""
-    timer = timer or PhaseTimer()
-    accs: dict[str, HessianAccumulator] = {}
-    handles = []
-
-    def add(name: str, x: torch.Tensor) -> None:
-        with timer(phase):
-            accs[name].add_batch(x.detach().float())
-
-    for name in names:
-        lin = linears[name]
-        accs[name] = HessianAccumulator(lin.in_features)
-        handles.append(lin.register_forward_pre_hook(lambda _m, args, n=name: add(n, args[0])))
-    try:
-        for hs, kw in zip(hidden, kws, strict=True):
-            with timer("stage_forward"):
-                _block_out(block, hs, kw)
-    finally:
-        for h in handles:
-            h.remove()
-    return {n: a.H for n, a in accs.items()}
 
 
 def make_ortho(weight: torch.Tensor, base: BaseStream, H: torch.Tensor, cfg: SelectConfig,
@@ -268,20 +108,38 @@ def needs_calibration(cfg: DecomposeConfig) -> bool:
     return cfg.quant.method != "rtn" or (cfg.ortho and cfg.select.selector != "magnitude")
 
 
+def _quantize_joint(names: list[str], linears: dict[str, nn.Linear], hessians: dict[str, torch.Tensor],
+                    cfg: DecomposeConfig, timer: PhaseTimer) -> dict[str, tuple[QuantResult, BaseStream]]:
+    """Quantize the stage's linears; those sharing one Hessian (one input) as one stacked matrix.
+
+    GPTQ treats each output row on its own given H, so the stacked run equals the separate ones
+    (tests/test_capture.py checks the codes bit for bit) at one pass of its column loop.
+    """
+    groups: dict[int, list[str]] = {}
+    for n in names:
+        groups.setdefault(id(hessians[n]), []).append(n)
+    out: dict[str, tuple[QuantResult, BaseStream]] = {}
+    for members in groups.values():
+        Ws = [linears[n].weight.detach().float() for n in members]
+        with timer("quantize"):
+            res = quantize(Ws[0] if len(Ws) == 1 else torch.cat(Ws), cfg.quant, hessians[members[0]])
+            parts = [res] if len(Ws) == 1 else res.split_rows([W.shape[0] for W in Ws])
+            out.update({n: (p, p.to_stream()) for n, p in zip(members, parts, strict=True)})
+        if "cholesky_s" in res.info:  # part of "quantize": the inverse Hessian factor
+            timer.add("quantize_cholesky", res.info["cholesky_s"])
+    return out
+
+
 def _quantize_stage(prefix: str, linears: dict[str, nn.Linear], names: list[str],
                     hessians: dict[str, torch.Tensor], cfg: DecomposeConfig, block: nn.Module,
                     result: DecompositionResult, keep: bool,
                     select_hessians: dict[str, torch.Tensor] | None = None,
                     timer: PhaseTimer | None = None) -> None:
     timer = timer or PhaseTimer()
+    quantized = _quantize_joint(names, linears, hessians, cfg, timer)
     for name in names:
-        lin = linears[name]
+        lin, (res, base) = linears[name], quantized[name]
         W = lin.weight.detach().float()
-        with timer("quantize"):
-            res = quantize(W, cfg.quant, hessians[name])
-            base = res.to_stream()
-        if "cholesky_s" in res.info:  # part of "quantize": the inverse Hessian factor
-            timer.add("quantize_cholesky", res.info["cholesky_s"])
         full = f"{prefix}.{name}"
         result.base[full] = base
         H_sel = None if select_hessians is None else select_hessians[name]
@@ -290,7 +148,8 @@ def _quantize_stage(prefix: str, linears: dict[str, nn.Linear], names: list[str]
                 result.ortho[full] = make_ortho(W, base, hessians[name] if H_sel is None else H_sel, cfg.select)
         if keep:
             result.records[full] = LayerRecord(W.clone(), base, hessians[name],
-                                               {k: v for k, v in res.info.items() if k != "losses"}, H_sel)
+                                               {k: v for k, v in res.info.items() if k not in ("losses", "row_losses")},
+                                               H_sel)
         bias = None if lin.bias is None else lin.bias.detach().clone()
         replace_module(block, name, OrthoLinear(base, None, bias, alpha=0.0))
 
@@ -322,10 +181,14 @@ def decompose(model: nn.Module, calibration: torch.Tensor | None, config: Decomp
         raise ValueError("this configuration needs calibration data (GPTQ or a curvature selector)")
     if select_calibration is not None and not (cfg.ortho and calibrate):
         raise ValueError("select_calibration needs an ortho stream and a calibrated (GPTQ or curvature) run")
+    retain_freed_memory()  # activations are reused, not page-faulted in per batch (runtime/allocator.py)
     timer = PhaseTimer()
-    with timer("capture"):
-        flow = _Flow.capture(model, calibration, cfg.batch_size) if calibrate else None
-        sel_flow = None if select_calibration is None else _Flow.capture(model, select_calibration, cfg.batch_size)
+    calib_dtype = torch.bfloat16 if cfg.calib_dtype == "bf16" else torch.float32
+    with timer("capture"), forward_precision(calib_dtype):
+        flow = CalibrationFlow.capture(model, calibration, cfg.batch_size) if calibrate else None
+        sel_flow = (None if select_calibration is None
+                    else CalibrationFlow.capture(model, select_calibration, cfg.batch_size))
+    plan_names: set[str] = set()
     blocks = decoder_blocks(model)[:max_blocks]
     prefixes = {id(m): n for n, m in model.named_modules()}
     for k, block in enumerate(tqdm(blocks, desc="decompose", disable=not progress, unit="block")):
@@ -337,16 +200,27 @@ def decompose(model: nn.Module, calibration: torch.Tensor | None, config: Decomp
             _quantize_stage(prefix, linears, list(linears), eye, cfg, block, result, keep, timer=timer)
             continue
         with timer("stage_discovery"):
-            stages = _linear_stages(block, linears, flow.hidden[0], flow.kws[0])
-        for stage in stages if true_sequential else [[n for s in stages for n in s]]:
-            sel = None if sel_flow is None else sel_flow.hessians(block, linears, stage, timer,
-                                                                 "select_hessian_accumulate")
-            _quantize_stage(prefix, linears, stage, flow.hessians(block, linears, stage, timer), cfg, block, result,
-                            keep, sel, timer)
+            plan = block_plan(block, linears, flow, calib_dtype)
+        walks = [plan.walk(f) for f in (flow, sel_flow) if f is not None]
+        plan_names.add(plan.name)
+        groups = plan.stages if true_sequential else [[n for s in plan.stages for n in s]]
+        for stage in groups:
+            # all-at-once (not true_sequential): every stage's input from the unquantized block
+            idx = [plan.stages.index(s) for s in plan.stages if s[0] in stage]
+            hess: list[dict[str, torch.Tensor]] = []
+            for w, phase in zip(walks, ("hessian_accumulate", "select_hessian_accumulate"), strict=False):
+                hs: dict[str, torch.Tensor] = {}
+                for i in idx:
+                    H = stage_hessian(w.stage_inputs(i), linears[plan.stages[i][0]].in_features, timer, phase,
+                                      calib_dtype)
+                    hs.update({n: H for n in plan.stages[i]})
+                hess.append(hs)
+            _quantize_stage(prefix, linears, stage, hess[0], cfg, block, result, keep,
+                            hess[1] if len(hess) > 1 else None, timer)
             peak = max(peak, psutil.Process().memory_info().rss)
-        for f in (flow, sel_flow):
-            if f is not None:
-                f.advance(block, timer)
+        for w in walks:
+            with timer("advance_forward"), forward_precision(calib_dtype):
+                w.finish()
         if on_block is not None:
             on_block(k)
     if cfg.ortho:
@@ -360,6 +234,6 @@ def decompose(model: nn.Module, calibration: torch.Tensor | None, config: Decomp
                     "rss_growth_mb": (peak - rss0) / 2**20, "blocks": len(blocks), "layers": len(result.base),
                     "calib_tokens": 0 if calibration is None else int(calibration.numel()),
                     "select_calib_tokens": 0 if select_calibration is None else int(select_calibration.numel()),
-                    "true_sequential": true_sequential,
+                    "true_sequential": true_sequential, "block_plans": sorted(plan_names),
                     "phase_s": timer.exclusive(), "phase_calls": dict(timer.calls)}
     return result

@@ -241,14 +241,21 @@ def describe(path: Path) -> dict[str, Any]:
     """
     read_manifest_json(Path(path))  # the fast refusals first, before torch is imported
     from libortho.io import read_decomposition
+    from libortho.runtime.kernels.cpu import int4pack_choice
     from libortho.streams import memory_params
 
     dec = read_decomposition(path, load_ortho=True, verify=True)
     rows = []
+    fallbacks: dict[str, str] = {}
     for name, b in dec.base.items():
         o = dec.ortho.get(name) if dec.ortho is not None else None
         sparse = o is not None and o.kind == "sparse"
+        served, note = int4pack_choice(b)
+        kernel = "int4pack" if served is not None else ("dense-bfloat16" if note.startswith("format") else "dense-fp32")
+        if served is None:
+            fallbacks[name] = note
         rows.append({"name": name, "shape": list(b.shape), "bits": b.bits, "group_size": b.group_size,
+                     "kernel": kernel,
                      "nnz": o.nnz if sparse else 0, "density": o.density if sparse else 0.0,
                      "memory_kind": None if o is None else o.kind,
                      "memory_params": 0 if o is None else memory_params(o)})
@@ -256,7 +263,12 @@ def describe(path: Path) -> dict[str, Any]:
                   for n, o in (dec.ortho or {}).items() if o.site == "mlp"]
     rest_params = sum(t.numel() for t in dec.rest.values())
     files = {k: v.get("size") for k, v in dec.manifest.get("files", {}).items()}
+    counts: dict[str, int] = {}
+    for r in rows:
+        counts[r["kernel"]] = counts.get(r["kernel"], 0) + 1
     return {"path": str(path), "layers": rows, "mlp_memory": mlp_memory, "ortho_loaded": dec.ortho is not None,
+            "kernels": dict(sorted(counts.items())), "kernel_fallbacks": len(fallbacks),
+            "kernel_fallback_reasons": sorted(set(fallbacks.values())),
             "missing_files": list(dec.missing_files), "rest_params": rest_params, "file_bytes": files,
             **bits_summary(dec.base, dec.ortho)}
 

@@ -1,7 +1,7 @@
 """GPTQ layer Hessian ``H = 2/n * sum x x^T`` over a layer's calibration inputs.
 
-Accumulated as a running mean so the scale never depends on how the data were batched, and
-mergeable across data-parallel workers (exactly, by counts).
+Accumulated as an fp64 sum of per-batch products, so neither the batching nor the order of the
+batches changes the result, and data-parallel workers merge exactly (sums and counts add).
 """
 
 from __future__ import annotations
@@ -23,41 +23,82 @@ def accumulate_hessian(H: torch.Tensor, n: int, x: torch.Tensor) -> tuple[torch.
     return H, total
 
 
-class HessianAccumulator:
-    """Running ``2/n X^T X`` for one layer; ``add_batch`` per forward, ``H`` when done."""
+SYMMETRIC_MIN_DIM = 1024  # from this input width the rounded products fill only the upper block triangle
 
-    def __init__(self, d_in: int, dtype: torch.dtype = torch.float32) -> None:
-        self._H = torch.zeros(d_in, d_in, dtype=dtype)
+
+class HessianAccumulator:
+    """``2/n X^T X`` of one layer's inputs, from an exact fp64 sum of per-batch products.
+
+    Each batch's product ``X_b^T X_b`` is computed in ``product_dtype`` (default: ``dtype``) and
+    added to a float64 sum. Summing the fp32 (or bf16-rounded) products in fp64 is exact in
+    practice, so the result does not depend on the order of the batches: data-parallel workers
+    that each take some of the batches and :meth:`all_reduce` get bit for bit the Hessian one
+    process gets from all of them (``tests/test_distributed_hessian.py``).
+
+    ``product_dtype`` (e.g. bf16): products of ``chunk_rows`` rows at a time, summed in fp32 per
+    batch; each block's rounding averages out over blocks (relative error ~3e-4 in bf16 at 512
+    rows, ten times below the Hessian's sampling noise at 64k tokens; PSD up to a tiny fraction of
+    GPTQ's damping). Past :data:`SYMMETRIC_MIN_DIM` inputs only the upper block triangle is
+    computed (three products of half width instead of four) and mirrored when ``H`` is read.
+    """
+
+    def __init__(self, d_in: int, dtype: torch.dtype = torch.float32,
+                 product_dtype: torch.dtype | None = None, chunk_rows: int = 512) -> None:
+        self._S = torch.zeros(d_in, d_in, dtype=torch.float64)
         self._n = 0
+        self._dtype = dtype
+        self._product_dtype = None if product_dtype in (None, dtype) else product_dtype
+        self._chunk = chunk_rows
+
+    def _product(self, x: torch.Tensor) -> torch.Tensor:
+        if self._product_dtype is None:
+            x = x.to(self._dtype)
+            return x.T @ x
+        x = x.to(self._product_dtype)
+        d = x.shape[1]
+        edges = (0, d // 2, d) if d >= SYMMETRIC_MIN_DIM else (0, d)
+        buf = torch.zeros(d, d, dtype=torch.float32)
+        for c in x.split(self._chunk):
+            for a, b in zip(edges[:-1], edges[1:], strict=False):
+                buf[a:b, a:].add_(c[:, a:b].T @ c[:, a:])
+        return buf  # upper block triangle only when split; mirrored in ``H``
 
     def add_batch(self, x: torch.Tensor) -> None:
-        """Fold a batch of layer inputs (..., d_in) into the running Hessian."""
-        self._H, self._n = accumulate_hessian(self._H, self._n, x.detach())
+        """Fold a batch of layer inputs (..., d_in) into the sum."""
+        if x.shape[-1] != self._S.shape[0]:
+            raise ValueError(f"input has {x.shape[-1]} features, Hessian is {tuple(self._S.shape)}")
+        x = x.detach().reshape(-1, x.shape[-1])
+        if x.shape[0] == 0:
+            return
+        self._S.add_(self._product(x))
+        self._n += x.shape[0]
 
     @property
     def H(self) -> torch.Tensor:
-        return self._H
+        """``2/n X^T X`` in ``dtype``, exactly symmetric (zeros before any batch)."""
+        S = self._S
+        if self._product_dtype is not None:
+            S = torch.triu(S) + torch.triu(S, 1).T
+        return (S * (2.0 / max(self._n, 1))).to(self._dtype)
 
     @property
     def n(self) -> int:
         return self._n
 
     def merge(self, other: HessianAccumulator) -> HessianAccumulator:
-        """Combine with another worker's accumulator (weighted by row counts), in place."""
-        total = self._n + other._n
-        if total:
-            self._H = self._H * (self._n / total) + other._H.to(self._H.dtype) * (other._n / total)
-        self._n = total
+        """Add another worker's batches (exact: the fp64 sums and the counts add), in place."""
+        if other._S.shape != self._S.shape or other._product_dtype != self._product_dtype:
+            raise ValueError("can only merge accumulators of one shape and product dtype")
+        self._S.add_(other._S)
+        self._n += other._n
         return self
 
     def all_reduce(self) -> HessianAccumulator:
-        """Sum over ``torch.distributed`` workers (count-weighted); a no-op when not initialised."""
+        """Sum over ``torch.distributed`` workers (fp64 sums and counts); a no-op when not initialised."""
         if not (dist.is_available() and dist.is_initialized()):
             return self
-        weighted = self._H * self._n
         count = torch.tensor([float(self._n)], dtype=torch.float64)
-        dist.all_reduce(weighted)
+        dist.all_reduce(self._S)
         dist.all_reduce(count)
         self._n = int(count.item())
-        self._H = weighted / max(self._n, 1)
         return self

@@ -158,6 +158,30 @@ class QuantResult:
         """Dense fp32 ``Q`` ``(d_out, d_in)`` — identical to ``to_stream().dequantize()``."""
         return dequantize_codes(self.codes, self.scales, self.zeros, self.group_size)
 
+    def split_rows(self, sizes: list[int]) -> list[QuantResult]:
+        """Cut a result over stacked matrices back into one per matrix (rows in ``sizes``).
+
+        Row-wise quantizers (RTN; GPTQ given one shared Hessian) treat every output row on its own,
+        so quantizing linears that read the same input as one stacked matrix and splitting equals
+        quantizing them one by one, at one pass of the column loop. Per-part ``info``: ``loss`` and
+        ``row_losses`` of the part's rows; the rest (time, damping) is the joint run's, marked by
+        ``joint_rows``; per-column ``losses`` are not split (dropped).
+        """
+        if sum(sizes) != self.codes.shape[0] or any(n <= 0 for n in sizes):
+            raise ValueError(f"row sizes {sizes} do not partition {self.codes.shape[0]} rows")
+        parts, start = [], 0
+        rows = self.info.get("row_losses")
+        for n in sizes:
+            sl = slice(start, start + n)
+            info = {k: v for k, v in self.info.items() if k not in ("losses", "row_losses", "loss")}
+            info["joint_rows"] = self.codes.shape[0]
+            if rows is not None:
+                info["row_losses"] = rows[sl]
+                info["loss"] = float(rows[sl].sum())
+            parts.append(QuantResult(self.codes[sl], self.scales[sl], self.zeros[sl], self.bits, self.group_size, info))
+            start += n
+        return parts
+
     def to_stream(self) -> BaseStream:
         """Pack into the storage format of the base stream."""
         return BaseStream.from_codes(self.codes, self.scales, self.zeros, self.bits, self.group_size)

@@ -6,6 +6,8 @@ from libortho.runtime.patch import (
     alpha_scope,
     attach_memory,
     get_alpha,
+    kernel_report,
+    log_kernel_fallbacks,
     ortho_layers,
     replace_module,
     set_alpha,
@@ -13,5 +15,5 @@ from libortho.runtime.patch import (
 )
 
 __all__ = ["LOCKED_MESSAGE", "MemoryNeurons", "OrthoLinear", "alpha_scope", "attach_memory", "attach_neurons",
-           "get_alpha", "neuron_sites", "ortho_layers", "remove_neurons", "replace_module", "set_alpha",
-           "switchable_layers"]
+           "get_alpha", "kernel_report", "log_kernel_fallbacks", "neuron_sites", "ortho_layers", "remove_neurons",
+           "replace_module", "set_alpha", "switchable_layers"]

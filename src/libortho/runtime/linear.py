@@ -16,9 +16,9 @@ from torch import nn
 from libortho.runtime.kernels import cpu
 from libortho.runtime.switch import LOCKED_MESSAGE, AlphaSwitch
 from libortho.streams import BaseStream, LowRankMemory, SparseOrtho
+from libortho.streams.pack import pack_codes
 
 LinearMemory = SparseOrtho | LowRankMemory
-
 
 
 class OrthoLinear(AlphaSwitch, nn.Module):
@@ -28,7 +28,12 @@ class OrthoLinear(AlphaSwitch, nn.Module):
     the memory stream is not touched (the null test). Without a memory stream the layer is locked
     at ``alpha = 0``. Kernel tensors are non-persistent buffers; saving goes through
     ``base_stream``/``ortho_stream`` (the storage objects), so ``state_dict`` holds only the bias.
+    Torch cannot deep-copy sparse CSR tensors: a copy rebuilds its CSR from its stream.
+    On the INT4 kernel, a call with at least ``dense_min_tokens`` tokens (prefill) dequantizes the
+    packed codes to a transient bf16 weight and runs a dense GEMM instead (same weights, faster there).
     """
+
+    dense_min_tokens: int = cpu.DENSE_PREFILL_MIN_TOKENS
 
     def __init__(self, base: BaseStream, ortho: LinearMemory | None = None, bias: torch.Tensor | None = None,
                  alpha: float = 1.0, base_dtype: torch.dtype = torch.bfloat16) -> None:
@@ -36,22 +41,55 @@ class OrthoLinear(AlphaSwitch, nn.Module):
         self.out_features, self.in_features = base.shape
         if bias is not None and tuple(bias.shape) != (self.out_features,):
             raise ValueError(f"bias has shape {tuple(bias.shape)}, expected ({self.out_features},)")
-        self.base_stream = base
+        self._stream: BaseStream | None = base
+        self.bits, self.group_size = base.bits, base.group_size
         self.base_dtype = base_dtype
         self.register_buffer("_packed", None, persistent=False)
         self.register_buffer("_scales_zeros", None, persistent=False)
         self.register_buffer("_weight", None, persistent=False)
-        self.register_buffer("_csr", None, persistent=False)  # sparse memory
+        self.register_buffer("_csr", None, persistent=False)  # sparse memory (MKL CSR, fp32 values)
         self.register_buffer("_lr_A", None, persistent=False)  # low-rank memory (r, d_in)
         self.register_buffer("_lr_B", None, persistent=False)  # low-rank memory (d_out, r)
         self._int4, self._dense_dtype, self.kernel_note = self._choose_kernel()
         if not self._int4:
             self._build_base()
+        elif self.out_features % cpu.INT4PACK_BLOCK_N == 0:
+            # one copy of the codes: the kernel's packed layout; base_stream is rebuilt from it on demand
+            self._stream_params = (base.scales, base.zeros)
+            self._stream = None
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
         self.ortho_stream: LinearMemory | None = None
         self._alpha = 0.0
         self.set_ortho(ortho)
         self.alpha = alpha if ortho is not None else 0.0
+
+    @property
+    def base_stream(self) -> BaseStream:
+        """The stored base stream (codes + fp16 group parameters), exactly as given to the layer.
+
+        On the INT4 kernel the layer keeps only the kernel's packed codes, so this is rebuilt from them.
+        """
+        if self._stream is not None:
+            return self._stream
+        scales, zeros = self._stream_params
+        codes = cpu.int4pack_codes(self._packed, self.out_features)
+        return BaseStream(pack_codes(codes, self.bits), scales, zeros, self.bits, self.group_size,
+                          (self.out_features, self.in_features))
+
+    def resident_bytes(self) -> dict[str, int]:
+        """Bytes this layer holds in memory, by part: base kernel tensors, stored stream, memory, bias."""
+        def size(*ts: torch.Tensor | None) -> int:
+            return sum(t.numel() * t.element_size() for t in ts if t is not None and t.layout == torch.strided)
+
+        base = size(self._packed, self._scales_zeros, self._weight)
+        stream = (size(*self._stream_params) if self._stream is None
+                  else size(self._stream.packed, self._stream.scales, self._stream.zeros))
+        csr = self._csr
+        kernel_memory = size(self._lr_A, self._lr_B) + (0 if csr is None else sum(
+            t.numel() * t.element_size() for t in (csr.crow_indices(), csr.col_indices(), csr.values())))
+        stored_memory = 0 if self.ortho_stream is None else self.ortho_stream.nbytes
+        return {"base_kernel": base, "base_stream": stream, "memory_kernel": kernel_memory,
+                "memory_stream": stored_memory, "bias": size(self.bias)}
 
     @property
     def kernel(self) -> str:
@@ -69,19 +107,16 @@ class OrthoLinear(AlphaSwitch, nn.Module):
         Otherwise the dense path in ``base_dtype`` (format) or in fp32 (bound exceeded: reported by
         ``kernel_note`` and a :class:`~libortho.runtime.kernels.cpu.KernelFallbackWarning`).
         """
-        b = self.base_stream
-        if not cpu.int4pack_supported(b.bits, b.group_size, *b.shape):
-            return False, self.base_dtype, "format not served by the INT4 kernel"
-        self._packed, self._scales_zeros = cpu.prepare_int4pack(b)
-        worst = float(cpu.int4pack_step_error(b, self._scales_zeros).max())
-        if worst <= cpu.INT4PACK_MAX_STEP_ERROR:
-            return True, cpu.INT4PACK_DTYPE, f"INT4 kernel, weights within {worst:.4f} grid step of the stored ones"
-        self._packed = self._scales_zeros = None
+        tensors, note = cpu.int4pack_choice(self.base_stream)
+        if tensors is not None:
+            self._packed, self._scales_zeros = tensors
+            return True, cpu.INT4PACK_DTYPE, note
+        if note.startswith("format"):
+            return False, self.base_dtype, note
         warnings.warn("a base stream's scales/zeros would be off by more than 1/32 grid step in the INT4 kernel "
                       "(scales not bf16-exact or zero points outside [0, 15]): such layers run dense in fp32; "
                       "see OrthoLinear.kernel_note", cpu.KernelFallbackWarning, stacklevel=3)
-        return False, torch.float32, (f"dense fp32: the INT4 kernel's bf16 scale/offset would be off by {worst:.4f} "
-                                      f"grid step (> 1/32)")
+        return False, torch.float32, note
 
     def _build_base(self) -> None:
         """(Re)build the kernel-ready base tensors from the base stream."""
@@ -120,8 +155,11 @@ class OrthoLinear(AlphaSwitch, nn.Module):
             self._build_base()
         return self
 
+    def _prefill(self, x: torch.Tensor) -> bool:
+        """Whether this call takes the dense (dequantize + GEMM) path: INT4 layer and many tokens."""
+        return self._int4 and x.numel() >= self.dense_min_tokens * self.in_features
+
     def __deepcopy__(self, memo: dict) -> OrthoLinear:
-        """Deep copy; torch cannot deep-copy sparse CSR tensors, so the copy rebuilds its CSR from its stream."""
         new = type(self).__new__(type(self))
         memo[id(self)] = new
         state = dict(self.__dict__, _buffers={k: None if k == "_csr" else v for k, v in self._buffers.items()})
@@ -134,20 +172,39 @@ class OrthoLinear(AlphaSwitch, nn.Module):
     def base_forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x @ Q^T`` (no bias) as a fresh tensor of ``x.dtype``."""
         if self._int4:
-            return cpu.int4pack_matmul(x, self._packed, self._scales_zeros, self.base_stream.group_size,
-                                       self.out_features)
+            kernel = cpu.int4pack_dense_matmul if self._prefill(x) else cpu.int4pack_matmul
+            return kernel(x, self._packed, self._scales_zeros, self.group_size, self.out_features)
         return cpu.dense_base_matmul(x, self._weight)
 
+    def _fold(self, W: torch.Tensor) -> None:
+        """Add ``alpha * W_memory`` to a dense fp32 weight in place (the prefill path)."""
+        if self._csr is not None:
+            cpu.fold_csr_(W, self._csr, self._alpha)
+        else:
+            W.addmm_(self._lr_B, self._lr_A, alpha=self._alpha)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``base(x) [+ alpha * memory(x)] + bias``; output dtype equals ``x.dtype``."""
-        y = self.base_forward(x)
-        if self._alpha != 0.0:
-            if self._csr is not None:
-                y = cpu.sparse_ortho_addmm_(y, x, self._csr, self._alpha)
-            elif self._lr_A is not None:
-                y = cpu.lowrank_addmm_(y, x, self._lr_A, self._lr_B, self._alpha)
+        """``base(x) [+ alpha * memory(x)] + bias``; output dtype equals ``x.dtype``, or the autocast
+        dtype when autocast is on (as ``nn.Linear`` would give).
+
+        Prefill (INT4 layer, at least ``dense_min_tokens`` tokens): the memory is folded into the
+        transient fp32 weight before its bf16 rounding, one GEMM for both streams. Otherwise (decode)
+        the base kernel runs and the memory is added by MKL's CSR product (sparse) or two skinny matmuls.
+        """
+        if self._alpha != 0.0 and self._prefill(x):
+            y = cpu.int4pack_dense_matmul(x, self._packed, self._scales_zeros, self.group_size,
+                                          self.out_features, fold=self._fold)
+        else:
+            y = self.base_forward(x)
+            if self._alpha != 0.0:
+                if self._csr is not None:
+                    y = cpu.sparse_ortho_addmm_(y, x, self._csr, self._alpha)
+                elif self._lr_A is not None:
+                    y = cpu.lowrank_addmm_(y, x, self._lr_A, self._lr_B, self._alpha)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
+        if torch.is_autocast_enabled(x.device.type):
+            y = y.to(torch.get_autocast_dtype(x.device.type))
         return y
 
     def effective_weight(self, alpha: float | None = None) -> torch.Tensor:

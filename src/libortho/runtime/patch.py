@@ -7,10 +7,12 @@ The switch treats every memory site alike: :func:`switchable_layers` lists the O
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 from torch import nn
 
@@ -19,6 +21,7 @@ from libortho.runtime.memory_mlp import MemoryNeurons, attach_neurons
 from libortho.streams import LowRankMemory, MemoryStream, NeuronMemory, SparseOrtho
 
 Switchable = OrthoLinear | MemoryNeurons
+log = logging.getLogger("libortho")
 
 
 def replace_module(model: nn.Module, qualified_name: str, new_module: nn.Module) -> nn.Module:
@@ -35,6 +38,32 @@ def replace_module(model: nn.Module, qualified_name: str, new_module: nn.Module)
 def ortho_layers(model: nn.Module) -> dict[str, OrthoLinear]:
     """All OrthoLinear layers of ``model`` by qualified name (the base streams; memory of any linear form)."""
     return {n: m for n, m in model.named_modules() if isinstance(m, OrthoLinear)}
+
+
+def kernel_report(model: nn.Module) -> dict[str, Any]:
+    """Which base kernel serves each OrthoLinear: counts by kernel, and every fallback with its reason.
+
+    The CPU INT4 kernel serves 4-bit layers whose group size divides ``in_features`` (and whose
+    scales stay within the fidelity bound); the rest run on a dense dequantized weight. ``info``,
+    :func:`libortho.checkpoint.load`'s log and the benchmark JSON all report this.
+    """
+    counts: dict[str, int] = {}
+    fallbacks: dict[str, str] = {}
+    for name, lin in ortho_layers(model).items():
+        counts[lin.kernel] = counts.get(lin.kernel, 0) + 1
+        if lin.kernel != "int4pack":
+            fallbacks[name] = lin.kernel_note
+    return {"kernels": dict(sorted(counts.items())), "fallbacks": fallbacks, "layers": sum(counts.values())}
+
+
+def log_kernel_fallbacks(model: nn.Module, where: str) -> dict[str, Any]:
+    """Log a warning naming how many layers left the INT4 kernel and why; returns :func:`kernel_report`."""
+    rep = kernel_report(model)
+    if rep["fallbacks"]:
+        reasons = sorted(set(rep["fallbacks"].values()))
+        log.warning("%s: %d of %d quantized layers run on the dense fallback, not the INT4 kernel (%s)",
+                    where, len(rep["fallbacks"]), rep["layers"], "; ".join(reasons))
+    return rep
 
 
 def switchable_layers(model: nn.Module) -> dict[str, Switchable]:

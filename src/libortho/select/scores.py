@@ -6,7 +6,9 @@ entry matters more to the layer's output and belongs in the ortho stream.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -36,8 +38,23 @@ def damped_hessian(H: torch.Tensor, damp: float = 0.01) -> torch.Tensor:
     return H
 
 
+_last_inverse: list[Any] = []  # [weakref to H, H._version, damp, result]: linears of one stage share H
+
+
 def inverse_hessian_diag(H: torch.Tensor, damp: float = 0.01) -> torch.Tensor:
-    """``diag(H^-1)`` of the damped Hessian, raising the damping until Cholesky succeeds."""
+    """``diag(H^-1)`` of the damped Hessian, raising the damping until Cholesky succeeds.
+
+    The last result is remembered for the same (unmodified) H tensor: q/k/v and gate/up share
+    one Hessian, so their selection factorises it once.
+    """
+    if _last_inverse and _last_inverse[0]() is H and _last_inverse[1:3] == [H._version, damp]:
+        return _last_inverse[3].clone()
+    out = _inverse_hessian_diag(H, damp)
+    _last_inverse[:] = [weakref.ref(H), H._version, damp, out]
+    return out.clone()
+
+
+def _inverse_hessian_diag(H: torch.Tensor, damp: float) -> torch.Tensor:
     for attempt in range(8):
         Hd = damped_hessian(H, damp * 10**attempt)
         L, info = torch.linalg.cholesky_ex(Hd)

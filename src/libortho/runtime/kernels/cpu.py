@@ -92,6 +92,23 @@ def prepare_int4pack(stream: BaseStream) -> tuple[torch.Tensor, torch.Tensor]:
     return packed, scales_and_zeros
 
 
+def int4pack_choice(stream: BaseStream) -> tuple[tuple[torch.Tensor, torch.Tensor] | None, str]:
+    """The INT4 kernel's tensors for ``stream`` if it serves it, else None; and a note saying why.
+
+    The kernel serves a 4-bit stream whose format it takes (group size in 32..256 dividing d_in,
+    d_out a multiple of 16) *and* whose weights it reproduces within :data:`INT4PACK_MAX_STEP_ERROR`.
+    """
+    if not int4pack_supported(stream.bits, stream.group_size, *stream.shape):
+        return None, (f"format not served by the INT4 kernel (bits={stream.bits}, group={stream.group_size}, "
+                      f"shape={stream.shape[0]}x{stream.shape[1]})")
+    packed, sz = prepare_int4pack(stream)
+    worst = float(int4pack_step_error(stream, sz).max())
+    if worst <= INT4PACK_MAX_STEP_ERROR:
+        return (packed, sz), f"INT4 kernel, weights within {worst:.4f} grid step of the stored ones"
+    return None, (f"dense fp32: the INT4 kernel's bf16 scale/offset would be off by {worst:.4f} "
+                  f"grid step (> 1/32)")
+
+
 def int4pack_step_error(stream: BaseStream, scales_and_zeros: torch.Tensor) -> torch.Tensor:
     """Per group ``(d_out, n_groups)``: the largest ``|kernel weight - stored weight|`` over codes 0..15, in steps.
 
@@ -114,6 +131,78 @@ def int4pack_matmul(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: tor
     x2 = x.reshape(-1, x.shape[-1]).to(INT4PACK_DTYPE).contiguous()
     y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, packed, group_size, scales_and_zeros)
     return y.to(x.dtype).view(*lead, d_out)
+
+
+INT4PACK_BLOCK_N = 64  # the CPU packing interleaves output rows in blocks of 64 (when d_out allows)
+DENSE_PREFILL_MIN_TOKENS = 192  # token count from which dequantize + dense bf16 beats the INT4 kernel
+
+
+def int4pack_dequantize(packed: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int,
+                        d_out: int) -> torch.Tensor:
+    """The INT4 kernel's own weights ``bf16((code - 8) * S + O)``, ``(d_out, d_in)``, from its packed layout.
+
+    For ``d_out`` a multiple of 64 the CPU packing stores, per block of 64 output rows and per input
+    column, 32 bytes: byte ``j`` holds row ``j`` in its low nibble and row ``j + 32`` in its high one
+    (found by probing ``_convert_weight_to_int4pack_for_cpu``; ``tests/test_kernels_cpu.py`` checks it
+    against the kernel on an identity input). Other shapes go through the kernel on the identity
+    (exact, slower). The result equals what the kernel multiplies by, bit for bit.
+    """
+    return int4pack_weight_fp32(packed, scales_and_zeros, group_size, d_out).to(INT4PACK_DTYPE)
+
+
+def int4pack_weight_fp32(packed: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int,
+                         d_out: int) -> torch.Tensor:
+    """``(code - 8) * S + O`` in fp32 (before the kernel's bf16 rounding); see :func:`int4pack_dequantize`."""
+    d_in = packed.shape[1] * 2
+    if d_out % INT4PACK_BLOCK_N:
+        eye = torch.eye(d_in, dtype=INT4PACK_DTYPE)
+        W = torch.ops.aten._weight_int4pack_mm_for_cpu(eye, packed, group_size, scales_and_zeros).t()
+        return W.float().contiguous()
+    codes = int4pack_codes(packed, d_out).view(d_out, d_in // group_size, group_size).float()
+    S = scales_and_zeros[..., 0].t().float().unsqueeze(-1)
+    O = scales_and_zeros[..., 1].t().float().unsqueeze(-1)
+    return torch.addcmul(O, codes.sub_(8.0), S).reshape(d_out, d_in).contiguous()
+
+
+def int4pack_codes(packed: torch.Tensor, d_out: int) -> torch.Tensor:
+    """The uint8 codes ``(d_out, d_in)`` the packed INT4 layout holds (``d_out`` a multiple of 64).
+
+    Lets a layer keep one copy of its codes (the kernel's) and still give back its exact base stream.
+    """
+    if d_out % INT4PACK_BLOCK_N:
+        raise ValueError(f"the packed layout is decoded for d_out a multiple of {INT4PACK_BLOCK_N}, got {d_out}")
+    d_in = packed.shape[1] * 2
+    b = packed.view(d_out // INT4PACK_BLOCK_N, d_in, INT4PACK_BLOCK_N // 2)
+    return torch.cat((b & 15, b >> 4), dim=-1).transpose(1, 2).reshape(d_out, d_in)
+
+
+def int4pack_dense_matmul(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Tensor,
+                          group_size: int, d_out: int, fold: Callable[[torch.Tensor], None] | None = None,
+                          ) -> torch.Tensor:
+    """``x @ Q^T`` through a transient bf16 dequantization and a dense bf16 GEMM (prefill: many tokens).
+
+    Same weights as :func:`int4pack_matmul` (bit for bit), another summation order; the dense copy
+    lives only for this call, so resident memory stays the packed codes. ``fold`` may add the memory
+    stream (times alpha) to the fp32 weight in place before it is rounded to bf16: the ortho work then
+    costs one scatter instead of a second matmul.
+    """
+    if fold is None:
+        W = int4pack_dequantize(packed, scales_and_zeros, group_size, d_out)
+    else:
+        W32 = int4pack_weight_fp32(packed, scales_and_zeros, group_size, d_out)
+        fold(W32)
+        W = W32.to(INT4PACK_DTYPE)
+    return torch.nn.functional.linear(x.to(INT4PACK_DTYPE), W).to(x.dtype)
+
+
+def fold_csr_(W: torch.Tensor, csr: torch.Tensor, alpha: float) -> None:
+    """``W += alpha * W_ortho`` in place on a dense fp32 ``(d_out, d_in)`` weight (the prefill path's
+    fused ortho): one ``index_add_`` over the flat positions the CSR holds (each at most once)."""
+    d_out, d_in = csr.shape
+    crow = csr.crow_indices()
+    rows = torch.repeat_interleave(torch.arange(d_out), (crow[1:] - crow[:-1]).long())
+    flat = rows * d_in + csr.col_indices().long()
+    W.view(-1).index_add_(0, flat, csr.values().to(W.dtype), alpha=alpha)
 
 
 def dense_base_weight(stream: BaseStream, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:

@@ -1,0 +1,35 @@
+"""Process allocator settings for the calibration loop (glibc only; a no-op elsewhere).
+
+Every calibration batch allocates tens of activation tensors of 5-25 MB. glibc serves blocks
+above its mmap threshold with fresh ``mmap`` calls and returns them on free, so each new tensor
+page-faults its memory in again: measured on SmolLM2, about 15% of a calibration block forward.
+:func:`retain_freed_memory` raises the mmap threshold to its maximum (32 MiB on 64-bit) and the
+trim threshold, so freed blocks stay in the heap and are reused. The resident set then stays at
+its high-water mark instead of shrinking between batches; the peak is unchanged.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import functools
+
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+_MMAP_THRESHOLD_MAX = 32 * 2**20  # glibc's DEFAULT_MMAP_THRESHOLD_MAX on 64-bit
+_TRIM_THRESHOLD = 1 * 2**30
+
+
+@functools.cache
+def retain_freed_memory() -> bool:
+    """Ask glibc to keep freed activation-sized blocks for reuse; True if it accepted (once per process)."""
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return False
+    try:
+        libc = ctypes.CDLL(name)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return bool(mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX)) and bool(mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD))

@@ -1,0 +1,121 @@
+"""CPU kernels of the dual-stream layer against slow references written from the definitions.
+
+References: the INT4 kernel itself on an identity input (what it multiplies by), the stored
+stream's codes, and ``x @ W_eff^T`` with ``W_eff = Q + alpha * W_memory`` built densely in fp64.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from libortho.quant.grid import QuantResult
+from libortho.runtime import OrthoLinear
+from libortho.runtime.kernels import cpu
+from libortho.streams import LowRankMemory, SparseOrtho
+
+
+def _stream(d_out: int, d_in: int, g: int = 64, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, 16, (d_out, d_in), generator=gen, dtype=torch.uint8)
+    ng = d_in // g
+    scales = (torch.rand(d_out, ng, generator=gen) * 0.02 + 0.001).to(torch.bfloat16).float()  # bf16-exact
+    zeros = torch.randint(0, 16, (d_out, ng), generator=gen).float()
+    return QuantResult(codes, scales, zeros, 4, g).to_stream()
+
+
+def _sparse(d_out: int, d_in: int, density: float = 0.01, seed: int = 1) -> SparseOrtho:
+    gen = torch.Generator().manual_seed(seed)
+    mask = torch.rand(d_out, d_in, generator=gen) < density
+    return SparseOrtho.from_mask(torch.randn(d_out, d_in, generator=gen) * 0.05, mask, "fp16")
+
+
+def _lowrank(d_out: int, d_in: int, r: int = 4, seed: int = 2) -> LowRankMemory:
+    gen = torch.Generator().manual_seed(seed)
+    return LowRankMemory(B=torch.randn(d_out, r, generator=gen) * 0.05, A=torch.randn(r, d_in, generator=gen) * 0.05)
+
+
+@pytest.mark.parametrize("shape", [(64, 64), (192, 576), (576, 1536), (1536, 576), (48, 128), (16, 64)])
+def test_dequantize_is_what_the_int4_kernel_multiplies_by(shape) -> None:
+    """Fails if the decoded nibble layout is wrong anywhere (row pairing, block of 64, column order)."""
+    d_out, d_in = shape
+    s = _stream(d_out, d_in)
+    packed, sz = cpu.prepare_int4pack(s)
+    eye = torch.eye(d_in, dtype=torch.bfloat16)
+    kernel_w = torch.ops.aten._weight_int4pack_mm_for_cpu(eye, packed, 64, sz).t()
+    assert torch.equal(cpu.int4pack_dequantize(packed, sz, 64, d_out), kernel_w)
+    if d_out % 64 == 0:
+        assert torch.equal(cpu.int4pack_codes(packed, d_out), s.codes())
+    else:
+        with pytest.raises(ValueError, match="multiple of 64"):
+            cpu.int4pack_codes(packed, d_out)
+
+
+def test_layer_keeps_one_copy_of_the_codes_and_gives_the_stream_back() -> None:
+    s = _stream(192, 576)
+    lin = OrthoLinear(s, None)
+    assert lin.kernel == "int4pack" and lin._stream is None
+    back = lin.base_stream
+    assert torch.equal(back.packed, s.packed) and torch.equal(back.scales, s.scales)
+    assert torch.equal(back.zeros, s.zeros) and back.shape == s.shape
+    res = lin.resident_bytes()
+    params = 192 * 576
+    assert (res["base_kernel"] + res["base_stream"]) / params <= 0.65  # packed codes + bf16 and fp16 group params
+    assert res["memory_kernel"] == res["memory_stream"] == 0
+
+
+def _reference(x: torch.Tensor, lin: OrthoLinear, alpha: float) -> torch.Tensor:
+    W = lin.effective_weight(alpha).double()
+    return x.double() @ W.T
+
+
+@pytest.mark.parametrize("shape", [(192, 576), (48, 128)])  # 48: not a multiple of 64 (identity dequantization)
+@pytest.mark.parametrize("memory", ["sparse", "lowrank"])
+@pytest.mark.parametrize("tokens", [1, 7, 300])
+@pytest.mark.parametrize("alpha", [0.0, 1.0, 0.5])
+def test_forward_matches_the_dense_reference_on_every_path(shape, memory, tokens, alpha) -> None:
+    """Decode (base kernel + gather/scatter or skinny matmuls) and prefill (memory folded into the
+    transient weight, tokens >= dense_min_tokens) both give x @ (Q + alpha M)^T up to bf16 rounding.
+    Fails if the fold forgets alpha, adds the memory twice, or the gather pairs rows and columns wrongly."""
+    d_out, d_in = shape
+    mem = _sparse(d_out, d_in, density=0.03) if memory == "sparse" else _lowrank(d_out, d_in)
+    lin = OrthoLinear(_stream(d_out, d_in), mem, alpha=alpha)
+    x = torch.randn(tokens, d_in, generator=torch.Generator().manual_seed(tokens))
+    assert lin._prefill(x) == (tokens >= lin.dense_min_tokens)
+    got = lin(x).double()
+    want = _reference(x, lin, alpha)
+    scale = want.abs().max()
+    assert (got - want).abs().max() <= 2e-2 * scale  # bf16 activations and weights: ~2^-8 relative
+    if alpha:
+        # the memory's own contribution is there, with the right size (not just noise around the base)
+        base = _reference(x, lin, 0.0)
+        contrib, seen = want - base, got - base
+        assert torch.linalg.norm(seen - contrib) <= 0.1 * torch.linalg.norm(contrib)
+
+
+def test_fold_adds_alpha_times_the_sparse_stream_exactly() -> None:
+    """The prefill fold: W + alpha * W_ortho, each stored entry once, nothing elsewhere."""
+    o = _sparse(96, 128, density=0.05)
+    W = torch.randn(96, 128)
+    got = W.clone()
+    cpu.fold_csr_(got, cpu.ortho_csr(o), 0.7)
+    torch.testing.assert_close(got, W + 0.7 * o.to_dense(torch.float32), rtol=1e-6, atol=1e-6)
+
+
+def test_prefill_and_decode_agree_and_alpha_zero_never_reads_memory() -> None:
+    """At alpha = 0 the memory tensors are never touched: poisoning them changes nothing (the null test)."""
+    lin = OrthoLinear(_stream(192, 576), _sparse(192, 576), alpha=0.0)
+    x = torch.randn(300, 576)
+    before = lin(x)
+    lin._csr.values().fill_(float("nan"))
+    assert torch.equal(lin(x), before) and torch.equal(lin(x[:3]), lin(x[:3]))
+    lin2 = OrthoLinear(_stream(192, 576), None)
+    assert torch.equal(lin2(x), before)
+
+
+def test_autocast_gives_the_autocast_dtype_like_nn_linear() -> None:
+    lin = OrthoLinear(_stream(64, 64), None)
+    x = torch.randn(3, 64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert lin(x).dtype == torch.bfloat16 == torch.nn.Linear(64, 64)(x).dtype
+    assert lin(x).dtype == torch.float32
