@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import resource
 import time
 from pathlib import Path
@@ -131,6 +132,8 @@ def main() -> None:
     ap.add_argument("--quality", action="store_true", help="also compare held-out perplexity (see above)")
     ap.add_argument("--eval-corpus", default="fortunes")
     ap.add_argument("--n-eval", type=int, default=48)
+    ap.add_argument("--keep-quality", action="store_true",
+                    help="re-time only: keep the quality section (with its own git record) of an existing --out")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
     if args.out.suffix != ".json":
@@ -170,6 +173,10 @@ def main() -> None:
             q[f"delta_{a}"] = {f"default_minus_{k}": paired(base, q[k][a]["block_nll"])
                                for k in ("fp32_precision", "bf16_forward_fp32_products", "default_calib_seed1")}
         out["quality"] = q
+    elif args.keep_quality and args.out.exists():
+        old = json.loads(args.out.read_text())
+        if "quality" in old:
+            out["quality"] = dict(old["quality"], measured_by=old.get("git"))
     atomic_write_json(args.out, out)
     print(f"-> {args.out}")
 

@@ -2,7 +2,10 @@
 
 Compares the decompositions written by ppl_table.py: the independent base-only GPTQ g64 model
 (decomposed without an ortho stream), the default g64 model (obs, rho = 1%) with its ortho stream
-at alpha = 0 and at alpha = 1, and the original FP32 model. Run it on an idle machine.
+at alpha = 0 and at alpha = 1, and the original FP32 model: decode (ms/token), prefill of 16 x 128
+and of 1 x 512 tokens. Also the resident bytes of the quantized linears (kernel tensors and what
+else each layer holds, from ``OrthoLinear.resident_bytes``) and which kernel serves each layer.
+Run it on an idle machine.
 
     .venv/bin/python bench/latency.py --out docs/results/dual_stream_smollm2/latency.json
 """
@@ -20,7 +23,7 @@ import torch
 from libortho.atomic import atomic_write_json
 from libortho.checkpoint import load
 from libortho.models import load_model
-from libortho.runtime import set_alpha
+from libortho.runtime import kernel_report, ortho_layers, set_alpha
 from provenance import git_state
 
 
@@ -75,6 +78,7 @@ def main() -> None:
     vocab = fp32.config.vocab_size
     prompt = torch.randint(0, vocab, (1, 32))
     batch = torch.randint(0, vocab, (16, 128))
+    long = torch.randint(0, vocab, (1, 512))
     set_alpha(ortho_on, 1.0)
     decode = interleaved({
         "base_only": lambda: decode_step_time(base_only, prompt, args.decode_steps),
@@ -86,6 +90,12 @@ def main() -> None:
         "base_only": lambda: prefill_time(base_only, batch),
         "alpha0": lambda: prefill_time(with_ortho, batch),
         "alpha1": lambda: prefill_time(ortho_on, batch),
+        "fp32": lambda: prefill_time(fp32, batch),
+    }, args.prefill_runs, warmup=1)
+    prefill_long = interleaved({
+        "alpha0": lambda: prefill_time(with_ortho, long),
+        "alpha1": lambda: prefill_time(ortho_on, long),
+        "fp32": lambda: prefill_time(fp32, long),
     }, args.prefill_runs, warmup=1)
     ratios = {
         "null_decode_alpha0_over_base": decode["alpha0"] / decode["base_only"],
@@ -94,17 +104,37 @@ def main() -> None:
         "overhead_prefill_alpha1_over_alpha0": prefill["alpha1"] / prefill["alpha0"],
         "decode_speedup_alpha0_vs_fp32": decode["fp32"] / decode["alpha0"],
         "decode_speedup_alpha1_vs_fp32": decode["fp32"] / decode["alpha1"],
+        "prefill_16x128_alpha0_over_fp32": prefill["alpha0"] / prefill["fp32"],
+        "prefill_1x512_alpha0_over_fp32": prefill_long["alpha0"] / prefill_long["fp32"],
+        "overhead_prefill_1x512_alpha1_over_alpha0": prefill_long["alpha1"] / prefill_long["alpha0"],
     }
+    layers = ortho_layers(with_ortho)
+    params = sum(m.in_features * m.out_features for m in layers.values())
+    parts: dict[str, int] = {}
+    for m in layers.values():
+        for k, v in m.resident_bytes().items():
+            parts[k] = parts.get(k, 0) + v
+    resident = {"quantized_params": params, "bytes": parts,
+                "base_bytes_per_param": (parts["base_kernel"] + parts["base_stream"]) / params,
+                "with_memory_bytes_per_param": sum(parts.values()) / params,
+                "what": "base: INT4 kernel tensors (packed codes, bf16 scale/offset) plus the fp16 group "
+                        "parameters kept to rebuild the stored stream; memory: the CSR the decode path reads "
+                        "and the stored stream; bias included in the second figure"}
     res = {"benchmark": "latency", "dir": str(args.dir), "base_dir": str(args.base_dir),
            "threads": torch.get_num_threads(), "decode_steps": args.decode_steps,
            "git": [started],
-           "decode_s_per_token": decode, "prefill_16x128_s": prefill, "ratios": ratios,
+           "decode_s_per_token": decode, "prefill_16x128_s": prefill, "prefill_1x512_s": prefill_long,
+           "ratios": ratios, "resident": resident, "kernels": kernel_report(with_ortho),
            "runs": args.runs, "prefill_runs": args.prefill_runs}
     atomic_write_json(args.out, res)
     for k, v in decode.items():
         print(f"decode  {k:<10} {1e3 * v:8.2f} ms/token")
     for k, v in prefill.items():
         print(f"prefill {k:<10} {v:8.3f} s (16x128)")
+    for k, v in prefill_long.items():
+        print(f"prefill {k:<10} {v:8.3f} s (1x512)")
+    print(f"resident base {resident['base_bytes_per_param']:.3f} B/param, with memory "
+          f"{resident['with_memory_bytes_per_param']:.3f}")
     for k, v in ratios.items():
         print(f"{k:<40} {v:.4f}")
     print(f"wrote {args.out}")

@@ -231,6 +231,26 @@ def training_time_lines(t: dict[str, Any], link: str) -> list[str]:
             f"{', '.join(ok) or 'none'})."]
 
 
+def performance_lines(perf: dict[str, Any], link: str) -> list[str]:
+    """One bullet for the issue-9 performance goals: how many hold, the headline figures, what missed."""
+    goals = [g for g in perf["goals"] if g["holds"] is not None]
+    held = [g for g in goals if g["holds"]]
+    by = {g["goal"]: g["value"] for g in perf["goals"]}
+
+    def fig(name: str, fmt: str) -> str:
+        v = by.get(name)
+        return "not measured" if v is None else format(v, fmt)
+
+    missed = "; ".join(f"{g['goal'].split(' ', 1)[1]} {g['value']:.3g} (goal {g['threshold']})"
+                       for g in goals if not g["holds"])
+    return [f"- **Dual-stream performance on SmolLM2-135M** ([report]({link})): {len(held)} of {len(goals)} "
+            f"measured goals hold. Decomposition {fig('1 decomposition wall time (s)', '.0f')} s = "
+            f"{fig('1 decomposition / one FP32 forward (same run)', '.2f')}x one FP32 forward; alpha = 1 / alpha = 0 "
+            f"decode {fig('2 decode alpha1 / alpha0', '.3f')}; "
+            f"{fig('5 bits per parameter at rho = 1%', '.2f')} bits/param at rho = 1%."
+            + (f" Missed: {missed}." if missed else "")]
+
+
 def render_block(results: Path) -> str:
     """The Markdown between the README's markers, from the JSON files under ``results``."""
     lines = []
@@ -241,6 +261,9 @@ def render_block(results: Path) -> str:
     if tab is not None:
         lines += dual_stream_lines(tab, _load(results / "dual_stream_smollm2" / "latency.json"),
                                    "docs/results/dual_stream_smollm2/README.md")
+    perf = _load(results / "performance_smollm2" / "performance.json")
+    if perf is not None:
+        lines += performance_lines(perf, "docs/results/performance_smollm2.md")
     demo = _load(results / "separation_tiny" / "demo" / "result.json")
     if demo is not None:
         lines += separation_demo_lines(demo, "docs/results/separation_tiny/demo/report.md")

@@ -202,3 +202,36 @@ def test_decompose_profile_refuses_a_bad_out_path_before_loading_anything(tmp_pa
     p = subprocess.run([sys.executable, str(script), "--out", str(tmp_path / "x.txt")], capture_output=True, text=True)
     assert p.returncode != 0 and "--out must be a .json file" in p.stderr
     assert not (tmp_path / "x.txt").exists()
+
+
+def test_performance_report_judges_each_goal_from_the_figures(tmp_path) -> None:
+    """Goals follow the JSON figures: a ratio above its threshold fails, gap closure is (GPTQ - a1) /
+    (GPTQ - FP32), bits per nonzero is ortho bits over density, and the report renders every goal."""
+    import performance_report as pr
+
+    prof = {"decompose_s": 120.0, "ratio_to_forward": 1.05, "peak_rss_mb": 1900.0, "block_plans": ["prenorm-gated"],
+            "config": {"calib_dtype": "bf16"}, "phase_s": {"stage_forward": 60.0}, "phase_fraction":
+            {"stage_forward": 0.5}, "git": {"commit": "abc"}}
+    lat = {"ratios": {"overhead_decode_alpha1_over_alpha0": 1.2, "overhead_prefill_alpha1_over_alpha0": 1.01,
+                      "prefill_16x128_alpha0_over_fp32": 0.5, "prefill_1x512_alpha0_over_fp32": 0.9},
+           "decode_s_per_token": {"alpha0": 0.030}, "resident": {"base_bytes_per_param": 0.625},
+           "kernels": {"kernels": {"int4pack": 210}, "fallbacks": {}}, "git": [{"commit": "def"}]}
+    nll = {"ppl": 1.0, "block_nll": [0.0]}
+    rows = {"fp32": {"ppl_measured": {**nll, "ppl": 40.0}}, "gptq-g64": {"ppl_measured": {**nll, "ppl": 50.0}},
+            "hqq-g64": {"ppl_measured": {**nll, "ppl": 48.0}, "bits_per_param": 4.5},
+            "libortho-g64-default-alpha0": {"alpha0": {**nll, "ppl": 50.0}, "total_bits_per_param": 4.76,
+                                            "base_bits_per_param": 4.5, "ortho_bits_per_param": 0.26,
+                                            "ortho_density": 0.01, "quantized_params": 100},
+            "libortho-g64-obs-0.01-residual": {"alpha1": {**nll, "ppl": 43.0}, "rho": 0.01,
+                                               "total_bits_per_param": 4.76}}
+    goals = {g["goal"]: g for g in pr.evaluate(prof, {"rows": rows}, lat, {"profile": None, "ppl": None,
+                                                                            "latency": None})}
+    assert goals["1 decomposition wall time (s)"]["holds"] is True
+    assert goals["1 decomposition / one FP32 forward (same run)"]["holds"] is False
+    assert goals["2 decode alpha1 / alpha0"]["holds"] is False and goals["2 prefill 16x128 alpha1 / alpha0"]["holds"]
+    assert goals["4 alpha1 closes the GPTQ -> FP32 gap (fraction)"]["value"] == pytest.approx(0.7)
+    assert goals["4 alpha0 ppl / HQQ g64 ppl (held-out fortunes)"]["holds"] is False
+    assert goals["5 bits per stored nonzero (index included)"]["value"] == pytest.approx(26.0)
+    assert goals["7 layers off the INT4 kernel at the default group size"]["holds"] is True
+    text = pr.render({"goals": list(goals.values()), "profile": prof, "sources": {}})
+    assert all(name in text for name in goals) and "**no**" in text

@@ -119,3 +119,43 @@ def test_autocast_gives_the_autocast_dtype_like_nn_linear() -> None:
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert lin(x).dtype == torch.bfloat16 == torch.nn.Linear(64, 64)(x).dtype
     assert lin(x).dtype == torch.float32
+
+
+def _siblings(alpha: float = 1.0):
+    from libortho.runtime.linear import SharedInputMemory
+
+    layers = [OrthoLinear(_stream(n, 576, seed=n), _sparse(n, 576, density=0.02, seed=n + 1), alpha=alpha)
+              for n in (576, 192, 192)]
+    shared = SharedInputMemory(layers)
+    for m in layers:
+        m._shared = shared
+    return layers, shared
+
+
+def test_siblings_share_one_sparse_product_and_never_a_stale_one() -> None:
+    """q/k/v reading one x: the stacked product equals each layer's own; an x modified in place, a new x,
+    or a changed memory stream is recomputed. Fails if the cache is keyed on the address alone."""
+    import copy
+
+    layers, shared = _siblings()
+    alone = [OrthoLinear(m.base_stream, m.ortho_stream, alpha=1.0) for m in layers]
+    x = torch.randn(2, 576)
+    for m, ref in zip(layers, alone, strict=True):
+        torch.testing.assert_close(m(x), ref(x), rtol=1e-3, atol=1e-3)
+    first = shared._last[2]
+    layers[1](x)
+    assert shared._last[2] is first  # served from the shared product
+    x.mul_(2.0)  # same tensor, new content
+    torch.testing.assert_close(layers[2](x), alone[2](x), rtol=1e-3, atol=1e-3)
+    y = torch.randn(2, 576)
+    torch.testing.assert_close(layers[0](y), alone[0](y), rtol=1e-3, atol=1e-3)
+    layers[1].set_ortho(_sparse(192, 576, density=0.05, seed=9))
+    layers[1].alpha = 1.0
+    torch.testing.assert_close(layers[1](y), OrthoLinear(layers[1].base_stream, layers[1].ortho_stream)(y),
+                               rtol=1e-3, atol=1e-3)
+    layers[0].alpha = 0.5  # siblings at different alphas: each falls back to its own product
+    torch.testing.assert_close(layers[0](y), OrthoLinear(layers[0].base_stream, layers[0].ortho_stream,
+                                                         alpha=0.5)(y), rtol=1e-3, atol=1e-3)
+    clone = copy.deepcopy(layers)
+    assert clone[0]._shared is clone[1]._shared is clone[2]._shared and clone[0]._shared is not shared
+    torch.testing.assert_close(clone[2](y), layers[2](y))

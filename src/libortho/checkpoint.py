@@ -23,6 +23,7 @@ from libortho.models.load import load_tokenizer
 from libortho.runtime import (
     OrthoLinear,
     attach_neurons,
+    group_shared_inputs,
     log_kernel_fallbacks,
     neuron_sites,
     ortho_layers,
@@ -161,6 +162,7 @@ def load(path: str | Path, alpha: float = 1.0, load_ortho: bool = True, verify: 
     _attach_neurons(model, dec)
     model.eval()
     log_kernel_fallbacks(model, str(path))
+    group_shared_inputs(model)
     if dec.ortho is not None and switchable_layers(model):
         set_alpha(model, alpha)
     return model, load_tokenizer(path)

@@ -27,8 +27,8 @@ from libortho.config import DecomposeConfig, SelectConfig
 from libortho.curvature.capture import CalibrationFlow, PhaseTimer, block_plan, forward_precision, stage_hessian
 from libortho.models.layers import block_linears, decoder_blocks
 from libortho.quant import QuantResult, quantize
-from libortho.runtime import OrthoLinear, replace_module
-from libortho.runtime.allocator import retain_freed_memory
+from libortho.runtime import OrthoLinear, group_shared_inputs, replace_module
+from libortho.runtime.allocator import release_free_memory, retain_freed_memory
 from libortho.select import global_threshold, impact_scores, optimal_values, threshold_mask, topk_mask
 from libortho.streams import BaseStream, LowRankMemory, SparseOrtho
 
@@ -101,6 +101,7 @@ def attach_ortho(model: nn.Module, ortho: dict[str, SparseOrtho | LowRankMemory]
             raise KeyError(f"{name!r} is not an OrthoLinear layer of this model")
         mod.set_ortho(o)
         mod.alpha = alpha
+    group_shared_inputs(model)
 
 
 def needs_calibration(cfg: DecomposeConfig) -> bool:
@@ -181,7 +182,8 @@ def decompose(model: nn.Module, calibration: torch.Tensor | None, config: Decomp
         raise ValueError("this configuration needs calibration data (GPTQ or a curvature selector)")
     if select_calibration is not None and not (cfg.ortho and calibrate):
         raise ValueError("select_calibration needs an ortho stream and a calibrated (GPTQ or curvature) run")
-    retain_freed_memory()  # activations are reused, not page-faulted in per batch (runtime/allocator.py)
+    release_free_memory()  # what loading and tokenizing freed goes back first (runtime/allocator.py)
+    retain_freed_memory()  # then activations are reused, not page-faulted in per batch
     timer = PhaseTimer()
     calib_dtype = torch.bfloat16 if cfg.calib_dtype == "bf16" else torch.float32
     with timer("capture"), forward_precision(calib_dtype):

@@ -6,6 +6,7 @@ from libortho.runtime.patch import (
     alpha_scope,
     attach_memory,
     get_alpha,
+    group_shared_inputs,
     kernel_report,
     log_kernel_fallbacks,
     ortho_layers,
@@ -15,5 +16,5 @@ from libortho.runtime.patch import (
 )
 
 __all__ = ["LOCKED_MESSAGE", "MemoryNeurons", "OrthoLinear", "alpha_scope", "attach_memory", "attach_neurons",
-           "get_alpha", "kernel_report", "log_kernel_fallbacks", "neuron_sites", "ortho_layers", "remove_neurons",
-           "replace_module", "set_alpha", "switchable_layers"]
+           "get_alpha", "group_shared_inputs", "kernel_report", "log_kernel_fallbacks", "neuron_sites",
+           "ortho_layers", "remove_neurons", "replace_module", "set_alpha", "switchable_layers"]

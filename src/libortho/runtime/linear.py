@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import warnings
+import weakref
 from collections.abc import Callable
 
 import torch
@@ -16,9 +17,70 @@ from torch import nn
 from libortho.runtime.kernels import cpu
 from libortho.runtime.switch import LOCKED_MESSAGE, AlphaSwitch
 from libortho.streams import BaseStream, LowRankMemory, SparseOrtho
+from libortho.streams.ortho import dtype_name
 from libortho.streams.pack import pack_codes
 
 LinearMemory = SparseOrtho | LowRankMemory
+
+
+class SharedInputMemory:
+    """The sparse memory of sibling layers that read one input (q/k/v, gate/up) as one stacked CSR.
+
+    At decode the per-call cost of a sparse product dominates its arithmetic, so the first sibling
+    called with ``x`` computes ``x @ W_ortho^T`` for all of them in one MKL call and the others take
+    their slice of it. The result is remembered for that very tensor (a weak reference and its
+    version counter), so a new or modified input is never served a stale product. Used only while
+    every member has a sparse memory and the same alpha; rebuilt when a member's memory changes.
+    """
+
+    def __init__(self, members: list[OrthoLinear]) -> None:
+        if len({m.in_features for m in members}) != 1:
+            raise ValueError("layers sharing an input must have the same in_features")
+        self.members = members
+        self._streams: list[LinearMemory | None] | None = None  # the members' streams the CSR was built from
+        self._csr: torch.Tensor | None = None
+        self._offsets: dict[int, tuple[int, int]] = {}
+        self._last: tuple[weakref.ref, int, torch.Tensor] | None = None
+
+    def _usable(self) -> bool:
+        alphas = {m._alpha for m in self.members}
+        return len(alphas) == 1 and all(m._csr is not None for m in self.members)
+
+    def __deepcopy__(self, memo: dict) -> SharedInputMemory:
+        new = SharedInputMemory.__new__(SharedInputMemory)
+        memo[id(self)] = new  # before the members: each of them refers back to this group
+        new.__init__([copy.deepcopy(m, memo) for m in self.members])
+        return new
+
+    def _build(self) -> None:
+        streams = [m.ortho_stream for m in self.members]
+        if self._streams is not None and all(a is b for a, b in zip(streams, self._streams, strict=True)):
+            return
+        rows = sum(o.shape[0] for o in streams)
+        d_in = streams[0].shape[1]
+        flat, vals, start = [], [], 0
+        for m, o in zip(self.members, streams, strict=True):
+            r, c = o.rows_cols()
+            flat.append((r + start) * d_in + c)
+            vals.append(o.values)
+            self._offsets[id(m)] = (start, start + o.shape[0])
+            start += o.shape[0]
+        stacked = SparseOrtho.from_flat(torch.cat(flat), torch.cat(vals), (rows, d_in),
+                                        dtype_name(streams[0].values.dtype))
+        self._csr = cpu.ortho_csr(stacked)
+        self._streams, self._last = streams, None
+
+    def contribution(self, layer: OrthoLinear, x: torch.Tensor) -> torch.Tensor | None:
+        """``x @ W_ortho^T`` of ``layer`` (fp32, ``(tokens, d_out)``) from the shared product; None if unusable."""
+        if not self._usable():
+            return None
+        self._build()
+        last = self._last
+        if last is None or last[0]() is not x or last[1] != x._version:
+            out = cpu.sparse_ortho_matmul(x.reshape(-1, x.shape[-1]), self._csr)
+            self._last = last = (weakref.ref(x), x._version, out)
+        a, b = self._offsets[id(layer)]
+        return last[2][:, a:b]
 
 
 class OrthoLinear(AlphaSwitch, nn.Module):
@@ -59,6 +121,7 @@ class OrthoLinear(AlphaSwitch, nn.Module):
             self._stream = None
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
         self.ortho_stream: LinearMemory | None = None
+        self._shared: SharedInputMemory | None = None  # set by libortho.runtime.group_shared_inputs
         self._alpha = 0.0
         self.set_ortho(ortho)
         self.alpha = alpha if ortho is not None else 0.0
@@ -197,7 +260,11 @@ class OrthoLinear(AlphaSwitch, nn.Module):
         else:
             y = self.base_forward(x)
             if self._alpha != 0.0:
-                if self._csr is not None:
+                shared = None if self._shared is None else self._shared.contribution(self, x)
+                if shared is not None:
+                    y = torch.add(y.reshape(shared.shape).to(shared.dtype), shared, alpha=self._alpha
+                                  ).to(y.dtype).view(y.shape)
+                elif self._csr is not None:
                     y = cpu.sparse_ortho_addmm_(y, x, self._csr, self._alpha)
                 elif self._lr_A is not None:
                     y = cpu.lowrank_addmm_(y, x, self._lr_A, self._lr_B, self._alpha)

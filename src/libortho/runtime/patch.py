@@ -40,6 +40,26 @@ def ortho_layers(model: nn.Module) -> dict[str, OrthoLinear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, OrthoLinear)}
 
 
+SHARED_INPUT_SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+def group_shared_inputs(model: nn.Module) -> int:
+    """Let sibling OrthoLinear layers that read one input (q/k/v, gate/up) share their sparse memory
+    product at decode (:class:`~libortho.runtime.linear.SharedInputMemory`); returns the number of groups."""
+    from libortho.runtime.linear import SharedInputMemory
+
+    groups = 0
+    for parent in model.modules():
+        for names in SHARED_INPUT_SIBLINGS:
+            members = [getattr(parent, n, None) for n in names]
+            if all(isinstance(m, OrthoLinear) for m in members):
+                shared = SharedInputMemory(members)
+                for m in members:
+                    m._shared = shared
+                groups += 1
+    return groups
+
+
 def kernel_report(model: nn.Module) -> dict[str, Any]:
     """Which base kernel serves each OrthoLinear: counts by kernel, and every fallback with its reason.
 
