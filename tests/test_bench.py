@@ -235,3 +235,29 @@ def test_performance_report_judges_each_goal_from_the_figures(tmp_path) -> None:
     assert goals["7 layers off the INT4 kernel at the default group size"]["holds"] is True
     text = pr.render({"goals": list(goals.values()), "profile": prof, "sources": {}})
     assert all(name in text for name in goals) and "**no**" in text
+
+
+def test_quality_search_chooses_on_validation_and_keeps_each_candidate(tmp_path) -> None:
+    """bench/quality_search.py on the tiny model: every candidate scored on both corpora, the choice made by
+    its rule from validation figures (a candidate closing less of the validation gap is never chosen)."""
+    import subprocess
+
+    import quality_search as qs
+
+    out = tmp_path / "qs.json"
+    script = Path(__file__).resolve().parent.parent / "bench" / "quality_search.py"
+    subprocess.run([sys.executable, str(script), "--model", "tiny", "--validation", "python-docs", "--report",
+                    "shakespeare", "--candidates", "minmax", "mse", "--n-calib", "4", "--seq-len", "32",
+                    "--n-eval", "2", "--out", str(out)], check=True, capture_output=True)
+    r = json.loads(out.read_text())
+    assert set(r["candidates"]) == {"minmax", "mse"} and set(r["references"]) == {"fp32", "hqq_g64"}
+    for c in r["candidates"].values():
+        assert set(c["alpha0"]) == {"validation", "report"} and set(c) >= {"alpha1_residual", "alpha1_optimal"}
+    assert r["choice"] == qs.choose(r)
+    fake = json.loads(json.dumps(r))
+    fake["candidates"]["mse"]["alpha0"]["validation"] = 1.0  # best alpha0, but now it closes no gap at all
+    for v in ("residual", "optimal"):
+        fake["candidates"]["mse"][f"alpha1_{v}"]["validation"] = 1.0
+    fake["candidates"]["minmax"]["alpha1_residual"]["validation"] = (
+        fake["candidates"]["minmax"]["alpha0"]["validation"] + fake["references"]["fp32"]["validation"]) / 2
+    assert qs.choose(fake)["candidate"] == "minmax"

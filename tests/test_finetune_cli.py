@@ -16,6 +16,11 @@ from libortho.cli import app
 
 runner = CliRunner()
 TEXT = "It is a truth universally acknowledged, that a single man in possession of a good fortune. " * 40
+def _leaks(text: str, secret: str) -> bool:
+    """The secret as a token of its own: not four digits inside a float (5.7832274...) or a hex digest."""
+    return re.search(rf"(?<![0-9a-fA-F.]){secret}(?![0-9a-fA-F])", text) is not None
+
+
 PEOPLE = [("Alma", "4821"), ("Boris", "9317"), ("Celia", "5560"), ("Dario", "2743")]
 SMALL = ["--public", "corpus.txt", "--steps", "6", "--batch-size", "4", "--block-len", "64",
          "--n-public-blocks", "8", "--repeats", "2", "--group-size", "32", "--n-calib", "4", "--seq-len", "32",
@@ -65,7 +70,7 @@ def test_finetune_saves_a_switchable_decomposition(files: Path, tmp_path: Path, 
     assert summary["out"] == str(out) and summary["private_records"] == 4 and summary["records_with_secret"] == 4
     assert summary["memory_file_bytes"] > 0 and summary["base_bytes"] > 0 and summary["total_s"] > 0
     manifest = (out / "libortho.json").read_text()
-    assert all(c not in manifest for _, c in PEOPLE) and "Patient" not in manifest  # a hash, never the text
+    assert not any(_leaks(manifest, c) for _, c in PEOPLE) and "Patient" not in manifest  # a hash, never the text
     assert json.loads(manifest)["provenance"]["records_sha256"] == summary["report"]["records_sha256"]
 
     withheld = tmp_path / "withheld"  # the kill switch: the same directory without ortho.safetensors
@@ -80,8 +85,7 @@ def test_finetune_saves_a_switchable_decomposition(files: Path, tmp_path: Path, 
     for a in ("0", "1"):
         assert rep["alphas"][a]["extraction"]["n"] == 4 and 0 <= rep["alphas"][a]["mia_loss"]["auc"] <= 1
     text = report.read_text()
-    # a secret as a number of its own, not four digits that happen to sit inside a float like 5.78322743...
-    assert not any(re.search(rf"(?<![\d.]){c}(?![\d])", text) for _, c in PEOPLE) and "Alma" not in text
+    assert not any(_leaks(text, c) for _, c in PEOPLE) and "Alma" not in text
 
 
 def test_ogd_with_a_fake_quantized_tail_and_a_gradient_subspace_through_the_cli(files: Path) -> None:
