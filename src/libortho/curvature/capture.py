@@ -19,6 +19,7 @@ Linears of one stage share one input, so they share one Hessian (accumulated onc
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import time
 from collections import defaultdict
@@ -190,26 +191,27 @@ def hooked_stages(block: nn.Module, linears: dict[str, nn.Linear], hs: torch.Ten
     return stages + ([missing] if missing else [])
 
 
-class BlockWalk:
+class BlockWalk(abc.ABC):
     """One flow's pass through one block: ``stage_inputs(i)`` in stage order, then ``finish()``."""
 
+    @abc.abstractmethod
     def stage_inputs(self, i: int) -> Iterator[torch.Tensor]:
         """Per batch, the input of stage ``i`` (stages before it must already be quantized)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def finish(self) -> None:
         """Replace the flow's hidden states by the block's outputs (all stages quantized)."""
-        raise NotImplementedError
 
 
-class BlockPlan:
+class BlockPlan(abc.ABC):
     """How a block is walked: its stages (lists of linear names) and a walk per calibration flow."""
 
-    name = "abstract"
+    name: str
     stages: list[list[str]]
 
+    @abc.abstractmethod
     def walk(self, flow: CalibrationFlow) -> BlockWalk:
-        raise NotImplementedError
+        """A walk of ``flow`` through this block."""
 
 
 class _GenericWalk(BlockWalk):
