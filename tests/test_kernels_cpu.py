@@ -32,7 +32,7 @@ def _sparse(d_out: int, d_in: int, density: float = 0.01, seed: int = 1) -> Spar
 
 def _lowrank(d_out: int, d_in: int, r: int = 4, seed: int = 2) -> LowRankMemory:
     gen = torch.Generator().manual_seed(seed)
-    return LowRankMemory(B=torch.randn(d_out, r, generator=gen) * 0.05, A=torch.randn(r, d_in, generator=gen) * 0.05)
+    return LowRankMemory(B=torch.randn(d_out, r, generator=gen) * 0.1, A=torch.randn(r, d_in, generator=gen) * 0.1)
 
 
 @pytest.mark.parametrize("shape", [(64, 64), (192, 576), (576, 1536), (1536, 576), (48, 128), (16, 64)])
@@ -69,7 +69,8 @@ def _reference(x: torch.Tensor, lin: OrthoLinear, alpha: float) -> torch.Tensor:
     return x.double() @ W.T
 
 
-@pytest.mark.parametrize("shape", [(192, 576), (48, 128)])  # 48: not a multiple of 64 (identity dequantization)
+# 48: not a multiple of 64 (identity dequantization); 64 x 160: one block of 64 rows, 5 groups of 32
+@pytest.mark.parametrize("shape", [(192, 576), (48, 128), (64, 160)])
 @pytest.mark.parametrize("memory", ["sparse", "lowrank"])
 @pytest.mark.parametrize("tokens", [1, 7, 600])
 @pytest.mark.parametrize("alpha", [0.0, 1.0, 0.5])
@@ -78,8 +79,9 @@ def test_forward_matches_the_dense_reference_on_every_path(shape, memory, tokens
     transient weight, tokens >= dense_min_tokens) both give x @ (Q + alpha M)^T up to bf16 rounding.
     Fails if the fold forgets alpha, adds the memory twice, or the gather pairs rows and columns wrongly."""
     d_out, d_in = shape
-    mem = _sparse(d_out, d_in, density=0.03) if memory == "sparse" else _lowrank(d_out, d_in)
-    lin = OrthoLinear(_stream(d_out, d_in), mem, alpha=alpha)
+    mem = _sparse(d_out, d_in, density=0.03 if d_in >= 512 else 0.1) if memory == "sparse" else _lowrank(d_out, d_in)
+    lin = OrthoLinear(_stream(d_out, d_in, g=32 if d_in % 64 else 64), mem, alpha=alpha)
+    assert lin.kernel == "int4pack"
     x = torch.randn(tokens, d_in, generator=torch.Generator().manual_seed(tokens))
     assert lin._prefill(x) == (tokens >= lin.dense_min_tokens)
     got = lin(x).double()

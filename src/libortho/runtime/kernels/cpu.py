@@ -160,7 +160,7 @@ def int4pack_weight_fp32(packed: torch.Tensor, scales_and_zeros: torch.Tensor, g
         eye = torch.eye(d_in, dtype=INT4PACK_DTYPE)
         W = torch.ops.aten._weight_int4pack_mm_for_cpu(eye, packed, group_size, scales_and_zeros).t()
         return W.float().contiguous()
-    codes = int4pack_codes(packed, d_out).view(d_out, d_in // group_size, group_size).float()
+    codes = int4pack_codes(packed, d_out).float().contiguous().view(d_out, d_in // group_size, group_size)
     so = scales_and_zeros.float().permute(1, 0, 2).contiguous()  # (d_out, groups, [scale, offset])
     # in place on contiguous tensors: ~6x faster than a broadcast addcmul over strided scales
     return codes.sub_(8.0).mul_(so[..., :1]).add_(so[..., 1:]).view(d_out, d_in)
