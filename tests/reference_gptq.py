@@ -61,6 +61,40 @@ def invert(A: np.ndarray) -> np.ndarray:
 
 def reference_gptq(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig, damp: float) -> torch.Tensor:
     """Dequantized Q (float64). Same grouping, damping, dead-input and act-order rules as documented."""
+    return reference_gptq_joint(W, H, cfg, damp, 0.0)[0]
+
+
+def _rtn_scores(block: np.ndarray, scale: np.ndarray, zero: np.ndarray, hinv_diag: np.ndarray, bits: int) -> np.ndarray:
+    """OBS saliency ``(w - rtn(w))^2 / [H^-1]_jj`` of every entry of ``block`` on the given grid."""
+    out = np.zeros_like(block)
+    for r in range(block.shape[0]):
+        for c in range(block.shape[1]):
+            out[r, c] = (block[r, c] - quantize(block[r, c], scale[r], zero[r], bits)) ** 2 / hinv_diag[c]
+    return out
+
+
+def _fit_marking(block: np.ndarray, hinv_diag: np.ndarray, tau: float, cfg: QuantConfig):
+    """Joint rule at a grid fit: mark entries scoring above tau on the group's own grid, then refit the grid
+    with each marked entry replaced by the mean of its row's unmarked entries."""
+    scale, zero = fit(block, cfg.bits, cfg.symmetric)
+    marked = _rtn_scores(block, scale, zero, hinv_diag, cfg.bits) > tau
+    if marked.any():
+        fill = block.copy()
+        for r in range(block.shape[0]):
+            others = [block[r, c] for c in range(block.shape[1]) if not marked[r, c]]
+            mean = sum(others) / max(len(others), 1)
+            for c in range(block.shape[1]):
+                if marked[r, c]:
+                    fill[r, c] = mean
+        scale, zero = fit(fill, cfg.bits, cfg.symmetric)
+    return scale, zero, marked
+
+
+def reference_gptq_joint(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig, damp: float, outliers: float,
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(Q, outlier mask, outlier values). ``outliers`` > 0 runs the documented joint selection: the
+    threshold keeps the top fraction of the RTN residual's OBS scores of the original weights; marked
+    entries are quantized on the refit grid, carry no error forward, and store ``w - q`` at their turn."""
     W, H = W.double().numpy().copy(), H.double().numpy().copy()
     n, gs = W.shape[1], cfg.group_size
     for j in range(n):
@@ -69,24 +103,44 @@ def reference_gptq(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig, damp: flo
             W[:, j] = 0.0
     mean_diag = sum(H[j, j] for j in range(n)) / n
     Hinv = invert(H + damp * mean_diag * np.eye(n))
+    hinv_diag = np.diag(Hinv).copy()
+    joint = outliers > 0
+    marked = np.zeros(W.shape, dtype=bool)
+    tau = math.inf
+    if joint:
+        scores = np.concatenate([_rtn_scores(W[:, g:g + gs], *fit(W[:, g:g + gs], cfg.bits, cfg.symmetric),
+                                             hinv_diag[g:g + gs], cfg.bits) for g in range(0, n, gs)], 1)
+        k = max(1, round(outliers * scores.size))
+        tau = sorted(scores.ravel(), reverse=True)[k - 1]
     order = list(range(n))
     static = {}
     if cfg.act_order:  # groups fitted once on the original columns, columns visited by decreasing H_jj
-        static = {g: fit(W[:, g * gs:(g + 1) * gs], cfg.bits, cfg.symmetric) for g in range(-(-n // gs))}
+        for g in range(-(-n // gs)):
+            sl = slice(g * gs, (g + 1) * gs)
+            if joint:
+                s_, z_, marked[:, sl] = _fit_marking(W[:, sl], hinv_diag[sl], tau, cfg)
+                static[g] = (s_, z_)
+            else:
+                static[g] = fit(W[:, sl], cfg.bits, cfg.symmetric)
         order = sorted(range(n), key=lambda j: -H[j, j])  # sorted() is stable: ties keep index order
-    Q = np.zeros_like(W)
+    Q, values = np.zeros_like(W), np.zeros_like(W)
     remaining = list(order)
     scale = zero = None
     for q in order:
         if cfg.act_order:
             scale, zero = static[q // gs]
         elif q % gs == 0:
-            scale, zero = fit(W[:, q:q + gs], cfg.bits, cfg.symmetric)
+            if joint:
+                scale, zero, marked[:, q:q + gs] = _fit_marking(W[:, q:q + gs], hinv_diag[q:q + gs], tau, cfg)
+            else:
+                scale, zero = fit(W[:, q:q + gs], cfg.bits, cfg.symmetric)
         for r in range(W.shape[0]):
             Q[r, q] = quantize(W[r, q], scale[r], zero[r], cfg.bits)
         remaining.remove(q)
         err = (W[:, q] - Q[:, q]) / Hinv[q, q]
+        values[marked[:, q], q] = (W[:, q] - Q[:, q])[marked[:, q]]
+        err[marked[:, q]] = 0.0  # kept exact by the ortho stream
         for j in remaining:
             W[:, j] -= err * Hinv[q, j]
         Hinv = Hinv - np.outer(Hinv[:, q], Hinv[q, :]) / Hinv[q, q]
-    return torch.from_numpy(Q)
+    return torch.from_numpy(Q), torch.from_numpy(marked), torch.from_numpy(values)

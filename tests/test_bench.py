@@ -238,8 +238,9 @@ def test_performance_report_judges_each_goal_from_the_figures(tmp_path) -> None:
 
 
 def test_quality_search_chooses_on_validation_and_keeps_each_candidate(tmp_path) -> None:
-    """bench/quality_search.py on the tiny model: every candidate scored on both corpora, the choice made by
-    its rule from validation figures (a candidate closing less of the validation gap is never chosen)."""
+    """bench/quality_search.py on the tiny model: every candidate scored on both corpora with every ortho
+    variant, gap closure measured from the non-joint twin, and the choice made by its rule from validation
+    figures: a base whose alpha0 is worse than the slack is never chosen, however much gap it closes."""
     import subprocess
 
     import quality_search as qs
@@ -247,17 +248,32 @@ def test_quality_search_chooses_on_validation_and_keeps_each_candidate(tmp_path)
     out = tmp_path / "qs.json"
     script = Path(__file__).resolve().parent.parent / "bench" / "quality_search.py"
     subprocess.run([sys.executable, str(script), "--model", "tiny", "--validation", "python-docs", "--report",
-                    "shakespeare", "--candidates", "minmax", "mse", "--n-calib", "4", "--seq-len", "32",
-                    "--n-eval", "2", "--out", str(out)], check=True, capture_output=True)
+                    "shakespeare", "--candidates", "minmax", "minmax-joint", "--n-calib", "4", "--seq-len", "32",
+                    "--n-eval", "2", "--n-validation", "2", "--rho", "0.05", "--out", str(out)],
+                   check=True, capture_output=True)
     r = json.loads(out.read_text())
-    assert set(r["candidates"]) == {"minmax", "mse"} and set(r["references"]) == {"fp32", "hqq_g64"}
+    assert set(r["candidates"]) == {"minmax", "minmax-joint"} and set(r["references"]) == {"fp32", "hqq_g64"}
+    assert set(r["candidates"]["minmax"]["alpha1"]) == set(qs.VARIANTS)
+    assert set(r["candidates"]["minmax-joint"]["alpha1"]) == set(qs.VARIANTS) - {"obs-optimal-global"}
+    assert r["candidates"]["minmax-joint"]["config"]["select"]["joint"] is True
     for c in r["candidates"].values():
-        assert set(c["alpha0"]) == {"validation", "report"} and set(c) >= {"alpha1_residual", "alpha1_optimal"}
+        assert set(c["alpha0"]) == {"validation", "report"}
+        assert all(set(v) >= {"validation", "report", "select"} for v in c["alpha1"].values())
     assert r["choice"] == qs.choose(r)
+    # the joint candidate's gap is measured from plain GPTQ's alpha0, not from its own
+    c, plain, fp = r["candidates"]["minmax-joint"], r["candidates"]["minmax"], r["references"]["fp32"]
+    want = (plain["alpha0"]["report"] - c["alpha1"]["obs-residual"]["report"]) / (plain["alpha0"]["report"]
+                                                                                  - fp["report"])
+    assert qs.gap_closed(r, "minmax-joint", "obs-residual", "report") == pytest.approx(want)
     fake = json.loads(json.dumps(r))
-    fake["candidates"]["mse"]["alpha0"]["validation"] = 1.0  # best alpha0, but now it closes no gap at all
-    for v in ("residual", "optimal"):
-        fake["candidates"]["mse"][f"alpha1_{v}"]["validation"] = 1.0
-    fake["candidates"]["minmax"]["alpha1_residual"]["validation"] = (
-        fake["candidates"]["minmax"]["alpha0"]["validation"] + fake["references"]["fp32"]["validation"]) / 2
-    assert qs.choose(fake)["candidate"] == "minmax"
+    fp_v = fake["references"]["fp32"]["validation"]
+    fake["candidates"]["minmax"]["alpha0"]["validation"] = 2 * fp_v
+    fake["candidates"]["minmax-joint"]["alpha0"]["validation"] = 2.5 * fp_v  # outside the 1% slack
+    for v in fake["candidates"]["minmax-joint"]["alpha1"].values():
+        v["validation"] = fp_v  # closes the whole gap, yet its alpha0 rules it out
+    for i, v in enumerate(fake["candidates"]["minmax"]["alpha1"].values()):
+        v["validation"] = 2 * fp_v - 0.1 * (i + 1) * fp_v
+    ch = qs.choose(fake)
+    assert ch["candidate"] == "minmax" and ch["variant"] == list(qs.VARIANTS)[-1]
+    fake["candidates"]["minmax-joint"]["alpha0"]["validation"] = 2 * fp_v
+    assert qs.choose(fake)["candidate"] == "minmax-joint"

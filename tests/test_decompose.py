@@ -81,6 +81,35 @@ def test_global_scope_and_reselection(tiny_llama) -> None:
         opt.values(), res.base.values(), strict=True))
 
 
+def test_joint_selection_end_to_end(tiny_llama) -> None:
+    """select.joint: each layer's support comes from its own GPTQ loop (stacked q/k/v and gate/up split
+    back to the right rows), is trimmed/filled to exactly rho, and records rebuild it; bad combinations
+    are refused before any work."""
+    from libortho.quant import gptq_quantize
+
+    cfg = DecomposeConfig(quant=QuantConfig(bits=4, group_size=32),
+                          select=SelectConfig(selector="obs", rho=0.05, joint=True, dtype="fp32"), batch_size=4)
+    model = copy.deepcopy(tiny_llama)
+    res = libortho.decompose(model, _calib(tiny_llama.config.vocab_size), cfg, keep_records=True, progress=False)
+    for name, rec in res.records.items():
+        alone = gptq_quantize(rec.weight, cfg.quant, rec.hessian, outliers=0.05)
+        assert torch.equal(rec.quant_info["outlier_mask"], alone.info["outlier_mask"]), name
+        o = res.ortho[name]
+        assert o.nnz == round(0.05 * rec.weight.numel())
+        on_joint = (o.to_dense() != 0) & alone.info["outlier_mask"]
+        torch.testing.assert_close(o.to_dense()[on_joint], alone.info["outlier_values"][on_joint])
+    again = select_ortho(res.records, cfg.select)
+    assert all(torch.equal(again[n].to_dense(), res.ortho[n].to_dense()) for n in again)
+    plain = libortho.decompose(copy.deepcopy(tiny_llama), _calib(tiny_llama.config.vocab_size), CFG,
+                               keep_records=True, progress=False)
+    with pytest.raises(ValueError, match="joint selection needs records"):
+        select_ortho(plain.records, cfg.select)
+    with pytest.raises(ValueError, match="scope 'layer'"):
+        SelectConfig(joint=True, scope="global")
+    with pytest.raises(ValueError, match="inside GPTQ"):
+        DecomposeConfig(quant=QuantConfig(method="rtn"), select=SelectConfig(joint=True))
+
+
 def test_save_load_roundtrip_and_locked_model(tiny_llama, tmp_path) -> None:
     from libortho.models.tiny import ByteTokenizer
 

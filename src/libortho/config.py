@@ -76,6 +76,10 @@ class SelectConfig:
     rho: fraction of entries kept (per layer or global by score); tau: keep every entry whose
     score exceeds tau instead (overrides rho); values: ``residual`` stores R on the support
     (seed 002, literal), ``optimal`` re-solves the support values against H with the base fixed.
+    joint: choose the support inside GPTQ's error-feedback loop (SpQR) instead of after it:
+    the kept entries are exact while later columns compensate the rest; the selector's score
+    then only trims or fills the joint support to exactly rho (``residual`` values on joint
+    entries are their in-loop residuals). Needs the GPTQ quantizer, layer scope and rho.
     """
 
     # diag beat obs in 6 of 9 paired comparisons (Holm, 95%) and lost none: docs/results/dual_stream_smollm2
@@ -85,8 +89,11 @@ class SelectConfig:
     tau: float | None = None
     values: OrthoValues = "residual"
     dtype: OrthoDtype = "fp16"
+    joint: bool = False
 
     def __post_init__(self) -> None:
+        if self.joint and (self.scope != "layer" or self.tau is not None):
+            raise ValueError("joint selection picks rho per layer inside GPTQ: it needs scope 'layer' and no tau")
         _check_registered("selector", self.selector, "libortho.select", "SELECTORS")
         if not 0 <= self.rho <= 1:  # also refuses NaN
             raise ValueError(f"rho must be in [0, 1], got {self.rho}")
@@ -124,6 +131,8 @@ class DecomposeConfig:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.calib_dtype not in ("bf16", "fp32"):
             raise ValueError(f"calib_dtype must be 'bf16' or 'fp32', got {self.calib_dtype!r}")
+        if self.select.joint and self.quant.method != "gptq":
+            raise ValueError(f"joint selection runs inside GPTQ; quant method is {self.quant.method!r}")
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable copy (tuples become lists)."""

@@ -64,18 +64,38 @@ class DecompositionResult:
 
 
 def make_ortho(weight: torch.Tensor, base: BaseStream, H: torch.Tensor, cfg: SelectConfig,
-               threshold: float | None = None) -> SparseOrtho:
-    """Score the residual of one layer, pick its support and store the chosen values."""
+               threshold: float | None = None, joint: tuple[torch.Tensor, torch.Tensor] | None = None,
+               ) -> SparseOrtho:
+    """Score the residual of one layer, pick its support and store the chosen values.
+
+    ``joint``: (mask, in-loop values) of GPTQ's joint selection (``cfg.joint``); the support is
+    then that mask trimmed or filled to exactly ``round(rho * numel)`` entries by the selector.
+    """
     R = weight.float() - base.dequantize()
     scores = impact_scores(cfg.selector, R, H)
-    if threshold is not None:
+    stored = R  # residual values: on joint entries, their in-loop residuals
+    if joint is not None:
+        mask = joint_support(joint[0], impact_scores(cfg.selector, joint[1].float(), H), scores, cfg.rho)
+        stored = torch.where(mask & joint[0], joint[1].float(), R)
+    elif threshold is not None:
         mask = scores >= threshold
     elif cfg.tau is not None:
         mask = threshold_mask(scores, cfg.tau)
     else:
         mask = topk_mask(scores, cfg.rho)
-    values = optimal_values(R, H, mask) if cfg.values == "optimal" else R
+    values = optimal_values(R, H, mask) if cfg.values == "optimal" else stored
     return SparseOrtho.from_mask(values, mask, cfg.dtype)
+
+
+def joint_support(joint: torch.Tensor, joint_scores: torch.Tensor, scores: torch.Tensor, rho: float) -> torch.Tensor:
+    """Exactly ``round(rho * numel)`` entries: the joint mask's best (by ``joint_scores``) when it
+    has too many, else all of it plus the best others by ``scores`` (the final residual's)."""
+    k = int(round(rho * scores.numel()))
+    n = int(joint.sum())
+    if n >= k:
+        return topk_mask(torch.where(joint, joint_scores.float(), -1.0), k / scores.numel()) & joint
+    extra = topk_mask(torch.where(joint, -1.0, scores.float()), (k - n) / scores.numel())
+    return joint | extra
 
 
 def select_ortho(records: dict[str, LayerRecord], cfg: SelectConfig) -> dict[str, SparseOrtho]:
@@ -86,7 +106,11 @@ def select_ortho(records: dict[str, LayerRecord], cfg: SelectConfig) -> dict[str
                   for r in records.values()]
         threshold = global_threshold(scores, cfg.rho)
         del scores
-    return {n: make_ortho(r.weight, r.base, r.selection_hessian, cfg, threshold) for n, r in records.items()}
+    if cfg.joint and any("outlier_mask" not in r.quant_info for r in records.values()):
+        raise ValueError("joint selection needs records of a decomposition that ran it (select.joint=True)")
+    joint = {n: (r.quant_info["outlier_mask"], r.quant_info["outlier_values"]) if cfg.joint else None
+             for n, r in records.items()}
+    return {n: make_ortho(r.weight, r.base, r.selection_hessian, cfg, threshold, joint[n]) for n, r in records.items()}
 
 
 def attach_ortho(model: nn.Module, ortho: dict[str, SparseOrtho | LowRankMemory], alpha: float = 1.0) -> None:
@@ -109,7 +133,7 @@ def needs_calibration(cfg: DecomposeConfig) -> bool:
     return cfg.quant.method != "rtn" or (cfg.ortho and cfg.select.selector != "magnitude")
 
 
-def _quantize_joint(names: list[str], linears: dict[str, nn.Linear], hessians: dict[str, torch.Tensor],
+def _quantize_shared(names: list[str], linears: dict[str, nn.Linear], hessians: dict[str, torch.Tensor],
                     cfg: DecomposeConfig, timer: PhaseTimer) -> dict[str, tuple[QuantResult, BaseStream]]:
     """Quantize the stage's linears; those sharing one Hessian (one input) as one stacked matrix.
 
@@ -123,7 +147,9 @@ def _quantize_joint(names: list[str], linears: dict[str, nn.Linear], hessians: d
     for members in groups.values():
         Ws = [linears[n].weight.detach().float() for n in members]
         with timer("quantize"):
-            res = quantize(Ws[0] if len(Ws) == 1 else torch.cat(Ws), cfg.quant, hessians[members[0]])
+            res = quantize(Ws[0] if len(Ws) == 1 else torch.cat(Ws), cfg.quant, hessians[members[0]],
+                           outliers=cfg.select.rho if cfg.ortho and cfg.select.joint else 0.0,
+                           parts=[W.shape[0] for W in Ws])
             parts = [res] if len(Ws) == 1 else res.split_rows([W.shape[0] for W in Ws])
             out.update({n: (p, p.to_stream()) for n, p in zip(members, parts, strict=True)})
         if "cholesky_s" in res.info:  # part of "quantize": the inverse Hessian factor
@@ -137,16 +163,18 @@ def _quantize_stage(prefix: str, linears: dict[str, nn.Linear], names: list[str]
                     select_hessians: dict[str, torch.Tensor] | None = None,
                     timer: PhaseTimer | None = None) -> None:
     timer = timer or PhaseTimer()
-    quantized = _quantize_joint(names, linears, hessians, cfg, timer)
+    quantized = _quantize_shared(names, linears, hessians, cfg, timer)
     for name in names:
         lin, (res, base) = linears[name], quantized[name]
         W = lin.weight.detach().float()
         full = f"{prefix}.{name}"
         result.base[full] = base
         H_sel = None if select_hessians is None else select_hessians[name]
+        joint = (res.info["outlier_mask"], res.info["outlier_values"]) if "outlier_mask" in res.info else None
         if cfg.ortho and cfg.select.scope == "layer":
             with timer("select"):
-                result.ortho[full] = make_ortho(W, base, hessians[name] if H_sel is None else H_sel, cfg.select)
+                result.ortho[full] = make_ortho(W, base, hessians[name] if H_sel is None else H_sel, cfg.select,
+                                                joint=joint)
         if keep:
             result.records[full] = LayerRecord(W.clone(), base, hessians[name],
                                                {k: v for k, v in res.info.items() if k not in ("losses", "row_losses")},

@@ -15,12 +15,21 @@ Quantizer = Callable[[torch.Tensor, QuantConfig, torch.Tensor | None], QuantResu
 QUANTIZERS: dict[str, Quantizer] = {"rtn": rtn_quantize, "gptq": gptq_quantize}
 
 
-def quantize(W: torch.Tensor, cfg: QuantConfig, H: torch.Tensor | None = None) -> QuantResult:
-    """Quantize ``W`` with the method ``cfg.method`` names (GPTQ needs the layer Hessian)."""
+def quantize(W: torch.Tensor, cfg: QuantConfig, H: torch.Tensor | None = None, outliers: float = 0.0,
+             parts: list[int] | None = None) -> QuantResult:
+    """Quantize ``W`` with the method ``cfg.method`` names (GPTQ needs the layer Hessian).
+
+    ``outliers`` > 0: GPTQ also selects that fraction of entries jointly, per part of stacked rows
+    (:func:`gptq_quantize`).
+    """
     if cfg.method not in QUANTIZERS:
         raise ValueError(f"unknown quantizer {cfg.method!r}; available: {sorted(QUANTIZERS)}")
     if cfg.method == "gptq" and H is None:
         raise ValueError("GPTQ needs the layer Hessian H (pass calibration data)")
+    if outliers:
+        if cfg.method != "gptq":
+            raise ValueError(f"joint outlier selection runs inside GPTQ, not {cfg.method!r}")
+        return gptq_quantize(W, cfg, H, outliers=outliers, parts=parts)
     return QUANTIZERS[cfg.method](W, cfg, H)
 
 

@@ -5,6 +5,16 @@ with error e costs ``e^2 / U_qq^2`` and is compensated by ``W[:, q:] -= e / U_qq
 Columns go in blocks with lazy updates of the columns after the block. Group parameters are fit
 on the error-updated columns when a group's first column is reached, or, with act-order, once
 up front on the original columns (static groups), so the stored layout stays in column order.
+
+Joint outlier selection (SpQR's idea, ``outliers > 0``): when a group's grid is fit, the entries
+whose round-to-nearest error on that grid scores above a layer threshold (OBS saliency
+``r^2 / [H^-1]_jj``; the threshold keeps the top ``outliers`` fraction of the RTN residual of the
+original weights) are marked as outliers, and the grid is refit without them, so they no longer
+stretch their rows' ranges. In the column loop they are kept exact: their error is not pushed
+onto later columns, which compensate only the entries that stay quantized. They come back as the
+ortho stream's support with their in-loop residuals (count near the budget; the selector trims or
+fills it exactly). The base codes on them are the refit grid's: at alpha = 0 those entries are
+clipped and uncompensated, so joint selection trades alpha = 0 quality for alpha = 1 quality.
 """
 
 from __future__ import annotations
@@ -63,11 +73,61 @@ def _group_columns(W: torch.Tensor, W1: torch.Tensor, Err1: torch.Tensor, U: tor
     return torch.cat([inside, W[:, i2:end] - pending], 1)
 
 
-def gptq_quantize(W: torch.Tensor, cfg: QuantConfig, H: torch.Tensor) -> QuantResult:
-    """GPTQ of ``W (d_out, d_in)`` against the layer Hessian ``H (d_in, d_in)``."""
+def _outlier_threshold(W: torch.Tensor, cfg: QuantConfig, hinv_diag: torch.Tensor, fraction: float,
+                       parts: list[int]) -> torch.Tensor:
+    """Per row, the OBS saliency above which an entry of the RTN residual of ``W`` is among the top
+    ``fraction`` of its part (consecutive row blocks of sizes ``parts``: stacked matrices)."""
+    s, z = fit_grid(W, cfg)
+    scores = (W - _rtn_dequant(W, s, z, cfg)) ** 2 / hinv_diag
+    tau, start = torch.empty(W.shape[0], dtype=W.dtype), 0
+    for n in parts:
+        part = scores[start:start + n].flatten()
+        k = max(1, int(round(fraction * part.numel())))
+        tau[start:start + n] = torch.topk(part, k, sorted=False).values.min()
+        start += n
+    return tau
+
+
+def _rtn_dequant(W: torch.Tensor, s: torch.Tensor, z: torch.Tensor, cfg: QuantConfig) -> torch.Tensor:
+    """Round-to-nearest of ``W`` on per-group params ``s, z (d_out, n_groups)``, dequantized."""
+    idx = torch.arange(W.shape[1]) // cfg.group_size
+    s, z = s[:, idx].to(W.dtype), z[:, idx].to(W.dtype)
+    return (torch.clamp(torch.round(W / s + z), 0, 2**cfg.bits - 1) - z) * s
+
+
+def _fit_without(w: torch.Tensor, hinv: torch.Tensor, tau: torch.Tensor, cfg: QuantConfig,
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Mark the entries of group ``w (rows, cols)`` scoring above their row's ``tau`` on its own grid, then fit
+    the grid again with them replaced by their row's mean of the others (out of the range fit)."""
+    s, z = fit_group_params(w, cfg.bits, cfg.symmetric, cfg.grid)
+    q = (torch.clamp(torch.round(w / s[:, None] + z[:, None]), 0, 2**cfg.bits - 1) - z[:, None]) * s[:, None]
+    out = (w - q) ** 2 / hinv[None, :] > tau[:, None]
+    if not out.any():
+        return s, z, out
+    keep = (~out).to(w.dtype)
+    mean = (w * keep).sum(1, keepdim=True) / keep.sum(1, keepdim=True).clamp_min(1)
+    s, z = fit_group_params(torch.where(out, mean, w), cfg.bits, cfg.symmetric, cfg.grid)
+    return s, z, out
+
+
+def gptq_quantize(W: torch.Tensor, cfg: QuantConfig, H: torch.Tensor, outliers: float = 0.0,
+                  parts: list[int] | None = None) -> QuantResult:
+    """GPTQ of ``W (d_out, d_in)`` against the layer Hessian ``H (d_in, d_in)``.
+
+    ``outliers`` > 0 selects about that fraction of entries jointly (module docstring): ``info`` then
+    holds ``outlier_mask`` (bool, W's shape) and ``outlier_values`` (in-loop residual on it, 0 elsewhere).
+    ``parts``: row counts of matrices stacked in W (one shared H); each gets its own threshold, so
+    the stacked run equals separate ones.
+    """
     check_weight(W)
     if H is None:
         raise ValueError("GPTQ needs the layer Hessian H")
+    if not 0 <= outliers < 1:  # also refuses NaN
+        raise ValueError(f"outliers must be a fraction in [0, 1), got {outliers}")
+    parts = [W.shape[0]] if parts is None else list(parts)
+    if sum(parts) != W.shape[0] or any(n <= 0 for n in parts):
+        raise ValueError(f"row parts {parts} do not partition {W.shape[0]} rows")
+    joint = outliers > 0
     t0 = time.perf_counter()
     dtype = torch.float64 if W.dtype == torch.float64 else torch.float32
     W, H, dead = prepare_hessian(W.detach().to(dtype), H.detach())
@@ -78,13 +138,27 @@ def gptq_quantize(W: torch.Tensor, cfg: QuantConfig, H: torch.Tensor) -> QuantRe
     zeros = torch.zeros(d_out, ng, dtype=dtype)
     perm = torch.arange(d_in)
     if cfg.act_order:
-        s, z = fit_grid(W, cfg)  # static groups: fit on the original columns
-        scales, zeros = s.to(dtype), z.to(dtype)
         perm = torch.argsort(torch.diagonal(H), descending=True, stable=True)
-        W, H = W[:, perm], H[perm][:, perm]
     t_chol = time.perf_counter()
-    U, damp = inverse_cholesky(H, cfg.damp)
+    U, damp = inverse_cholesky(H[perm][:, perm] if cfg.act_order else H, cfg.damp)
     t_chol = time.perf_counter() - t_chol
+    if joint:
+        hinv = torch.empty(d_in, dtype=dtype)
+        hinv[perm] = (U * U).sum(0)  # diag of the damped H^-1 = U^T U, in column order
+        tau = _outlier_threshold(W, cfg, hinv, outliers, parts)
+        pre = torch.zeros(d_out, d_in, dtype=torch.bool)  # outliers marked at grid fits, column order
+    if cfg.act_order:
+        if joint:  # static groups: fit on the original columns, outliers out of the fit
+            for j in range(0, d_in, g):
+                s, z, pre[:, j:j + g] = _fit_without(W[:, j:j + g], hinv[j:j + g], tau, cfg)
+                scales[:, j // g], zeros[:, j // g] = s, z
+        else:
+            s, z = fit_grid(W, cfg)  # static groups: fit on the original columns
+            scales, zeros = s.to(dtype), z.to(dtype)
+        W = W[:, perm]
+    if joint:
+        out_vals = np.zeros((d_out, d_in), dtype=np.float64 if dtype == torch.float64 else np.float32)
+        pre_n = pre.numpy()
     codes = torch.zeros(d_out, d_in, dtype=dtype)
     losses = torch.zeros(d_out, d_in, dtype=dtype)
     order = perm.tolist()
@@ -100,13 +174,20 @@ def gptq_quantize(W: torch.Tensor, cfg: QuantConfig, H: torch.Tensor) -> QuantRe
             col = order[i1 + i]
             grp = col // g
             if not cfg.act_order and col % g == 0:
-                s, z = fit_group_params(_group_columns(W, W1, Err1, U, i1, i, min(col + g, d_in)),
-                                        cfg.bits, cfg.symmetric, cfg.grid)
+                cur = _group_columns(W, W1, Err1, U, i1, i, min(col + g, d_in))
+                if joint:
+                    s, z, pre[:, col:col + cur.shape[1]] = _fit_without(cur, hinv[col:col + cur.shape[1]], tau, cfg)
+                else:
+                    s, z = fit_group_params(cur, cfg.bits, cfg.symmetric, cfg.grid)
                 scales[:, grp], zeros[:, grp] = s, z
             s, z = scales_n[:, grp], zeros_n[:, grp]
             w, d = W1n[:, i], U1n[i, i]
             c = np.clip(np.round(w / s + z), 0, maxq)  # quantize_with_params
             err = (w - (c - z) * s) / d  # (w - dequantize_with_params(c, s, z)) / d
+            if joint:  # outliers stay exact in the ortho stream: nothing to compensate
+                keep = pre_n[:, col]
+                out_vals[keep, col] = err[keep] * d
+                err[keep] = 0.0
             codes_n[:, i1 + i] = c
             losses_n[:, i1 + i] = err * err / 2
             W1n[:, i:] -= err[:, None] * U1n[i, i:][None, :]
@@ -119,4 +200,7 @@ def gptq_quantize(W: torch.Tensor, cfg: QuantConfig, H: torch.Tensor) -> QuantRe
             "losses": col_losses, "row_losses": losses.sum(1).float(), "loss": float(col_losses.sum()),
             "time_s": time.perf_counter() - t0,
             "cholesky_s": t_chol}
+    if joint:
+        info["outlier_mask"] = pre
+        info["outlier_values"] = torch.from_numpy(out_vals).float()
     return QuantResult(codes.clamp(0, maxq).to(torch.uint8), scales.float(), zeros.float(), cfg.bits, g, info)

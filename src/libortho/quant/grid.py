@@ -137,6 +137,10 @@ def fit_grid(W: torch.Tensor, cfg: QuantConfig) -> tuple[torch.Tensor, torch.Ten
     return torch.stack([p[0] for p in pairs], 1), torch.stack([p[1] for p in pairs], 1)
 
 
+# per-entry info tensors (shape of W) that follow the rows when a stacked result is split
+ROW_TENSORS = ("outlier_mask", "outlier_values")
+
+
 @dataclass(frozen=True, eq=False)
 class QuantResult:
     """Integer codes + per-group scale/zero of one matrix, and what the quantizer measured."""
@@ -165,7 +169,8 @@ class QuantResult:
         so quantizing linears that read the same input as one stacked matrix and splitting equals
         quantizing them one by one, at one pass of the column loop. Per-part ``info``: ``loss`` and
         ``row_losses`` of the part's rows; the rest (time, damping) is the joint run's, marked by
-        ``joint_rows``; per-column ``losses`` are not split (dropped).
+        ``joint_rows``; per-column ``losses`` are not split (dropped); per-entry tensors (the joint
+        outlier mask and values) are cut like the codes.
         """
         if sum(sizes) != self.codes.shape[0] or any(n <= 0 for n in sizes):
             raise ValueError(f"row sizes {sizes} do not partition {self.codes.shape[0]} rows")
@@ -175,6 +180,9 @@ class QuantResult:
             sl = slice(start, start + n)
             info = {k: v for k, v in self.info.items() if k not in ("losses", "row_losses", "loss")}
             info["joint_rows"] = self.codes.shape[0]
+            for k in ROW_TENSORS:
+                if k in self.info:
+                    info[k] = self.info[k][sl]
             if rows is not None:
                 info["row_losses"] = rows[sl]
                 info["loss"] = float(rows[sl].sum())
