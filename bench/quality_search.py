@@ -41,7 +41,6 @@ CANDIDATES: dict[str, tuple[dict[str, Any], bool, str]] = {
 VARIANTS: dict[str, dict[str, Any]] = {
     "obs-residual": {"selector": "obs", "values": "residual"},
     "obs-optimal": {"selector": "obs", "values": "optimal"},
-    "diag-optimal": {"selector": "diag", "values": "optimal"},
     "obs-optimal-global": {"selector": "obs", "values": "optimal", "scope": "global"},
 }
 

@@ -58,6 +58,7 @@ def test_cli_roundtrip_alpha_reaches_the_model(decomposed) -> None:
     out, corpus = decomposed / "out", decomposed / "corpus.txt"
     info = runner.invoke(app, ["info", str(out)])
     assert info.exit_code == 0 and "mlp.down_proj" in info.output and "total_bits_per_param" in info.output
+    assert "sparse_decode_kernel" in info.output  # which kernel adds the memory at decode, and why not native
     got = {}
     for alpha in ("0", "1"):
         res = runner.invoke(app, ["ppl", str(out), "--alpha", alpha, "--text", str(corpus),

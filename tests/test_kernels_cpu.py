@@ -134,10 +134,16 @@ def _siblings(alpha: float = 1.0):
     return layers, shared
 
 
-def test_siblings_share_one_sparse_product_and_never_a_stale_one() -> None:
-    """q/k/v reading one x: the stacked product equals each layer's own; an x modified in place, a new x,
-    or a changed memory stream is recomputed. Fails if the cache is keyed on the address alone."""
+def test_siblings_share_one_sparse_product_and_never_a_stale_one(monkeypatch) -> None:
+    """q/k/v reading one x (MKL path: the compiled kernel switched off): the stacked product equals each
+    layer's own; an x modified in place, a new x, or a changed memory stream is recomputed. Fails if the
+    cache is keyed on the address alone."""
     import copy
+
+    from libortho.runtime.kernels import native
+
+    monkeypatch.setattr(native, "_lib", None)
+    monkeypatch.setattr(native, "_tried", True)
 
     layers, shared = _siblings()
     alone = [OrthoLinear(m.base_stream, m.ortho_stream, alpha=1.0) for m in layers]

@@ -241,6 +241,7 @@ def describe(path: Path) -> dict[str, Any]:
     """
     read_manifest_json(Path(path))  # the fast refusals first, before torch is imported
     from libortho.io import read_decomposition
+    from libortho.runtime.kernels import native
     from libortho.runtime.kernels.cpu import int4pack_choice
     from libortho.streams import memory_params
 
@@ -269,6 +270,7 @@ def describe(path: Path) -> dict[str, Any]:
     return {"path": str(path), "layers": rows, "mlp_memory": mlp_memory, "ortho_loaded": dec.ortho is not None,
             "kernels": dict(sorted(counts.items())), "kernel_fallbacks": len(fallbacks),
             "kernel_fallback_reasons": sorted(set(fallbacks.values())),
+            "sparse_decode_kernel": "native-csr" if native.library() is not None else f"mkl-csr ({native.status()})",
             "missing_files": list(dec.missing_files), "rest_params": rest_params, "file_bytes": files,
             **bits_summary(dec.base, dec.ortho)}
 

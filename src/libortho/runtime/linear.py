@@ -14,7 +14,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from libortho.runtime.kernels import cpu
+from libortho.runtime.kernels import cpu, native
 from libortho.runtime.switch import LOCKED_MESSAGE, AlphaSwitch
 from libortho.streams import BaseStream, LowRankMemory, SparseOrtho
 from libortho.streams.ortho import dtype_name
@@ -122,6 +122,7 @@ class OrthoLinear(AlphaSwitch, nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
         self.ortho_stream: LinearMemory | None = None
         self._shared: SharedInputMemory | None = None  # set by libortho.runtime.group_shared_inputs
+        self._native: tuple[torch.Tensor, native.CsrKernel] | None = None  # (the CSR it was built from, kernel)
         self._alpha = 0.0
         self.set_ortho(ortho)
         self.alpha = alpha if ortho is not None else 0.0
@@ -158,6 +159,14 @@ class OrthoLinear(AlphaSwitch, nn.Module):
     def kernel(self) -> str:
         """Name of the base kernel: ``int4pack`` or ``dense-<dtype>`` (see ``kernel_note`` for why dense)."""
         return "int4pack" if self._int4 else "dense-" + str(self._dense_dtype).removeprefix("torch.")
+
+    @property
+    def memory_kernel(self) -> str:
+        """What adds the memory at decode: ``native-csr`` (compiled, up to its token limit, else MKL),
+        ``mkl-csr``, ``lowrank`` or ``none``."""
+        if self._csr is not None:
+            return "native-csr" if native.library() is not None else "mkl-csr"
+        return "lowrank" if self._lr_A is not None else "none"
 
     @property
     def locked(self) -> bool:
@@ -225,12 +234,23 @@ class OrthoLinear(AlphaSwitch, nn.Module):
     def __deepcopy__(self, memo: dict) -> OrthoLinear:
         new = type(self).__new__(type(self))
         memo[id(self)] = new
-        state = dict(self.__dict__, _buffers={k: None if k == "_csr" else v for k, v in self._buffers.items()})
+        state = dict(self.__dict__, _buffers={k: None if k == "_csr" else v for k, v in self._buffers.items()},
+                     _native=None)
         for key, value in state.items():
             object.__setattr__(new, key, copy.deepcopy(value, memo))
         if isinstance(new.ortho_stream, SparseOrtho):
             new._csr = cpu.ortho_csr(new.ortho_stream)
         return new
+
+    def _native_kernel(self) -> native.CsrKernel | None:
+        """The compiled decode kernel's view of the current CSR (rebuilt when the CSR is replaced)."""
+        csr = self._csr
+        if csr is None or native.library() is None:
+            return None
+        held = self._native
+        if held is None or held[0] is not csr:
+            held = self._native = (csr, native.CsrKernel(csr))
+        return held[1]
 
     def base_forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x @ Q^T`` (no bias) as a fresh tensor of ``x.dtype``."""
@@ -252,14 +272,19 @@ class OrthoLinear(AlphaSwitch, nn.Module):
 
         Prefill (INT4 layer, at least ``dense_min_tokens`` tokens): the memory is folded into the
         transient fp32 weight before its bf16 rounding, one GEMM for both streams. Otherwise (decode)
-        the base kernel runs and the memory is added by MKL's CSR product (sparse) or two skinny matmuls.
+        the base kernel runs and a sparse memory is added in place by the compiled kernel
+        (:mod:`~libortho.runtime.kernels.native`, up to its token limit) or else MKL's CSR product
+        (shared by sibling layers); a low-rank memory by two skinny matmuls.
         """
         if self._alpha != 0.0 and self._prefill(x):
             y = cpu.int4pack_dense_matmul(x, self._packed, self._scales_zeros, self.group_size,
                                           self.out_features, fold=self._fold)
         else:
             y = self.base_forward(x)
-            if self._alpha != 0.0:
+            nk = self._native_kernel() if self._alpha != 0.0 else None
+            if nk is not None and native.usable(x, y):
+                nk.addmm_(y, x, self._alpha)
+            elif self._alpha != 0.0:
                 shared = None if self._shared is None else self._shared.contribution(self, x)
                 if shared is not None:
                     y = torch.add(y.reshape(shared.shape).to(shared.dtype), shared, alpha=self._alpha

@@ -67,13 +67,18 @@ def kernel_report(model: nn.Module) -> dict[str, Any]:
     scales stay within the fidelity bound); the rest run on a dense dequantized weight. ``info``,
     :func:`libortho.checkpoint.load`'s log and the benchmark JSON all report this.
     """
+    from libortho.runtime.kernels import native
+
     counts: dict[str, int] = {}
+    memory: dict[str, int] = {}
     fallbacks: dict[str, str] = {}
     for name, lin in ortho_layers(model).items():
         counts[lin.kernel] = counts.get(lin.kernel, 0) + 1
+        memory[lin.memory_kernel] = memory.get(lin.memory_kernel, 0) + 1
         if lin.kernel != "int4pack":
             fallbacks[name] = lin.kernel_note
-    return {"kernels": dict(sorted(counts.items())), "fallbacks": fallbacks, "layers": sum(counts.values())}
+    return {"kernels": dict(sorted(counts.items())), "fallbacks": fallbacks, "layers": sum(counts.values()),
+            "memory_kernels": dict(sorted(memory.items())), "native_sparse_kernel": native.status()}
 
 
 def log_kernel_fallbacks(model: nn.Module, where: str) -> dict[str, Any]:
