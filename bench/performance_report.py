@@ -40,7 +40,8 @@ def goal(name: str, value: float | None, threshold: float, better: str, what: st
             "before": before}
 
 
-def evaluate(prof: dict | None, ppl: dict | None, lat: dict | None, before: dict[str, dict | None]) -> list[dict]:
+def evaluate(prof: dict | None, ppl: dict | None, lat: dict | None, before: dict[str, dict | None],
+             search: dict | None = None) -> list[dict]:
     rows = (ppl or {}).get("rows", {})
     g = []
     bp, bl = before["profile"] or {}, (before["latency"] or {}).get("ratios", {})
@@ -81,12 +82,47 @@ def evaluate(prof: dict | None, ppl: dict | None, lat: dict | None, before: dict
     a0 = _ppl(default, "alpha0")
     a1 = _ppl(rows.get("libortho-g64-obs-0.01-residual"), "alpha1")
     if a0 is not None and hqq is not None:
-        g.append(goal("4 alpha0 ppl / HQQ g64 ppl (held-out fortunes)", a0 / hqq, 1.0, "<=",
-                      "same evaluation blocks; defaults not searched on a validation corpus this run"))
+        g.append(goal("4 alpha0 ppl / HQQ g64 ppl, ppl-table config (held-out fortunes)", a0 / hqq, 1.0, "<=",
+                      "GPTQ minmax g64, the configuration of the perplexity table"))
     if None not in (fp, gptq, a1) and gptq != fp:
-        g.append(goal("4 alpha1 closes the GPTQ -> FP32 gap (fraction)", (gptq - a1) / (gptq - fp), 0.70, ">=",
-                      "rho = 1%, obs, residual values"))
+        g.append(goal("4 alpha1 closes the GPTQ -> FP32 gap, ppl-table config", (gptq - a1) / (gptq - fp), 0.70,
+                      ">=", "rho = 1%, obs, residual values"))
+    ch = (search or {}).get("choice")
+    if ch:
+        what = (f"default chosen on {search['validation']} ({ch['candidate']}, {ch['variant']}), "
+                f"judged on {search['report']}")
+        g.append(goal("4 alpha0 ppl / HQQ g64 ppl, searched default (report corpus)",
+                      ch["report"]["alpha0_over_hqq"], 1.0, "<=", what))
+        g.append(goal("4 alpha1 gap closed, searched default (report corpus)", ch["report"]["gap_closed"], 0.70,
+                      ">=", what + "; gap from plain GPTQ on the same grid"))
     return g
+
+
+def search_table(search: dict[str, Any]) -> list[str]:
+    """Markdown rows of the quality search: every candidate's alpha0 and each ortho variant's alpha1."""
+    from quality_search import CANDIDATES, gap_closed
+
+    ref = search["references"]
+    L = [f"Validation corpus: {search['validation']} ({search.get('n_validation', '?')} held-out blocks); "
+         f"report corpus: {search['report']} ({search['n_eval']} blocks). FP32: {ref['fp32']['validation']:.3f} / "
+         f"{ref['fp32']['report']:.3f}; HQQ g64: {ref['hqq_g64']['validation']:.3f} / {ref['hqq_g64']['report']:.3f} "
+         "(validation / report).", "",
+         "| base candidate | alpha0 val | alpha0 report | ortho variant (rho 1%) | alpha1 val | alpha1 report "
+         "| gap closed val | gap closed report |", "|---|---|---|---|---|---|---|---|"]
+    for name, c in search["candidates"].items():
+        if CANDIDATES.get(name, (0, 0, None))[2] not in search["candidates"]:
+            continue
+        for i, (v, r) in enumerate(c["alpha1"].items()):
+            head = (f"| {name} | {c['alpha0']['validation']:.3f} | {c['alpha0']['report']:.3f} " if i == 0
+                    else "| | | ")
+            L.append(head + f"| {v} | {r['validation']:.3f} | {r['report']:.3f} | "
+                     f"{gap_closed(search, name, v, 'validation'):.3f} | {gap_closed(search, name, v, 'report'):.3f} |")
+    ch = search.get("choice")
+    if ch:
+        L += ["", f"Chosen by the rule ({ch['rule']}): **{ch['candidate']}** with **{ch['variant']}**; "
+              f"on the report corpus its alpha0 is {ch['report']['alpha0_over_hqq']:.3f}x HQQ g64 and its "
+              f"alpha1 closes {ch['report']['gap_closed']:.1%} of the gap."]
+    return L
 
 
 def _fmt(v: Any) -> str:
@@ -160,6 +196,9 @@ def render(perf: dict[str, Any]) -> str:
                   "decompositions of the same calibration data at other numerical precision; the reseeded row "
                   "draws another calibration sample: together they show how far perplexity moves under "
                   "perturbations that should not matter."]
+    if perf.get("search"):
+        L += ["", "## Choosing the defaults: grid, act-order, joint selection, ortho values", ""]
+        L += search_table(perf["search"])
     L += ["", "## Perplexity vs bits", "", "![perplexity vs bits](performance_smollm2/ppl_vs_bits.png)", "",
           "## Provenance", ""]
     for k, v in perf["sources"].items():
@@ -173,7 +212,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--md", type=Path, default=Path("docs/results/performance_smollm2.md"))
     args = ap.parse_args(argv)
     paths = {"profile": args.dir / "decompose_profile.json", "ppl": args.dir / "ppl_table.json",
-             "latency": args.dir / "latency.json"}
+             "latency": args.dir / "latency.json", "search": args.dir / "quality_search.json"}
     now = {k: _read(p) for k, p in paths.items()}
     before = {k: _read(p) for k, p in BEFORE.items()}
 
@@ -184,8 +223,9 @@ def main(argv: list[str] | None = None) -> None:
         git = git[-1] if isinstance(git, list) and git else git
         return (git or {}).get("commit")
 
-    perf = {"benchmark": "performance", "goals": evaluate(now["profile"], now["ppl"], now["latency"], before),
-            "profile": now["profile"], "latency": now["latency"],
+    perf = {"benchmark": "performance",
+            "goals": evaluate(now["profile"], now["ppl"], now["latency"], before, now["search"]),
+            "profile": now["profile"], "latency": now["latency"], "search": now["search"],
             "ppl_rows": {k: {kk: vv for kk, vv in r.items() if kk != "block_nll"}
                          for k, r in ((now["ppl"] or {}).get("rows", {})).items()},
             "sources": {**{k: {"path": str(p), "commit": commit(now[k])} for k, p in paths.items() if now[k]},

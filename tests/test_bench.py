@@ -229,12 +229,27 @@ def test_performance_report_judges_each_goal_from_the_figures(tmp_path) -> None:
     assert goals["1 decomposition wall time (s)"]["holds"] is True
     assert goals["1 decomposition / one FP32 forward (same run)"]["holds"] is False
     assert goals["2 decode alpha1 / alpha0"]["holds"] is False and goals["2 prefill 16x128 alpha1 / alpha0"]["holds"]
-    assert goals["4 alpha1 closes the GPTQ -> FP32 gap (fraction)"]["value"] == pytest.approx(0.7)
-    assert goals["4 alpha0 ppl / HQQ g64 ppl (held-out fortunes)"]["holds"] is False
+    assert goals["4 alpha1 closes the GPTQ -> FP32 gap, ppl-table config"]["value"] == pytest.approx(0.7)
+    assert goals["4 alpha0 ppl / HQQ g64 ppl, ppl-table config (held-out fortunes)"]["holds"] is False
     assert goals["5 bits per stored nonzero (index included)"]["value"] == pytest.approx(26.0)
     assert goals["7 layers off the INT4 kernel at the default group size"]["holds"] is True
     text = pr.render({"goals": list(goals.values()), "profile": prof, "sources": {}})
     assert all(name in text for name in goals) and "**no**" in text
+    # the searched default: goals read from its report-corpus figures, the table from every candidate
+    two = {"validation": 20.0, "report": 50.0}
+    search = {"validation": "python-docs", "report": "fortunes", "n_eval": 32, "n_validation": 16,
+              "references": {"fp32": {"validation": 18.0, "report": 40.0}, "hqq_g64": {"validation": 21.0,
+                                                                                       "report": 49.0}},
+              "candidates": {"minmax": {"alpha0": two, "alpha1": {"obs-residual": {"validation": 19.0,
+                                                                                   "report": 45.0}}}},
+              "choice": {"candidate": "minmax", "variant": "obs-residual", "rule": "r",
+                         "report": {"alpha0_over_hqq": 50 / 49, "gap_closed": 0.5}}}
+    goals = {g["goal"]: g for g in pr.evaluate(None, None, None, {"profile": None, "ppl": None, "latency": None},
+                                               search)}
+    assert goals["4 alpha0 ppl / HQQ g64 ppl, searched default (report corpus)"]["holds"] is False
+    assert goals["4 alpha1 gap closed, searched default (report corpus)"]["value"] == 0.5
+    text = "\n".join(pr.search_table(search))
+    assert "| minmax | 20.000 | 50.000 | obs-residual | 19.000 | 45.000 | 0.500 | 0.500 |" in text
 
 
 def test_quality_search_chooses_on_validation_and_keeps_each_candidate(tmp_path) -> None:
