@@ -168,3 +168,4 @@ def test_phase_profile_accounts_for_the_wall_time(runs) -> None:
     assert calls["select"] == n_layers
     assert calls["quantize"] == 4 * res.stats["blocks"]  # q/k/v and gate/up each quantized as one stacked matrix
     assert calls["advance_forward"] == 2 * res.stats["blocks"]  # base and selector flows each advance per block
+    assert calls["trim"] == res.stats["blocks"]  # the heap is given back once per block

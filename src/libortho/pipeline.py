@@ -251,6 +251,8 @@ def decompose(model: nn.Module, calibration: torch.Tensor | None, config: Decomp
         for w in walks:
             with timer("advance_forward"), forward_precision(calib_dtype):
                 w.finish()
+        with timer("trim"):  # the block's freed activations and weights go back to the system: the heap
+            release_free_memory()  # otherwise grows by fragmentation, block after block (+270 MB over 30)
         if on_block is not None:
             on_block(k)
     if cfg.ortho:

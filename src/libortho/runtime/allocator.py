@@ -5,7 +5,9 @@ above its mmap threshold with fresh ``mmap`` calls and returns them on free, so 
 page-faults its memory in again: measured on SmolLM2, about 15% of a calibration block forward.
 :func:`retain_freed_memory` raises the mmap threshold to its maximum (32 MiB on 64-bit) and the
 trim threshold, so freed blocks stay in the heap and are reused. The resident set then stays at
-its high-water mark instead of shrinking between batches; the peak is unchanged.
+its high-water mark instead of shrinking between batches. Across blocks, though, the heap grows by
+fragmentation (measured on SmolLM2: peak 1.81 GB after the first block, 2.12 GB after thirty), so
+decompose() calls :func:`release_free_memory` after every block: then it stays near 1.85 GB.
 """
 
 from __future__ import annotations
