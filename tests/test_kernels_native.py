@@ -20,6 +20,21 @@ from libortho.streams import SparseOrtho
 pytestmark = pytest.mark.skipif(native.library() is None, reason=f"no compiled kernel: {native.status()}")
 
 
+@pytest.fixture(params=["python-extension", "ctypes"], autouse=True)
+def entry_point(request, monkeypatch, tmp_path):
+    """Every test runs on both ways in: the CPython extension function and the ctypes call."""
+    monkeypatch.setattr(native, "_tried", False)
+    if request.param == "ctypes":
+        monkeypatch.setenv(native.ABI_ENV, "ctypes")
+    native.library()
+    if not native.status().endswith(f"({request.param})"):
+        pytest.skip(f"{request.param} entry point not available here: {native.status()}")
+    yield request.param
+    monkeypatch.undo()
+    native._tried = False
+    native.library()  # back to the default entry point for the rest of the session
+
+
 def _sparse(d_out: int, d_in: int, density: float, seed: int) -> SparseOrtho:
     gen = torch.Generator().manual_seed(seed)
     mask = torch.rand(d_out, d_in, generator=gen) < density
@@ -113,3 +128,14 @@ def test_a_failed_build_falls_back_to_mkl_and_says_why(monkeypatch, tmp_path) ->
     layer = OrthoLinear(_stream(128, 192), _sparse(128, 192, 0.02, seed=1), alpha=1.0)
     x = torch.randn(1, 192)
     torch.testing.assert_close(layer(x).double(), _reference(layer, x), rtol=1e-5, atol=1e-5)
+
+
+def test_wide_inputs_take_the_heap_scratch_and_still_agree() -> None:
+    """More than 16k inputs: the widened bf16 token lives on the heap, not the stack; same result."""
+    o = _sparse(8, 20000, 0.01, seed=5)
+    k = native.CsrKernel(cpu.ortho_csr(o))
+    x = torch.randn(2, 20000).bfloat16()
+    y = torch.zeros(2, 8)
+    want = x.double() @ o.to_dense().double().t()
+    torch.testing.assert_close(k.addmm_(y, x, 1.0).double(), want, rtol=1e-5, atol=1e-5)
+    assert copy.deepcopy(k).addmm_(torch.zeros(2, 8), x, 1.0).equal(y)
