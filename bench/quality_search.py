@@ -42,6 +42,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "obs-residual": {"selector": "obs", "values": "residual"},
     "obs-optimal": {"selector": "obs", "values": "optimal"},
     "obs-optimal-global": {"selector": "obs", "values": "optimal", "scope": "global"},
+    "diag-residual": {"selector": "diag", "values": "residual"},
 }
 
 
@@ -60,7 +61,13 @@ def _score(model: torch.nn.Module, evals: dict[str, torch.Tensor]) -> dict[str, 
     return {k: perplexity(model, v).ppl for k, v in evals.items()}
 
 
-def child_candidate(name: str, args: argparse.Namespace) -> dict[str, Any]:
+def missing_variants(name: str, have: dict[str, Any]) -> list[str]:
+    """The ortho variants a candidate's result still lacks (joint candidates have no global scope)."""
+    joint = CANDIDATES[name][1]
+    return [v for v, o in VARIANTS.items() if v not in have and not (joint and o.get("scope") == "global")]
+
+
+def child_candidate(name: str, args: argparse.Namespace, only: list[str] | None = None) -> dict[str, Any]:
     import libortho
     from libortho.config import DecomposeConfig, QuantConfig, SelectConfig
     from libortho.data import calibration_blocks
@@ -80,9 +87,8 @@ def child_candidate(name: str, args: argparse.Namespace) -> dict[str, Any]:
     libortho.set_alpha(model, 0.0)
     out["alpha0"] = _score(model, evals)
     out["alpha1"] = {}
-    for v, opts in VARIANTS.items():
-        if joint and opts.get("scope") == "global":
-            continue  # joint selection is per layer by construction
+    for v in only if only is not None else missing_variants(name, {}):
+        opts = VARIANTS[v]
         sel = SelectConfig(rho=args.rho, joint=joint, **opts)
         attach_ortho(model, select_ortho(res.records, sel), 1.0)
         out["alpha1"][v] = {"select": {k: getattr(sel, k) for k in ("selector", "values", "scope", "joint")},
@@ -167,6 +173,14 @@ def main() -> None:
     for name in args.candidates:
         if name not in cands:
             cands[name] = in_child(child_candidate, name, args)
+            atomic_write_json(args.out, state)
+        elif missing := missing_variants(name, cands[name]["alpha1"]):
+            # variants added after this candidate ran: decompose again (deterministic) and score only them;
+            # the re-run's alpha0 is kept beside the first as a check that it is the same decomposition
+            extra = in_child(child_candidate, name, args, missing)
+            cands[name]["alpha1"].update(extra["alpha1"])
+            cands[name].setdefault("reruns", []).append({"alpha0": extra["alpha0"], "variants": missing,
+                                                         "git": extra["git"]})
             atomic_write_json(args.out, state)
     if cands:
         state["choice"] = choose(state)

@@ -275,12 +275,23 @@ def test_quality_search_chooses_on_validation_and_keeps_each_candidate(tmp_path)
         assert set(c["alpha0"]) == {"validation", "report"}
         assert all(set(v) >= {"validation", "report", "select"} for v in c["alpha1"].values())
     assert r["choice"] == qs.choose(r)
+    # a variant added later is filled in by decomposing again; that re-run's alpha0 is the same decomposition's
+    del r["candidates"]["minmax"]["alpha1"]["diag-residual"]
+    out.write_text(json.dumps(r))
+    subprocess.run([sys.executable, str(script), "--model", "tiny", "--validation", "python-docs", "--report",
+                    "shakespeare", "--candidates", "minmax", "--n-calib", "4", "--seq-len", "32",
+                    "--n-eval", "2", "--n-validation", "2", "--rho", "0.05", "--out", str(out)],
+                   check=True, capture_output=True)
+    r2 = json.loads(out.read_text())
+    assert set(r2["candidates"]["minmax"]["alpha1"]) == set(qs.VARIANTS)
+    assert r2["candidates"]["minmax"]["reruns"][0]["variants"] == ["diag-residual"]
+    assert r2["candidates"]["minmax"]["reruns"][0]["alpha0"] == r["candidates"]["minmax"]["alpha0"]
     # the joint candidate's gap is measured from plain GPTQ's alpha0, not from its own
     c, plain, fp = r["candidates"]["minmax-joint"], r["candidates"]["minmax"], r["references"]["fp32"]
     want = (plain["alpha0"]["report"] - c["alpha1"]["obs-residual"]["report"]) / (plain["alpha0"]["report"]
                                                                                   - fp["report"])
     assert qs.gap_closed(r, "minmax-joint", "obs-residual", "report") == pytest.approx(want)
-    fake = json.loads(json.dumps(r))
+    fake = json.loads(json.dumps(r2))
     fp_v = fake["references"]["fp32"]["validation"]
     fake["candidates"]["minmax"]["alpha0"]["validation"] = 2 * fp_v
     fake["candidates"]["minmax-joint"]["alpha0"]["validation"] = 2.5 * fp_v  # outside the 1% slack
