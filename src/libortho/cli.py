@@ -25,6 +25,9 @@ from rich.console import Console  # noqa: E402
 from rich.markup import escape  # noqa: E402
 from rich.table import Table  # noqa: E402
 
+from libortho.config import QuantConfig as _Q  # noqa: E402 - torch-free; the defaults' one source
+from libortho.config import SelectConfig as _S  # noqa: E402
+
 # Known import-time noise of third-party packages, dropped by exact message: transformers imports
 # torchao whenever it is installed (transformers/quantizers/auto.py -> quantizer_torchao), which logs
 # its optional CUDA extensions it cannot load on a CPU machine and registers enums torch now warns about.
@@ -78,11 +81,12 @@ AlphaOpt = Annotated[float, typer.Option(help="the privacy switch, in [0, 1]: 0 
 def decompose(
     model: Annotated[str, typer.Argument(help="smollm2-135m, tiny, a HF directory or a .gguf file", metavar="MODEL")],
     out: Annotated[Path, typer.Argument(help="output directory (new or empty unless --overwrite)", metavar="OUT")],
-    bits: int = 4, group_size: int = 64, method: str = "gptq", grid: str = "minmax",
-    act_order: bool = False, symmetric: bool = False,
-    rho: float = 0.01, selector: str = "diag", scope: str = "layer",
+    bits: int = _Q.bits, group_size: int = _Q.group_size, method: str = _Q.method, grid: str = _Q.grid,
+    act_order: bool = _Q.act_order, symmetric: bool = _Q.symmetric,
+    rho: float = _S.rho, selector: str = _S.selector, scope: str = _S.scope,
     tau: Annotated[float | None, typer.Option(help="score threshold (overrides rho)")] = None,
-    values: str = "residual", ortho_dtype: str = "fp16", no_ortho: bool = False,
+    values: str = _S.values, ortho_dtype: str = _S.dtype, no_ortho: bool = False,
+    joint: Annotated[bool, typer.Option(help="choose the ortho support inside GPTQ's loop (SpQR-style)")] = _S.joint,
     calib: Annotated[list[str] | None, typer.Option(help="corpus name or text file; repeat to mix")] = None,
     n_calib: int = 128, seq_len: int = 512, seed: int = 0, overwrite: bool = False,
 ) -> None:
@@ -98,7 +102,7 @@ def decompose(
             quant=QuantConfig(bits=bits, group_size=group_size, method=method, grid=grid,
                               act_order=act_order, symmetric=symmetric),
             select=SelectConfig(selector=selector, rho=rho, scope=scope, tau=tau, values=values,
-                                dtype=ortho_dtype),
+                                dtype=ortho_dtype, joint=joint),
             ortho=not no_ortho)
         summary = decompose_and_save(model, out, cfg, calib or ["shakespeare"], n_calib, seq_len,
                                      seed, overwrite)
