@@ -214,7 +214,11 @@ def main(argv: list[str] | None = None) -> None:
     paths = {"profile": args.dir / "decompose_profile.json", "ppl": args.dir / "ppl_table.json",
              "latency": args.dir / "latency.json", "search": args.dir / "quality_search.json"}
     now = {k: _read(p) for k, p in paths.items()}
-    before = {k: _read(p) for k, p in BEFORE.items()}
+    before_paths = dict(BEFORE)
+    rerun = args.dir / "decompose_profile_baseline.json"  # run_all.py --stages baseline: this session's re-run
+    if rerun.exists():
+        before_paths["profile"] = rerun
+    before = {k: _read(p) for k, p in before_paths.items()}
 
     def commit(d: dict | None) -> str | None:
         if not d:
@@ -230,7 +234,7 @@ def main(argv: list[str] | None = None) -> None:
                          for k, r in ((now["ppl"] or {}).get("rows", {})).items()},
             "sources": {**{k: {"path": str(p), "commit": commit(now[k])} for k, p in paths.items() if now[k]},
                         **{f"before_{k}": {"path": str(p), "commit": commit(before[k])}
-                           for k, p in BEFORE.items() if before[k]}}}
+                           for k, p in before_paths.items() if before[k]}}}
     atomic_write_json(args.dir / "performance.json", perf)
     if now["ppl"]:
         plot(now["ppl"], args.dir / "ppl_vs_bits.png")

@@ -13,6 +13,11 @@ finished stage is kept unless ``--fresh``):
 4. ``report``: bench/performance_report.py: performance.json (every goal beside its threshold) and
    docs/results/performance_smollm2.md with the perplexity-vs-bits plot.
 
+``baseline`` (not in the default list, about 11 minutes): the decomposition profile of the code before
+this work (commit :data:`BASELINE_COMMIT`, the baseline code plus its phase timers), run from a git
+worktree with that tree's ``src`` first on ``PYTHONPATH``, into ``decompose_profile_baseline.json``: the
+report's *before* for goal 1 is then a measurement of this machine in this session, not an old JSON.
+
 Run on an idle machine (nothing else on the cores):  .venv/bin/python bench/run_all.py
 """
 
@@ -27,6 +32,29 @@ HERE = Path(__file__).resolve().parent
 OUT = Path("docs/results/performance_smollm2")
 WORK = Path("bench/results/performance")
 STAGES = ("profile", "ppl", "latency", "report")
+BASELINE_COMMIT = "1d1e1b130aa37d4492a37b5742b8186d3cb7c1a3"
+
+
+def run_baseline() -> None:
+    """The baseline code's decompose_profile.py from a throw-away worktree (see the module docstring)."""
+    import os
+    import tempfile
+
+    repo = HERE.parent
+    with tempfile.TemporaryDirectory() as tmp:
+        tree = Path(tmp) / "baseline"
+        subprocess.run(["git", "-C", str(repo), "worktree", "add", "--detach", str(tree), BASELINE_COMMIT], check=True)
+        try:
+            env = dict(os.environ, PYTHONPATH=str(tree / "src"))
+            probe = subprocess.run([sys.executable, "-c", "import libortho; print(libortho.__file__)"], env=env,
+                                   check=True, capture_output=True, text=True).stdout.strip()
+            if not probe.startswith(str(tree)):
+                raise SystemExit(f"the baseline run would import {probe}, not the worktree's libortho")
+            out = (repo / OUT / "decompose_profile_baseline.json").resolve()
+            subprocess.run([sys.executable, str(tree / "bench" / "decompose_profile.py"), "--out", str(out)],
+                           env=env, check=True, cwd=str(repo))
+        finally:
+            subprocess.run(["git", "-C", str(repo), "worktree", "remove", "--force", str(tree)], check=False)
 
 
 def commands(args: argparse.Namespace) -> dict[str, list[str]]:
@@ -53,13 +81,17 @@ def done(stage: str) -> bool:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES))
+    ap.add_argument("--stages", nargs="+", choices=(*STAGES, "baseline"), default=list(STAGES))
     ap.add_argument("--fresh", action="store_true", help="re-run stages whose JSON already exists")
     ap.add_argument("--rhos", type=float, nargs="+", default=[0.005, 0.01, 0.02])
     ap.add_argument("--baselines", nargs="+", default=["hqq", "quanto"])
     args = ap.parse_args(argv)
     cmds = commands(args)
     for stage in args.stages:
+        if stage == "baseline":
+            print("== baseline (the code before issue 9, from a worktree)", flush=True)
+            run_baseline()
+            continue
         if stage != "report" and done(stage) and not args.fresh:
             print(f"== {stage}: kept (its JSON is complete; --fresh re-runs it)", flush=True)
             continue
