@@ -52,7 +52,8 @@ def _setup(args: argparse.Namespace, calib_seed: int = 0) -> tuple[Any, Any, tor
 def default_config(args: argparse.Namespace) -> Any:
     from libortho.config import DecomposeConfig, QuantConfig, SelectConfig
 
-    return DecomposeConfig(quant=QuantConfig(bits=4, group_size=args.group_size, method="gptq", grid=args.grid),
+    return DecomposeConfig(quant=QuantConfig(bits=4, group_size=args.group_size, method="gptq", grid=args.grid,
+                                             act_order=args.act_order),
                            select=SelectConfig(selector="obs", rho=args.rho))
 
 
@@ -128,6 +129,8 @@ def main() -> None:
     ap.add_argument("--group-size", type=int, default=64)
     ap.add_argument("--rho", type=float, default=0.01)
     ap.add_argument("--grid", default=None, help="base grid (default: the library's QuantConfig default)")
+    ap.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=None,
+                    help="GPTQ act-order (default: the library's QuantConfig default)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--max-blocks", type=int, default=None, help="decompose only the first blocks (quick looks)")
     ap.add_argument("--quality", action="store_true", help="also compare held-out perplexity (see above)")
@@ -139,10 +142,10 @@ def main() -> None:
     args = ap.parse_args()
     if args.out.suffix != ".json":
         raise SystemExit(f"--out must be a .json file, got {args.out}")
-    if args.grid is None:
-        from libortho.config import QuantConfig
+    from libortho.config import QuantConfig
 
-        args.grid = QuantConfig.grid
+    args.grid = QuantConfig.grid if args.grid is None else args.grid
+    args.act_order = QuantConfig.act_order if args.act_order is None else args.act_order
     started = git_state()
     fwd = in_child(child_forward, args)
     print(f"one FP32 forward over {args.n_calib * args.seq_len} tokens: {fwd['seconds']:.1f} s", flush=True)

@@ -52,7 +52,7 @@ def _reference_rtn(W: torch.Tensor, bits: int, group: int) -> torch.Tensor:
 def test_fake_quantize_matches_a_plain_loop_minmax_rtn() -> None:
     W = torch.randn(6, 40, generator=torch.Generator().manual_seed(0))
     for group in (8, 16):  # 16 leaves a partial last group
-        got = fake_quantize(W, QuantConfig(bits=4, group_size=group, method="rtn")).double()
+        got = fake_quantize(W, QuantConfig(bits=4, group_size=group, method="rtn", grid="minmax")).double()
         ref = _reference_rtn(W, 4, group)
         assert torch.allclose(got, ref, atol=1e-6, rtol=0), float((got - ref).abs().max())
         for g0 in range(0, 40, group):

@@ -31,7 +31,7 @@ def test_gptq_equals_slow_reference(d_out, d_in, gs, block, act_order, bits, sym
         acc = HessianAccumulator(d_in, dtype=X.dtype)
         acc.add_batch(X)
         H = acc.H
-    cfg = QuantConfig(bits=bits, group_size=gs, block_size=block, act_order=act_order, symmetric=sym)
+    cfg = QuantConfig(bits=bits, group_size=gs, block_size=block, act_order=act_order, symmetric=sym, grid="minmax")
     res = gptq_quantize(W, cfg, H)
     ref = reference_gptq(W, H, cfg, res.info["damp"])
     torch.testing.assert_close(res.dequantize().double(), ref, rtol=0, atol=1e-5)
@@ -102,7 +102,7 @@ def test_joint_outliers_equal_slow_reference(d_out, d_in, gs, block, act_order) 
     refit grids, same in-loop values. A bug in the threshold, the refit, the error that marked entries
     must not carry forward, or the act-order bookkeeping changes at least one of the three."""
     W, _, H, _ = _with_outliers(d_out, d_in, seed=d_in + gs)
-    cfg = QuantConfig(bits=4, group_size=gs, block_size=block, act_order=act_order)
+    cfg = QuantConfig(bits=4, group_size=gs, block_size=block, act_order=act_order, grid="minmax")
     res = gptq_quantize(W, cfg, H, outliers=0.05)
     Q, mask, vals = reference_gptq_joint(W, H, cfg, res.info["damp"], 0.05)
     assert mask.any() and torch.equal(res.info["outlier_mask"], mask)
@@ -133,6 +133,13 @@ def test_joint_selection_lowers_the_alpha1_loss_below_selection_after_gptq() -> 
         assert joint.nnz == post.nnz == round(0.03 * W.numel())
         assert proxy(base.dequantize() + joint.to_dense()) < proxy(plain.dequantize() + post.to_dense())
         assert proxy(base.dequantize()) > proxy(plain.dequantize())
+
+
+def test_symmetric_hqq_grid_is_refused_when_configured() -> None:
+    """The default grid (hqq) fits a free zero point: asking for a symmetric grid on it fails at config time."""
+    with pytest.raises(ValueError, match="symmetric=True needs grid"):
+        QuantConfig(symmetric=True)
+    assert QuantConfig(symmetric=True, grid="minmax").symmetric
 
 
 def test_joint_outliers_refuse_bad_fractions_and_other_quantizers() -> None:

@@ -33,7 +33,7 @@ def test_rtn_error_bound_and_code_range(bits, d_out, d_in, gs, seed, sym, mag, s
     ``shift`` makes groups one-signed, where an unconstrained zero point would leave [0, 2^b - 1].
     """
     W = (torch.randn(d_out, d_in, generator=torch.Generator().manual_seed(seed)) + shift) * mag
-    res = rtn_quantize(W, QuantConfig(bits=bits, group_size=gs, symmetric=sym))
+    res = rtn_quantize(W, QuantConfig(bits=bits, group_size=gs, symmetric=sym, grid="minmax"))
     assert int(res.codes.max()) <= 2**bits - 1
     assert res.scales.shape == (d_out, -(-d_in // gs))
     assert bool((res.scales >= MIN_SCALE).all())

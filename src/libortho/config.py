@@ -43,16 +43,20 @@ class QuantConfig:
     method: round-to-nearest or GPTQ error feedback; damp: GPTQ damping as a fraction of mean
     diag(H) (raised automatically when Cholesky fails); block_size: GPTQ lazy-update block;
     act_order: quantize columns by decreasing diag(H) (groups stay static, in original order).
+
+    Defaults: GPTQ on the HQQ grid with act-order, chosen on a validation corpus (python-docs) among
+    min-max, MSE and HQQ grids with and without act-order and joint outlier selection, and judged on
+    another (fortunes): ``bench/quality_search.py``, docs/results/performance_smollm2.md.
     """
 
     bits: int = 4
     group_size: int = 64
     symmetric: bool = False
-    grid: GridMethod = "minmax"
+    grid: GridMethod = "hqq"
     method: QuantMethod = "gptq"
     damp: float = 0.01
     block_size: int = 128
-    act_order: bool = False
+    act_order: bool = True
 
     def __post_init__(self) -> None:
         if self.bits not in SUPPORTED_BITS:
@@ -61,6 +65,8 @@ class QuantConfig:
             raise ValueError(f"group_size must be >= 1, got {self.group_size}")
         if self.grid not in ("minmax", "mse", "hqq"):
             raise ValueError(f"unknown grid method {self.grid!r} (minmax, mse, hqq)")
+        if self.symmetric and self.grid == "hqq":
+            raise ValueError("the hqq grid optimises a free zero point: symmetric=True needs grid 'minmax' or 'mse'")
         _check_registered("quantization method", self.method, "libortho.quant", "QUANTIZERS")
         if not 0 < self.damp < 1:  # also refuses NaN
             raise ValueError(f"damp must be in (0, 1), got {self.damp}")

@@ -79,7 +79,10 @@ class SeparationExpConfig:
     delete_records: int = 16  # 0: no memsink deletion
     retrain_dropped: bool = True  # the second retrain reference
     full_precision_rows: bool = True  # methods also measured with a full-precision base
-    quant: QuantConfig = field(default_factory=lambda: QuantConfig(bits=4, group_size=64, method="gptq"))
+    # the protocol of the committed results (GPTQ min-max, no act-order), pinned: the library default moved
+    # to the HQQ grid with act-order (issue 9), which must not change an experiment's cache keys or numbers
+    quant: QuantConfig = field(default_factory=lambda: QuantConfig(bits=4, group_size=64, method="gptq",
+                                                                   grid="minmax", act_order=False))
     calib_blocks: int = 32
     calib_len: int = 256
     harness: HarnessConfig = field(default_factory=lambda: HarnessConfig(

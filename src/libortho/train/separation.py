@@ -118,7 +118,8 @@ class SeparationConfig:
 
     def fake_quant_config(self) -> QuantConfig:
         """The round-to-nearest grid of the fake-quantized base."""
-        return QuantConfig(bits=self.fake_quant_bits, group_size=self.fake_quant_group, method="rtn")
+        return QuantConfig(bits=self.fake_quant_bits, group_size=self.fake_quant_group, method="rtn", grid="minmax",
+                           act_order=False)  # the protocol the committed results used
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -31,6 +31,8 @@ from typing import Any
 
 import torch
 
+from libortho.atomic import atomic_write_file
+
 log = logging.getLogger(__name__)
 
 MAX_TOKENS = 16
@@ -142,15 +144,17 @@ def _compile(cc: str, source: str, flags: list[str], stem: str, suffix: str) -> 
     target = _cache_dir() / f"{stem}_{key}{suffix}"
     if target.exists():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        src, out = Path(tmp) / f"{stem}.c", Path(tmp) / f"{stem}{suffix}"
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / f"{stem}.c"
         src.write_text(source)
-        proc = subprocess.run([cc, *flags, str(src), "-o", str(out)], capture_output=True, text=True, timeout=120)
-        if proc.returncode != 0:
-            why = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}"
-            raise RuntimeError(f"{cc} failed: {why}")
-        os.replace(out, target)  # atomic: a concurrent builder never loads a half-written file
+
+        def build(out: Path) -> None:
+            proc = subprocess.run([cc, *flags, str(src), "-o", str(out)], capture_output=True, text=True, timeout=120)
+            if proc.returncode != 0:
+                why = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}"
+                raise RuntimeError(f"{cc} failed: {why}")
+
+        atomic_write_file(target, build, suffix=suffix)  # a concurrent builder never loads a half-written file
     return target
 
 
