@@ -80,7 +80,7 @@ def child_decompose(gs: int, with_ortho: bool, out_dir: str, hess_path: str | No
     torch.manual_seed(0)
     model, tok = load_model(args.model)
     calib = calib_blocks(tok, args)
-    cfg = DecomposeConfig(quant=QuantConfig(group_size=gs, method="gptq", grid=args.grid),
+    cfg = DecomposeConfig(quant=QuantConfig(group_size=gs, method="gptq", grid=args.grid, act_order=False),
                           select=SelectConfig(**DEFAULT_SELECT), ortho=with_ortho)
     res = decompose(model, calib, cfg, keep_records=hess_path is not None, progress=False)
     stats = dict(res.stats, child_peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
@@ -197,7 +197,8 @@ def stage_peers(gs: int, fp: torch.nn.Module, evals: torch.Tensor, args: argpars
     rows = state.setdefault("rows", {})
     if f"rtn-g{gs}" not in rows:
         m = copy.deepcopy(fp)
-        r = decompose(m, None, DecomposeConfig(quant=QuantConfig(group_size=gs, method="rtn"), ortho=False),
+        r = decompose(m, None, DecomposeConfig(quant=QuantConfig(group_size=gs, method="rtn", grid="minmax"),
+                                               ortho=False),
                       progress=False)
         rows[f"rtn-g{gs}"] = {"method": "INT4 RTN", "group_size": gs, "ppl_measured": measure(m, evals, f"RTN g{gs}"),
                               **bits_summary(r.base, None)}

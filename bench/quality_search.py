@@ -163,6 +163,11 @@ def main() -> None:
     if args.out.suffix != ".json":
         raise SystemExit(f"--out must be a .json file, got {args.out}")
     state = json.loads(args.out.read_text()) if args.out.exists() else {}
+    settings = {"validation": args.validation, "report": args.report, "n_eval": args.n_eval,
+                "n_validation": args.n_validation, "rho": args.rho}
+    clash = {k: (state[k], v) for k, v in settings.items() if k in state and state[k] != v}
+    if clash:  # cached references and candidates were measured under the stored settings
+        raise SystemExit(f"{args.out} was measured with other settings {clash} (stored, asked): use another --out")
     state.update({"benchmark": "quality_search", "validation": args.validation, "report": args.report,
                   "n_eval": args.n_eval, "n_validation": args.n_validation, "rho": args.rho})
     state.setdefault("git", []).append(git_state())

@@ -283,6 +283,10 @@ def test_quality_search_chooses_on_validation_and_keeps_each_candidate(tmp_path)
                     "--n-eval", "2", "--n-validation", "2", "--rho", "0.05", "--out", str(out)],
                    check=True, capture_output=True)
     r2 = json.loads(out.read_text())
+    clash = subprocess.run([sys.executable, str(script), "--model", "tiny", "--rho", "0.02", "--out", str(out)],
+                           capture_output=True, text=True)
+    assert clash.returncode != 0 and "other settings" in clash.stderr  # cached results never mixed with others
+    assert json.loads(out.read_text()) == r2
     assert set(r2["candidates"]["minmax"]["alpha1"]) == set(qs.VARIANTS)
     assert r2["candidates"]["minmax"]["reruns"][0]["variants"] == ["diag-residual"]
     assert r2["candidates"]["minmax"]["reruns"][0]["alpha0"] == r["candidates"]["minmax"]["alpha0"]

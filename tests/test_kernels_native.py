@@ -139,3 +139,24 @@ def test_wide_inputs_take_the_heap_scratch_and_still_agree() -> None:
     want = x.double() @ o.to_dense().double().t()
     torch.testing.assert_close(k.addmm_(y, x, 1.0).double(), want, rtol=1e-5, atol=1e-5)
     assert copy.deepcopy(k).addmm_(torch.zeros(2, 8), x, 1.0).equal(y)
+
+
+def test_a_pickled_layer_after_decode_computes_the_same(tmp_path) -> None:
+    """torch.save / torch.load of a layer whose kernel already ran: no pointer outlives its tensor (this
+    crashed when the kernel cached data pointers); a detached memory drops the kernel too."""
+    layer = OrthoLinear(_stream(128, 192), _sparse(128, 192, 0.02, seed=1), alpha=1.0)
+    x = torch.randn(1, 1, 192).bfloat16()
+    want = layer(x)
+    torch.save(layer, tmp_path / "layer.pt")
+    del layer
+    loaded = torch.load(tmp_path / "layer.pt", weights_only=False)
+    torch.testing.assert_close(loaded(x), want, rtol=0, atol=0)
+    loaded.set_ortho(None)
+    assert loaded._native is None
+
+
+def test_tracing_takes_the_torch_path_so_the_memory_stays_in_the_graph() -> None:
+    layer = OrthoLinear(_stream(128, 192), _sparse(128, 192, 0.02, seed=1), alpha=1.0)
+    x = torch.randn(1, 192)
+    traced = torch.jit.trace(layer, (x,), check_trace=False)
+    torch.testing.assert_close(traced(x).double(), _reference(layer, x), rtol=1e-5, atol=1e-5)

@@ -100,6 +100,8 @@ class SelectConfig:
     def __post_init__(self) -> None:
         if self.joint and (self.scope != "layer" or self.tau is not None):
             raise ValueError("joint selection picks rho per layer inside GPTQ: it needs scope 'layer' and no tau")
+        if self.joint and not self.rho < 1:
+            raise ValueError(f"joint selection needs rho < 1 (a fraction GPTQ keeps exact), got {self.rho}")
         _check_registered("selector", self.selector, "libortho.select", "SELECTORS")
         if not 0 <= self.rho <= 1:  # also refuses NaN
             raise ValueError(f"rho must be in [0, 1], got {self.rho}")

@@ -170,7 +170,9 @@ def finetune_and_save(model_spec: str, out: Path, private: Path, public: list[st
 
     t0 = time.perf_counter()
     out = Path(out)
-    quant = QuantConfig(bits=bits, group_size=group_size)
+    # the fake-quantized training's own grid (min-max, no act-order: SeparationConfig.fake_quant_config),
+    # so the saved base is quantized on the grid the memory learned against
+    quant = QuantConfig(bits=bits, group_size=group_size, grid="minmax", act_order=False)
     sizes = {"batch_size": batch_size, "block_len": block_len, "n_public_blocks": n_public_blocks,
              "repeats": repeats, "n_calib": n_calib, "seq_len": seq_len}
     inputs = check_finetune_inputs(out, private, public, method, nonmembers=nonmembers, report=report,

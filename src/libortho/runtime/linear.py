@@ -212,6 +212,7 @@ class OrthoLinear(AlphaSwitch, nn.Module):
     def _build_memory(self) -> None:
         """(Re)build the kernel tensors of the memory stream: a CSR for sparse, fp32 factors for low-rank."""
         o = self.ortho_stream
+        self._native = None  # the compiled kernel's view of the old CSR goes with it
         self._csr = cpu.ortho_csr(o) if isinstance(o, SparseOrtho) else None
         self._lr_A, self._lr_B = cpu.lowrank_factors(o) if isinstance(o, LowRankMemory) else (None, None)
 

@@ -163,17 +163,21 @@ def _build() -> tuple[Any, Callable[..., int], str]:
     cc = _compiler()
     if cc is None:
         raise RuntimeError("no C compiler (cc, gcc or clang) on PATH")
-    flags = ["-O3", "-shared", "-fPIC", "-std=c99", "-fno-strict-aliasing"]
+    # no fused multiply-adds: the sums round like the reference's separate multiply and add
+    flags = ["-O3", "-shared", "-fPIC", "-std=c99", "-fno-strict-aliasing", "-ffp-contract=off"]
     include = sysconfig.get_paths().get("include")
     if os.environ.get(ABI_ENV) != "ctypes" and include and (Path(include) / "Python.h").exists():
-        suffix = sysconfig.get_config_var("EXT_SUFFIX") or ".so"
-        path = _compile(cc, SOURCE + PY_WRAPPER, [*flags, f"-I{include}"], "_libortho_csr", suffix)
-        spec = importlib.util.spec_from_file_location("_libortho_csr", path)
-        if spec is None or spec.loader is None:
-            raise RuntimeError(f"cannot load {path}")
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-        return mod, mod.addmv, "python-extension"
+        try:
+            suffix = sysconfig.get_config_var("EXT_SUFFIX") or ".so"
+            path = _compile(cc, SOURCE + PY_WRAPPER, [*flags, f"-I{include}"], "_libortho_csr", suffix)
+            spec = importlib.util.spec_from_file_location("_libortho_csr", path)
+            if spec is None or spec.loader is None:
+                raise RuntimeError(f"cannot load {path}")
+            mod = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(mod)
+            return mod, mod.addmv, "python-extension"
+        except (OSError, RuntimeError, ImportError, subprocess.SubprocessError) as e:
+            log.info("libortho: CPython entry point not built (%s); trying ctypes", e)
     lib = ctypes.CDLL(str(_compile(cc, SOURCE, flags, "ortho_csr", ".so")))
     fn = lib.ortho_csr_addmv
     i64, vp = ctypes.c_int64, ctypes.c_void_p
@@ -208,7 +212,7 @@ def status() -> str:
 class CsrKernel:
     """A CSR memory stream held for the compiled kernel: contiguous int32 indices, fp32 values."""
 
-    __slots__ = ("crow", "col", "val", "d_out", "d_in", "_args")
+    __slots__ = ("crow", "col", "val", "d_out", "d_in")
 
     def __init__(self, csr: torch.Tensor) -> None:
         if csr.layout != torch.sparse_csr or csr.dtype != torch.float32:
@@ -217,8 +221,6 @@ class CsrKernel:
         self.col = csr.col_indices().to(torch.int32).contiguous()
         self.val = csr.values().contiguous()
         self.d_out, self.d_in = csr.shape
-        # pointers into tensors this object owns for its whole life (a copy builds its own: __deepcopy__)
-        self._args = (self.d_out, self.d_in, self.crow.data_ptr(), self.col.data_ptr(), self.val.data_ptr())
 
     def __deepcopy__(self, memo: dict) -> CsrKernel:
         dense = torch.sparse_csr_tensor(self.crow.clone(), self.col.clone(), self.val.clone(), (self.d_out, self.d_in))
@@ -227,8 +229,9 @@ class CsrKernel:
     def addmm_(self, y: torch.Tensor, x: torch.Tensor, alpha: float) -> torch.Tensor:
         """``y += alpha * x @ W^T`` in place, for contiguous ``x (..., d_in)``, ``y (..., d_out)`` of
         bf16 or fp32 and at most :data:`MAX_TOKENS` rows; returns ``y``. Callers check :func:`usable`."""
-        if _fn(y.numel() // self.d_out, *self._args, x.data_ptr(), x.dtype == _BF16, y.data_ptr(), y.dtype == _BF16,
-               alpha):
+        # pointers are read at every call (never cached): a copied, pickled or moved kernel stays safe
+        if _fn(y.numel() // self.d_out, self.d_out, self.d_in, self.crow.data_ptr(), self.col.data_ptr(),
+               self.val.data_ptr(), x.data_ptr(), x.dtype == _BF16, y.data_ptr(), y.dtype == _BF16, alpha):
             raise MemoryError("ortho_csr_addmv: no scratch memory for the widened input")
         return y
 
@@ -240,7 +243,9 @@ def usable(x: torch.Tensor, y: torch.Tensor) -> bool:
     """Whether the compiled kernel can serve this call (library built, small CPU contiguous bf16/fp32)."""
     return (_lib is not None and x.dtype in _DTYPES and y.dtype in _DTYPES and x.device.type == "cpu"
             and x.numel() // x.shape[-1] <= MAX_TOKENS and x.is_contiguous() and y.is_contiguous()
-            and not (x.requires_grad or y.requires_grad))
+            and not (x.requires_grad or y.requires_grad)
+            # a raw-pointer write is invisible to tracers and compilers: they take the torch path
+            and not torch.jit.is_tracing() and not torch.compiler.is_compiling())
 
 
 __all__ = ["MAX_TOKENS", "CsrKernel", "library", "status", "usable"]
