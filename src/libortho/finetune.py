@@ -166,13 +166,13 @@ def finetune_and_save(model_spec: str, out: Path, private: Path, public: list[st
     Returns a JSON-able summary: counts, timings, bytes of base and memory, the out path (and the
     report's counts and rates when ``report`` is given; see :func:`privacy_report`).
     """
-    from libortho.config import QuantConfig
+    from libortho.config import EXPERIMENT_GRID, QuantConfig
 
     t0 = time.perf_counter()
     out = Path(out)
     # the fake-quantized training's own grid (min-max, no act-order: SeparationConfig.fake_quant_config),
     # so the saved base is quantized on the grid the memory learned against
-    quant = QuantConfig(bits=bits, group_size=group_size, grid="minmax", act_order=False)
+    quant = QuantConfig(bits=bits, group_size=group_size, **EXPERIMENT_GRID)
     sizes = {"batch_size": batch_size, "block_len": block_len, "n_public_blocks": n_public_blocks,
              "repeats": repeats, "n_calib": n_calib, "seq_len": seq_len}
     inputs = check_finetune_inputs(out, private, public, method, nonmembers=nonmembers, report=report,

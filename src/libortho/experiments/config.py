@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Literal
 
-from libortho.config import QuantConfig, SelectConfig
+from libortho.config import EXPERIMENT_GRID, QuantConfig, SelectConfig
 from libortho.data.canaries import KINDS
 from libortho.eval.harness import HarnessConfig
 from libortho.train.loop import TrainConfig
@@ -51,10 +51,8 @@ class KillSwitchConfig:
     unlearn: UnlearnConfig = field(default_factory=lambda: UnlearnConfig(steps=20, lr=1e-4, batch_size=8,
                                                                          retain_batch_size=8))
     unlearning: tuple[str, ...] = ("gradient_ascent", "gradient_difference", "npo", "retrain")
-    # the protocol of the committed results (GPTQ min-max, no act-order), pinned: the library default moved
-    # to the HQQ grid with act-order (issue 9), which must not change an experiment's cache keys or numbers
     quant: QuantConfig = field(default_factory=lambda: QuantConfig(bits=4, group_size=64, method="gptq",
-                                                                   grid="minmax", act_order=False))
+                                                                   **EXPERIMENT_GRID))
     # obs, as in the committed SmolLM2 runs (the library default is now diag; see docs/results/dual_stream_smollm2)
     select: SelectConfig = field(default_factory=lambda: SelectConfig(selector="obs", rho=0.01))
     select_calibration: SelectCalibration = "public"

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal, cast
 
 from libortho.atomic import read_json_object
-from libortho.config import QuantConfig, fields_from_dict
+from libortho.config import EXPERIMENT_GRID, QuantConfig, fields_from_dict
 from libortho.eval.harness import HarnessConfig
 from libortho.experiments.config import TINY_ARCH
 from libortho.train.loop import TrainConfig, fast_bf16
@@ -79,10 +79,8 @@ class SeparationExpConfig:
     delete_records: int = 16  # 0: no memsink deletion
     retrain_dropped: bool = True  # the second retrain reference
     full_precision_rows: bool = True  # methods also measured with a full-precision base
-    # the protocol of the committed results (GPTQ min-max, no act-order), pinned: the library default moved
-    # to the HQQ grid with act-order (issue 9), which must not change an experiment's cache keys or numbers
     quant: QuantConfig = field(default_factory=lambda: QuantConfig(bits=4, group_size=64, method="gptq",
-                                                                   grid="minmax", act_order=False))
+                                                                   **EXPERIMENT_GRID))
     calib_blocks: int = 32
     calib_len: int = 256
     harness: HarnessConfig = field(default_factory=lambda: HarnessConfig(

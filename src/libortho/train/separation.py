@@ -30,7 +30,7 @@ from typing import Any
 
 from torch import nn
 
-from libortho.config import QuantConfig, fields_from_dict
+from libortho.config import EXPERIMENT_GRID, QuantConfig, fields_from_dict
 from libortho.data.records import TokenRows
 from libortho.registry import Registry
 from libortho.train.loop import TrainConfig, TrainLog, train
@@ -118,8 +118,8 @@ class SeparationConfig:
 
     def fake_quant_config(self) -> QuantConfig:
         """The round-to-nearest grid of the fake-quantized base."""
-        return QuantConfig(bits=self.fake_quant_bits, group_size=self.fake_quant_group, method="rtn", grid="minmax",
-                           act_order=False)  # the protocol the committed results used
+        return QuantConfig(bits=self.fake_quant_bits, group_size=self.fake_quant_group, method="rtn",
+                           **EXPERIMENT_GRID)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
