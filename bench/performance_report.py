@@ -157,7 +157,45 @@ def _fmt(v: Any) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
-def plot(ppl: dict, out: Path) -> None:
+PEER_ROWS = (("fp32", "FP32"), ("gptq-g64", "INT4 GPTQ g64 (ours, min-max grid)"), ("rtn-g64", "INT4 RTN g64 (ours)"),
+             ("hqq-g64", "HQQ g64"), ("quanto-g64", "optimum-quanto g64"))
+
+
+def peers_table(ppl: dict | None, torchao: dict | None, search: dict | None = None) -> list[str]:
+    """Every peer on the table's held-out blocks: perplexity, storage, time to quantize, or why it did not run.
+
+    The searched default (``quality_search.json``) is measured on the same report blocks (its FP32 and HQQ
+    references equal the table's), so its alpha = 0 and alpha = 1 rows sit here too.
+    """
+    rows = [(label, (ppl or {}).get("rows", {}).get(k)) for k, label in PEER_ROWS]
+    ch = (search or {}).get("choice")
+    if ch:
+        secs = search["candidates"][ch["candidate"]].get("decompose_s")
+        for a in ("alpha0", "alpha1"):
+            rows.append((f"LibOrtho default ({ch['candidate']}, {ch['variant']}, rho {search['rho']:g}), "
+                         f"alpha = {a[-1]}", {"ppl_measured": {"ppl": ch["report"][a]}, "quantize_s": secs,
+                                             "bits_note": "decomposition time incl. calibration"}))
+    rows += [(r["method"], r) for k, r in (torchao or {}).get("rows", {}).items() if k != "fp32"]
+    L = ["| method | ppl | bits / param | quantize s | note |", "|---|---|---|---|---|"]
+    for label, r in rows:
+        if not r:
+            continue
+        ppl_v = r.get("ppl_measured", {}).get("ppl")
+        bits = r.get("total_bits_per_param", r.get("bits_per_param"))
+        secs = r.get("quantize_s", r.get("time_s"))
+        note = r.get("error") or ", ".join(r.get("bits_meta", [])) or r.get("bits_note", "")
+        L.append(f"| {label} | {_fmt(ppl_v)} | {_fmt(bits)} | {_fmt(secs)} | {note} |")
+    if torchao:
+        fv = torchao.get("fp32_vs_table")
+        L += ["", f"torchao {torchao['torchao']} runs from its own environment (`make peers`, `.venv-peers`: "
+              "transformers imports torchao whenever it is installed) on the same blocks"
+              + (f"; its FP32 perplexity differs from the table's by {fv['rel_diff']:+.2e} (relative)" if fv else "")
+              + ". Its int4 tensor and its GPTQ need the `mslk` kernels (PyPI holds only an empty 0.0.0 release) "
+              "or CUDA, so on this machine torchao's INT4 is the IntxWeightOnly path."]
+    return L
+
+
+def plot(ppl: dict, out: Path, torchao: dict | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -180,6 +218,9 @@ def plot(ppl: dict, out: Path) -> None:
         if r and "ppl_measured" in r:
             bits = r.get("total_bits_per_param", r.get("bits_per_param"))
             ax.plot([bits], [r["ppl_measured"]["ppl"]], "^", label=label)
+    for r in (torchao or {}).get("rows", {}).values():
+        if "ppl_measured" in r and "bits_per_param" in r and not r["method"].startswith("FP32"):
+            ax.plot([r["bits_per_param"]], [r["ppl_measured"]["ppl"]], "v", label=r["method"])
     fp = rows.get("fp32")
     if fp:
         ax.axhline(fp["ppl_measured"]["ppl"], color="grey", ls="--", lw=1, label="FP32")
@@ -230,6 +271,9 @@ def render(perf: dict[str, Any]) -> str:
     if perf.get("search"):
         L += ["", "## Choosing the defaults: grid, act-order, joint selection, ortho values", ""]
         L += search_table(perf["search"])
+    if perf.get("ppl_rows") or perf.get("torchao"):
+        L += ["", "## Peers (held-out fortunes, group size 64)", "",
+              *peers_table({"rows": perf.get("ppl_rows", {})}, perf.get("torchao"), perf.get("search"))]
     L += ["", "## Perplexity vs bits", "", "![perplexity vs bits](performance_smollm2/ppl_vs_bits.png)", "",
           "## Provenance", ""]
     for k, v in perf["sources"].items():
@@ -244,7 +288,8 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     paths = {"profile": args.dir / "decompose_profile.json", "ppl": args.dir / "ppl_table.json",
              "latency": args.dir / "latency.json", "search": args.dir / "quality_search.json",
-             "profile_minmax": args.dir / "decompose_profile_minmax.json"}
+             "profile_minmax": args.dir / "decompose_profile_minmax.json",
+             "torchao": args.dir / "peers_torchao.json"}
     now = {k: _read(p) for k, p in paths.items()}
     before_paths = dict(BEFORE)
     rerun = args.dir / "decompose_profile_baseline.json"  # run_all.py --stages baseline: this session's re-run
@@ -263,6 +308,7 @@ def main(argv: list[str] | None = None) -> None:
             "goals": evaluate(now["profile"], now["ppl"], now["latency"], before, now["search"],
                               now["profile_minmax"]),
             "profile": now["profile"], "latency": now["latency"], "search": now["search"],
+            "torchao": now["torchao"],
             "ppl_rows": {k: {kk: vv for kk, vv in r.items() if kk != "block_nll"}
                          for k, r in ((now["ppl"] or {}).get("rows", {})).items()},
             "sources": {**{k: {"path": str(p), "commit": commit(now[k])} for k, p in paths.items() if now[k]},
@@ -270,7 +316,7 @@ def main(argv: list[str] | None = None) -> None:
                            for k, p in before_paths.items() if before[k]}}}
     atomic_write_json(args.dir / "performance.json", perf)
     if now["ppl"]:
-        plot(now["ppl"], args.dir / "ppl_vs_bits.png")
+        plot(now["ppl"], args.dir / "ppl_vs_bits.png", now["torchao"])
     atomic_write_text(args.md, render(perf))
     for g in perf["goals"]:
         print(f"{g['goal']:<60} {_fmt(g['value']):>10} {g['threshold']:>8}  {_fmt(g['holds'])}")

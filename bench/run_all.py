@@ -10,7 +10,10 @@ finished stage is kept unless ``--fresh``):
    (resumable: its own cache under ``bench/results/performance``);
 3. ``latency``: bench/latency.py on those saved decompositions (decode, prefill 16 x 128 and 1 x 512,
    null test, alpha overhead, resident bytes, kernel report);
-4. ``report``: bench/performance_report.py: performance.json (every goal beside its threshold) and
+4. ``peers``: bench/peers_torchao.py from ``.venv-peers`` (``make peers-venv``; torchao is kept out of
+   the main environment), torchao's INT4 on the same blocks; skipped with a message when that
+   environment is missing;
+5. ``report``: bench/performance_report.py: performance.json (every goal beside its threshold) and
    docs/results/performance_smollm2.md with the perplexity-vs-bits plot.
 
 ``baseline`` (not in the default list, about 11 minutes): the decomposition profile of the code before
@@ -31,7 +34,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 OUT = Path("docs/results/performance_smollm2")
 WORK = Path("bench/results/performance")
-STAGES = ("profile", "ppl", "latency", "report")
+STAGES = ("profile", "ppl", "latency", "peers", "report")
+PEERS_PY = Path(".venv-peers/bin/python")
 BASELINE_COMMIT = "1d1e1b130aa37d4492a37b5742b8186d3cb7c1a3"
 
 
@@ -66,6 +70,7 @@ def commands(args: argparse.Namespace) -> dict[str, list[str]]:
                 "--selectors", "obs", "--optimal-selectors", "obs", "--baselines", *args.baselines],
         "latency": [py, str(HERE / "latency.py"), "--dir", str(WORK / "smol-g64-obs1"),
                     "--base-dir", str(WORK / "smol-g64-base"), "--out", str(OUT / "latency.json")],
+        "peers": [str(PEERS_PY), str(HERE / "peers_torchao.py")],
         "report": [py, str(HERE / "performance_report.py")],
     }
 
@@ -75,7 +80,7 @@ def done(stage: str) -> bool:
     import json
 
     path = {"profile": OUT / "decompose_profile.json", "ppl": OUT / "ppl_table.json",
-            "latency": OUT / "latency.json"}.get(stage)
+            "latency": OUT / "latency.json", "peers": OUT / "peers_torchao.json"}.get(stage)
     return path is not None and path.exists() and not json.loads(path.read_text()).get("partial", False)
 
 
@@ -94,6 +99,9 @@ def main(argv: list[str] | None = None) -> None:
             continue
         if stage != "report" and done(stage) and not args.fresh:
             print(f"== {stage}: kept (its JSON is complete; --fresh re-runs it)", flush=True)
+            continue
+        if stage == "peers" and not PEERS_PY.exists():
+            print(f"== peers: skipped ({PEERS_PY} is missing: make peers-venv)", flush=True)
             continue
         print(f"== {stage}", flush=True)
         subprocess.run(cmds[stage], check=True)

@@ -307,3 +307,55 @@ def test_quality_search_chooses_on_validation_and_keeps_each_candidate(tmp_path)
     assert ch["candidate"] == "minmax" and ch["variant"] == list(qs.VARIANTS)[-1]
     fake["candidates"]["minmax-joint"]["alpha0"]["validation"] = 2 * fp_v
     assert qs.choose(fake)["candidate"] == "minmax-joint"
+
+
+def test_peers_table_shows_each_peer_or_why_it_did_not_run() -> None:
+    """torchao rows join the table's peers; a peer that could not run shows its error, not a number."""
+    import performance_report as pr
+
+    ppl = {"rows": {"fp32": {"ppl_measured": {"ppl": 40.0}, "bits_per_param": 32.0},
+                    "hqq-g64": {"ppl_measured": {"ppl": 48.0}, "bits_per_param": 4.5, "time_s": 3.0}}}
+    tao = {"torchao": "0.18.0", "fp32_vs_table": {"rel_diff": 0.0},
+           "rows": {"fp32": {"method": "FP32 (this environment)", "ppl_measured": {"ppl": 40.0}},
+                    "torchao-rtn": {"method": "torchao rtn", "ppl_measured": {"ppl": 55.5}, "bits_per_param": 4.625,
+                                    "quantize_s": 0.2, "bits_meta": ["scale torch.float32, zero torch.int8"]},
+                    "torchao-gptq": {"method": "torchao gptq", "error": "ValueError: mslk is not installed"}}}
+    text = "\n".join(pr.peers_table(ppl, tao))
+    assert "| torchao rtn | 55.5 | 4.625 | 0.2 | scale torch.float32, zero torch.int8 |" in text
+    assert "| torchao gptq | – | – | – | ValueError: mslk is not installed |" in text
+    assert "| HQQ g64 | 48 | 4.5 | 3 |" in text and "FP32 (this environment)" not in text
+
+
+def test_peers_torchao_refuses_clearly_without_torchao(tmp_path) -> None:
+    """The main environment has no torchao (on purpose): the script says where to run it, writes nothing."""
+    import importlib.util
+    import subprocess
+
+    if importlib.util.find_spec("torchao") is not None:
+        pytest.skip("torchao is installed in this environment")
+    script = Path(__file__).resolve().parent.parent / "bench" / "peers_torchao.py"
+    out = tmp_path / "p.json"
+    p = subprocess.run([sys.executable, str(script), "--out", str(out)], capture_output=True, text=True)
+    assert p.returncode != 0 and "make peers-venv" in p.stderr and not out.exists()
+
+
+def test_peers_torchao_bits_count_codes_and_stored_meta() -> None:
+    """4-bit codes plus each group's scale and zero at their dtype; a layer left dense counts its own bits."""
+    import torch
+
+    from peers_torchao import _bits
+
+    class Quantized(torch.nn.Module):  # stands in for a linear whose weight carries torchao's qparams
+        def __init__(self) -> None:
+            super().__init__()
+            self.weight = torch.zeros(4, 128)
+            self.weight.scale = torch.zeros(4, 2, dtype=torch.float32)
+            self.weight.zero_point = torch.zeros(4, 2, dtype=torch.int8)
+
+    q = Quantized()
+    dense = torch.nn.Linear(128, 4, bias=False)
+    m = torch.nn.ModuleDict({"q": q, "d": dense})
+    r = _bits(m, {"q"})
+    assert r["bits_per_param"] == pytest.approx(4 + (32 + 8) / 64) and r["dense_layers"] == []
+    r = _bits(m, {"q", "d"})
+    assert r["bits_per_param"] == pytest.approx((4 + 40 / 64 + 32) / 2) and r["dense_layers"] == ["d"]
