@@ -359,3 +359,30 @@ def test_peers_torchao_bits_count_codes_and_stored_meta() -> None:
     assert r["bits_per_param"] == pytest.approx(4 + (32 + 8) / 64) and r["dense_layers"] == []
     r = _bits(m, {"q", "d"})
     assert r["bits_per_param"] == pytest.approx((4 + 40 / 64 + 32) / 2) and r["dense_layers"] == ["d"]
+
+
+def test_kfac_selector_references_check_the_base_and_render_from_the_json() -> None:
+    """Sparse rows join only when their alpha = 0 perplexity shows the same base; every figure comes from state."""
+    import torch
+
+    import kfac_selector as ks
+
+    table = {"rows": {"fp32": {"ppl_measured": {"ppl": 40.0}}, "gptq-g64": {"ppl_measured": {"ppl": 50.0}},
+                      "libortho-g64-obs-0.01-residual": {"alpha1": {"ppl": 47.0, "block_nll": [1.0, 2.0]},
+                                                         "total_bits_per_param": 4.78}}}
+    same = {"candidates": {"minmax": {"alpha0": {"report": 50.0}, "alpha1": {"diag-optimal": {"report": 45.0}}}}}
+    other = {"candidates": {"minmax": {"alpha0": {"report": 51.0}, "alpha1": {"diag-optimal": {"report": 45.0}}}}}
+    assert "diag-optimal" in ks.references(table, same) and "diag-optimal" not in ks.references(table, other)
+    ref = ks.references(table, same)
+    state = {"references": ref, "protocol": {"decomposition": "d", "damp": 0.1, "eval_corpus": "fortunes",
+                                             "n_eval": 2, "seq_len": 8},
+             "factors": {"fisher": "true", "n_blocks": 4, "seq_len": 8, "calib": ["c"], "fit_s": 3.0},
+             "rows": {"kfac": {"ranks": {"min": 1, "max": 3}, "total_bits_per_param": 4.77, "base_bits_per_param": 4.5,
+                               "alpha1": {"ppl": 44.0}, "minus_obs_residual": {"mean": -3.0, "lo": -4.0, "hi": -2.0,
+                                                                               "p": 0.001}}},
+             "gap_closed": {"kfac": 0.6, "sparse obs-residual": 0.3, "sparse diag-optimal": 0.5}}
+    text = ks.render(state)
+    assert "| K-FAC best rank-r (whitened SVD) (rank 1-3) | 4.770 | 44.000 | 0.600 | -3.000 [-4.000, -2.000]" in text
+    assert "| sparse diag-optimal rho 1% | as obs-residual | 45.000 | 0.500 |" in text
+    B, A = ks.svd_memory(torch.diag(torch.tensor([3.0, 2.0, 1.0])), 2)
+    assert torch.allclose(B @ A, torch.diag(torch.tensor([3.0, 2.0, 0.0])), atol=1e-6)

@@ -317,8 +317,13 @@ def fisher_error(approx: torch.Tensor, exact: torch.Tensor) -> float:
 _FIELDS = ("A", "G", "QA", "lamA", "QG", "lamG", "ekfac")
 
 
-def save_kfac(factors: Mapping[str, KFACFactors], path: str | Path, meta: Mapping[str, Any] | None = None) -> None:
-    """Write every layer's factors (and eigen-decompositions, EK-FAC eigenvalues) to one safetensors file."""
+def save_kfac(factors: Mapping[str, KFACFactors], path: str | Path, meta: Mapping[str, Any] | None = None,
+              with_eigen: bool = True, dtype: torch.dtype | None = None) -> None:
+    """Write every layer's factors (and eigen-decompositions, EK-FAC eigenvalues) to one safetensors file.
+
+    ``with_eigen=False`` keeps ``A``, ``G`` (and EK-FAC eigenvalues) only, recomputed on use; ``dtype``
+    casts what is written (fp32 halves a model-wide file; the eigenbasis is then recomputed in fp64).
+    """
     from safetensors.torch import save_file
 
     from libortho.atomic import atomic_write_file
@@ -326,10 +331,10 @@ def save_kfac(factors: Mapping[str, KFACFactors], path: str | Path, meta: Mappin
     tensors: dict[str, torch.Tensor] = {}
     counts = {}
     for name, f in factors.items():
-        for fld in _FIELDS:
+        for fld in _FIELDS if with_eigen else ("A", "G", "ekfac"):
             t = getattr(f, fld)
             if t is not None:
-                tensors[f"{name}::{fld}"] = t.contiguous()
+                tensors[f"{name}::{fld}"] = (t if dtype is None else t.to(dtype)).contiguous()
         counts[name] = [f.n_tokens, f.n_examples]
     header = {"format": "libortho-kfac-1", "counts": json.dumps(counts), "meta": json.dumps(dict(meta or {}))}
     atomic_write_file(path, lambda tmp: save_file(tensors, str(tmp), metadata=header))
