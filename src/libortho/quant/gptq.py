@@ -25,14 +25,13 @@ import numpy as np
 import torch
 
 from libortho.config import QuantConfig
+from libortho.curvature.damping import inverse_upper_cholesky
 from libortho.quant.grid import (
     QuantResult,
     check_weight,
     fit_grid,
     fit_group_params,
 )
-
-MAX_DAMP_RAISES = 6
 
 
 def prepare_hessian(W: torch.Tensor, H: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -49,17 +48,11 @@ def prepare_hessian(W: torch.Tensor, H: torch.Tensor) -> tuple[torch.Tensor, tor
 
 
 def inverse_cholesky(H: torch.Tensor, damp: float) -> tuple[torch.Tensor, float]:
-    """Upper Cholesky factor of ``(H + damp * mean(diag H) I)^-1``, raising damp x10 on failure."""
-    mean_diag = float(torch.diagonal(H).mean())
-    eye = torch.eye(H.shape[0], dtype=H.dtype)
-    for _ in range(MAX_DAMP_RAISES + 1):
-        L, info = torch.linalg.cholesky_ex(H + damp * mean_diag * eye)
-        if int(info) == 0:
-            U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
-            if int(info) == 0 and torch.isfinite(U).all():
-                return U, damp
-        damp *= 10
-    raise ValueError(f"Hessian is not positive definite even with damping {damp / 10:g} x mean(diag H)")
+    """Upper Cholesky factor of ``(H + damp * mean(diag H) I)^-1`` and the damping used (raised x10 on failure).
+
+    The one damping rule of :mod:`libortho.curvature.damping`.
+    """
+    return inverse_upper_cholesky(H, damp)
 
 
 def _group_columns(W: torch.Tensor, W1: torch.Tensor, Err1: torch.Tensor, U: torch.Tensor,

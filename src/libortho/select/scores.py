@@ -12,6 +12,8 @@ from typing import Any
 
 import torch
 
+from libortho.curvature.damping import damped, inverse_diag
+
 ScoreFn = Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]
 SELECTORS: dict[str, ScoreFn] = {}
 
@@ -29,13 +31,9 @@ def register_selector(name: str) -> Callable[[ScoreFn], ScoreFn]:
 
 
 def damped_hessian(H: torch.Tensor, damp: float = 0.01) -> torch.Tensor:
-    """H with dead columns set to 1 and ``damp * mean(diag H)`` added, as GPTQ does."""
-    H = H.clone().double()
-    diag = torch.diagonal(H)
-    dead = diag == 0
-    diag[dead] = 1.0
-    diag += damp * float(diag.mean())
-    return H
+    """H (fp64) with dead columns set to 1 and ``damp * mean(diag H)`` added: the one rule of
+    :func:`libortho.curvature.damping.damped`."""
+    return damped(H, damp, torch.float64)
 
 
 _last_inverse: list[Any] = []  # [weakref to H, H._version, damp, result]: linears of one stage share H
@@ -55,13 +53,7 @@ def inverse_hessian_diag(H: torch.Tensor, damp: float = 0.01) -> torch.Tensor:
 
 
 def _inverse_hessian_diag(H: torch.Tensor, damp: float) -> torch.Tensor:
-    for attempt in range(8):
-        Hd = damped_hessian(H, damp * 10**attempt)
-        L, info = torch.linalg.cholesky_ex(Hd)
-        if int(info) == 0:
-            Linv = torch.linalg.solve_triangular(L, torch.eye(L.shape[0], dtype=L.dtype), upper=False)
-            return (Linv * Linv).sum(0).float()
-    raise ValueError("Hessian is not positive definite even with damping raised 10^7-fold")
+    return inverse_diag(H, damp)[0].float()
 
 
 def _need_h(name: str, H: torch.Tensor | None, R: torch.Tensor) -> torch.Tensor:
