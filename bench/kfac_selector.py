@@ -37,13 +37,25 @@ OUT = Path("docs/results/geometry_smollm2/kfac_selector.json")
 WORK = Path("bench/results/performance")
 TABLE = Path("docs/results/performance_smollm2/ppl_table.json")
 SEARCH = Path("docs/results/performance_smollm2/quality_search.json")
-BUILDERS = ("kfac", "kfac-eigen", "kfac-lambda", "svd")
+BUILDERS = ("kfac", "kfac-eigen", "kfac-lambda", "svd", "obs-kfac", "diag-kfac")
+SPARSE_KFAC = {"obs-kfac": "obs", "diag-kfac": "diag"}  # the sparse selectors, reading K-FAC curvature
 
 
 def svd_memory(R: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The control: the residual's own best rank-r approximation (Frobenius), blind to curvature."""
     U, S, Vh = torch.linalg.svd(R.double(), full_matrices=False)
     return (U[:, :rank] * S[:rank]).float(), Vh[:rank].float()
+
+
+def sparse_under_kfac(selector: str, R: torch.Tensor, f: Any, nnz: int, damp: float) -> Any:
+    """The same number of entries as the obs stream, chosen by ``selector`` under K-FAC curvature (residual values)."""
+    from libortho.curvature.operator import KFACCurvature
+    from libortho.select import impact_scores
+    from libortho.streams import SparseOrtho
+
+    scores = impact_scores(selector, R.float(), KFACCurvature(f, damp))
+    flat = torch.topk(scores.flatten(), nnz, sorted=False).indices.sort().values
+    return SparseOrtho.from_flat(flat, R.float().flatten()[flat], tuple(R.shape), "fp16")
 
 
 def fit_factors(fp: torch.nn.Module, tok: Any, args: argparse.Namespace, names: list[str]) -> dict:
@@ -83,7 +95,9 @@ def references(table: dict, search: dict | None) -> dict[str, Any]:
 
 
 LABELS = {"kfac": "K-FAC best rank-r (whitened SVD)", "kfac-eigen": "K-FAC eigen-directions (score)",
-          "kfac-lambda": "K-FAC eigen-directions (eigenvalues only)", "svd": "plain SVD of the residual (control)"}
+          "kfac-lambda": "K-FAC eigen-directions (eigenvalues only)", "svd": "plain SVD of the residual (control)",
+          "obs-kfac": "sparse obs under K-FAC curvature, residual values",
+          "diag-kfac": "sparse diag under K-FAC curvature, residual values"}
 
 
 def _fmt_bits(b: float | None) -> str:
@@ -116,7 +130,8 @@ def render(state: dict[str, Any]) -> str:
     for k, r in state["rows"].items():
         d = r.get("minus_obs_residual")
         cmp = f"{d['mean']:+.3f} [{d['lo']:+.3f}, {d['hi']:+.3f}], p {d['p']:.3f}" if d else ""
-        L.append(f"| {LABELS.get(k, k)} (rank {r['ranks']['min']}-{r['ranks']['max']}) | "
+        form = "same entries as obs" if k in SPARSE_KFAC else f"rank {r['ranks']['min']}-{r['ranks']['max']}"
+        L.append(f"| {LABELS.get(k, k)} ({form}) | "
                  f"{r['total_bits_per_param']:.3f} | {r['alpha1']['ppl']:.3f} | {gap[k]:.3f} | {cmp} |")
     L += ["", f"FP32: {ref['fp32']['ppl']:.3f}. The obs/diag optimal rows re-fit the kept values by least squares "
           "(the table's `optimal` values); the K-FAC rows' values are the fitted factors themselves."]
@@ -186,6 +201,11 @@ def main(argv: list[str] | None = None) -> None:
             W = weights[n].weight.detach()
             R = W.double() - base[n].dequantize(torch.float64)
             bits = sparse[n].nbytes * 8 if sparse[n] is not None else 0
+            if name in SPARSE_KFAC:
+                ranks[n] = 0
+                if sparse[n] is not None and sparse[n].nnz:
+                    memory[n] = sparse_under_kfac(SPARSE_KFAC[name], R, fit["factors"][n], sparse[n].nnz, args.damp)
+                continue
             r = rank_for_bits(bits, *W.shape)
             ranks[n] = r
             if r == 0:

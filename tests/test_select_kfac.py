@@ -82,3 +82,24 @@ def test_rank_for_bits_and_refusals() -> None:
         KFAC_MEMORY["kfac"](torch.zeros(9, 7), f, 0, 0.1)
     with pytest.raises(KeyError):
         kfac_memory("nope", torch.zeros(9, 7), f, 1)
+
+
+def test_obs_and_diag_selectors_take_kfac_curvature_without_a_special_case() -> None:
+    """obs under K-FAC is R^2 / diag((G_d ⊗ A_d)^-1) and diag is R^2 diag(G ⊗ A), against dense Kronecker products;
+    a bare tensor still means GPTQ's layer Hessian (same scores as before)."""
+    from libortho.curvature.operator import KFACCurvature, LayerHessian
+    from libortho.select import impact_scores
+
+    f = factors()
+    R = torch.randn(9, 7, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    Gd = f.G + 0.1 * torch.trace(f.G) / 9 * torch.eye(9, dtype=torch.float64)
+    Ad = f.A + 0.1 * torch.trace(f.A) / 7 * torch.eye(7, dtype=torch.float64)
+    inv = torch.diagonal(torch.linalg.inv(torch.kron(Gd, Ad))).reshape(9, 7)
+    obs = impact_scores("obs", R.float(), KFACCurvature(f, damp=0.1))
+    assert torch.allclose(obs.double(), R**2 / inv, rtol=1e-4)
+    diag = impact_scores("diag", R.float(), KFACCurvature(f))
+    assert torch.allclose(diag.double(), R**2 * torch.diagonal(torch.kron(f.G, f.A)).reshape(9, 7), rtol=1e-4)
+    H = f.A.float()
+    assert torch.equal(impact_scores("obs", R.float(), H), impact_scores("obs", R.float(), LayerHessian(H)))
+    with pytest.raises(ValueError, match="K-FAC factors are for"):
+        impact_scores("obs", R.float().T, KFACCurvature(f))

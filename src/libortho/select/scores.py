@@ -1,7 +1,9 @@
 """Impact scores of residual entries ``R = W - Q``, one registry for all selectors.
 
-Every score is a pure function ``(R, H) -> scores`` of the same shape as R; larger means the
-entry matters more to the layer's output and belongs in the ortho stream.
+Every score is a pure function ``(R, curvature) -> scores`` of the same shape as R; larger means
+the entry matters more to the layer's output and belongs in the ortho stream. The curvature is a
+:class:`~libortho.curvature.operator.Curvature` (GPTQ's layer Hessian, K-FAC, ...) or a bare layer
+Hessian tensor; selectors read only its diagonal and its inverse's diagonal, so any form plugs in.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import torch
 
 from libortho.curvature.damping import damped, inverse_diag
 
-ScoreFn = Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]
+ScoreFn = Callable[[torch.Tensor, Any], torch.Tensor]
 SELECTORS: dict[str, ScoreFn] = {}
 
 
@@ -56,35 +58,37 @@ def _inverse_hessian_diag(H: torch.Tensor, damp: float) -> torch.Tensor:
     return inverse_diag(H, damp)[0].float()
 
 
-def _need_h(name: str, H: torch.Tensor | None, R: torch.Tensor) -> torch.Tensor:
-    if H is None:
-        raise ValueError(f"selector {name!r} needs the layer Hessian H")
-    if H.shape != (R.shape[1], R.shape[1]):
-        raise ValueError(f"H has shape {tuple(H.shape)}, expected {(R.shape[1], R.shape[1])}")
-    return H
+def _need_h(name: str, H: Any, R: torch.Tensor) -> Any:
+    from libortho.curvature.operator import as_curvature
+
+    C = as_curvature(H)
+    if C is None:
+        raise ValueError(f"selector {name!r} needs the layer Hessian H (or another curvature)")
+    C.check(tuple(R.shape))
+    return C
 
 
 @register_selector("magnitude")
-def magnitude_score(R: torch.Tensor, H: torch.Tensor | None = None) -> torch.Tensor:
+def magnitude_score(R: torch.Tensor, H: Any = None) -> torch.Tensor:
     """``R_ij^2``: the residual's own size, blind to curvature."""
     return R.float().square()
 
 
 @register_selector("obs")
-def obs_saliency(R: torch.Tensor, H: torch.Tensor | None = None) -> torch.Tensor:
+def obs_saliency(R: torch.Tensor, H: Any = None) -> torch.Tensor:
     """``R_ij^2 / [H^-1]_jj``: optimal-brain-surgeon saliency (seed 002 eq. 8)."""
-    H = _need_h("obs", H, R)
-    return R.float().square() / inverse_hessian_diag(H).clamp_min(1e-30)[None, :]
+    C = _need_h("obs", H, R)
+    return R.float().square() / C.inverse_diagonal().clamp_min(1e-30)
 
 
 @register_selector("diag")
-def diag_score(R: torch.Tensor, H: torch.Tensor | None = None) -> torch.Tensor:
+def diag_score(R: torch.Tensor, H: Any = None) -> torch.Tensor:
     """``R_ij^2 * H_jj``: the literal diagonal-Hessian approximation (seed 001 §3.1)."""
-    H = _need_h("diag", H, R)
-    return R.float().square() * torch.diagonal(H).float()[None, :]
+    C = _need_h("diag", H, R)
+    return R.float().square() * C.diagonal()
 
 
-def impact_scores(name: str, R: torch.Tensor, H: torch.Tensor | None) -> torch.Tensor:
+def impact_scores(name: str, R: torch.Tensor, H: Any) -> torch.Tensor:
     """Dispatch to the registered selector ``name``."""
     if name not in SELECTORS:
         raise ValueError(f"unknown selector {name!r}; available: {sorted(SELECTORS)}")
