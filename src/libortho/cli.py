@@ -176,6 +176,33 @@ def ppl(path: DecDir, alpha: AlphaOpt = 1.0,
 
 
 @app.command()
+def geometry(a: Annotated[str, typer.Argument(help="model A: a decomposition or HF directory, or a model name",
+                                              metavar="A")],
+             b: Annotated[str, typer.Argument(help="model B, the same architecture", metavar="B")],
+             out: Annotated[Path, typer.Option(help="where geometry.json and geometry.png go")] = Path("geometry"),
+             alpha_a: Annotated[float, typer.Option(help="alpha of A when it is a decomposition")] = 1.0,
+             alpha_b: Annotated[float, typer.Option(help="alpha of B when it is a decomposition")] = 1.0,
+             text: Annotated[str | None, typer.Option(help="corpus for the loss path (none: no path)")] = None,
+             n_blocks: int = 4, seq_len: int = 256, points: int = 11, energy: float = 0.9) -> None:
+    """Update spectra of B - A per linear layer and, with --text, the loss path and its barrier."""
+    with _input_errors():
+        from libortho.geometry.compare import run_geometry
+
+        res = run_geometry(a, b, out, alpha_a, alpha_b, text, n_blocks, seq_len, points, energy)
+    w = res["weights"]
+    table = Table("layer", "|dW|/|W|", "stable rank", f"rank @ {w['energy']:.0%}", "top singular values")
+    for n, r in w["layers"].items():
+        table.add_row(n, f"{r['rel_change']:.4g}", f"{r['stable_rank']:.2f}", str(r["rank_at_energy"]),
+                      ", ".join(f"{v:.3g}" for v in r["top_singular_values"][:3]))
+    Console(width=max(console.width, 120)).print(table)
+    typer.echo(f"overall |dW|/|W| = {w['rel_change']:.4g}, mean stable rank {w['mean_stable_rank']:.2f}")
+    if "lmc" in res:
+        typer.echo(f"loss path on {res['lmc']['text']}: barrier {res['lmc']['barrier']:.5f} "
+                   f"(ends {res['lmc']['losses'][0]:.4f} -> {res['lmc']['losses'][-1]:.4f} nats)")
+    typer.echo(f"wrote {out / 'geometry.json'} and {out / 'geometry.png'}")
+
+
+@app.command()
 def info(path: DecDir) -> None:
     """Sizes, bits per parameter and ortho density per layer of a saved decomposition."""
     with _input_errors():
