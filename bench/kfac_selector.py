@@ -113,7 +113,8 @@ def render(state: dict[str, Any]) -> str:
          f"of the perplexity table (`{state['protocol']['decomposition']}`); every layer's memory gets the bits of "
          "that decomposition's obs 1% sparse stream. K-FAC factors: "
          f"{f['fisher']} Fisher over {f['n_blocks']} x {f['seq_len']} calibration tokens ({', '.join(f['calib'])}), "
-         f"fitted in {f['fit_s']:.0f} s; damping {state['protocol']['damp']:g} of each factor's mean eigenvalue. "
+         f"fitted in {f['fit_s']:.0f} s (wall time of that run); "
+         f"damping {state['protocol']['damp']:g} of each factor's mean eigenvalue. "
          f"Held-out {state['protocol']['eval_corpus']}, {state['protocol']['n_eval']} x "
          f"{state['protocol']['seq_len']}.",
          "", "Seed claim (001 §4.1): K-FAC curvature picks the memory better than the diagonal/OBS Hessian. "
@@ -129,7 +130,8 @@ def render(state: dict[str, Any]) -> str:
                      f"{gap[f'sparse {k}']:.3f} | |")
     for k, r in state["rows"].items():
         d = r.get("minus_obs_residual")
-        cmp = f"{d['mean']:+.3f} [{d['lo']:+.3f}, {d['hi']:+.3f}], p {d['p']:.3f}" if d else ""
+        pv = "p < 0.001" if d and d["p"] < 0.001 else (f"p {d['p']:.3f}" if d else "")
+        cmp = f"{d['mean']:+.3f} [{d['lo']:+.3f}, {d['hi']:+.3f}], {pv}" if d else ""
         form = "same entries as obs" if k in SPARSE_KFAC else f"rank {r['ranks']['min']}-{r['ranks']['max']}"
         L.append(f"| {LABELS.get(k, k)} ({form}) | "
                  f"{r['total_bits_per_param']:.3f} | {r['alpha1']['ppl']:.3f} | {gap[k]:.3f} | {cmp} |")
@@ -152,7 +154,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--damp", type=float, default=0.1)
     ap.add_argument("--calib", nargs="+", default=["shakespeare"])
     ap.add_argument("--fresh", action="store_true")
+    ap.add_argument("--render-only", action="store_true", help="re-render the Markdown from --out")
     args = ap.parse_args(argv)
+    if args.render_only:
+        from libortho.atomic import atomic_write_text
+
+        atomic_write_text(args.out.with_suffix(".md"), render(json.loads(args.out.read_text())))
+        return
     if args.out.suffix != ".json":
         raise SystemExit(f"--out must be a .json file, got {args.out}")
     if not args.table.exists():
