@@ -275,7 +275,7 @@ def _fit_ekfac(model: nn.Module, batches: list[torch.Tensor], layers: Mapping[st
     for name, acc in accs.items():
         if distributed:
             acc.all_reduce()
-        out[name].ekfac = (acc.ekfac_sum / max(acc.ekfac_n, 1)).float()
+        out[name].ekfac = acc.ekfac_sum / max(acc.ekfac_n, 1)  # fp64, like the eigenbasis
 
 
 def per_example_fisher(model: nn.Module, batches: Iterable[torch.Tensor], layer: nn.Linear,
