@@ -37,6 +37,7 @@ OUT = Path("docs/results/geometry_smollm2/kfac_selector.json")
 WORK = Path("bench/results/performance")
 TABLE = Path("docs/results/performance_smollm2/ppl_table.json")
 SEARCH = Path("docs/results/performance_smollm2/quality_search.json")
+EXTRA = Path("docs/results/geometry_smollm2/ppl_table_diag.json")  # ppl_table.py --selectors diag, same base
 BUILDERS = ("kfac", "kfac-eigen", "kfac-lambda", "svd", "obs-kfac", "diag-kfac")
 SPARSE_KFAC = {"obs-kfac": "obs", "diag-kfac": "diag"}  # the sparse selectors, reading K-FAC curvature
 
@@ -79,13 +80,21 @@ def fit_factors(fp: torch.nn.Module, tok: Any, args: argparse.Namespace, names: 
     return {"factors": factors, "meta": meta, "path": str(path)}
 
 
-def references(table: dict, search: dict | None) -> dict[str, Any]:
-    """The sparse rows of the same protocol (same base), with block NLLs where the JSON kept them."""
+def references(table: dict, search: dict | None, extra: dict | None = None) -> dict[str, Any]:
+    """The sparse rows of the same protocol (same base), with block NLLs where the JSON kept them.
+
+    ``extra``: another ppl_table.py JSON of the same protocol (its GPTQ row must equal the table's) that
+    holds more selector rows, e.g. diag with residual values.
+    """
     rows = table["rows"]
     ref = {"fp32": rows["fp32"]["ppl_measured"], "gptq_alpha0": rows["gptq-g64"]["ppl_measured"]}
-    obs = rows.get("libortho-g64-obs-0.01-residual")
-    if obs and "alpha1" in obs:
-        ref["obs-residual"] = {**obs["alpha1"], "total_bits_per_param": obs.get("total_bits_per_param")}
+    more = (extra or {}).get("rows", {})
+    if more and more.get("gptq-g64", {}).get("ppl_measured", {}).get("ppl") != ref["gptq_alpha0"]["ppl"]:
+        more = {}  # another base: not comparable
+    for sel in ("obs", "diag"):
+        r = rows.get(f"libortho-g64-{sel}-0.01-residual") or more.get(f"libortho-g64-{sel}-0.01-residual")
+        if r and "alpha1" in r:
+            ref[f"{sel}-residual"] = {**r["alpha1"], "total_bits_per_param": r.get("total_bits_per_param")}
     cand = ((search or {}).get("candidates") or {}).get("minmax")
     if cand and abs(cand["alpha0"]["report"] - ref["gptq_alpha0"]["ppl"]) < 1e-6:  # the same base, checked
         for k in ("obs-optimal", "diag-optimal"):
@@ -119,25 +128,52 @@ def render(state: dict[str, Any]) -> str:
          f"{state['protocol']['seq_len']}.",
          "", "Seed claim (001 §4.1): K-FAC curvature picks the memory better than the diagonal/OBS Hessian. "
          "Goal: the K-FAC selector closes more of the GPTQ -> FP32 gap than obs/diag at equal bits per parameter.", "",
-         "| memory | bits / param | ppl alpha = 1 | gap closed | vs obs residual (ppl diff, 95% CI, p) |",
-         "|---|---|---|---|---|",
+         "| memory | bits / param | ppl alpha = 1 | gap closed | vs obs residual (ppl diff, 95% CI, p) | "
+         "vs diag residual |", "|---|---|---|---|---|---|",
          f"| none (GPTQ alpha = 0) | {_fmt_bits(next(iter(state['rows'].values()), {}).get('base_bits_per_param'))} | "
-         f"{ref['gptq_alpha0']['ppl']:.3f} | 0 | |"]
-    for k in ("obs-residual", "obs-optimal", "diag-optimal"):
+         f"{ref['gptq_alpha0']['ppl']:.3f} | 0 | | |"]
+    for k in ("obs-residual", "diag-residual", "obs-optimal", "diag-optimal"):
         if k in ref:
             bits = ref[k].get("total_bits_per_param")
             L.append(f"| sparse {k} rho 1% | {_fmt_bits(bits) if bits else 'as obs-residual'} | {ref[k]['ppl']:.3f} | "
-                     f"{gap[f'sparse {k}']:.3f} | |")
+                     f"{gap[f'sparse {k}']:.3f} | | |")
+
+    def cmp(d: dict | None) -> str:
+        if not d:
+            return ""
+        pv = "p < 0.001" if d["p"] < 0.001 else f"p {d['p']:.3f}"
+        return f"{d['mean']:+.3f} [{d['lo']:+.3f}, {d['hi']:+.3f}], {pv}"
+
     for k, r in state["rows"].items():
-        d = r.get("minus_obs_residual")
-        pv = "p < 0.001" if d and d["p"] < 0.001 else (f"p {d['p']:.3f}" if d else "")
-        cmp = f"{d['mean']:+.3f} [{d['lo']:+.3f}, {d['hi']:+.3f}], {pv}" if d else ""
+        paired = state.get("paired", {}).get(k, {})
         form = "same entries as obs" if k in SPARSE_KFAC else f"rank {r['ranks']['min']}-{r['ranks']['max']}"
         L.append(f"| {LABELS.get(k, k)} ({form}) | "
-                 f"{r['total_bits_per_param']:.3f} | {r['alpha1']['ppl']:.3f} | {gap[k]:.3f} | {cmp} |")
+                 f"{r['total_bits_per_param']:.3f} | {r['alpha1']['ppl']:.3f} | {gap[k]:.3f} | "
+                 f"{cmp(paired.get('obs-residual'))} | {cmp(paired.get('diag-residual'))} |")
     L += ["", f"FP32: {ref['fp32']['ppl']:.3f}. The obs/diag optimal rows re-fit the kept values by least squares "
           "(the table's `optimal` values); the K-FAC rows' values are the fitted factors themselves."]
     return "\n".join(L) + "\n"
+
+
+def finalize(state: dict[str, Any]) -> dict[str, Any]:
+    """Gap closed of every row and paired bootstraps of each against the sparse residual rows (from the JSON)."""
+    from libortho.eval.stats import paired_bootstrap_ppl_diff
+
+    ref, rows = state["references"], state["rows"]
+    fp_ppl, g = ref["fp32"]["ppl"], ref["gptq_alpha0"]["ppl"]
+    state["gap_closed"] = {k: (g - v["alpha1"]["ppl"]) / (g - fp_ppl) for k, v in rows.items()}
+    state["gap_closed"].update({f"sparse {k}": (g - v["ppl"]) / (g - fp_ppl) for k, v in ref.items()
+                                if k not in ("fp32", "gptq_alpha0")})
+    state["paired"] = {}
+    for k, r in rows.items():
+        r.pop("minus_obs_residual", None)  # the paired intervals live in state["paired"]
+        for base in ("obs-residual", "diag-residual"):
+            nll = ref.get(base, {}).get("block_nll")
+            if nll and "block_nll" in r["alpha1"]:
+                iv = paired_bootstrap_ppl_diff(r["alpha1"]["block_nll"], nll)
+                state["paired"].setdefault(k, {})[base] = {"mean": iv.estimate, "lo": iv.low, "hi": iv.high,
+                                                           "p": iv.p_value}
+    return state
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -159,7 +195,13 @@ def main(argv: list[str] | None = None) -> None:
     if args.render_only:
         from libortho.atomic import atomic_write_text
 
-        atomic_write_text(args.out.with_suffix(".md"), render(json.loads(args.out.read_text())))
+        state = json.loads(args.out.read_text())
+        table = json.loads(args.table.read_text())
+        search = json.loads(SEARCH.read_text()) if SEARCH.exists() else None
+        extra = json.loads(EXTRA.read_text()) if EXTRA.exists() else None
+        state["references"] = references(table, search, extra)
+        atomic_write_json(args.out, finalize(state))
+        atomic_write_text(args.out.with_suffix(".md"), render(state))
         return
     if args.out.suffix != ".json":
         raise SystemExit(f"--out must be a .json file, got {args.out}")
@@ -173,7 +215,6 @@ def main(argv: list[str] | None = None) -> None:
     ns = argparse.Namespace(eval_corpus=proto["eval_corpus"], n_eval=proto["n_eval"], seq_len=proto["seq_len"])
 
     from libortho.checkpoint import load
-    from libortho.eval.stats import paired_bootstrap_ppl_diff
     from libortho.models import load_model
     from libortho.pipeline import attach_ortho
     from libortho.runtime.linear import OrthoLinear
@@ -186,7 +227,7 @@ def main(argv: list[str] | None = None) -> None:
                                                              "damp": args.damp, "fisher": args.fisher,
                                                              "n_kfac": args.n_kfac}})
     state.setdefault("git", []).append(git_state())
-    state["references"] = references(table, search)
+    state["references"] = references(table, search, json.loads(EXTRA.read_text()) if EXTRA.exists() else None)
     torch.manual_seed(0)
     fp, tok = load_model("smollm2-135m")
     evals = eval_blocks(tok, ns)
@@ -199,7 +240,6 @@ def main(argv: list[str] | None = None) -> None:
     atomic_write_json(args.out, {**state, "partial": True})
     weights = dict(fp.named_modules())
     rows = state.setdefault("rows", {})
-    obs_nll = state["references"].get("obs-residual", {}).get("block_nll")
     for name in args.builders:
         if name in rows:
             continue
@@ -230,15 +270,9 @@ def main(argv: list[str] | None = None) -> None:
         row = {"builder": name, "build_s": build_s, "ranks": {"min": min(ranks.values()), "max": max(ranks.values()),
                                                               "mean": sum(ranks.values()) / len(ranks)},
                "alpha1": measure(model, evals, f"{name} (equal bits to obs 1%)"), **bits_summary(base, memory)}
-        if obs_nll:
-            iv = paired_bootstrap_ppl_diff(row["alpha1"]["block_nll"], obs_nll)
-            row["minus_obs_residual"] = {"mean": iv.estimate, "lo": iv.low, "hi": iv.high, "p": iv.p_value}
         rows[name] = row
         atomic_write_json(args.out, {**state, "partial": True})
-    fp_ppl, g = state["references"]["fp32"]["ppl"], state["references"]["gptq_alpha0"]["ppl"]
-    state["gap_closed"] = {k: (g - v["alpha1"]["ppl"]) / (g - fp_ppl) for k, v in rows.items()}
-    state["gap_closed"].update({f"sparse {k}": (g - v["ppl"]) / (g - fp_ppl) for k, v in state["references"].items()
-                                if k not in ("fp32", "gptq_alpha0")})
+    finalize(state)
     state["partial"] = False
     atomic_write_json(args.out, state)
     from libortho.atomic import atomic_write_text

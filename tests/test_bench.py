@@ -378,11 +378,13 @@ def test_kfac_selector_references_check_the_base_and_render_from_the_json() -> N
                                              "n_eval": 2, "seq_len": 8},
              "factors": {"fisher": "true", "n_blocks": 4, "seq_len": 8, "calib": ["c"], "fit_s": 3.0},
              "rows": {"kfac": {"ranks": {"min": 1, "max": 3}, "total_bits_per_param": 4.77, "base_bits_per_param": 4.5,
-                               "alpha1": {"ppl": 44.0}, "minus_obs_residual": {"mean": -3.0, "lo": -4.0, "hi": -2.0,
-                                                                               "p": 0.001}}},
-             "gap_closed": {"kfac": 0.6, "sparse obs-residual": 0.3, "sparse diag-optimal": 0.5}}
+                               "alpha1": {"ppl": 44.0, "block_nll": [0.9, 1.9]}}}}
+    ks.finalize(state)
+    assert state["gap_closed"]["kfac"] == pytest.approx((50 - 44) / (50 - 40))
+    assert state["gap_closed"]["sparse obs-residual"] == pytest.approx(0.3)
+    assert state["paired"]["kfac"]["obs-residual"]["mean"] < 0 and "diag-residual" not in state["paired"]["kfac"]
     text = ks.render(state)
-    assert "| K-FAC best rank-r (whitened SVD) (rank 1-3) | 4.770 | 44.000 | 0.600 | -3.000 [-4.000, -2.000]" in text
-    assert "| sparse diag-optimal rho 1% | as obs-residual | 45.000 | 0.500 |" in text
+    assert "| K-FAC best rank-r (whitened SVD) (rank 1-3) | 4.770 | 44.000 | 0.600 | " in text
+    assert "| sparse diag-optimal rho 1% | as obs-residual | 45.000 | 0.500 | | |" in text
     B, A = ks.svd_memory(torch.diag(torch.tensor([3.0, 2.0, 1.0])), 2)
     assert torch.allclose(B @ A, torch.diag(torch.tensor([3.0, 2.0, 0.0])), atol=1e-6)
