@@ -56,8 +56,12 @@ def block_linear_filter(model: torch.nn.Module) -> Callable[[torch.nn.Module, st
 
 
 def _bits(model: torch.nn.Module, names: set[str]) -> dict[str, Any]:
-    """Codes (4 bits) plus each group's scale and zero point at their stored dtype; which layers stayed dense."""
-    total = params = 0
+    """Codes (4 bits) plus each group's scale and zero point at their stored dtype; which layers stayed dense.
+
+    ``stored_bits_per_param`` counts the codes as torchao holds them in memory (``qdata``'s element size:
+    the CPU IntxWeightOnly path keeps each 4-bit code in an int8).
+    """
+    total = stored = params = 0
     dense: list[str] = []
     meta: set[str] = set()
     for name, mod in model.named_modules():
@@ -70,12 +74,17 @@ def _bits(model: torch.nn.Module, names: set[str]) -> dict[str, Any]:
         if scale is None:  # left in high precision (torchao skips shapes it cannot group)
             dense.append(name)
             total += n * w.element_size() * 8
+            stored += n * w.element_size() * 8
             continue
         groups = scale.numel()
         zbits = zero.element_size() * 8 if zero is not None else 0
-        total += n * 4 + groups * (scale.element_size() * 8 + zbits)
+        meta_bits = groups * (scale.element_size() * 8 + zbits)
+        total += n * 4 + meta_bits
+        qdata = getattr(w, "qdata", None)
+        stored += (qdata.numel() * qdata.element_size() * 8 if qdata is not None else n * 4) + meta_bits
         meta.add(f"scale {scale.dtype}, zero {zero.dtype if zero is not None else 'none'}")
-    return {"bits_per_param": total / params, "bits_meta": sorted(meta), "dense_layers": dense}
+    return {"bits_per_param": total / params, "stored_bits_per_param": stored / params, "bits_meta": sorted(meta),
+            "dense_layers": dense}
 
 
 def _intx(hqq: bool) -> Any:

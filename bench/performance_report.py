@@ -184,6 +184,9 @@ def peers_table(ppl: dict | None, torchao: dict | None, search: dict | None = No
         bits = r.get("total_bits_per_param", r.get("bits_per_param"))
         secs = r.get("quantize_s", r.get("time_s"))
         note = r.get("error") or ", ".join(r.get("bits_meta", [])) or r.get("bits_note", "")
+        held = r.get("stored_bits_per_param")
+        if held is not None and bits is not None and abs(held - bits) > 1e-9:
+            note += f"; held in memory as {held:.4g} bits / param (its in-memory layout)"
         L.append(f"| {label} | {_fmt(ppl_v)} | {_fmt(bits)} | {_fmt(secs)} | {note} |")
     if torchao:
         fv = torchao.get("fp32_vs_table")

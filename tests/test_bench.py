@@ -357,6 +357,9 @@ def test_peers_torchao_bits_count_codes_and_stored_meta() -> None:
     m = torch.nn.ModuleDict({"q": q, "d": dense})
     r = _bits(m, {"q"})
     assert r["bits_per_param"] == pytest.approx(4 + (32 + 8) / 64) and r["dense_layers"] == []
+    assert r["stored_bits_per_param"] == pytest.approx(4 + (32 + 8) / 64)  # no qdata: codes counted packed
+    q.weight.qdata = torch.zeros(4, 128, dtype=torch.int8)  # torchao's unpacked layout: one int8 per code
+    assert _bits(m, {"q"})["stored_bits_per_param"] == pytest.approx(8 + (32 + 8) / 64)
     r = _bits(m, {"q", "d"})
     assert r["bits_per_param"] == pytest.approx((4 + 40 / 64 + 32) / 2) and r["dense_layers"] == ["d"]
 
