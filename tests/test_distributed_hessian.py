@@ -21,7 +21,7 @@ import libortho
 from libortho.config import DecomposeConfig, QuantConfig, SelectConfig
 from libortho.curvature.hessian import HessianAccumulator
 from libortho.models import build_tiny_llama
-from spawn import free_port, spawn
+from spawn import gloo_runs
 
 WORLD = 2
 CFG = DecomposeConfig(quant=QuantConfig(method="gptq", bits=4, group_size=32),
@@ -58,19 +58,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    if not (tdist.is_available() and tdist.is_gloo_available()):
-        pytest.skip("torch.distributed with the gloo backend is not available in this torch build")
-    out = tmp_path_factory.mktemp("ddp_hessian")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("OMP_NUM_THREADS", "1")
-        spawn(_worker, (free_port(), str(out)), WORLD, timeout_s=240)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the reference with the workers' thread count (products are then the same calls)
-    try:
-        ref = _decompose()
-    finally:
-        torch.set_num_threads(threads)
-    return ref, [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+    return gloo_runs(_worker, _decompose, tmp_path_factory.mktemp("ddp_hessian"), WORLD)
 
 
 def test_two_workers_get_the_one_process_hessians_and_base_bit_for_bit(runs) -> None:

@@ -18,7 +18,7 @@ import torch.distributed as tdist
 from libortho.curvature import fit_kfac
 from libortho.models import build_tiny_llama
 from libortho.models.layers import find_linears
-from spawn import free_port, spawn
+from spawn import gloo_runs
 
 WORLD = 2
 
@@ -50,19 +50,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    if not (tdist.is_available() and tdist.is_gloo_available()):
-        pytest.skip("torch.distributed with the gloo backend is not available in this torch build")
-    out = tmp_path_factory.mktemp("ddp_kfac")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("OMP_NUM_THREADS", "1")
-        spawn(_worker, (free_port(), str(out)), WORLD, timeout_s=240)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        ref = _fit(_batches())
-    finally:
-        torch.set_num_threads(threads)
-    return ref, [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+    return gloo_runs(_worker, lambda: _fit(_batches()), tmp_path_factory.mktemp("ddp_kfac"), WORLD)
 
 
 def test_two_workers_get_the_one_process_factors(runs) -> None:
