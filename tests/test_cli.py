@@ -126,3 +126,24 @@ def test_cli_errors_are_clear_and_leave_nothing(tmp_path) -> None:
     res = runner.invoke(app, ["info", str(tmp_path / "missing")])
     assert res.exit_code == 2 and "not found" in res.output
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp dirs left behind
+
+
+def test_decompose_with_kfac_curvature_saves_a_low_rank_stream_that_loads(decomposed) -> None:
+    """--curvature kfac --selector kfac: a factored stream within the sparse stream's bits; alpha 0 = base only."""
+    import json
+
+    from libortho.checkpoint import load
+
+    res = _decompose(decomposed, "kfac", "--curvature", "kfac", "--selector", "kfac")
+    assert res.exit_code == 0, res.output
+    manifest = json.loads((decomposed / "kfac" / "libortho.json").read_text())
+    assert manifest["config"]["select"]["curvature"] == "kfac"
+    model, _ = load(decomposed / "kfac", alpha=0.0)
+    base, _ = load(decomposed / "base", alpha=0.0)
+    ids = torch.randint(3, 259, (1, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, base(ids).logits)
+    kinds = {m.ortho_stream.kind for m in model.modules() if getattr(m, "ortho_stream", None) is not None}
+    assert "lowrank" in kinds
+    bad = _decompose(decomposed, "bad", "--selector", "kfac")
+    assert bad.exit_code != 0 and "curvature='kfac'" in bad.output

@@ -87,6 +87,13 @@ def decompose(
     tau: Annotated[float | None, typer.Option(help="score threshold (overrides rho)")] = None,
     values: str = _S.values, ortho_dtype: str = _S.dtype, no_ortho: bool = False,
     joint: Annotated[bool, typer.Option(help="choose the ortho support inside GPTQ's loop (SpQR-style)")] = _S.joint,
+    curvature: Annotated[str, typer.Option(help="what the selector scores with: hessian (GPTQ's layer H) or kfac "
+                                                "(K-FAC factors fitted on the calibration; selectors kfac, "
+                                                "kfac-eigen, kfac-lambda build low-rank streams)")] = _S.curvature,
+    kfac_fisher: Annotated[str, typer.Option(help="K-FAC labels: true (sampled from the model) or empirical")
+                           ] = _S.kfac_fisher,
+    kfac_damp: Annotated[float, typer.Option(help="K-FAC damping, fraction of each factor's mean eigenvalue")
+                         ] = _S.kfac_damp,
     calib: Annotated[list[str] | None, typer.Option(help="corpus name or text file; repeat to mix")] = None,
     n_calib: int = 128, seq_len: int = 512, seed: int = 0, overwrite: bool = False,
 ) -> None:
@@ -102,7 +109,8 @@ def decompose(
             quant=QuantConfig(bits=bits, group_size=group_size, method=method, grid=grid,
                               act_order=act_order, symmetric=symmetric),
             select=SelectConfig(selector=selector, rho=rho, scope=scope, tau=tau, values=values,
-                                dtype=ortho_dtype, joint=joint),
+                                dtype=ortho_dtype, joint=joint, curvature=curvature, kfac_fisher=kfac_fisher,
+                                kfac_damp=kfac_damp),
             ortho=not no_ortho)
         summary = decompose_and_save(model, out, cfg, calib or ["shakespeare"], n_calib, seq_len,
                                      seed, overwrite)
@@ -286,6 +294,39 @@ def kill_switch(
         result = run_kill_switch(cfg, out, progress=not quiet, fresh=fresh, console=Console(stderr=True))
         paths = render_report(out / RESULT_FILE)
     _print_table(compact_table(result))
+    typer.echo(f"result: {out / RESULT_FILE}\nreport: {paths['markdown']}\n        {paths['html']}")
+
+
+@experiment_app.command("geometry-table")
+def geometry_table(
+    model: Annotated[str, typer.Option(help="smollm2-135m (default), tiny (trained in the run), a HF dir or .gguf")
+                     ] = "smollm2-135m",
+    out: Annotated[Path | None, typer.Option(help="output folder (default runs/geometry-table-<model>)")] = None,
+    config: Annotated[Path | None, typer.Option(help="JSON file of GeometryTableConfig fields to override")] = None,
+    fresh: Annotated[bool, typer.Option(help="rebuild every cached model and row")] = False,
+    separation_results: Annotated[Path | None, typer.Option(
+        help="a separation run's results folder: its best training-time method's recorded rows join the report")
+    ] = None,
+    quiet: bool = False,
+) -> None:
+    """Seeds' table 1 on the kill-switch benchmark: v1/v2 switches, the task-vector split, eta, LMC, spectra."""
+    with _input_errors():
+        out = out or Path("runs") / f"geometry-table-{Path(model).name}"
+        if out.exists() and not out.is_dir():
+            raise FileExistsError(f"{out} exists and is a file, not a directory: give a folder for --out")
+        from libortho.experiments.config import check_inputs
+        from libortho.experiments.geometry_table import RESULT_FILE, config_from_file, run_geometry_table
+        from libortho.report.geometry import render_geometry_report, separation_seed_dir
+
+        if separation_results is not None and (not separation_results.is_dir()
+                                               or separation_seed_dir(separation_results) is None):
+            raise FileNotFoundError(f"--separation-results {separation_results}: no seed<N>/evals there (give the "
+                                    "results folder of a separation run)")
+        cfg = config_from_file(config, model)
+        cfg.check()
+        check_inputs(cfg.bench)
+        run_geometry_table(cfg, out, progress=not quiet, fresh=fresh, console=Console(stderr=True))
+        paths = render_geometry_report(out / RESULT_FILE, separation_dir=separation_results)
     typer.echo(f"result: {out / RESULT_FILE}\nreport: {paths['markdown']}\n        {paths['html']}")
 
 

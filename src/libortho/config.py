@@ -25,6 +25,17 @@ def _check_registered(kind: str, name: str, module: str, registry: str) -> None:
     if name not in names:
         raise ValueError(f"unknown {kind} {name!r}; registered: {', '.join(sorted(names))}")
 
+def _check_registered_any(kind: str, name: str, registries: tuple[tuple[str, str], ...]) -> None:
+    """As :func:`_check_registered` over several registries (the name must be in one of them)."""
+    import importlib
+
+    names: set[str] = set()
+    for module, registry in registries:
+        names |= set(getattr(importlib.import_module(module), registry))
+    if name not in names:
+        raise ValueError(f"unknown {kind} {name!r}; registered: {', '.join(sorted(names))}")
+
+
 QuantMethod = Literal["rtn", "gptq"]
 GridMethod = Literal["minmax", "mse", "hqq"]
 SelectorName = str
@@ -102,13 +113,37 @@ class SelectConfig:
     values: OrthoValues = "residual"
     dtype: OrthoDtype = "fp16"
     joint: bool = False
+    curvature: str = "hessian"
+    kfac_fisher: str = "true"
+    kfac_damp: float = 0.1
 
     def __post_init__(self) -> None:
         if self.joint and (self.scope != "layer" or self.tau is not None):
             raise ValueError("joint selection picks rho per layer inside GPTQ: it needs scope 'layer' and no tau")
         if self.joint and not self.rho < 1:
             raise ValueError(f"joint selection needs rho < 1 (a fraction GPTQ keeps exact), got {self.rho}")
-        _check_registered("selector", self.selector, "libortho.select", "SELECTORS")
+        if self.curvature not in ("hessian", "kfac"):
+            raise ValueError(f"curvature must be 'hessian' or 'kfac', got {self.curvature!r}")
+        if self.kfac_fisher not in ("true", "empirical"):
+            raise ValueError(f"kfac_fisher must be 'true' or 'empirical', got {self.kfac_fisher!r}")
+        if not 0 < self.kfac_damp < math.inf:  # also refuses NaN
+            raise ValueError(f"kfac_damp must be a finite number > 0, got {self.kfac_damp}")
+        import importlib
+
+        factored = self.selector in importlib.import_module("libortho.select.kfac").KFAC_MEMORY
+        if factored:
+            if self.curvature != "kfac":
+                raise ValueError(f"selector {self.selector!r} builds a K-FAC low-rank stream: it needs "
+                                 "curvature='kfac'")
+            if self.scope != "layer" or self.tau is not None or self.joint:
+                raise ValueError(f"selector {self.selector!r} sizes each layer's stream by the bits of rho there: "
+                                 "it needs scope 'layer', no tau and no joint selection")
+        else:
+            _check_registered_any("selector", self.selector, (("libortho.select", "SELECTORS"),
+                                                              ("libortho.select.kfac", "KFAC_MEMORY")))
+        if self.curvature == "kfac" and self.values == "optimal":
+            raise ValueError("values='optimal' re-solves against the layer Hessian; with curvature='kfac' use "
+                             "values='residual'")
         if not 0 <= self.rho <= 1:  # also refuses NaN
             raise ValueError(f"rho must be in [0, 1], got {self.rho}")
         if self.scope not in ("layer", "global"):

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import psutil
@@ -23,34 +23,18 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from libortho.config import DecomposeConfig, SelectConfig
+from libortho.config import DecomposeConfig
 from libortho.curvature.capture import CalibrationFlow, PhaseTimer, block_plan, forward_precision, stage_hessian
 from libortho.models.layers import block_linears, decoder_blocks
 from libortho.quant import QuantResult, quantize
 from libortho.runtime import OrthoLinear, group_shared_inputs, replace_module
 from libortho.runtime.allocator import release_free_memory, retain_freed_memory
-from libortho.select import global_threshold, impact_scores, optimal_values, threshold_mask, topk_mask
+from libortho.select.policy import LayerRecord, joint_support, make_ortho, needs_calibration, select_ortho
 from libortho.streams import BaseStream, LowRankMemory, SparseOrtho
 
-
-@dataclass(eq=False)
-class LayerRecord:
-    """What re-selecting the ortho stream of one linear needs: W, its base stream and H.
-
-    Linears of one stage (q/k/v; gate/up) read the same input, so their records hold the *same*
-    Hessian tensor (clone before saving them side by side, e.g. with safetensors).
-    """
-
-    weight: torch.Tensor
-    base: BaseStream
-    hessian: torch.Tensor
-    quant_info: dict[str, Any] = field(default_factory=dict)
-    select_hessian: torch.Tensor | None = None  # from the selector's own calibration set, when given
-
-    @property
-    def selection_hessian(self) -> torch.Tensor:
-        """The curvature the selector scores with: its own calibration's when given, else the base's."""
-        return self.hessian if self.select_hessian is None else self.select_hessian
+# the selection policy lives in libortho.select.policy; these names stay importable from here
+__all__ = ["DecompositionResult", "LayerRecord", "attach_ortho", "decompose", "joint_support", "make_ortho",
+           "needs_calibration", "select_ortho"]
 
 
 @dataclass(eq=False)
@@ -58,59 +42,9 @@ class DecompositionResult:
     """The patched model's per-layer streams plus timing and memory figures."""
 
     base: dict[str, BaseStream]
-    ortho: dict[str, SparseOrtho]
+    ortho: dict[str, SparseOrtho | LowRankMemory]
     records: dict[str, LayerRecord]
     stats: dict[str, Any]
-
-
-def make_ortho(weight: torch.Tensor, base: BaseStream, H: torch.Tensor, cfg: SelectConfig,
-               threshold: float | None = None, joint: tuple[torch.Tensor, torch.Tensor] | None = None,
-               ) -> SparseOrtho:
-    """Score the residual of one layer, pick its support and store the chosen values.
-
-    ``joint``: (mask, in-loop values) of GPTQ's joint selection (``cfg.joint``); the support is
-    then that mask trimmed or filled to exactly ``round(rho * numel)`` entries by the selector.
-    """
-    R = weight.float() - base.dequantize()
-    scores = impact_scores(cfg.selector, R, H)
-    stored = R  # residual values: on joint entries, their in-loop residuals
-    if joint is not None:
-        mask = joint_support(joint[0], impact_scores(cfg.selector, joint[1].float(), H), scores, cfg.rho)
-        stored = torch.where(mask & joint[0], joint[1].float(), R)
-    elif threshold is not None:
-        mask = scores >= threshold
-    elif cfg.tau is not None:
-        mask = threshold_mask(scores, cfg.tau)
-    else:
-        mask = topk_mask(scores, cfg.rho)
-    values = optimal_values(R, H, mask) if cfg.values == "optimal" else stored
-    return SparseOrtho.from_mask(values, mask, cfg.dtype)
-
-
-def joint_support(joint: torch.Tensor, joint_scores: torch.Tensor, scores: torch.Tensor, rho: float) -> torch.Tensor:
-    """Exactly ``round(rho * numel)`` entries: the joint mask's best (by ``joint_scores``) when it
-    has too many, else all of it plus the best others by ``scores`` (the final residual's)."""
-    k = int(round(rho * scores.numel()))
-    n = int(joint.sum())
-    if n >= k:
-        return topk_mask(torch.where(joint, joint_scores.float(), -1.0), k / scores.numel()) & joint
-    extra = topk_mask(torch.where(joint, -1.0, scores.float()), (k - n) / scores.numel())
-    return joint | extra
-
-
-def select_ortho(records: dict[str, LayerRecord], cfg: SelectConfig) -> dict[str, SparseOrtho]:
-    """Ortho streams for every recorded layer (per-layer rho, global rho, or threshold tau)."""
-    threshold = None
-    if cfg.scope == "global" and cfg.tau is None:
-        scores = [impact_scores(cfg.selector, r.weight.float() - r.base.dequantize(), r.selection_hessian)
-                  for r in records.values()]
-        threshold = global_threshold(scores, cfg.rho)
-        del scores
-    if cfg.joint and any("outlier_mask" not in r.quant_info for r in records.values()):
-        raise ValueError("joint selection needs records of a decomposition that ran it (select.joint=True)")
-    joint = {n: (r.quant_info["outlier_mask"], r.quant_info["outlier_values"]) if cfg.joint else None
-             for n, r in records.items()}
-    return {n: make_ortho(r.weight, r.base, r.selection_hessian, cfg, threshold, joint[n]) for n, r in records.items()}
 
 
 def attach_ortho(model: nn.Module, ortho: dict[str, SparseOrtho | LowRankMemory], alpha: float = 1.0) -> None:
@@ -126,11 +60,6 @@ def attach_ortho(model: nn.Module, ortho: dict[str, SparseOrtho | LowRankMemory]
         mod.set_ortho(o)
         mod.alpha = alpha
     group_shared_inputs(model)
-
-
-def needs_calibration(cfg: DecomposeConfig) -> bool:
-    """Whether the decomposition needs layer Hessians (GPTQ base, or a curvature selector)."""
-    return cfg.quant.method != "rtn" or (cfg.ortho and cfg.select.selector != "magnitude")
 
 
 def _quantize_shared(names: list[str], linears: dict[str, nn.Linear], hessians: dict[str, torch.Tensor],
@@ -161,7 +90,7 @@ def _quantize_stage(prefix: str, linears: dict[str, nn.Linear], names: list[str]
                     hessians: dict[str, torch.Tensor], cfg: DecomposeConfig, block: nn.Module,
                     result: DecompositionResult, keep: bool,
                     select_hessians: dict[str, torch.Tensor] | None = None,
-                    timer: PhaseTimer | None = None) -> None:
+                    timer: PhaseTimer | None = None, kfac: dict[str, Any] | None = None) -> None:
     timer = timer or PhaseTimer()
     quantized = _quantize_shared(names, linears, hessians, cfg, timer)
     for name in names:
@@ -171,14 +100,15 @@ def _quantize_stage(prefix: str, linears: dict[str, nn.Linear], names: list[str]
         result.base[full] = base
         H_sel = None if select_hessians is None else select_hessians[name]
         joint = (res.info["outlier_mask"], res.info["outlier_values"]) if "outlier_mask" in res.info else None
+        factors = None if kfac is None else kfac[full]
         if cfg.ortho and cfg.select.scope == "layer":
             with timer("select"):
                 result.ortho[full] = make_ortho(W, base, hessians[name] if H_sel is None else H_sel, cfg.select,
-                                                joint=joint)
+                                                joint=joint, kfac=factors)
         if keep:
             result.records[full] = LayerRecord(W.clone(), base, hessians[name],
                                                {k: v for k, v in res.info.items() if k not in ("losses", "row_losses")},
-                                               H_sel)
+                                               H_sel, factors)
         bias = None if lin.bias is None else lin.bias.detach().clone()
         replace_module(block, name, OrthoLinear(base, None, bias, alpha=0.0))
 
@@ -188,7 +118,7 @@ def decompose(model: nn.Module, calibration: torch.Tensor | None, config: Decomp
               keep_records: bool = False, true_sequential: bool = True, alpha: float = 1.0,
               progress: bool = True, on_block: Callable[[int], None] | None = None,
               max_blocks: int | None = None, select_calibration: torch.Tensor | None = None,
-              ) -> DecompositionResult:
+              kfac: dict[str, Any] | None = None) -> DecompositionResult:
     """Replace every decoder-block linear of ``model`` by an :class:`OrthoLinear` (in place).
 
     ``calibration``: (n, seq_len) token ids of public text for the base stream's Hessians.
@@ -198,6 +128,10 @@ def decompose(model: nn.Module, calibration: torch.Tensor | None, config: Decomp
     ``keep_records`` keeps W, base and H of every layer so :func:`select_ortho` can rebuild
     the ortho stream for other selectors/rho without recalibrating (needed for global scope).
     ``max_blocks`` decomposes only the first blocks (tests, quick looks); the rest stay dense.
+    ``kfac``: K-FAC factors by full layer name for ``select.curvature = "kfac"``
+    (:func:`libortho.curvature.kfac.fit_kfac` / ``load_kfac``); when omitted they are fitted here on the
+    selector's calibration (``select_calibration``, else ``calibration``) over the still-dense model,
+    one forward and backward per batch, before any layer is quantized.
     """
     cfg = config or DecomposeConfig()
     keep = keep_records or (cfg.ortho and cfg.select.scope == "global")
@@ -213,6 +147,9 @@ def decompose(model: nn.Module, calibration: torch.Tensor | None, config: Decomp
     release_free_memory()  # what loading and tokenizing freed goes back first (runtime/allocator.py)
     retain_freed_memory()  # then activations are reused, not page-faulted in per batch
     timer = PhaseTimer()
+    if cfg.ortho and cfg.select.curvature == "kfac":
+        with timer("kfac"):
+            kfac = _kfac_factors(model, kfac, calibration if select_calibration is None else select_calibration, cfg)
     calib_dtype = torch.bfloat16 if cfg.calib_dtype == "bf16" else torch.float32
     with timer("capture"), forward_precision(calib_dtype):
         flow = CalibrationFlow.capture(model, calibration, cfg.batch_size) if calibrate else None
@@ -227,7 +164,7 @@ def decompose(model: nn.Module, calibration: torch.Tensor | None, config: Decomp
                    if not any(s in f"{prefix}.{n}" for s in cfg.skip)}
         if flow is None:  # RTN + magnitude: no curvature and no forward passes needed
             eye = {n: torch.eye(m.in_features) for n, m in linears.items()}
-            _quantize_stage(prefix, linears, list(linears), eye, cfg, block, result, keep, timer=timer)
+            _quantize_stage(prefix, linears, list(linears), eye, cfg, block, result, keep, timer=timer, kfac=kfac)
             continue
         with timer("stage_discovery"):
             plan = block_plan(block, linears, flow, calib_dtype)
@@ -246,7 +183,7 @@ def decompose(model: nn.Module, calibration: torch.Tensor | None, config: Decomp
                     hs.update({n: H for n in plan.stages[i]})
                 hess.append(hs)
             _quantize_stage(prefix, linears, stage, hess[0], cfg, block, result, keep,
-                            hess[1] if len(hess) > 1 else None, timer)
+                            hess[1] if len(hess) > 1 else None, timer, kfac)
             peak = max(peak, psutil.Process().memory_info().rss)
         for w in walks:
             with timer("advance_forward"), forward_precision(calib_dtype):
@@ -266,6 +203,31 @@ def decompose(model: nn.Module, calibration: torch.Tensor | None, config: Decomp
                     "rss_growth_mb": (peak - rss0) / 2**20, "blocks": len(blocks), "layers": len(result.base),
                     "calib_tokens": 0 if calibration is None else int(calibration.numel()),
                     "select_calib_tokens": 0 if select_calibration is None else int(select_calibration.numel()),
-                    "true_sequential": true_sequential, "block_plans": sorted(plan_names),
+                    "true_sequential": true_sequential, "curvature": cfg.select.curvature,
+                    "block_plans": sorted(plan_names),
                     "phase_s": timer.exclusive(), "phase_calls": dict(timer.calls)}
     return result
+
+
+def _kfac_factors(model: nn.Module, given: dict[str, Any] | None, calibration: torch.Tensor | None,
+                  cfg: DecomposeConfig) -> dict[str, Any]:
+    """The K-FAC factors of every decoder linear to decompose: ``given`` (checked), else fitted on ``calibration``."""
+    from libortho.curvature.kfac import fit_kfac
+    from libortho.models.layers import block_linear_names
+
+    names = [n for n in block_linear_names(model) if not any(s in n for s in cfg.skip)]
+    if given is not None:
+        missing = [n for n in names if n not in given]
+        if missing:
+            raise ValueError(f"the K-FAC factors miss {len(missing)} of the layers to decompose (e.g. {missing[0]})")
+        for n in names:
+            lin = model.get_submodule(n)
+            if given[n].shape != (lin.out_features, lin.in_features):
+                raise ValueError(f"K-FAC factors of {n} are for {given[n].shape}, the layer is "
+                                 f"{(lin.out_features, lin.in_features)}")
+        return given
+    if calibration is None:
+        raise ValueError("select.curvature='kfac' needs calibration data to fit the K-FAC factors (or kfac=...)")
+    layers = {n: model.get_submodule(n) for n in names}
+    batches = [calibration[i:i + cfg.batch_size] for i in range(0, calibration.shape[0], cfg.batch_size)]
+    return fit_kfac(model, batches, layers, fisher=cfg.select.kfac_fisher)

@@ -220,7 +220,7 @@ def _eta_of_update(run: SeedRun, is_method: bool, handle: Lazy) -> dict[str, flo
 
 
 def _pooled_eta(run: SeedRun, is_method: bool, made: Any) -> dict[str, float]:
-    from libortho.geometry import random_eta_baseline
+    from libortho.geometry.subspace import eta_report
     from libortho.streams import NeuronMemory
 
     bases = _eta_bases(run)
@@ -234,11 +234,5 @@ def _pooled_eta(run: SeedRun, is_method: bool, made: Any) -> dict[str, float]:
     else:
         model, pre = made, run.load_pre()
         ups = {n: model.get_submodule(n).weight.float() - pre.get_submodule(n).weight.float() for n in bases}
-    num = den = base = 0.0
-    for n, dW in ups.items():
-        U = bases[n]
-        d2 = float(dW.double().norm()) ** 2
-        num += float((dW.double() @ U.double()).norm()) ** 2
-        den += d2
-        base += random_eta_baseline(U.shape[1], U.shape[0]) ** 2 * d2
-    return {"eta": (num / den) ** 0.5 if den else 0.0, "random_baseline": (base / den) ** 0.5 if den else 0.0}
+    rep = eta_report(ups, bases)
+    return {"eta": rep["eta"], "random_baseline": rep["random_baseline"]}

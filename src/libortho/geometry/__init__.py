@@ -10,10 +10,11 @@ from libortho.geometry.spectra import (
     singular_values,
     slq_density,
 )
-from libortho.geometry.subspace import energy_basis, eta, project_out, random_eta_baseline
+from libortho.geometry.subspace import energy_basis, eta, eta_report, project_out, random_eta_baseline
 
 __all__ = [
-    "LMCCurve", "SpectralDensity", "barrier", "energy_basis", "eta", "hvp", "interpolate", "kfac_spectrum",
+    "LMCCurve", "SpectralDensity", "barrier", "energy_basis", "eta", "eta_report", "hvp", "interpolate",
+    "kfac_spectrum",
     "lanczos", "lmc_curve", "principal_angles", "project_out", "random_eta_baseline", "singular_values",
     "slq_density",
 ]

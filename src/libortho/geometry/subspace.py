@@ -56,3 +56,28 @@ def random_eta_baseline(k: int, d: int) -> float:
     if not 0 <= k <= d or d < 1:
         raise ValueError(f"need 0 <= k <= d and d >= 1, got k={k}, d={d}")
     return math.sqrt(k / d)
+
+
+def eta_report(updates: dict[str, torch.Tensor], bases: dict[str, torch.Tensor]) -> dict[str, object]:
+    """eta of each layer's update against its subspace, beside the random baseline, and both pooled.
+
+    ``updates[n]`` is ``dW (d_out, d)`` of layer ``n``, ``bases[n]`` orthonormal ``U (d, k)``. Pooled:
+    ``sqrt(sum ||dW U||^2 / sum ||dW||^2)``, the baseline pooled alike (``sqrt(k/d)`` weighted by
+    ``||dW||^2``), so a few large updates dominate as they do in the model. Layers with a zero update
+    carry no weight. Every layer of ``updates`` must have a basis.
+    """
+    missing = sorted(set(updates) - set(bases))
+    if missing:
+        raise KeyError(f"no subspace for {len(missing)} layers (e.g. {missing[0]})")
+    per: dict[str, dict[str, float]] = {}
+    num = den = base = 0.0
+    for n, dW in updates.items():
+        U = bases[n]
+        d2 = float(dW.double().norm()) ** 2
+        p2 = float((dW.double() @ U.double()).norm()) ** 2
+        r = random_eta_baseline(U.shape[1], U.shape[0])
+        per[n] = {"eta": math.sqrt(p2 / d2) if d2 else 0.0, "random_baseline": r, "k": int(U.shape[1]),
+                  "d": int(U.shape[0])}
+        num, den, base = num + p2, den + d2, base + r * r * d2
+    return {"eta": math.sqrt(num / den) if den else 0.0, "random_baseline": math.sqrt(base / den) if den else 0.0,
+            "per_layer": per}

@@ -1,0 +1,135 @@
+"""The geometry table (seeds' table 1 on the kill-switch benchmark) end to end on a micro configuration."""
+
+import json
+from dataclasses import replace
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from libortho.experiments.config import KillSwitchConfig, preset
+from libortho.experiments.geometry_table import (
+    RESULT_FILE,
+    GeometryTableConfig,
+    choose_rank,
+    halves,
+    kfac_memory_of_update,
+    minus_memory,
+    run_geometry_table,
+)
+from test_kill_switch import MICRO
+
+
+def micro() -> GeometryTableConfig:
+    bench = KillSwitchConfig.from_dict({**preset("tiny").to_dict(), **MICRO})
+    return GeometryTableConfig(bench=bench, ranks=(1, 2), int4_ranks=(1,), kfac_ranks=(1,), lmc_points=3,
+                               lmc_blocks=1, n_boot=50)
+
+
+@pytest.fixture(scope="module")
+def table(tmp_path_factory):
+    out = tmp_path_factory.mktemp("gt")
+    return out, run_geometry_table(micro(), out, progress=False)
+
+
+def test_every_row_and_diagnostic_is_recorded(table) -> None:
+    out, res = table
+    rows = res["rows"]
+    for name in ("pre", "ft", "retrain", "retrain_int4", "v1_obs_a1", "v1_diag_a1", "v1_a0", "v2_kfac_a1", "tv_r1",
+                 "tv_r2", "tv_r1_int4", "kfac_r1", "kfac_r1_int4"):
+        assert name in rows, name
+        assert len(rows[name]["metrics"]["per_canary"]) == len(res["data"]["canaries"]) // 2
+    assert rows["v1_a0"]["cost"]["obs_equals_diag_at_alpha0"] is True
+    assert rows["v2_kfac_a1"]["cost"]["alpha0_equals_v1_base"] is True  # v2's switch-off row is v1's
+    ctl = res["choice"]["control_rank"]
+    assert f"tv_r{ctl}_restpre" in rows
+    a, b = res["choice"]["halves"]["a"], res["choice"]["halves"]["b"]
+    assert sorted(a + b) == list(range(len(rows["ft"]["metrics"]["per_canary"]))) and not set(a) & set(b)
+    eta = res["eta"]["updates"]
+    assert set(eta) >= {"ft", "retrain", "tv_low", "tv_high", "kfac_r1"}
+    for u in eta.values():
+        assert 0.0 <= u["eta"] <= 1.0 + 1e-9 and 0.0 < u["random_baseline"] <= 1.0
+    for pair in res["lmc"]["pairs"].values():
+        for text in ("public", "private"):
+            assert len(pair[text]["losses"]) == 3 and pair[text]["barrier"] >= 0.0
+    saved = json.loads((out / RESULT_FILE).read_text())
+    assert saved["rows"].keys() == rows.keys()
+
+
+def test_rerun_reads_every_row_from_the_cache(table) -> None:
+    out, res = table
+    again = run_geometry_table(micro(), out, progress=False)
+    assert again["rows"] == res["rows"] and again["lmc"] == res["lmc"] and again["eta"] == res["eta"]
+    assert again["stages"]["finetune"]["reused"]
+
+
+def test_halves_are_balanced_per_stratum() -> None:
+    ms = [SimpleNamespace(kind=k, repeats=r) for k in ("a", "b") for r in (1, 4) for _ in range(3)]
+    a, b = halves(ms)
+    assert len(a) == len(b) == 6
+    for k in ("a", "b"):
+        for r in (1, 4):
+            na = sum(1 for i in a if (ms[i].kind, ms[i].repeats) == (k, r))
+            assert na in (1, 2)
+
+
+def test_choose_rank_reads_half_a_and_both_goals() -> None:
+    rows = {"tv_r1": {"rank": 1, "skill": 0.5, "half_a": {"exposure": 1.0}},
+            "tv_r4": {"rank": 4, "skill": 0.95, "half_a": {"exposure": 2.4}},
+            "tv_r8": {"rank": 8, "skill": 0.97, "half_a": {"exposure": 2.6}}}
+    assert choose_rank(rows, 1.5, 0.9, 1.0)["chosen"] == "tv_r4"  # r8 misses exposure, r1 misses skill
+    none = choose_rank(rows, 0.5, 0.9, 1.0)
+    assert none["chosen"] is None and none["exposure_ok"] == ["tv_r1"] and none["skill_ok"] == ["tv_r4", "tv_r8"]
+
+
+def test_kfac_memory_of_update_at_full_rank_removes_the_whole_update() -> None:
+    """At full rank the K-FAC best rank-r part of an update is the update itself, so W_ft - M = W_pre."""
+    from libortho.curvature.kfac import KFACFactors
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(6, 4, bias=False)
+    pre_w = lin.weight.detach().clone()
+    tau = {"lin": 0.1 * torch.randn(4, 6, dtype=torch.float64)}
+    with torch.no_grad():
+        lin.weight += tau["lin"].float()
+    a, g = torch.randn(50, 6, dtype=torch.float64), torch.randn(50, 4, dtype=torch.float64)
+    f = KFACFactors(A=a.T @ a / 50, G=g.T @ g / 50, n_tokens=50, n_examples=50).eigen()
+    model = torch.nn.Sequential()
+    model.add_module("lin", lin)
+    mem = kfac_memory_of_update(tau, {"lin": f}, rank=4, damp=0.1)
+    off = minus_memory(model, mem)
+    torch.testing.assert_close(off.lin.weight, pre_w, atol=1e-5, rtol=0)
+    part = kfac_memory_of_update(tau, {"lin": f}, rank=1, damp=0.1)["lin"].to_dense(torch.float64)
+    s = torch.linalg.svdvals(part)
+    assert s[1] < 1e-5 * s[0]  # rank 1 (up to the fp32 storage)
+
+
+def test_config_is_checked_before_any_work() -> None:
+    with pytest.raises(ValueError, match="ranks"):
+        replace(micro(), ranks=(0,)).check()
+    with pytest.raises(ValueError, match="kfac_fisher"):
+        replace(micro(), kfac_fisher="fake").check()
+
+
+def test_report_renders_from_the_json_alone(table, tmp_path) -> None:
+    from libortho.report.geometry import render_geometry_report
+
+    out, res = table
+    paths = render_geometry_report(out / RESULT_FILE, tmp_path / "rep")
+    md = paths["markdown"].read_text()
+    assert "Table 1" in md and "half B" in md and "Linear mode connectivity" in md
+    for png in ("split_rank.png", "lmc.png", "eta_per_layer.png", "tau_spectra.png"):
+        assert (tmp_path / "rep" / "figures" / png).stat().st_size > 1000
+    assert "left out" in md  # no separation results given: said so, not silently dropped
+    sep = tmp_path / "sep" / "seed3" / "evals"
+    sep.mkdir(parents=True)
+    for name in ("pre", "ft_fp", "two-phase_int4_a0"):  # a separation run's recorded rows, here the table's own
+        src = {"pre": "pre", "ft_fp": "ft", "two-phase_int4_a0": "v1_a0"}[name]
+        (sep / f"{name}.json").write_text(json.dumps({"entry": {"metrics": res["rows"][src]["metrics"]}}))
+    md = render_geometry_report(out / RESULT_FILE, tmp_path / "rep2", separation_dir=tmp_path / "sep")[
+        "markdown"].read_text()
+    assert "seed3" in md and "two-phase INT4, alpha=0" in md and "left out" not in md
+    with pytest.raises(ValueError, match="not a geometry-table result"):
+        bad = tmp_path / "bad.json"
+        bad.write_text('{"experiment": "kill_switch"}')
+        render_geometry_report(bad)
