@@ -109,3 +109,18 @@ def test_lmc_finds_the_barrier_between_two_minima_of_a_nonconvex_loss() -> None:
         b.weight.fill_(1.0)
     c = lmc_curve(a, b, lambda m: float((m.weight.pow(2) - 1).pow(2).sum()), points=11)
     assert c.barrier == pytest.approx(1.0, abs=1e-6)
+
+
+def test_rayleigh_quotient_is_the_curvature_along_a_direction() -> None:
+    """vᵀHv/vᵀv of an explicit symmetric matrix, written out; eigenvectors give their eigenvalues."""
+    from libortho.geometry.spectra import rayleigh_quotient
+
+    torch.manual_seed(0)
+    M = torch.randn(7, 7, dtype=torch.float64)
+    H = M + M.T
+    v = torch.randn(7, dtype=torch.float64)
+    expected = float(sum(v[i] * H[i, j] * v[j] for i in range(7) for j in range(7)) / sum(v[i] ** 2 for i in range(7)))
+    assert abs(rayleigh_quotient(lambda x: H @ x, v) - expected) < 1e-12
+    lam, U = torch.linalg.eigh(H)
+    assert abs(rayleigh_quotient(lambda x: H @ x, 3.0 * U[:, -1]) - float(lam[-1])) < 1e-10
+    assert rayleigh_quotient(lambda x: H @ x, torch.zeros(7)) == 0.0

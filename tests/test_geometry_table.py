@@ -8,13 +8,12 @@ import pytest
 import torch
 
 from libortho.experiments.config import KillSwitchConfig, preset
+from libortho.experiments.geometry_rows import kfac_memory_of_update, minus_memory
 from libortho.experiments.geometry_table import (
     RESULT_FILE,
     GeometryTableConfig,
     choose_rank,
     halves,
-    kfac_memory_of_update,
-    minus_memory,
     run_geometry_table,
 )
 from test_kill_switch import MICRO
@@ -23,7 +22,7 @@ from test_kill_switch import MICRO
 def micro() -> GeometryTableConfig:
     bench = KillSwitchConfig.from_dict({**preset("tiny").to_dict(), **MICRO})
     return GeometryTableConfig(bench=bench, ranks=(1, 2), int4_ranks=(1,), kfac_ranks=(1,), lmc_points=3,
-                               lmc_blocks=1, n_boot=50)
+                               lmc_blocks=1, n_boot=50, slq_probes=2, slq_steps=6, slq_blocks=1)
 
 
 @pytest.fixture(scope="module")
@@ -49,9 +48,24 @@ def test_every_row_and_diagnostic_is_recorded(table) -> None:
     assert set(eta) >= {"ft", "retrain", "tv_low", "tv_high", "kfac_r1"}
     for u in eta.values():
         assert 0.0 <= u["eta"] <= 1.0 + 1e-9 and 0.0 < u["random_baseline"] <= 1.0
-    for pair in res["lmc"]["pairs"].values():
+    pairs = res["lmc"]["pairs"]
+    for pair in pairs.values():
         for text in ("public", "private"):
             assert len(pair[text]["losses"]) == 3 and pair[text]["barrier"] >= 0.0
+    for text in ("public", "private"):  # pairs that share an end model start from the same loss
+        assert pairs["ft~tv_a0"][text]["losses"][0] == pairs["ft~retrain"][text]["losses"][0]
+        assert pairs["tv_a0~retrain"][text]["losses"][-1] == pairs["ft~retrain"][text]["losses"][-1]
+    # the fine-tuned model fits its records better than the retrained one (loss on record tokens only)
+    assert pairs["ft~retrain"]["private"]["losses"][0] < pairs["ft~retrain"]["private"]["losses"][-1]
+    hess = res["hessian"]["models"]
+    assert set(hess) == {"pre", "ft", "tv_a0", "retrain"}
+    for per in hess.values():
+        for text in ("public", "private"):
+            h = per[text]
+            assert len(h["nodes"]) == 2 and len(h["nodes"][0]) == 6
+            assert h["lambda_max"] >= h["mean_eigenvalue"]
+            for d in ("tau", "tau_low", "tau_high"):
+                assert 0.0 <= h["directions"][d]["mass_above"] <= 1.0
     saved = json.loads((out / RESULT_FILE).read_text())
     assert saved["rows"].keys() == rows.keys()
 
@@ -60,7 +74,7 @@ def test_rerun_reads_every_row_from_the_cache(table) -> None:
     out, res = table
     again = run_geometry_table(micro(), out, progress=False)
     assert again["rows"] == res["rows"] and again["lmc"] == res["lmc"] and again["eta"] == res["eta"]
-    assert again["stages"]["finetune"]["reused"]
+    assert again["stages"]["finetune"]["reused"] and again["hessian"] == res["hessian"]
 
 
 def test_halves_are_balanced_per_stratum() -> None:
@@ -78,6 +92,11 @@ def test_choose_rank_reads_half_a_and_both_goals() -> None:
             "tv_r4": {"rank": 4, "skill": 0.95, "half_a": {"exposure": 2.4}},
             "tv_r8": {"rank": 8, "skill": 0.97, "half_a": {"exposure": 2.6}}}
     assert choose_rank(rows, 1.5, 0.9, 1.0)["chosen"] == "tv_r4"  # r8 misses exposure, r1 misses skill
+    ok = choose_rank(rows, 1.5, 0.9, 1.0)
+    assert ok["exposure_ok"] == ["tv_r1", "tv_r4"] and ok["skill_ok"] == ["tv_r4", "tv_r8"]  # each goal alone
+    rows["tv_r2"] = {"rank": 2, "skill": 0.95, "half_a": {"exposure": 2.0}}
+    assert choose_rank(rows, 1.5, 0.9, 1.0)["chosen"] == "tv_r2"  # same skill as r4: the lower rank
+    del rows["tv_r2"]
     none = choose_rank(rows, 0.5, 0.9, 1.0)
     assert none["chosen"] is None and none["exposure_ok"] == ["tv_r1"] and none["skill_ok"] == ["tv_r4", "tv_r8"]
 
@@ -109,6 +128,38 @@ def test_config_is_checked_before_any_work() -> None:
         replace(micro(), ranks=(0,)).check()
     with pytest.raises(ValueError, match="kfac_fisher"):
         replace(micro(), kfac_fisher="fake").check()
+    with pytest.raises(ValueError, match="slq_steps"):
+        replace(micro(), slq_steps=1).check()
+    with pytest.raises(ValueError, match="kfac_ranks is empty"):
+        replace(micro(), kfac_ranks=()).check()
+    with pytest.raises(ValueError, match="kfac_damp"):
+        replace(micro(), kfac_damp=0.0).check()
+    with pytest.raises(ValueError, match="eta_energy"):
+        replace(micro(), eta_energy=1.5).check()
+
+
+def test_config_file_overrides_the_benchmark_too(tmp_path) -> None:
+    from libortho.experiments.geometry_table import config_from_file
+
+    p = tmp_path / "c.json"
+    p.write_text(json.dumps({"ranks": [3], "bench": {"seed": 7}}))
+    cfg = config_from_file(p, "tiny")
+    assert cfg.ranks == (3,) and cfg.bench.seed == 7 and cfg.bench.model == "tiny"
+    p.write_text(json.dumps({"rank": [3]}))
+    with pytest.raises(ValueError, match="unknown geometry-table config fields: rank"):
+        config_from_file(p, "tiny")
+
+
+def test_hessian_stage_is_skipped_with_a_reason_above_the_size_limit(tmp_path, table) -> None:
+    """A model above slq_max_params gets a recorded reason, not a silent gap (every other row from the cache)."""
+    out, res = table
+    big = run_geometry_table(replace(micro(), slq_max_params=10), out, progress=False)
+    assert "slq_max_params" in big["hessian"]["skipped"]
+    assert big["rows"] == res["rows"]
+    # a changed setting re-measures the stage it keys (and only that one)
+    more = run_geometry_table(replace(micro(), slq_probes=3), out, progress=False)
+    assert len(more["hessian"]["models"]["ft"]["private"]["nodes"]) == 3
+    assert more["rows"] == res["rows"] and more["lmc"] == res["lmc"]
 
 
 def test_report_renders_from_the_json_alone(table, tmp_path) -> None:

@@ -114,7 +114,19 @@ def test_merged_halves_equal_one_pass_and_damping_is_a_fraction_of_the_mean() ->
     lam = f1.eigenvalues()
     assert torch.allclose(lam, torch.outer(torch.linalg.eigvalsh(f1.G).clamp_min(0),
                                            torch.linalg.eigvalsh(f1.A).clamp_min(0)))
-    assert torch.allclose(f1.damped_eigenvalues(0.1), lam + 0.1 * lam.mean())
+    lg, la = torch.linalg.eigvalsh(f1.G).clamp_min(0), torch.linalg.eigvalsh(f1.A).clamp_min(0)
+    damped = torch.outer(lg + 0.1 * lg.mean(), la + 0.1 * la.mean())  # each factor damped, as the selectors do
+    assert torch.allclose(f1.damped_eigenvalues(0.1), damped)
+    # ... which is the spectrum KFACCurvature inverts: its inverse diagonal from the dense damped Kronecker
+    from libortho.curvature.operator import KFACCurvature
+
+    Gd = f1.G + 0.1 * lg.mean() * torch.eye(5, dtype=torch.float64)
+    Ad = f1.A + 0.1 * la.mean() * torch.eye(6, dtype=torch.float64)
+    dense_inv = torch.linalg.inv(torch.kron(Gd, Ad))
+    torch.testing.assert_close(KFACCurvature(f1, 0.1).inverse_diagonal().double(),
+                               torch.diagonal(dense_inv).view(5, 6), rtol=1e-5, atol=0)
+    assert torch.allclose(torch.linalg.eigvalsh(torch.kron(Gd, Ad)).sort().values,
+                          damped.flatten().sort().values)
     with pytest.raises(ValueError, match="damping"):
         f1.damped_eigenvalues(-1.0)
     R = torch.randn(5, 6, dtype=torch.float64)
@@ -197,3 +209,64 @@ def test_factors_agree_with_kronfluence_up_to_its_loss_scaling(tmp_path) -> None
         G = cov["gradient_covariance"][name] / cov["num_gradient_covariance_processed"][name]
         assert torch.allclose(ours[name].A, A.double(), rtol=1e-6, atol=1e-12), name
         assert torch.allclose(ours[name].G, G.double() * tokens_per_example, rtol=1e-6, atol=1e-12), name
+
+
+def test_positions_labelled_minus_100_carry_no_loss_under_either_fisher() -> None:
+    """A label of -100 removes the position's gradient from G for the true Fisher too (sampling the label there
+    would put the model's guesses about padding into the private records' Fisher); A still counts it."""
+    net, layers = net_and_layers()
+    ids = torch.tensor([[3, 1, 4, 1, 5, 2], [2, 6, 5, 3, 5, 0]])
+
+    def masked(model: nn.Module, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return model(batch[:, :-1]), torch.full_like(batch[:, 1:], -100)
+
+    def half(model: nn.Module, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        t = batch[:, 1:].clone()
+        t[:, 2:] = -100  # only the first two positions have a loss
+        return model(batch[:, :-1]), t
+
+    def first_two(model: nn.Module, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return model(batch[:, :2]), batch[:, 1:3]
+
+    for fisher in ("true", "empirical"):
+        f = fit_kfac(net, [ids], layers, fisher=fisher, outputs=masked)
+        assert float(f["up"].G.abs().max()) == 0.0 and float(f["up"].A.abs().max()) > 0, fisher
+    # positions have no cross-talk in this model, so masking positions 2.. leaves G as if only 0-1 existed
+    a = fit_kfac(net, [ids], layers, fisher="empirical", outputs=half)
+    b = fit_kfac(net, [ids], layers, fisher="empirical", outputs=first_two)
+    assert torch.allclose(a["out"].G, b["out"].G, rtol=1e-12, atol=1e-15)
+
+
+def test_labelled_outputs_equal_the_plain_ones_when_every_token_has_a_loss() -> None:
+    from libortho.curvature.kfac import labelled_causal_lm_outputs
+    from libortho.models import build_tiny_llama
+
+    model = build_tiny_llama(seed=0, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                             num_attention_heads=2, num_key_value_heads=1)
+    ids = torch.randint(3, 200, (2, 12), generator=torch.Generator().manual_seed(0))
+    layers = {"q": model.model.layers[0].self_attn.q_proj}
+    a = fit_kfac(model, [ids], layers, fisher="empirical")
+    b = fit_kfac(model, [torch.stack([ids, ids])], layers, fisher="empirical", outputs=labelled_causal_lm_outputs)
+    assert torch.equal(a["q"].A, b["q"].A) and torch.equal(a["q"].G, b["q"].G)
+    with pytest.raises(ValueError, match="stack of input ids and labels"):
+        labelled_causal_lm_outputs(model, ids)
+
+
+def test_ekfac_eigenvalues_are_saved_with_their_basis_and_refused_where_unused(tmp_path) -> None:
+    """EK-FAC eigenvalues mean nothing in another basis: with_eigen=False still stores it for them; the
+    Kronecker-only consumers refuse them rather than silently dropping them."""
+    from libortho.curvature.operator import KFACCurvature
+    from libortho.select.kfac import kfac_best_rank
+
+    net, layers = net_and_layers()
+    ids = torch.randint(0, 7, (6, 5), generator=torch.Generator().manual_seed(1))
+    f = fit_kfac(net, [ids], layers, fisher="empirical", outputs=lm_outputs, ekfac=True)
+    save_kfac(f, tmp_path / "k.safetensors", with_eigen=False, dtype=torch.float32)
+    g, _ = load_kfac(tmp_path / "k.safetensors")
+    for n in f:
+        assert g[n].QA is not None and torch.allclose(g[n].QA.double(), f[n].QA, atol=1e-6)
+        assert torch.allclose(g[n].QG.double(), f[n].QG, atol=1e-6)
+    with pytest.raises(ValueError, match="EK-FAC"):
+        KFACCurvature(f["up"])
+    with pytest.raises(ValueError, match="EK-FAC"):
+        kfac_best_rank(torch.randn(4, 5, dtype=torch.float64), f["up"], 1)

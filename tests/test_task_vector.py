@@ -45,6 +45,8 @@ def test_split_matrix_is_exact_and_cuts_by_rank_or_energy() -> None:
     assert e.rank > 2  # more energy than the top two hold needs the noise directions
     assert split_matrix(tau, energy=0.5).rank == 1
     assert split_matrix(tau, rank=0).low().abs().max() == 0
+    zero = split_matrix(torch.zeros(8, 6), energy=0.9)  # an untouched matrix keeps no direction
+    assert zero.rank == 0 and zero.low().abs().max() == 0 and zero.high().abs().max() == 0
     with pytest.raises(ValueError, match="exactly one"):
         split_matrix(tau, rank=1, energy=0.5)
 

@@ -4,8 +4,8 @@ A layer Hessian ``H = 2/n X^T X`` is singular wherever an input never fires and 
 elsewhere. Everything that inverts it here uses the same rule, GPTQ's: a dead input (``H_jj = 0``)
 gets ``H_jj = 1``, then ``damp * mean(diag H)`` is added to the diagonal; where the Cholesky
 factorisation still fails, ``damp`` is raised tenfold, at most :data:`MAX_DAMP_RAISES` times, and the
-damping actually used is returned so callers can report it. (K-FAC factors are damped the same
-way, by a fraction of their mean eigenvalue: :meth:`~libortho.curvature.kfac.KFACFactors.damped_eigenvalues`.)
+damping actually used is returned so callers can report it. (K-FAC factors are damped in the same
+spirit, each by a fraction of its own mean eigenvalue: :meth:`~libortho.curvature.kfac.KFACFactors.damped_eigenvalues`.)
 """
 
 from __future__ import annotations

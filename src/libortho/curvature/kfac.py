@@ -21,7 +21,9 @@ the model; ``"empirical"`` uses the data's next tokens. Both factors accumulate 
 :class:`~libortho.curvature.hessian.MomentSum`, the reduction behind the GPTQ Hessian, so they merge
 exactly over data-parallel workers (:meth:`KFACAccumulator.all_reduce`).
 
-Damping is a fraction of the mean Kronecker eigenvalue (:meth:`KFACFactors.damped_eigenvalues`).
+Damping adds a fraction of each factor's mean eigenvalue to that factor, ``(G + d·mean λ_G)⊗(A + d·mean λ_A)``,
+so the damped curvature stays a Kronecker product that the selectors invert factor by factor
+(:meth:`KFACFactors.damped_eigenvalues`; EK-FAC's eigenvalues, not factored, get ``d·mean`` added).
 Factors (and eigen-decompositions, and EK-FAC eigenvalues) are saved to and loaded from safetensors.
 """
 
@@ -40,6 +42,7 @@ from torch import nn
 from libortho.curvature.hessian import MomentSum
 
 FISHER_TYPES = ("true", "empirical")
+IGNORE_INDEX = -100  # cross-entropy's ignore index: a position without a loss
 OutputsFn = Callable[[nn.Module, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
@@ -51,6 +54,15 @@ def causal_lm_outputs(model: nn.Module, input_ids: torch.Tensor) -> tuple[torch.
     """
     logits = model(input_ids=input_ids[:, :-1], use_cache=False).logits
     return logits, input_ids[:, 1:]
+
+
+def labelled_causal_lm_outputs(model: nn.Module, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """As :func:`causal_lm_outputs` for a batch stacked as ``(2, B, T)``: input ids and Hugging Face style
+    labels (aligned with the ids, ``-100`` where a token carries no loss, e.g. a record's separator)."""
+    if batch.dim() != 3 or batch.shape[0] != 2:
+        raise ValueError(f"need a (2, B, T) stack of input ids and labels, got {tuple(batch.shape)}")
+    logits = model(input_ids=batch[0][:, :-1], use_cache=False).logits
+    return logits, batch[1][:, 1:]
 
 
 @dataclass
@@ -92,11 +104,15 @@ class KFACFactors:
         return torch.outer(self.lamG, self.lamA)
 
     def damped_eigenvalues(self, damp: float = 0.1) -> torch.Tensor:
-        """:meth:`eigenvalues` plus ``damp`` times their mean (the damping used to invert or score)."""
+        """The curvature of each eigen-direction after damping, as the selectors use it: each factor plus
+        ``damp`` times its mean eigenvalue, ``(λ_G,i + d·mean λ_G)(λ_A,j + d·mean λ_A)``; for EK-FAC
+        eigenvalues (not a product) ``λ + d·mean λ``."""
         if damp < 0:
             raise ValueError(f"damping must be >= 0, got {damp}")
-        lam = self.eigenvalues()
-        return lam + damp * float(lam.mean())
+        if self.ekfac is not None:
+            return self.ekfac + damp * float(self.ekfac.mean())
+        self.eigen()
+        return torch.outer(self.lamG + damp * float(self.lamG.mean()), self.lamA + damp * float(self.lamA.mean()))
 
     def rotate(self, dW: torch.Tensor) -> torch.Tensor:
         """``Q_G^T dW Q_A``: a weight-shaped matrix in the K-FAC eigenbasis."""
@@ -199,10 +215,11 @@ def _per_example_loss_backward(model: nn.Module, batch: torch.Tensor, layers: Ma
                                outputs: OutputsFn, fisher: str, gen: torch.Generator) -> None:
     logits, targets = outputs(model, batch)
     logits = logits.float()
-    if fisher == "true":
+    if fisher == "true":  # labels sampled from the model where the data has a loss; -100 stays without one
         with torch.no_grad():
-            probs = torch.softmax(logits.reshape(-1, logits.shape[-1]), dim=-1)
-            targets = torch.multinomial(probs, 1, generator=gen).view(targets.shape)
+            probs = torch.softmax(logits.reshape(-1, logits.shape[-1]), dim=-1).cpu()  # the generator is CPU
+            sampled = torch.multinomial(probs, 1, generator=gen).view(targets.shape).to(targets.device)
+            targets = torch.where(targets == IGNORE_INDEX, targets, sampled)
     loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
                                              reduction="sum")
     torch.autograd.grad(loss, [lin.weight for lin in layers.values()])
@@ -215,7 +232,9 @@ def fit_kfac(model: nn.Module, batches: Iterable[torch.Tensor], layers: Mapping[
 
     One forward + backward per batch (a second pass over the batches for EK-FAC, after the
     eigenbasis is known). ``outputs(model, batch)`` gives per-position logits and the data's labels
-    (default: a causal LM's next tokens); the loss is their cross-entropy summed over positions.
+    (default: a causal LM's next tokens); the loss is their cross-entropy summed over positions. A label
+    of -100 marks a position without a loss (under both Fishers); its input still counts in ``A`` (later
+    positions read it), so trim padding off the batches rather than masking it.
     ``fisher="true"`` samples the labels from the model (seeded by ``seed``). With ``distributed``,
     the sums are all-reduced over ``torch.distributed`` workers when a group is initialised.
     """
@@ -321,8 +340,10 @@ def save_kfac(factors: Mapping[str, KFACFactors], path: str | Path, meta: Mappin
               with_eigen: bool = True, dtype: torch.dtype | None = None) -> None:
     """Write every layer's factors (and eigen-decompositions, EK-FAC eigenvalues) to one safetensors file.
 
-    ``with_eigen=False`` keeps ``A``, ``G`` (and EK-FAC eigenvalues) only, recomputed on use; ``dtype``
-    casts what is written (fp32 halves a model-wide file; the eigenbasis is then recomputed in fp64).
+    ``with_eigen=False`` keeps ``A`` and ``G`` only (the eigenbasis recomputed in fp64 on use), except for
+    layers with EK-FAC eigenvalues: those are only meaningful in the basis they were measured in, so that
+    basis is always written with them. ``dtype`` casts everything written (fp32 halves a model-wide file;
+    a stored eigenbasis is then read back in that precision).
     """
     from safetensors.torch import save_file
 
@@ -331,7 +352,7 @@ def save_kfac(factors: Mapping[str, KFACFactors], path: str | Path, meta: Mappin
     tensors: dict[str, torch.Tensor] = {}
     counts = {}
     for name, f in factors.items():
-        for fld in _FIELDS if with_eigen else ("A", "G", "ekfac"):
+        for fld in _FIELDS if with_eigen or f.ekfac is not None else ("A", "G"):
             t = getattr(f, fld)
             if t is not None:
                 tensors[f"{name}::{fld}"] = (t if dtype is None else t.to(dtype)).contiguous()

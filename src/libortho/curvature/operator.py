@@ -65,6 +65,9 @@ class KFACCurvature(Curvature):
     def __init__(self, factors: KFACFactors, damp: float = 0.1) -> None:
         if damp < 0:
             raise ValueError(f"damping must be >= 0, got {damp}")
+        if factors.ekfac is not None:
+            raise ValueError("these K-FAC factors carry EK-FAC eigenvalues, which are not a Kronecker product: "
+                             "KFACCurvature inverts G and A factor by factor (drop ekfac to use it)")
         self.f, self.damp = factors, damp
 
     def check(self, shape: tuple[int, int]) -> None:

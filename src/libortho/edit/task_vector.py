@@ -83,7 +83,9 @@ def split_matrix(tau: torch.Tensor, rank: int | None = None, energy: float | Non
         raise ValueError(f"rank must be >= 0, got {rank}")
     U, S, Vh = torch.linalg.svd(tau.double(), full_matrices=False)
     total = float((S**2).sum())
-    if energy is not None:
+    if energy is not None and total == 0:
+        k = 0  # an untouched matrix: no direction holds any energy, so none is kept
+    elif energy is not None:
         cum = torch.cumsum(S**2, 0) / max(total, 1e-300)
         k = int(torch.searchsorted(cum, torch.tensor(energy, dtype=cum.dtype) - 1e-12)) + 1
     else:

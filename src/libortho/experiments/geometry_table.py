@@ -28,8 +28,6 @@ resumes where it stopped; the JSON is the only source of the report.
 
 from __future__ import annotations
 
-import copy
-import hashlib
 import json
 import time
 from collections.abc import Callable
@@ -43,6 +41,7 @@ from torch import nn
 
 from libortho.atomic import atomic_write_json, read_json_object
 from libortho.experiments.config import KillSwitchConfig, preset
+from libortho.experiments.geometry_rows import KFACRows, Splits, split_row, v1_rows
 from libortho.experiments.store import _canonical, cached_model
 
 RESULT_FILE = "result.json"
@@ -64,6 +63,10 @@ class GeometryTableConfig:
     skill_goal: float = 0.9
     exposure_margin_bits: float = 1.0
     n_boot: int = 2000
+    slq_probes: int = 4
+    slq_steps: int = 30
+    slq_blocks: int = 4
+    slq_max_params: int = 5_000_000
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -77,8 +80,17 @@ class GeometryTableConfig:
                 raise ValueError(f"{name} must be positive ranks, got {getattr(self, name)}")
         if not self.ranks:
             raise ValueError("ranks is empty: the split needs at least one rank")
+        if not self.kfac_ranks:
+            raise ValueError("kfac_ranks is empty: the eta stage reads the largest K-FAC memory")
+        if not 0 < self.kfac_damp < float("inf"):
+            raise ValueError(f"kfac_damp must be a finite number > 0, got {self.kfac_damp}")
+        if not 0 < self.eta_energy <= 1:
+            raise ValueError(f"eta_energy must be in (0, 1], got {self.eta_energy}")
         if self.kfac_fisher not in ("true", "empirical"):
             raise ValueError(f"kfac_fisher must be 'true' or 'empirical', got {self.kfac_fisher!r}")
+        if self.slq_probes < 1 or self.slq_steps < 2 or self.slq_blocks < 1:
+            raise ValueError(f"slq_probes, slq_blocks must be >= 1 and slq_steps >= 2, got {self.slq_probes}, "
+                             f"{self.slq_blocks}, {self.slq_steps}")
         if self.lmc_points < 3:
             raise ValueError(f"lmc_points must be >= 3, got {self.lmc_points}")
 
@@ -98,6 +110,8 @@ def halves(members: list[Any]) -> tuple[list[int], list[int]]:
 
 def half_stats(metrics: dict[str, Any], idx: list[int]) -> dict[str, Any]:
     """Extraction and mean exposure of one half of the members."""
+    if not idx:
+        raise ValueError("an empty half of the member canaries")
     per = [metrics["per_canary"][i] for i in idx]
     return {"n": len(per), "extracted": int(sum(p["extracted"] for p in per)),
             "exposure": sum(p["exposure"] for p in per) / len(per)}
@@ -108,14 +122,11 @@ def choose_rank(rows: dict[str, dict[str, Any]], retrain_a: float, skill_goal: f
     """The split's rank, read from half A only: among ranks whose half-A exposure is at most
     ``retrain_a + margin`` and whose skill is at least ``skill_goal``, the one with the highest skill
     (ties: the lower rank). None when no rank passes both (then the reason is given)."""
-    ok = {n: r for n, r in rows.items() if r["half_a"]["exposure"] <= retrain_a + margin
-          and r["skill"] is not None and r["skill"] >= skill_goal}
-    if not ok:
-        private_ok = [n for n, r in rows.items() if r["half_a"]["exposure"] <= retrain_a + margin]
-        skill_ok = [n for n, r in rows.items() if r["skill"] is not None and r["skill"] >= skill_goal]
-        return {"chosen": None, "exposure_ok": sorted(private_ok), "skill_ok": sorted(skill_ok)}
-    best = max(ok, key=lambda n: (ok[n]["skill"], -ok[n]["rank"]))
-    return {"chosen": best, "exposure_ok": sorted(ok), "skill_ok": sorted(ok)}
+    private_ok = sorted(n for n, r in rows.items() if r["half_a"]["exposure"] <= retrain_a + margin)
+    skill_ok = sorted(n for n, r in rows.items() if r["skill"] is not None and r["skill"] >= skill_goal)
+    ok = set(private_ok) & set(skill_ok)
+    best = max(ok, key=lambda n: (rows[n]["skill"], -rows[n]["rank"])) if ok else None
+    return {"chosen": best, "exposure_ok": private_ok, "skill_ok": skill_ok}
 
 
 class _Table:
@@ -200,144 +211,31 @@ class _Table:
 
 
 # ---- the rows' models --------------------------------------------------------------------------
-def _private_rows(t: _Table) -> torch.Tensor:
-    return t.data.private_calibration
-
-
-def _kfac_factors(t: _Table) -> dict[str, Any]:
-    """K-FAC factors of the fine-tuned model's decoder linears on the private records (cached on disk)."""
-    from libortho.curvature.kfac import fit_kfac, load_kfac, save_kfac
-    from libortho.models.layers import find_linears
-
-    rows = _private_rows(t)
-    key = {"fisher": t.cfg.kfac_fisher, "rows": list(rows.shape),
-           "digest": hashlib.sha256(rows.numpy().tobytes()).hexdigest()[:16], "seed": t.cfg.bench.seed}
-    path = t.out / "models" / "kfac_private.safetensors"
-    if not t.fresh and path.is_file():
-        factors, meta = load_kfac(path)
-        if meta.get("key") == _canonical(key):
-            return factors
-    layers = find_linears(t.ft)
-    t0 = time.perf_counter()
-    factors = fit_kfac(t.ft, [rows[i:i + 4] for i in range(0, rows.shape[0], 4)], layers,
-                       fisher=t.cfg.kfac_fisher, seed=t.cfg.bench.seed)
-    t.result["stages"]["kfac_fit_s"] = time.perf_counter() - t0
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_kfac(factors, path, meta={"key": _canonical(key), "fit_s": t.result["stages"]["kfac_fit_s"]},
-              with_eigen=True)
-    return factors
-
-
-def _tau(t: _Table) -> dict[str, torch.Tensor]:
-    from libortho.models.layers import find_linears
-
-    lp, lf = find_linears(t.pre), find_linears(t.ft)
-    return {n: (lf[n].weight.detach().double() - lp[n].weight.detach().double()) for n in lf}
-
-
-def kfac_memory_of_update(tau: dict[str, torch.Tensor], factors: dict[str, Any], rank: int, damp: float
-                          ) -> dict[str, Any]:
-    """Per layer, the K-FAC best rank-``rank`` part of the update as a :class:`LowRankMemory` (fp32)."""
-    from libortho.select.kfac import kfac_memory
-
-    return {n: kfac_memory("kfac", dW.float(), factors[n], min(rank, *dW.shape), damp, dtype="fp32")
-            for n, dW in tau.items()}
-
-
-@torch.no_grad()
-def minus_memory(model: nn.Module, streams: dict[str, Any]) -> nn.Module:
-    """A copy of ``model`` with each named linear's memory subtracted from its weight (``W - M``)."""
-    out = copy.deepcopy(model)
-    mods = dict(out.named_modules())
-    for n, st in streams.items():
-        w = mods[n].weight
-        w.copy_((w.double() - st.to_dense(torch.float64)).to(w.dtype))
-    return out
-
-
 def run_geometry_table(cfg: GeometryTableConfig, out_dir: str | Path, progress: bool = True, fresh: bool = False,
                        console: Console | None = None) -> dict[str, Any]:
-    """Every row, the rank choice, eta, LMC and spectra; writes ``out_dir/result.json`` and returns it."""
-    from libortho.assemble import quantized
-    from libortho.edit.task_vector import apply_split, split_model
+    """Every row, the rank choice, eta, LMC, spectra (and the Hessian's on small models); writes
+    ``out_dir/result.json`` and returns it."""
     from libortho.experiments.kill_switch import environment
-    from libortho.experiments.summary import skill_retained
 
     cfg.check()
     console = console or Console(stderr=True)
     out, t0 = Path(out_dir), time.perf_counter()
     t = _Table(cfg, out, console, progress, fresh)
     b, d = cfg.bench, t.data
-    q = b.quant
-    qkey = {"quant": asdict(q), "calib": [b.calib_blocks, b.calib_len]}
-    t.row("pre", "pre-fine-tune", "reference", {"m": "pre"}, lambda: (t.pre, {}))
-    t.row("ft", "FP fine-tuned", "reference", {"m": "ft"}, lambda: (t.ft, t.ft_info))
-    retrain, rinfo = t.retrained()
-    t.result["stages"]["retrain"] = rinfo
-    t.row("retrain", "Retrain w/o private", "reference", {"m": "retrain"}, lambda: (retrain, rinfo))
-    t.row("retrain_int4", "Retrain w/o private + INT4", "reference", {"m": "retrain", **qkey},
-          lambda: quantized(retrain, d.calibration, q))
-    _v1_rows(t, qkey)
-    # the task-vector split, b = 0
-    splits: dict[int, Any] = {}
-
-    def split(k: int, rest: str = "ft") -> Any:
-        if (k, rest) not in splits:
-            splits[(k, rest)] = split_model(t.pre, t.ft, rank=k, rest=rest)
-        return splits[(k, rest)]
-
+    qkey = {"quant": asdict(b.quant), "calib": [b.calib_blocks, b.calib_len]}
+    retrain = _reference_rows(t, qkey)
+    v1_rows(t, qkey)
+    splits = Splits(t)
     for k in cfg.ranks:
-        t.row(f"tv_r{k}", f"Task-vector split r={k}, b=0", "taskvec", {"m": "tv", "rank": k, "rest": "ft"},
-              lambda k=k: (apply_split(t.pre, split(k), 1.0, 0.0), split(k).summary()), rank=k, base="fp")
+        split_row(t, splits, k, "ft", None)
     for k in cfg.int4_ranks:
-        t.row(f"tv_r{k}_int4", f"Task-vector split r={k}, b=0, INT4", "taskvec",
-              {"m": "tv", "rank": k, "rest": "ft", **qkey},
-              lambda k=k: (quantized(apply_split(t.pre, split(k), 1.0, 0.0), d.calibration, q)[0],
-                           split(k).summary()), rank=k, base="int4")
-    # v2 K-FAC selector on the task vector (memory = private-curvature rank-k part of tau)
-    tau = _tau(t)
-    factors: dict[str, Any] = {}
-
-    def kfac_streams(k: int) -> dict[str, Any]:
-        if not factors:
-            factors.update(_kfac_factors(t))
-        return kfac_memory_of_update(tau, factors, k, cfg.kfac_damp)
-
-    kkey = {"m": "kfac", "fisher": cfg.kfac_fisher, "damp": cfg.kfac_damp, "rows": list(_private_rows(t).shape)}
+        split_row(t, splits, k, "ft", qkey)
+    kfac = KFACRows(t)
     for k in cfg.kfac_ranks:
-        t.row(f"kfac_r{k}", f"K-FAC (private) memory r={k}, alpha=0", "kfac", {**kkey, "rank": k},
-              lambda k=k: (minus_memory(t.ft, kfac_streams(k)), {}), rank=k, base="fp")
-        t.row(f"kfac_r{k}_int4", f"K-FAC (private) memory r={k}, alpha=0, INT4", "kfac", {**kkey, "rank": k, **qkey},
-              lambda k=k: quantized(minus_memory(t.ft, kfac_streams(k)), d.calibration, q), rank=k, base="int4")
-    # the rank choice: half A chooses, half B reports
-    rows = t.result["rows"]
-    ha, hb = halves(d.members)
-    pre_ppl, ft_ppl = rows["pre"]["metrics"]["ppl_domain"], rows["ft"]["metrics"]["ppl_domain"]
-    cand = {}
-    for k in cfg.ranks:
-        m = rows[f"tv_r{k}"]["metrics"]
-        cand[f"tv_r{k}"] = {"rank": k, "skill": skill_retained(pre_ppl, m["ppl_domain"], ft_ppl),
-                            "half_a": half_stats(m, ha)}
-    ret = rows["retrain"]["metrics"]
-    choice = choose_rank(cand, half_stats(ret, ha)["exposure"], cfg.skill_goal, cfg.exposure_margin_bits)
-    t.result["choice"] = {"halves": {"a": ha, "b": hb}, "candidates": cand, **choice,
-                          "retrain_half_a": half_stats(ret, ha), "retrain_half_b": half_stats(ret, hb)}
-    chosen_rank = cand[choice["chosen"]]["rank"] if choice["chosen"] else max(
-        cand.values(), key=lambda r: (r["skill"] or -1e9) - max(r["half_a"]["exposure"] - half_stats(ret, ha)[
-            "exposure"] - cfg.exposure_margin_bits, 0))["rank"]
-    t.result["choice"]["control_rank"] = chosen_rank
-    t.row(f"tv_r{chosen_rank}_restpre", f"Task-vector split r={chosen_rank}, b=0, rest=pre", "taskvec",
-          {"m": "tv", "rank": chosen_rank, "rest": "pre"},
-          lambda: (apply_split(t.pre, split(chosen_rank, "pre"), 1.0, 0.0), split(chosen_rank, "pre").summary()),
-          rank=chosen_rank, base="fp")
-    t.say("eta, spectra, linear mode connectivity")
-    t.result["eta"] = t._cached_json("geometry", "eta", {"energy": cfg.eta_energy, "rank": chosen_rank,
-                                                          "kfac": [kkey, list(cfg.kfac_ranks)]},
-                                     lambda: _eta_table(t, tau, retrain, split(chosen_rank), kfac_streams))
-    t.result["spectra"] = t._cached_json("geometry", "spectra", {"v": 1}, lambda: _spectra(tau))
-    t.result["lmc"] = t._cached_json("geometry", "lmc", {"points": cfg.lmc_points, "blocks": cfg.lmc_blocks,
-                                                         "rank": chosen_rank, **qkey},
-                                     lambda: _lmc(t, retrain, split(chosen_rank), qkey))
+        kfac.rows(k, qkey)
+    chosen_rank = _choose(t)
+    split_row(t, splits, chosen_rank, "pre", None)
+    _diagnostics(t, retrain, splits.get(chosen_rank), kfac, chosen_rank, qkey)
     result = {"experiment": "geometry_table", "config": cfg.to_dict(), "environment": environment(),
               "data": d.describe(), "harness": t.harness.describe(), **t.result,
               "wall_s": time.perf_counter() - t0}
@@ -346,162 +244,76 @@ def run_geometry_table(cfg: GeometryTableConfig, out_dir: str | Path, progress: 
     return result
 
 
-def select_key(sel: Any) -> dict[str, Any]:
-    """The fields of a sparse v1 selection that its rows depend on (stable as SelectConfig grows)."""
-    return {k: getattr(sel, k) for k in ("selector", "rho", "scope", "tau", "values", "dtype")}
-
-
-def _v1_rows(t: _Table, qkey: dict[str, Any]) -> None:
-    """v1: GPTQ base + sparse ortho (obs, diag) at alpha 1; alpha 0 once (the base, shared by both)."""
-    from libortho.config import DecomposeConfig
-    from libortho.pipeline import decompose
-    from libortho.runtime import set_alpha
-    from libortho.workflows import bits_summary
-
-    b, d = t.cfg.bench, t.data
-    made: dict[str, nn.Module] = {}
-
-    def v1(selector: str) -> tuple[nn.Module, dict[str, Any]]:
-        model = copy.deepcopy(t.ft)
-        res = decompose(model, d.calibration, DecomposeConfig(quant=b.quant, select=replace(b.select,
-                                                                                             selector=selector)))
-        made[selector] = model
-        return model, {"wall_s": res.stats["wall_s"], **bits_summary(res.base, res.ortho)}
-
-    def at(selector: str, alpha: float) -> tuple[nn.Module, dict[str, Any]]:
-        model, cost = v1(selector)
-        set_alpha(model, alpha)
-        return model, cost
-
-    for sel in ("obs", "diag"):
-        skey = {"m": "v1", "select": select_key(replace(b.select, selector=sel)), **qkey}
-        t.row(f"v1_{sel}_a1", f"v1 ({sel}) alpha=1", "v1", {**skey, "alpha": 1.0}, lambda s=sel: at(s, 1.0),
-              alpha=1.0, selector=sel)
-    t.row("v1_a0", "v1/v2 alpha=0 (GPTQ base; obs = diag = K-FAC)", "v1", {"m": "v1", "alpha": 0.0, **qkey},
-          lambda: _v1_off(made, v1), alpha=0.0)
-    # v2: the same base, the memory chosen under K-FAC curvature (true Fisher on the public calibration) as a
-    # rank-r stream within the obs stream's bits; its alpha 0 is the same GPTQ base as v1's (checked in a test)
-    kcfg = replace(b.select, selector="kfac", curvature="kfac", kfac_fisher="true", kfac_damp=t.cfg.kfac_damp)
-    t.row("v2_kfac_a1", "v2 (K-FAC selector) alpha=1", "v1", {"m": "v2", "select": select_key(kcfg),
-                                                              "fisher": "true", "damp": t.cfg.kfac_damp, **qkey},
-          lambda: _v2_on(t, kcfg, made.get("obs")), alpha=1.0, selector="kfac")
-
-
-@torch.no_grad()
-def _v2_on(t: _Table, sel: Any, v1_model: nn.Module | None) -> tuple[nn.Module, dict[str, Any]]:
-    """GPTQ base + K-FAC low-rank memory of the quantization residual, at alpha 1 (decompose's kfac path),
-    with the check that its alpha 0 is v1's base bit for bit (``v1_model``, else a fresh GPTQ of ft)."""
+def _reference_rows(t: _Table, qkey: dict[str, Any]) -> nn.Module:
+    """pre, ft, retrain (and its INT4 GPTQ): the references every switch is read against."""
     from libortho.assemble import quantized
-    from libortho.config import DecomposeConfig
-    from libortho.pipeline import decompose
-    from libortho.runtime import set_alpha
-    from libortho.workflows import bits_summary
 
-    model = copy.deepcopy(t.ft)
-    res = decompose(model, t.data.calibration, DecomposeConfig(quant=t.cfg.bench.quant, select=sel))
-    ref = v1_model if v1_model is not None else quantized(t.ft, t.data.calibration, t.cfg.bench.quant)[0]
-    set_alpha(ref, 0.0)
-    set_alpha(model, 0.0)
-    probe = torch.arange(64).view(1, 64) % 1000 + 10
-    same = bool(torch.equal(model(probe).logits, ref(probe).logits))
-    set_alpha(model, 1.0)
-    return model, {"wall_s": res.stats["wall_s"], "kfac_s": res.stats["phase_s"].get("kfac"),
-                   "alpha0_equals_v1_base": same, **bits_summary(res.base, res.ortho)}
+    t.row("pre", "pre-fine-tune", "reference", {"m": "pre"}, lambda: (t.pre, {}))
+    t.row("ft", "FP fine-tuned", "reference", {"m": "ft"}, lambda: (t.ft, t.ft_info))
+    retrain, rinfo = t.retrained()
+    t.result["stages"]["retrain"] = rinfo
+    t.row("retrain", "Retrain w/o private", "reference", {"m": "retrain"}, lambda: (retrain, rinfo))
+    t.row("retrain_int4", "Retrain w/o private + INT4", "reference", {"m": "retrain", **qkey},
+          lambda: quantized(retrain, t.data.calibration, t.cfg.bench.quant))
+    return retrain
 
 
-@torch.no_grad()
-def _v1_off(made: dict[str, nn.Module], v1: Callable[[str], tuple[nn.Module, dict[str, Any]]]
-            ) -> tuple[nn.Module, dict[str, Any]]:
-    """The alpha-0 model of v1, with the check that obs and diag give it bit for bit (same base)."""
-    from libortho.runtime import set_alpha
+def _choose(t: _Table) -> int:
+    """The split's rank, chosen on half A of the member canaries (half B reports it); records the choice.
 
-    for sel in ("obs", "diag"):
-        if sel not in made:
-            v1(sel)
-    a, b = made["obs"], made["diag"]
-    set_alpha(a, 0.0)
-    set_alpha(b, 0.0)
-    probe = torch.arange(64).view(1, 64) % 1000 + 10
-    same = bool(torch.equal(a(probe).logits, b(probe).logits))
-    return a, {"obs_equals_diag_at_alpha0": same}
+    When no rank meets both goals, the control rank is the best trade-off on half A: the highest skill less
+    the exposure excess over retrain + margin."""
+    from libortho.experiments.summary import skill_retained
 
-
-@torch.no_grad()
-def _eta_table(t: _Table, tau: dict[str, torch.Tensor], retrain: nn.Module, split: Any,
-               kfac_streams: Callable[[int], dict[str, Any]]) -> dict[str, Any]:
-    """eta per layer and pooled for each update, on the pre-trained model's held-out public input subspace."""
-    from libortho.geometry import energy_basis
-    from libortho.geometry.subspace import eta_report
-    from libortho.models.layers import find_linears
-    from libortho.train.methods.ogd import input_moments
-
-    names = list(tau)
-    bases = {n: energy_basis(C, t.cfg.eta_energy).float()
-             for n, C in input_moments(t.pre, t.data.domain_eval, names).items()}
-    lr, lp = find_linears(retrain), find_linears(t.pre)
-    k = max(t.cfg.kfac_ranks)
-    updates = {
-        "ft": tau,
-        "retrain": {n: lr[n].weight.double() - lp[n].weight.double() for n in names},
-        "tv_low": {n: split.layers[n].low().double() for n in names},
-        "tv_high": {n: split.layers[n].high().double() for n in names},
-        f"kfac_r{k}": {n: s.to_dense(torch.float64) for n, s in kfac_streams(k).items()},
-    }
-    return {"energy": t.cfg.eta_energy, "rank": split.rule.get("rank"),
-            "updates": {u: eta_report(dw, bases) for u, dw in updates.items()}}
+    cfg, rows = t.cfg, t.result["rows"]
+    ha, hb = halves(t.data.members)
+    pre_ppl, ft_ppl = rows["pre"]["metrics"]["ppl_domain"], rows["ft"]["metrics"]["ppl_domain"]
+    cand = {}
+    for k in cfg.ranks:
+        m = rows[f"tv_r{k}"]["metrics"]
+        cand[f"tv_r{k}"] = {"rank": k, "skill": skill_retained(pre_ppl, m["ppl_domain"], ft_ppl),
+                            "half_a": half_stats(m, ha)}
+    ret_a = half_stats(rows["retrain"]["metrics"], ha)
+    choice = choose_rank(cand, ret_a["exposure"], cfg.skill_goal, cfg.exposure_margin_bits)
+    if choice["chosen"]:
+        rank = cand[choice["chosen"]]["rank"]
+    else:
+        rank = max(cand.values(), key=lambda r: (r["skill"] or -1e9) - max(
+            r["half_a"]["exposure"] - ret_a["exposure"] - cfg.exposure_margin_bits, 0))["rank"]
+    t.result["choice"] = {"halves": {"a": ha, "b": hb}, "candidates": cand, **choice, "retrain_half_a": ret_a,
+                          "retrain_half_b": half_stats(rows["retrain"]["metrics"], hb), "control_rank": rank}
+    return rank
 
 
-@torch.no_grad()
-def _spectra(tau: dict[str, torch.Tensor]) -> dict[str, Any]:
-    """Singular values of the fine-tuning update per layer (and its energy at the split's ranks)."""
-    from libortho.geometry.spectra import singular_values
-
-    out = {}
-    for n, dW in tau.items():
-        s = singular_values(dW)
-        e = torch.cumsum(s.double() ** 2, 0) / float((s.double() ** 2).sum())
-        out[n] = {"s": [float(v) for v in s[:64]], "energy_at": {str(r): float(e[min(r, len(e)) - 1])
-                                                                 for r in (1, 2, 4, 8, 16, 32, 64)}}
-    return out
-
-
-def _lmc(t: _Table, retrain: nn.Module, split: Any, qkey: dict[str, Any]) -> dict[str, Any]:
-    """Loss along straight lines between the switched-off models and the references, public and private."""
-    from libortho.assemble import quantized
+def _diagnostics(t: _Table, retrain: nn.Module, split: Any, kfac: KFACRows, rank: int, qkey: dict[str, Any]
+                 ) -> None:
+    """eta, update spectra, LMC (cached), and the Hessian spectra where the model is small enough."""
     from libortho.edit.task_vector import apply_split
-    from libortho.eval.perplexity import token_nll
-    from libortho.geometry.compare import dense_model
-    from libortho.geometry.lmc import lmc_curve
+    from libortho.experiments import geometry_diagnostics as gd
 
-    public = t.data.domain_eval[: t.cfg.lmc_blocks]
-    private = _private_rows(t)
-
-    def loss_on(rows: torch.Tensor) -> Callable[[nn.Module], float]:
-        def f(m: nn.Module) -> float:
-            m.eval()
-            tot = n = 0.0
-            for i in range(0, rows.shape[0], 4):
-                nll = token_nll(m, rows[i:i + 4])
-                tot += float(nll.sum())
-                n += nll.numel()
-            return tot / n
-        return f
-
-    tv = apply_split(t.pre, split, 1.0, 0.0)
-    v1_a0 = dense_model(quantized(t.ft, t.data.calibration, t.cfg.bench.quant)[0], alpha=0.0)
-    models = {"pre": t.pre, "ft": t.ft, "retrain": retrain, "tv_a0": tv, "v1_a0": v1_a0}
-    pairs = [("pre", "tv_a0"), ("tv_a0", "retrain"), ("ft", "tv_a0"), ("ft", "retrain"), ("ft", "pre"),
-             ("pre", "v1_a0"), ("v1_a0", "retrain"), ("ft", "v1_a0")]
-    out: dict[str, Any] = {"pairs": {}}
-    for a, b in pairs:
-        curves = {}
-        for text, rows in (("public", public), ("private", private)):
-            c = lmc_curve(models[a], models[b], loss_on(rows), points=t.cfg.lmc_points)
-            curves[text] = {"ts": c.ts, "losses": c.losses, "barrier": c.barrier}
-        out["pairs"][f"{a}~{b}"] = curves
-        t.say(f"LMC {a} ~ {b}: barrier public {curves['public']['barrier']:.4f}, "
-              f"private {curves['private']['barrier']:.4f}")
-    return out
+    cfg = t.cfg
+    t.say("eta, spectra, linear mode connectivity")
+    t.result["eta"] = t._cached_json("geometry", "eta", {"energy": cfg.eta_energy, "rank": rank,
+                                                          "kfac": [kfac.key, list(cfg.kfac_ranks)]},
+                                     lambda: gd.eta_table(t, kfac.tau, retrain, split, kfac.streams))
+    t.result["spectra"] = t._cached_json("geometry", "spectra", {"v": 1}, lambda: gd.update_spectra(kfac.tau))
+    t.result["lmc"] = t._cached_json("geometry", "lmc", {"points": cfg.lmc_points, "blocks": cfg.lmc_blocks,
+                                                         "private": "records, loss tokens", "rank": rank, **qkey},
+                                     lambda: gd.lmc_pairs(t, retrain, split))
+    n = gd.linear_parameter_count(t.ft)
+    if n > cfg.slq_max_params:
+        t.result["hessian"] = {"skipped": f"{n / 1e6:.1f}M decoder-linear weights > slq_max_params "
+                                          f"{cfg.slq_max_params / 1e6:.1f}M (one Hessian-vector product per "
+                                          "Lanczos step; run it on the tiny model)"}
+        return
+    directions = {"tau": kfac.tau, "tau_low": {n: split.layers[n].low() for n in kfac.tau},
+                  "tau_high": {n: split.layers[n].high() for n in kfac.tau}}
+    key = {"probes": cfg.slq_probes, "steps": cfg.slq_steps, "blocks": cfg.slq_blocks, "rank": rank,
+           "private": "records, loss tokens"}
+    t.result["hessian"] = t._cached_json(
+        "geometry", "hessian", key,
+        lambda: gd.hessian_spectra(t, {"pre": t.pre, "ft": t.ft, "tv_a0": apply_split(t.pre, split, 1.0, 0.0),
+                                       "retrain": retrain}, directions))
 
 
 def config_from_file(path: str | Path | None, model: str) -> GeometryTableConfig:
@@ -510,9 +322,13 @@ def config_from_file(path: str | Path | None, model: str) -> GeometryTableConfig
     if path is None:
         return cfg
     d = json.loads(Path(path).read_text())
-    unknown = sorted(set(d) - set(GeometryTableConfig.__dataclass_fields__) - {"bench"})
+    if not isinstance(d, dict):
+        raise ValueError(f"{path}: a geometry-table config is a JSON object")
+    unknown = sorted(set(d) - set(GeometryTableConfig.__dataclass_fields__))
     if unknown:
         raise ValueError(f"unknown geometry-table config fields: {', '.join(unknown)}")
     tuples = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k != "bench"}
+    if "bench" in d:  # the kill-switch benchmark's own fields, over the model's preset
+        tuples["bench"] = KillSwitchConfig.from_dict({**cfg.bench.to_dict(), **d["bench"]})
     return replace(cfg, **tuples)
 

@@ -55,6 +55,7 @@ class KillSwitchData:
     calibration: torch.Tensor
     private_calibration: torch.Tensor
     general_name: str
+    private_calibration_labels: torch.Tensor | None = None  # -100 on separators and padding
 
     def describe(self) -> dict[str, Any]:
         return {"members": len(self.members), "nonmembers": len(self.nonmembers),
@@ -79,7 +80,7 @@ def build_data(cfg: KillSwitchConfig, tok: Any) -> KillSwitchData:
     private = pack_records(record_ids(tok, private_documents(members, cfg.seed)), cfg.block_len, sep)
     forget = pad_rows(record_ids(tok, [c.text for c in members]), sep)
     calib = calibration_blocks([cfg.domain, general], tok, cfg.calib_blocks, cfg.calib_len, seed=cfg.seed + 2)
-    private_calib = pack_records(record_ids(tok, [c.text for c in members]), cfg.calib_len, sep).input_ids
+    private_calib = pack_records(record_ids(tok, [c.text for c in members]), cfg.calib_len, sep)
     pretrain = None
     if cfg.model == "tiny":
         pretrain = token_blocks(general_docs, tok, cfg.block_len, cfg.pretrain_blocks, seed=cfg.seed + 3)
@@ -88,7 +89,8 @@ def build_data(cfg: KillSwitchConfig, tok: Any) -> KillSwitchData:
         domain_eval=token_blocks(domain_docs, tok, cfg.eval_len, cfg.eval_blocks, seed=cfg.seed + 1, split="heldout"),
         general_eval=token_blocks(general_docs, tok, cfg.eval_len, cfg.general_blocks, seed=cfg.seed + 1,
                                   split="heldout"),
-        general_train=pretrain, calibration=calib, private_calibration=private_calib, general_name=general)
+        general_train=pretrain, calibration=calib, private_calibration=private_calib.input_ids,
+        general_name=general, private_calibration_labels=private_calib.labels)
 
 
 def _pre_key(cfg: KillSwitchConfig, data: KillSwitchData) -> dict[str, Any]:

@@ -5,7 +5,8 @@
 * :func:`principal_angles` between two subspaces (do the general and the memorised directions
   overlap?);
 * :func:`slq_density`: the Hessian's spectral density by stochastic Lanczos quadrature (Ghorbani et
-  al. 2019) from Hessian-vector products only, with :func:`hvp` for a loss over some parameters.
+  al. 2019) from Hessian-vector products only, with :func:`hvp` for a loss over some parameters, and
+  :func:`rayleigh_quotient`, the curvature along one direction (where an update sits in that density).
   Each probe gives an ``m``-point Gauss quadrature of the spectral measure ``v^T δ(λ - H) v``; their
   average estimates ``(1/n) tr δ(λ - H)``. Lanczos runs with full re-orthogonalisation (``m`` is small),
   so with ``m = dim`` every probe's nodes are exactly the eigenvalues it sees.
@@ -106,6 +107,13 @@ def slq_density(matvec: Callable[[torch.Tensor], torch.Tensor], dim: int, probes
         if k < m:  # breakdown: pad with zero-weight copies of the last node
             nodes[p, k:] = theta[-1]
     return SpectralDensity(nodes, weights, dim)
+
+
+def rayleigh_quotient(matvec: Callable[[torch.Tensor], torch.Tensor], v: torch.Tensor) -> float:
+    """``vᵀ H v / vᵀ v``: the curvature of the operator along ``v`` (0 for a zero vector)."""
+    v = v.double().flatten()
+    vv = float(v @ v)
+    return float(v @ matvec(v).double()) / vv if vv else 0.0
 
 
 def hvp(loss_fn: Callable[[], torch.Tensor], params: Sequence[torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:

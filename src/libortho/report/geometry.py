@@ -8,11 +8,13 @@ from pathlib import Path
 from typing import Any
 
 import matplotlib
+import torch
 
 from libortho.atomic import atomic_write_text
 from libortho.eval.stats import bootstrap_mean
 from libortho.experiments.geometry_table import half_stats
 from libortho.experiments.summary import skill_retained
+from libortho.geometry.spectra import SpectralDensity
 from libortho.report.document import Block, Code, Figure, Heading, Para, Table, to_html, to_markdown
 from libortho.report.plots import _save
 
@@ -80,8 +82,18 @@ def split_table(result: dict[str, Any]) -> Table:
     return Table(["model (switch off)", "skill", "A extracted", "A exposure", f"A <= retrain + {margin:g}",
                   "B extracted", "B exposure", "B minus retrain [95% CI]"], body,
                  "Half A (chooses) and half B (reports) of the member canaries, balanced per kind and repeat count. "
-                 "Skill = (PPL_pre - PPL) / (PPL_pre - PPL_ft) on the held-out domain. INT4 rows: GPTQ base of "
-                 "the same weights.")
+                 "Skill = (PPL_pre - PPL) / (PPL_pre - PPL_ft) on the held-out domain; it is read on the same "
+                 "blocks when choosing and when reporting (only the canaries are held out). INT4 rows: GPTQ base "
+                 f"of the same weights. {exposure_note(result)}")
+
+
+def exposure_note(result: dict[str, Any]) -> str:
+    """How the exposures were measured: how many canaries by exact enumeration, how many estimated."""
+    per = result["rows"]["ft"]["metrics"]["per_canary"]
+    exact = sum(1 for p in per if p.get("exposure_method") == "exact")
+    return (f"Exposure: {exact} of {len(per)} member canaries by exact enumeration of their secret space, the "
+            f"other {len(per) - exact} by a skew-normal fit (error band wider than +-1 bit, "
+            "docs/results/exposure_check); the paired differences against retrain compare like with like.")
 
 
 def _eta_of_row(result: dict[str, Any], name: str) -> float | None:
@@ -120,12 +132,18 @@ def table_one(result: dict[str, Any]) -> Table:
         m = rows[name]["metrics"]
         cost = rows[name].get("cost", {}) or {}
         wall = cost.get("wall_s", rows[name].get("build_s"))
+        hb = half_stats(m, ch["halves"]["b"])
         body.append([rows[name]["label"], _f(_skill(rows, name)), f"{m['ppl_general']:.2f}", _extracted(m),
-                     f"{m['exposure']['mean']:.2f}", f"{best_auc(m):.3f}", _f(_eta_of_row(result, name)),
+                     f"{m['exposure']['mean']:.2f}", f"{hb['extracted']}/{hb['n']}, {hb['exposure']:.2f}",
+                     f"{best_auc(m):.3f}", _f(_eta_of_row(result, name)),
                      _f(None if pair is None else _barrier(result, pair), ".4f"), _f(wall, ".0f")])
-    return Table(["row", "skill", "general PPL", "extracted", "exposure (bits)", "best MIA AUC", "eta",
+    return Table(["row", "skill", "general PPL", "extracted (all)", "exposure (all, bits)",
+                  "half B: extracted, exposure", "best MIA AUC (max over attacks)", "eta",
                   "LMC barrier to retrain (public, nats)", "wall s"], body,
-                 "Kill-switch benchmark, every row at switch-off unless it says alpha=1. eta: of the fine-tuning "
+                 f"Kill-switch benchmark, every row at switch-off unless it says alpha=1. {exposure_note(result)} "
+                 "Half B is the half of the canaries that played no part in choosing the split's rank. The best "
+                 "MIA AUC is the maximum over the harness's attacks, so it sits above 0.5 even for the retrained "
+                 "model. eta: of the fine-tuning "
                  "update (ft, retrain) or of the part the switch removes (split: tau_high; K-FAC: its memory), on "
                  "the pre-trained model's held-out public input subspace. Wall: training (ft, retrain) or making "
                  "the row's model from the fine-tuned one (decomposition, split).")
@@ -248,6 +266,48 @@ def spectra_figure(result: dict[str, Any], path: Path, layers: int = 6) -> Path:
     return _save(fig, path)
 
 
+def hessian_blocks(result: dict[str, Any], fig_dir: Path) -> list[Block]:
+    """Seed 001's spectral-density check: where the split's memory (tau_high) and skill (tau_low) sit in the
+    loss Hessian's spectrum, per model and text (tiny models only)."""
+    h = result.get("hessian")
+    if not h:
+        return [Para("The Hessian stage did not run (a result of an earlier version): left out.")]
+    if "skipped" in h:
+        return [Para(f"Hessian spectral density: skipped here, {h['skipped']}.")]
+    body = []
+    for model, per in h["models"].items():
+        for text, x in per.items():
+            dirs = x["directions"]
+            body.append([model, text, f"{x['lambda_max']:.3g}", f"{x['mean_eigenvalue']:.3g}"]
+                        + [f"{dirs[d]['q']:.3g} ({dirs[d]['mass_above']:.3f})" for d in ("tau", "tau_low", "tau_high")])
+    fig, ax = plt.subplots(1, 2, figsize=(11, 3.8))
+    for a, text in zip(ax, ("public", "private"), strict=True):
+        for model, per in h["models"].items():
+            x = per[text]
+            d = SpectralDensity(torch.tensor(x["nodes"]), torch.tensor(x["weights"]), x["dim"])
+            grid, dens = d.histogram(bins=60)
+            a.semilogy(grid, dens.clamp_min(1e-12), label=model)
+        ft = h["models"].get("ft", {}).get(text)
+        for dname, style in (("tau_low", ":"), ("tau_high", "--")):
+            if ft is not None:
+                a.axvline(ft["directions"][dname]["q"], color="k", linestyle=style, linewidth=0.8,
+                          label=f"q({dname}) at ft")
+        a.set_xlabel("eigenvalue")
+        a.set_ylabel("smoothed spectral density")
+        a.set_title(f"loss Hessian on {text} text (SLQ)")
+    ax[0].legend(fontsize=7)
+    path = _save(fig, fig_dir / "hessian_density.png")
+    return [Table(["model", "text", "largest Ritz value", "tr(H)/n", "q(tau) (mass above)", "q(tau_low)",
+                   "q(tau_high)"], body,
+                  f"Loss Hessian in the decoder-linear weights; stochastic Lanczos quadrature, {h['probes']} "
+                  f"Rademacher probes x {h['steps']} steps. q(v) = vᵀHv/vᵀv, the curvature along v; in brackets "
+                  "the share of the estimated spectral mass above q (small = v points into the outliers). "
+                  "tr(H)/n is what a random direction gives on average. Seed 001: the memory stream should hold "
+                  "the outliers and the general stream only the bulk."),
+            Figure(path, "Spectral density of the loss Hessian, public and private text; dotted/dashed: the "
+                         "curvature along tau_low/tau_high at the fine-tuned model.")]
+
+
 def reading(result: dict[str, Any]) -> str:
     """What the measurements say, computed from them."""
     rows, ch, cfg = result["rows"], result["choice"], result["config"]
@@ -259,12 +319,18 @@ def reading(result: dict[str, Any]) -> str:
                 f"exposure bound: {', '.join(ok_e) or 'none'}; the skill bound: {', '.join(ok_s) or 'none'}. "
                 f"Control row at rank {ch['control_rank']} (best trade-off on half A).")
     B = paired_half(rows, ch["chosen"], hb, cfg["n_boot"])
-    holds = B["exposure"] <= ch["retrain_half_b"]["exposure"] + cfg["exposure_margin_bits"]
+    margin = cfg["exposure_margin_bits"]
+    if B["ci"][1] <= margin:
+        verdict = "holds on the held-out half, with the whole 95% interval inside the margin"
+    elif B["minus_retrain"] <= margin:
+        verdict = ("holds on the held-out half's point estimate only: the 95% interval reaches past the margin, "
+                   "so it is not established")
+    else:
+        verdict = "is missed on the held-out half"
     return (f"Chosen on half A: {rows[ch['chosen']]['label']} (skill {_f(_skill(rows, ch['chosen']))}). On half B it "
             f"extracts {B['extracted']}/{B['n']} and its exposure is {B['exposure']:.2f} bits against the retrained "
             f"model's {ch['retrain_half_b']['exposure']:.2f} (paired difference {B['minus_retrain']:+.2f}, 95% CI "
-            f"[{B['ci'][0]:+.2f}, {B['ci'][1]:+.2f}]): the goal (<= retrain + {cfg['exposure_margin_bits']:g} bit) "
-            f"{'holds' if holds else 'is missed'} on the held-out half.")
+            f"[{B['ci'][0]:+.2f}, {B['ci'][1]:+.2f}]): the goal (<= retrain + {margin:g} bit) {verdict}.")
 
 
 def build_blocks(result: dict[str, Any], fig_dir: Path, sep_dir: Path | None) -> list[Block]:
@@ -303,6 +369,7 @@ def build_blocks(result: dict[str, Any], fig_dir: Path, sep_dir: Path | None) ->
               lmc_rows, f"{cfg['lmc_points']} points; public: {cfg['lmc_blocks']} held-out domain blocks; "
                         "private: the member records. v1_a0 is the dequantized INT4 base."),
         figs[1], figs[3],
+        Heading("Hessian spectral density (seed 001 table 1)"), *hessian_blocks(result, fig_dir),
         Heading("Setup"),
         Code(json.dumps({"config": cfg, "data": {k: v for k, v in result["data"].items() if k != "canaries"},
                          "stages": result["stages"]}, indent=1, default=str)[:6000]),

@@ -64,6 +64,9 @@ def kfac_best_rank(R: torch.Tensor, f: KFACFactors, rank: int, damp: float = 0.1
                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """Factors of the rank-``rank`` minimiser of the damped K-FAC loss of ``R - M`` (module docstring)."""
     _check(R, f, rank)
+    if f.ekfac is not None:
+        raise ValueError("the best rank-r memory whitens by the Kronecker factors; these carry EK-FAC eigenvalues "
+                         "(not a product): drop ekfac, or use kfac-eigen, which ranks by them")
     sG, sA = _damped_sqrt(f, damp)
     if float(sG.min()) == 0.0 or float(sA.min()) == 0.0:
         raise ValueError("a K-FAC factor is singular: use damp > 0")
@@ -90,7 +93,9 @@ def _directions(R: torch.Tensor, f: KFACFactors, rank: int, use_residual: bool) 
 @KFAC_MEMORY.register("kfac-eigen")
 def kfac_eigen_directions(R: torch.Tensor, f: KFACFactors, rank: int, damp: float = 0.1
                           ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``rank`` eigen-directions of one side ranked by summed ``C_ij^2 λ_G,i λ_A,j``; ``R`` projected onto them."""
+    """``rank`` eigen-directions of one side ranked by summed ``C_ij^2 λ_G,i λ_A,j`` (EK-FAC's eigenvalues when
+    fitted); ``R`` projected onto them. ``damp`` is unused: nothing is inverted, and the ranking reads the
+    undamped eigenvalues."""
     return _directions(R, f, rank, use_residual=True)
 
 
