@@ -7,19 +7,19 @@ import json
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-import torch
-
 from libortho.atomic import atomic_write_text
 from libortho.eval.stats import bootstrap_mean
 from libortho.experiments.geometry_table import half_stats
 from libortho.experiments.summary import skill_retained
-from libortho.geometry.spectra import SpectralDensity
 from libortho.report.document import Block, Code, Figure, Heading, Para, Table, to_html, to_markdown
-from libortho.report.plots import _save
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+from libortho.report.geometry_figures import (
+    eta_figure,
+    hessian_figure,
+    lmc_figure,
+    rank_figure,
+    row_skill,
+    spectra_figure,
+)
 
 # what the seeds claim for their table 1 (seeds 000/001 §5), quoted beside our figures
 SEED_CLAIMS = [
@@ -54,11 +54,6 @@ def paired_half(rows: dict[str, Any], name: str, idx: list[int], n_boot: int) ->
     return {**half_stats(rows[name]["metrics"], idx), "minus_retrain": ci.estimate, "ci": [ci.low, ci.high]}
 
 
-def _skill(rows: dict[str, Any], name: str) -> float | None:
-    pre, ft = rows["pre"]["metrics"]["ppl_domain"], rows["ft"]["metrics"]["ppl_domain"]
-    return skill_retained(pre, rows[name]["metrics"]["ppl_domain"], ft)
-
-
 def split_table(result: dict[str, Any]) -> Table:
     """Every split rank: skill, and each half's extraction and exposure (B paired against retrain)."""
     rows, ch, cfg = result["rows"], result["choice"], result["config"]
@@ -71,13 +66,13 @@ def split_table(result: dict[str, Any]) -> Table:
         A = half_stats(r["metrics"], ha)
         B = paired_half(rows, n, hb, cfg["n_boot"])
         ok_a = A["exposure"] <= ch["retrain_half_a"]["exposure"] + margin
-        sk = _skill(rows, n)
+        sk = row_skill(rows, n)
         mark = " **(chosen on A)**" if n == ch.get("chosen") else ""
         body.append([r["label"] + mark, _f(sk), f"{A['extracted']}/{A['n']}", f"{A['exposure']:.2f}",
                      "yes" if ok_a else "no", f"{B['extracted']}/{B['n']}", f"{B['exposure']:.2f}",
                      f"{B['minus_retrain']:+.2f} [{B['ci'][0]:+.2f}, {B['ci'][1]:+.2f}]"])
     ra, rb = ch["retrain_half_a"], ch["retrain_half_b"]
-    body.append(["Retrain w/o private (reference)", _f(_skill(rows, "retrain")), f"{ra['extracted']}/{ra['n']}",
+    body.append(["Retrain w/o private (reference)", _f(row_skill(rows, "retrain")), f"{ra['extracted']}/{ra['n']}",
                  f"{ra['exposure']:.2f}", "—", f"{rb['extracted']}/{rb['n']}", f"{rb['exposure']:.2f}", "0"])
     return Table(["model (switch off)", "skill", "A extracted", "A exposure", f"A <= retrain + {margin:g}",
                   "B extracted", "B exposure", "B minus retrain [95% CI]"], body,
@@ -133,7 +128,7 @@ def table_one(result: dict[str, Any]) -> Table:
         cost = rows[name].get("cost", {}) or {}
         wall = cost.get("wall_s", rows[name].get("build_s"))
         hb = half_stats(m, ch["halves"]["b"])
-        body.append([rows[name]["label"], _f(_skill(rows, name)), f"{m['ppl_general']:.2f}", _extracted(m),
+        body.append([rows[name]["label"], _f(row_skill(rows, name)), f"{m['ppl_general']:.2f}", _extracted(m),
                      f"{m['exposure']['mean']:.2f}", f"{hb['extracted']}/{hb['n']}, {hb['exposure']:.2f}",
                      f"{best_auc(m):.3f}", _f(_eta_of_row(result, name)),
                      _f(None if pair is None else _barrier(result, pair), ".4f"), _f(wall, ".0f")])
@@ -154,6 +149,28 @@ def separation_seed_dir(sep_dir: Path) -> Path | None:
     seeds = sorted((p for p in sep_dir.glob("seed*") if p.name[4:].isdigit() and (p / "evals").is_dir()),
                    key=lambda p: int(p.name[4:]))
     return seeds[0] if seeds else None
+
+
+def separation_eta(sep_dir: Path) -> list[Block]:
+    """eta of each training method's update on the held-out public subspace, every seed of the run, beside
+    the random baseline: the seeds' OGD claim (plain fine-tuning ~0.3, OGD < 0.05)."""
+    seeds = sorted((p for p in sep_dir.glob("seed*") if p.name[4:].isdigit() and (p / "stages" / "eta").is_dir()),
+                   key=lambda p: int(p.name[4:]))
+    methods = sorted({f.stem for sd in seeds for f in (sd / "stages" / "eta").glob("*.json")})
+    if not seeds or not methods:
+        return []
+    body = []
+    for m in methods:
+        cells = []
+        for sd in seeds:
+            f = sd / "stages" / "eta" / f"{m}.json"
+            info = json.loads(f.read_text())["info"] if f.is_file() else None
+            cells.append("—" if info is None else f"{info['eta']:.3f} ({info['random_baseline']:.3f})")
+        body.append([m, *cells])
+    return [Table(["update", *[sd.name for sd in seeds]], body,
+                  f"eta = ||P_gen(dW)|| / ||dW|| pooled over layers, on a held-out public input subspace, each seed "
+                  f"of {sep_dir}; in brackets the random baseline sqrt(k/d) pooled alike. Seed claim: plain "
+                  "fine-tuning ~0.3, OGD < 0.05.")]
 
 
 def separation_panel(sep_dir: Path | None) -> list[Block]:
@@ -189,81 +206,13 @@ def separation_panel(sep_dir: Path | None) -> list[Block]:
         sk = skill_retained(pre["ppl_domain"], m["ppl_domain"], ft["ppl_domain"])
         body.append([label, _f(sk), f"{m['ppl_general']:.2f}", _extracted(m), f"{m['exposure']['mean']:.2f}",
                      f"{best_auc(m):.3f}", _f(e)])
-    return [Table(["row", "skill", "general PPL", "extracted", "exposure (bits)", "best MIA AUC", "eta"], body,
+    return [*separation_eta(sep_dir),
+            Table(["row", "skill", "general PPL", "extracted", "exposure (bits)", "best MIA AUC", "eta"], body,
                   f"Separation benchmark ({sep_dir.name}, {seed_dir.name}): recorded rows of {sep_dir}. Its "
                   "fine-tuning gains only "
                   f"{pre['ppl_domain'] - ft['ppl_domain']:.2f} domain PPL, so its skill column is noise-dominated; "
                   "two-phase needs private-token labels the kill-switch data do not carry, so it is not in the "
                   "table above.")]
-
-
-def rank_figure(result: dict[str, Any], path: Path) -> Path:
-    rows, ch = result["rows"], result["choice"]
-    hb = ch["halves"]["b"]
-    fig, ax = plt.subplots(1, 2, figsize=(10, 3.8))
-    for base, style in (("fp", "o-"), ("int4", "s--")):
-        pts = sorted((r["rank"], n) for n, r in rows.items() if r["group"] == "taskvec" and r.get("base") == base
-                     and "restpre" not in n)
-        if not pts:
-            continue
-        ks = [p[0] for p in pts]
-        ax[0].plot(ks, [half_stats(rows[n]["metrics"], hb)["exposure"] for _, n in pts], style,
-                   label=f"split b=0 ({base}), half B")
-        ax[1].plot(ks, [_skill(rows, n) for _, n in pts], style, label=f"split b=0 ({base})")
-    ax[0].axhline(ch["retrain_half_b"]["exposure"] + result["config"]["exposure_margin_bits"], color="tab:green",
-                  linestyle=":", label="retrain + 1 bit (half B)")
-    ax[0].axhline(half_stats(rows["ft"]["metrics"], hb)["exposure"], color="tab:red", linestyle="--",
-                  label="FP fine-tuned")
-    ax[1].axhline(result["config"]["skill_goal"], color="tab:gray", linestyle=":", label="skill goal")
-    for a, t in zip(ax, ("exposure (bits), half B", "skill retained"), strict=True):
-        a.set_xscale("log", base=2)
-        a.set_xlabel("rank k of tau_low per matrix")
-        a.set_ylabel(t)
-        a.legend(fontsize=7)
-    return _save(fig, path)
-
-
-def lmc_figure(result: dict[str, Any], path: Path) -> Path:
-    pairs = result["lmc"]["pairs"]
-    fig, ax = plt.subplots(1, 2, figsize=(11, 3.8))
-    for name, p in pairs.items():
-        for a, text in zip(ax, ("public", "private"), strict=True):
-            a.plot(p[text]["ts"], p[text]["losses"], marker=".", label=name.replace("~", " → "))
-    for a, text in zip(ax, ("public", "private"), strict=True):
-        a.set_xlabel("t")
-        a.set_ylabel(f"mean NLL on {text} text")
-        a.set_title(f"loss along (1-t) a + t b, {text}")
-    ax[0].legend(fontsize=7)
-    return _save(fig, path)
-
-
-def eta_figure(result: dict[str, Any], path: Path) -> Path:
-    ups = result["eta"]["updates"]
-    fig, ax = plt.subplots(figsize=(10, 3.8))
-    for u, rep in ups.items():
-        per = list(rep["per_layer"].values())
-        ax.plot(range(len(per)), [p["eta"] for p in per], ".", markersize=3, label=f"{u} (pooled {rep['eta']:.3f})")
-    first = next(iter(ups.values()))["per_layer"]
-    ax.plot(range(len(first)), [p["random_baseline"] for p in first.values()], "k-", linewidth=0.8,
-            label="random baseline sqrt(k/d)")
-    ax.set_xlabel("decoder linear (block order)")
-    ax.set_ylabel("eta on held-out public subspace")
-    ax.legend(fontsize=7)
-    return _save(fig, path)
-
-
-def spectra_figure(result: dict[str, Any], path: Path, layers: int = 6) -> Path:
-    sp = result["spectra"]
-    names = list(sp)
-    pick = [names[i] for i in sorted({round(j * (len(names) - 1) / max(layers - 1, 1)) for j in range(layers)})]
-    fig, ax = plt.subplots(figsize=(7, 3.8))
-    for n in pick:
-        s = sp[n]["s"]
-        ax.semilogy(range(1, len(s) + 1), s, label=n.replace("model.layers.", "L"))
-    ax.set_xlabel("index")
-    ax.set_ylabel("singular value of tau = W_ft - W_pre")
-    ax.legend(fontsize=7)
-    return _save(fig, path)
 
 
 def hessian_blocks(result: dict[str, Any], fig_dir: Path) -> list[Block]:
@@ -280,23 +229,7 @@ def hessian_blocks(result: dict[str, Any], fig_dir: Path) -> list[Block]:
             dirs = x["directions"]
             body.append([model, text, f"{x['lambda_max']:.3g}", f"{x['mean_eigenvalue']:.3g}"]
                         + [f"{dirs[d]['q']:.3g} ({dirs[d]['mass_above']:.3f})" for d in ("tau", "tau_low", "tau_high")])
-    fig, ax = plt.subplots(1, 2, figsize=(11, 3.8))
-    for a, text in zip(ax, ("public", "private"), strict=True):
-        for model, per in h["models"].items():
-            x = per[text]
-            d = SpectralDensity(torch.tensor(x["nodes"]), torch.tensor(x["weights"]), x["dim"])
-            grid, dens = d.histogram(bins=60)
-            a.semilogy(grid, dens.clamp_min(1e-12), label=model)
-        ft = h["models"].get("ft", {}).get(text)
-        for dname, style in (("tau_low", ":"), ("tau_high", "--")):
-            if ft is not None:
-                a.axvline(ft["directions"][dname]["q"], color="k", linestyle=style, linewidth=0.8,
-                          label=f"q({dname}) at ft")
-        a.set_xlabel("eigenvalue")
-        a.set_ylabel("smoothed spectral density")
-        a.set_title(f"loss Hessian on {text} text (SLQ)")
-    ax[0].legend(fontsize=7)
-    path = _save(fig, fig_dir / "hessian_density.png")
+    path = hessian_figure(h, fig_dir / "hessian_density.png")
     return [Table(["model", "text", "largest Ritz value", "tr(H)/n", "q(tau) (mass above)", "q(tau_low)",
                    "q(tau_high)"], body,
                   f"Loss Hessian in the decoder-linear weights; stochastic Lanczos quadrature, {h['probes']} "
@@ -306,6 +239,7 @@ def hessian_blocks(result: dict[str, Any], fig_dir: Path) -> list[Block]:
                   "the outliers and the general stream only the bulk."),
             Figure(path, "Spectral density of the loss Hessian, public and private text; dotted/dashed: the "
                          "curvature along tau_low/tau_high at the fine-tuned model.")]
+
 
 
 def reading(result: dict[str, Any]) -> str:
@@ -327,8 +261,8 @@ def reading(result: dict[str, Any]) -> str:
                    "so it is not established")
     else:
         verdict = "is missed on the held-out half"
-    return (f"Chosen on half A: {rows[ch['chosen']]['label']} (skill {_f(_skill(rows, ch['chosen']))}). On half B it "
-            f"extracts {B['extracted']}/{B['n']} and its exposure is {B['exposure']:.2f} bits against the retrained "
+    return (f"Chosen on half A: {rows[ch['chosen']]['label']} (skill {_f(row_skill(rows, ch['chosen']))}). On half B "
+            f"it extracts {B['extracted']}/{B['n']} and its exposure is {B['exposure']:.2f} bits against the retrained "
             f"model's {ch['retrain_half_b']['exposure']:.2f} (paired difference {B['minus_retrain']:+.2f}, 95% CI "
             f"[{B['ci'][0]:+.2f}, {B['ci'][1]:+.2f}]): the goal (<= retrain + {margin:g} bit) {verdict}.")
 
