@@ -251,6 +251,39 @@ def performance_lines(perf: dict[str, Any], link: str) -> list[str]:
             + (f" Missed: {missed}." if missed else "")]
 
 
+def geometry_lines(res: dict[str, Any], kfac_sel: dict[str, Any] | None, link: str) -> list[str]:
+    """The seeds' table 1 (geometry table): the split's held-out verdict, the other switches off, eta, LMC."""
+    from libortho.report.geometry import best_auc, reading
+
+    rows = res["rows"]
+
+    def row(name: str) -> str:
+        m = rows[name]["metrics"]
+        per = m["per_canary"]
+        return (f"{rows[name]['label']}: {sum(p['extracted'] for p in per)}/{len(per)} extracted, exposure "
+                f"{m['exposure']['mean']:.2f} bits, best MIA AUC {best_auc(m):.3f}")
+
+    kf = max(res["config"]["kfac_ranks"])
+    shown = [n for n in ("ft", "v1_a0", f"kfac_r{kf}", "retrain") if n in rows]
+    eta = res["eta"]["updates"]
+    lmc = res["lmc"]["pairs"]
+    out = [f"- **Seeds' table 1 on {res['config']['bench']['model']}** ([report]({link}), the kill-switch benchmark, "
+           f"every switch off): {reading(res)} " + "; ".join(row(n) for n in shown) + ". "
+           f"eta on a held-out public subspace: fine-tuning update {eta['ft']['eta']:.3f}, tau_high "
+           f"{eta['tv_high']['eta']:.3f}, tau_low {eta['tv_low']['eta']:.3f} (random baseline "
+           f"{eta['ft']['random_baseline']:.3f}). LMC barrier (public text): split at b = 0 to retrain "
+           f"{lmc['tv_a0~retrain']['public']['barrier']:.4f}, INT4 alpha = 0 to retrain "
+           f"{lmc['v1_a0~retrain']['public']['barrier']:.4f} nats."]
+    if kfac_sel is not None:
+        g = kfac_sel["gap_closed"]
+        out.append(f"- **K-FAC selector at equal bits** ([report](docs/results/geometry_smollm2/kfac_selector.md), "
+                   f"SmolLM2 INT4 g64, obs 1% budget): best rank-r under K-FAC closes {g['kfac']:.3f} of the GPTQ -> "
+                   f"FP32 perplexity gap; sparse obs {g['sparse obs-residual']:.3f}, diag "
+                   f"{g['sparse diag-residual']:.3f} (residual values), diag with optimal values "
+                   f"{g['sparse diag-optimal']:.3f}; plain SVD at the same rank {g['svd']:.3f}.")
+    return out
+
+
 def render_block(results: Path) -> str:
     """The Markdown between the README's markers, from the JSON files under ``results``."""
     lines = []
@@ -283,6 +316,10 @@ def render_block(results: Path) -> str:
     tt = _load(results / "separation_smollm2" / "training_time.json")
     if tt is not None:
         lines += training_time_lines(tt, "docs/results/separation_smollm2/training_time.json")
+    geo = _load(results / "geometry_smollm2" / "table1" / "result.json")
+    if geo is not None:
+        lines += geometry_lines(geo, _load(results / "geometry_smollm2" / "kfac_selector.json"),
+                                "docs/results/geometry_smollm2/table1/report.md")
     ex = _load(results / "exposure_check" / "result.json")
     if ex is not None and "conclusion" in ex:
         lines += exposure_lines(ex, "docs/results/exposure_check/report.md")

@@ -16,9 +16,12 @@ Score functions take ``(R, curvature)``; a bare tensor is read as a :class:`Laye
 from __future__ import annotations
 
 import abc
+import weakref
+from typing import Any
 
 import torch
 
+from libortho.curvature.damping import inverse_diag
 from libortho.curvature.kfac import KFACFactors
 
 
@@ -54,9 +57,7 @@ class LayerHessian(Curvature):
         return torch.diagonal(self.H).float()[None, :]
 
     def inverse_diagonal(self) -> torch.Tensor:
-        from libortho.select.scores import inverse_hessian_diag  # remembers the last H: siblings share it
-
-        return inverse_hessian_diag(self.H, self.damp)[None, :]
+        return inverse_hessian_diag(self.H, self.damp)[None, :]  # remembers the last H: siblings share it
 
 
 class KFACCurvature(Curvature):
@@ -94,3 +95,23 @@ def as_curvature(H: torch.Tensor | Curvature | None) -> Curvature | None:
     if H is None or isinstance(H, Curvature):
         return H
     return LayerHessian(H)
+
+
+_last_inverse: list[Any] = []  # [weakref to H, H._version, damp, result]: linears of one stage share H
+
+
+def inverse_hessian_diag(H: torch.Tensor, damp: float = 0.01) -> torch.Tensor:
+    """``diag(H^-1)`` of the damped Hessian, raising the damping until Cholesky succeeds.
+
+    The last result is remembered for the same (unmodified) H tensor: q/k/v and gate/up share
+    one Hessian, so their selection factorises it once.
+    """
+    if _last_inverse and _last_inverse[0]() is H and _last_inverse[1:3] == [H._version, damp]:
+        return _last_inverse[3].clone()
+    out = _inverse_hessian_diag(H, damp)
+    _last_inverse[:] = [weakref.ref(H), H._version, damp, out]
+    return out.clone()
+
+
+def _inverse_hessian_diag(H: torch.Tensor, damp: float) -> torch.Tensor:
+    return inverse_diag(H, damp)[0].float()

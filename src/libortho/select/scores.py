@@ -8,13 +8,13 @@ Hessian tensor; selectors read only its diagonal and its inverse's diagonal, so 
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
-from libortho.curvature.damping import damped, inverse_diag
+from libortho.curvature.damping import damped
+from libortho.curvature.operator import inverse_hessian_diag  # noqa: F401  (re-exported: libortho.select)
 
 ScoreFn = Callable[[torch.Tensor, Any], torch.Tensor]
 SELECTORS: dict[str, ScoreFn] = {}
@@ -36,26 +36,6 @@ def damped_hessian(H: torch.Tensor, damp: float = 0.01) -> torch.Tensor:
     """H (fp64) with dead columns set to 1 and ``damp * mean(diag H)`` added: the one rule of
     :func:`libortho.curvature.damping.damped`."""
     return damped(H, damp, torch.float64)
-
-
-_last_inverse: list[Any] = []  # [weakref to H, H._version, damp, result]: linears of one stage share H
-
-
-def inverse_hessian_diag(H: torch.Tensor, damp: float = 0.01) -> torch.Tensor:
-    """``diag(H^-1)`` of the damped Hessian, raising the damping until Cholesky succeeds.
-
-    The last result is remembered for the same (unmodified) H tensor: q/k/v and gate/up share
-    one Hessian, so their selection factorises it once.
-    """
-    if _last_inverse and _last_inverse[0]() is H and _last_inverse[1:3] == [H._version, damp]:
-        return _last_inverse[3].clone()
-    out = _inverse_hessian_diag(H, damp)
-    _last_inverse[:] = [weakref.ref(H), H._version, damp, out]
-    return out.clone()
-
-
-def _inverse_hessian_diag(H: torch.Tensor, damp: float) -> torch.Tensor:
-    return inverse_diag(H, damp)[0].float()
 
 
 def _need_h(name: str, H: Any, R: torch.Tensor) -> Any:
