@@ -87,6 +87,21 @@ def test_halves_are_balanced_per_stratum() -> None:
             assert na in (1, 2)
 
 
+def test_halves_split_every_repeat_count_and_every_kind_on_the_benchmark_design() -> None:
+    """6 kinds x 4 canaries seen 1, 4, 16, 1 times: each half gets 3 of the 16x canaries, 3 of the 4x, 6 of
+    the 1x, and 2 of every kind (a split that dealt by kind first gave half B every 16x canary)."""
+    kinds = ("id", "phone", "email", "password", "card", "digits")
+    ms = [SimpleNamespace(kind=k, repeats=r) for k in kinds for r in (1, 4, 16, 1)]
+    a, b = halves(ms)
+    for half in (a, b):
+        assert len(half) == 12
+        for r, n in ((1, 6), (4, 3), (16, 3)):
+            assert sum(1 for i in half if ms[i].repeats == r) == n, (r, half)
+        for k in kinds:
+            assert sum(1 for i in half if ms[i].kind == k) == 2, k
+            assert sum(1 for i in half if ms[i].kind == k and ms[i].repeats == 1) == 1, k
+
+
 def test_choose_rank_reads_half_a_and_both_goals() -> None:
     rows = {"tv_r1": {"rank": 1, "skill": 0.5, "half_a": {"exposure": 1.0}},
             "tv_r4": {"rank": 4, "skill": 0.95, "half_a": {"exposure": 2.4}},

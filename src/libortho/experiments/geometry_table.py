@@ -100,11 +100,23 @@ def default_config(model: str = "smollm2-135m") -> GeometryTableConfig:
 
 
 def halves(members: list[Any]) -> tuple[list[int], list[int]]:
-    """Two balanced halves of the member canaries: within each (kind, repeats) stratum, alternately.
+    """Two halves of the member canaries, balanced in repeat count first and in kind second.
 
-    Half A chooses the rank, half B reports it; deterministic, and fixed before anything is measured."""
-    order = sorted(range(len(members)), key=lambda i: (members[i].kind, members[i].repeats, i))
-    a, b = order[0::2], order[1::2]
+    Within each repeat count (levels in ascending order) the canaries are ordered by kind (in order of
+    first appearance) and dealt alternately, the dealing starting on A for even levels and on B for odd
+    ones. So each half gets half of every repeat count (up to one), and with the benchmark's 4 canaries
+    per kind seen 1, 1, 4 and 16 times, each kind gives each half one canary seen once and one of the
+    others: no half collects all the most repeated canaries. Half A chooses the rank, half B reports it;
+    deterministic, and fixed before anything is measured."""
+    kinds: dict[str, int] = {}
+    for m in members:
+        kinds.setdefault(m.kind, len(kinds))
+    a: list[int] = []
+    b: list[int] = []
+    for level, reps in enumerate(sorted({m.repeats for m in members})):
+        idx = sorted((i for i, m in enumerate(members) if m.repeats == reps), key=lambda i: (kinds[members[i].kind], i))
+        for p, i in enumerate(idx):
+            (a if (p + level) % 2 == 0 else b).append(i)
     return sorted(a), sorted(b)
 
 
