@@ -57,6 +57,7 @@ def _kfac_factors(t: Any) -> dict[str, Any]:
     if not t.fresh and path.is_file():
         factors, meta = load_kfac(path)
         if meta.get("key") == _canonical(key):
+            t.result["stages"]["kfac_fit_s"] = meta.get("fit_s")  # as measured when they were fitted
             return factors
     layers = find_linears(t.ft)
     t0 = time.perf_counter()

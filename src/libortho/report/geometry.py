@@ -141,7 +141,8 @@ def table_one(result: dict[str, Any]) -> Table:
                  "model. eta: of the fine-tuning "
                  "update (ft, retrain) or of the part the switch removes (split: tau_high; K-FAC: its memory), on "
                  "the pre-trained model's held-out public input subspace. Wall: training (ft, retrain) or making "
-                 "the row's model from the fine-tuned one (decomposition, split).")
+                 "the row's model from the fine-tuned one (decomposition, split); 0 where the row switches off a model "
+                 "built for another row (v1 alpha 0 is the obs decomposition at alpha 0).")
 
 
 def separation_seed_dir(sep_dir: Path) -> Path | None:
@@ -198,21 +199,22 @@ def separation_panel(sep_dir: Path | None) -> list[Block]:
             ("ogd_int4_a0", "OGD INT4, alpha=0", eta("ogd")),
             ("retrain_masked_fp", "Retrain, secrets masked", eta("retrain_masked")),
             ("retrain_masked_int4", "Retrain, secrets masked + INT4", None)]
+    gain = pre["ppl_domain"] - ft["ppl_domain"]
     body = []
     for name, label, e in spec:
         m = load(name)
         if m is None:
             continue
-        sk = skill_retained(pre["ppl_domain"], m["ppl_domain"], ft["ppl_domain"])
-        body.append([label, _f(sk), f"{m['ppl_general']:.2f}", _extracted(m), f"{m['exposure']['mean']:.2f}",
-                     f"{best_auc(m):.3f}", _f(e)])
+        sk = skill_retained(pre["ppl_domain"], m["ppl_domain"], ft["ppl_domain"]) if gain > 1.0 else None
+        body.append([label, _f(sk), f"{m['ppl_domain']:.2f}", f"{m['ppl_general']:.2f}", _extracted(m),
+                     f"{m['exposure']['mean']:.2f}", f"{best_auc(m):.3f}", _f(e)])
+    skill_note = ("" if gain > 1.0 else f" Its fine-tuning moves the domain perplexity by {-gain:+.2f} (it gains "
+                  "nothing there to retain), so skill retained is not defined and left blank.")
     return [*separation_eta(sep_dir),
-            Table(["row", "skill", "general PPL", "extracted", "exposure (bits)", "best MIA AUC", "eta"], body,
-                  f"Separation benchmark ({sep_dir.name}, {seed_dir.name}): recorded rows of {sep_dir}. Its "
-                  "fine-tuning gains only "
-                  f"{pre['ppl_domain'] - ft['ppl_domain']:.2f} domain PPL, so its skill column is noise-dominated; "
-                  "two-phase needs private-token labels the kill-switch data do not carry, so it is not in the "
-                  "table above.")]
+            Table(["row", "skill", "domain PPL", "general PPL", "extracted", "exposure (bits)", "best MIA AUC", "eta"],
+                  body, f"Separation benchmark ({sep_dir.name}, {seed_dir.name}): recorded rows of {sep_dir}."
+                  f"{skill_note} Two-phase needs private-token labels the kill-switch data do not carry, so it is "
+                  "not in the table above.")]
 
 
 def hessian_blocks(result: dict[str, Any], fig_dir: Path) -> list[Block]:
@@ -240,6 +242,17 @@ def hessian_blocks(result: dict[str, Any], fig_dir: Path) -> list[Block]:
             Figure(path, "Spectral density of the loss Hessian, public and private text; dotted/dashed: the "
                          "curvature along tau_low/tau_high at the fine-tuned model.")]
 
+
+
+def lmc_reading(result: dict[str, Any], tol: float = 1e-3) -> str:
+    """Which pairs have a loss barrier at all, and whether the test can tell the pairs apart."""
+    pairs = result["lmc"]["pairs"]
+    raised = [f"{p} ({t})" for p, v in pairs.items() for t in ("public", "private") if v[t]["barrier"] > tol]
+    if raised:
+        return f"Barriers above {tol:g} nats: {', '.join(raised)}; every other pair and text is barrier-free."
+    return (f"No pair has a barrier above {tol:g} nats on either text, the fine-tuned model and the pre-trained one "
+            "included: at this fine-tuning scale every model here sits in one basin with every other, so a zero "
+            "barrier between a switched-off model and the retrained one does not single it out.")
 
 
 def reading(result: dict[str, Any]) -> str:
@@ -298,7 +311,7 @@ def build_blocks(result: dict[str, Any], fig_dir: Path, sep_dir: Path | None) ->
               f"Held-out public subspace: the pre-trained model's inputs on the held-out domain blocks at energy "
               f"{result['eta']['energy']:g}. Rank of the split: {result['eta']['rank']}."),
         figs[2],
-        Heading("Linear mode connectivity"),
+        Heading("Linear mode connectivity"), Para(lmc_reading(result)),
         Table(["pair a → b", "barrier public", "barrier private", "public NLL a → b", "private NLL a → b"],
               lmc_rows, f"{cfg['lmc_points']} points; public: {cfg['lmc_blocks']} held-out domain blocks; "
                         "private: the member records. v1_a0 is the dequantized INT4 base."),
