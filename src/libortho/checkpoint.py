@@ -134,8 +134,27 @@ def _attach_neurons(model: nn.Module, dec: Decomposition) -> None:
             raise CorruptDecompositionError(f"{dec.path}: memory neurons at {name!r} do not fit: {err}") from err
 
 
+def attach_saved_behaviour(model: nn.Module, path: str | Path, alpha: float = 1.0, load: bool = True,
+                           verify: bool = True) -> int:
+    """Attach the behaviour stream saved in directory ``path`` (a decomposition or an HF checkpoint).
+
+    Returns the number of sites (0 when ``path`` declares none). A withheld stream (manifest without its
+    tensor file, or ``load=False``) attaches locked at alpha_b = 0: the unedited model.
+    """
+    from libortho.behaviour_io import read_behaviour
+    from libortho.runtime.behaviour import attach_behaviour
+
+    found = read_behaviour(path, load=load, verify=verify)
+    if found is None:
+        return 0
+    if found.withheld:
+        return attach_behaviour(model, None, sites=list(found.sites))
+    return attach_behaviour(model, found.stream, alpha=alpha)
+
+
 def load(path: str | Path, alpha: float = 1.0, load_ortho: bool = True, verify: bool = True,
-         base_dtype: torch.dtype = torch.bfloat16) -> tuple[nn.Module, Any]:
+         base_dtype: torch.dtype = torch.bfloat16, behaviour_alpha: float = 1.0,
+         load_behaviour: bool = True) -> tuple[nn.Module, Any]:
     """Rebuild a decomposed model (and its tokenizer, or None) from a directory written by :func:`save`.
 
     Memory streams of every form come back: sparse and low-rank ones in their OrthoLinear, neurons as
@@ -165,4 +184,5 @@ def load(path: str | Path, alpha: float = 1.0, load_ortho: bool = True, verify: 
     group_shared_inputs(model)
     if dec.ortho is not None and switchable_layers(model):
         set_alpha(model, alpha)
+    attach_saved_behaviour(model, path, behaviour_alpha, load=load_behaviour, verify=verify)
     return model, load_tokenizer(path)

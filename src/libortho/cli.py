@@ -225,6 +225,38 @@ def info(path: DecDir) -> None:
     console.print({k: v for k, v in d.items() if k != "layers"})
 
 
+@app.command()
+def ablate(
+    model: Annotated[str, typer.Argument(help="smollm2-135m, tiny, a HF directory or a saved decomposition",
+                                         metavar="MODEL")],
+    with_: Annotated[Path, typer.Option("--with", help="JSONL prompts that show the behaviour (A)",
+                                        show_default=False)],
+    without: Annotated[Path, typer.Option(help="JSONL prompts that do not (B), matched to A where possible",
+                                          show_default=False)],
+    out: Annotated[Path, typer.Option(help="output directory (new or empty unless --overwrite)", show_default=False)],
+    stream: Annotated[bool, typer.Option(help="keep the edit as a behaviour stream with its own alpha instead of "
+                                              "writing it into the weights")] = False,
+    strength: Annotated[float, typer.Option(help="lambda: 1 projects the direction out")] = 1.0,
+    min_fraction: Annotated[float, typer.Option(help="edit (and aggregate over) layers l >= this * L")] = 0.7,
+    direction_layer: Annotated[int | None, typer.Option(help="use this layer's own direction, not the aggregate")
+                               ] = None,
+    positions: Annotated[str, typer.Option(help="last (last prompt token) or post_instruction")] = "last",
+    held_out: Annotated[float, typer.Option(help="share of templates (else prompts) held out for before/after")
+                        ] = 0.25,
+    markers: Annotated[str | None, typer.Option(help="comma-separated behaviour markers (default: refusals)")
+                       ] = None,
+    seed: int = 0, overwrite: bool = False,
+) -> None:
+    """Find the direction separating A from B and project it out of the residual writers of the late layers."""
+    with _input_errors():
+        from libortho.behaviour_edit import ablate_and_save
+
+        summary = ablate_and_save(model, with_, without, out, stream=stream, strength=strength,
+                                  min_fraction=min_fraction, direction_layer=direction_layer, positions=positions,
+                                  held_out_fraction=held_out, markers=_names(markers), seed=seed, overwrite=overwrite)
+    console.print_json(json.dumps(summary))
+
+
 experiment_app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False,
                              help="Experiments that test the seed documents' claims.")
 app.add_typer(experiment_app, name="experiment")
@@ -397,6 +429,41 @@ def _render_separation(path: Path) -> dict[str, Path] | None:
     except ImportError:
         return None
     return render_separation_report(path)
+
+
+@experiment_app.command("ablation")
+def ablation(
+    model: Annotated[str, typer.Option(help="smollm2-135m, tiny, or a HF directory")] = "smollm2-135m",
+    out: Annotated[Path, typer.Option(help="output folder (stages are cached there and resumed)")]
+    = Path("runs/ablation-smollm2"),
+    benchmarks: Annotated[str, typer.Option(help="comma-separated: planted, refusal")] = "planted,refusal",
+    config: Annotated[Path | None, typer.Option(help="JSON file of AblationConfig fields to override")] = None,
+    trials: Annotated[int | None, typer.Option(help="Optuna trials per benchmark (default 50)")] = None,
+    kl_budget: Annotated[float | None, typer.Option(help="first-token KL budget on neutral prompts")] = None,
+    seed: int | None = None, quiet: bool = False,
+) -> None:
+    """Planted behaviour and the model's own refusals: find, remove, measure (behaviour, KL, PPL), report."""
+    with _input_errors():
+        if out.exists() and not out.is_dir():
+            raise FileExistsError(f"{out} exists and is a file, not a directory: give a folder for --out")
+        from libortho.experiments.ablation import AblationConfig, run_ablation
+
+        fields = _config_file(config) if config is not None else {}
+        fields.update({k: v for k, v in {"n_trials": trials, "kl_budget": kl_budget, "seed": seed}.items()
+                       if v is not None})
+        fields = {k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()}
+        known = set(AblationConfig.__dataclass_fields__) - {"model", "benchmarks"}
+        unknown = sorted(set(fields) - known)
+        if unknown:
+            raise ValueError(f"unknown AblationConfig field(s) {unknown} in {config} "
+                             f"(known: {', '.join(sorted(known))})")
+        cfg = AblationConfig(model=model, benchmarks=_names(benchmarks) or (), **fields)
+        from libortho.report.ablation import render_ablation_report
+
+        result = run_ablation(cfg, out, progress=not quiet)
+        paths = render_ablation_report(out / "result.json")
+    del result
+    typer.echo(f"result: {out / 'result.json'}\nreport: {paths['markdown']}\n        {paths['html']}")
 
 
 def _print_table(t: Any) -> None:
