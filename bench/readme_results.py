@@ -284,6 +284,32 @@ def geometry_lines(res: dict[str, Any], kfac_sel: dict[str, Any] | None, link: s
     return out
 
 
+def _ablation_method(bench: dict[str, Any], key: str) -> str:
+    from libortho.report.ablation import METHOD_NAMES, goal_checks
+
+    f = bench["methods"][key]["figures"]
+    met = sum(bool(v) for v in goal_checks(bench, key).values())
+    return (f"{METHOD_NAMES[key].split(' (')[0]}: {100 * f['behaviour']['rate']:.1f}% "
+            f"[{100 * f['behaviour']['ci'][0]:.1f}, {100 * f['behaviour']['ci'][1]:.1f}], false behaviour "
+            f"{100 * f['false_behaviour']['rate']:.1f}%, first-token KL {f['kl_first']['mean']:.3f}, PPL "
+            f"{100 * f['ppl']['rel_change']:+.2f}% ({met}/4 goals)")
+
+
+def ablation_lines(res: dict[str, Any], link: str) -> list[str]:
+    """Targeted orthogonal ablation: per benchmark, the unedited rate and each edit's held-out figures."""
+    out = []
+    for name, bench in res["benchmarks"].items():
+        before = bench["methods"]["before"]["figures"]["behaviour"]
+        ch = bench["checks"]
+        out.append(f"- **Ablation, {name}** ([report]({link}), {res['config']['model']}, "
+                   f"{before['n']} held-out prompts a set): behaviour rate unedited {100 * before['rate']:.1f}% "
+                   f"[{100 * before['ci'][0]:.1f}, {100 * before['ci'][1]:.1f}]; "
+                   + "; ".join(_ablation_method(bench, k) for k in bench["methods"] if k != "before")
+                   + f". Behaviour stream at alpha_b = 0 bit-identical: {ch['alpha0_bit_identical']}; stream vs "
+                   f"weight edit max |logit diff| {ch['stream_vs_weights_max_abs_logit_diff']:.1e}.")
+    return out
+
+
 def render_block(results: Path) -> str:
     """The Markdown between the README's markers, from the JSON files under ``results``."""
     lines = []
@@ -320,6 +346,9 @@ def render_block(results: Path) -> str:
     if geo is not None:
         lines += geometry_lines(geo, _load(results / "geometry_smollm2" / "kfac_selector.json"),
                                 "docs/results/geometry_smollm2/table1/report.md")
+    abl = _load(results / "ablation_smollm2" / "result.json")
+    if abl is not None:
+        lines += ablation_lines(abl, "docs/results/ablation_smollm2/report.md")
     ex = _load(results / "exposure_check" / "result.json")
     if ex is not None and "conclusion" in ex:
         lines += exposure_lines(ex, "docs/results/exposure_check/report.md")

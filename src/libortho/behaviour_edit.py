@@ -83,9 +83,14 @@ def _load(spec: str) -> tuple[Any, Any]:
 
 def ablate_and_save(model_spec: str, with_path: Path, without_path: Path, out: Path, stream: bool = False,
                     strength: float = 1.0, min_fraction: float = 0.7, direction_layer: int | None = None,
-                    positions: str = "last", held_out_fraction: float = 0.25, markers: tuple[str, ...] | None = None,
+                    positions: str = "last", per_layer: bool = False, held_out_fraction: float = 0.25,
+                    markers: tuple[str, ...] | None = None,
                     eval_tokens: int = 24, seed: int = 0, overwrite: bool = False) -> dict[str, Any]:
     """Find the direction, edit, measure before/after on held-out prompts, save; returns the summary."""
+    if positions not in ("last", "post_instruction"):
+        raise ValueError(f"--positions must be last or post_instruction, got {positions!r}")
+    if per_layer and direction_layer is not None:
+        raise ValueError("give --per-layer or --direction-layer, not both")
     pa, pb = check_ablate_inputs(model_spec, with_path, without_path, out, stream, overwrite, strength, min_fraction)
     dir_a, held_a = split_prompts(pa, held_out_fraction, seed)
     dir_b, held_b = split_prompts(pb, held_out_fraction, seed + 1)
@@ -103,9 +108,11 @@ def ablate_and_save(model_spec: str, with_path: Path, without_path: Path, out: P
     n = len(decoder_layers(model))
     if direction_layer is not None and not 0 <= direction_layer < n:
         raise ValueError(f"--direction-layer must be in 0..{n - 1}, got {direction_layer}")
-    u = dirs.direction if direction_layer is None else dirs.layer_direction(direction_layer)
+    u: Any = dirs.direction if direction_layer is None else dirs.layer_direction(direction_layer)
+    if per_layer:
+        u = {layer: dirs.layer_direction(layer) for layer in dirs.layers}
     info = {"method": "difference of means", "positions": positions, "aggregation_layers": list(dirs.layers),
-            "direction_layer": direction_layer, "scores": dirs.scores, "with": str(with_path),
+            "direction_layer": direction_layer, "per_layer": per_layer, "scores": dirs.scores, "with": str(with_path),
             "without": str(without_path), "n_direction": [len(dir_a), len(dir_b)]}
     edit = behaviour_stream_for(model, u, dirs.layers, strength, info=info)
     before = _figures(model, tok, held_a, held_b, markers, eval_tokens)

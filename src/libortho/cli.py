@@ -158,12 +158,14 @@ def finetune(
 
 
 @app.command()
-def generate(path: DecDir, prompt: str, alpha: AlphaOpt = 1.0, max_new_tokens: int = 40) -> None:
+def generate(path: DecDir, prompt: str, alpha: AlphaOpt = 1.0, max_new_tokens: int = 40,
+             behaviour_alpha: Annotated[float, typer.Option(help="the behaviour stream's switch (if DIR has one): "
+                                                                 "1 = edit applied, 0 = unedited")] = 1.0) -> None:
     """Greedy-generate a continuation of PROMPT with the decomposition in DIR."""
     with _input_errors():
         from libortho.workflows import generate_text
 
-        text = generate_text(path, prompt, alpha, max_new_tokens)
+        text = generate_text(path, prompt, alpha, max_new_tokens, behaviour_alpha)
     typer.echo(text)  # the model's text verbatim: no markup, emoji codes or wrapping
 
 
@@ -240,6 +242,7 @@ def ablate(
     min_fraction: Annotated[float, typer.Option(help="edit (and aggregate over) layers l >= this * L")] = 0.7,
     direction_layer: Annotated[int | None, typer.Option(help="use this layer's own direction, not the aggregate")
                                ] = None,
+    per_layer: Annotated[bool, typer.Option(help="edit each layer along its own direction")] = False,
     positions: Annotated[str, typer.Option(help="last (last prompt token) or post_instruction")] = "last",
     held_out: Annotated[float, typer.Option(help="share of templates (else prompts) held out for before/after")
                         ] = 0.25,
@@ -253,6 +256,7 @@ def ablate(
 
         summary = ablate_and_save(model, with_, without, out, stream=stream, strength=strength,
                                   min_fraction=min_fraction, direction_layer=direction_layer, positions=positions,
+                                  per_layer=per_layer,
                                   held_out_fraction=held_out, markers=_names(markers), seed=seed, overwrite=overwrite)
     console.print_json(json.dumps(summary))
 

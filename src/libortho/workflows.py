@@ -137,28 +137,44 @@ def bits_summary(base: dict, ortho: dict | None) -> dict[str, Any]:
             "memory_bytes": ortho_bytes, "memory_kinds": dict(sorted(kinds.items()))}
 
 
-def load_checked(path: Path, alpha: float) -> tuple[Any, Any]:
-    """(model at ``alpha``, tokenizer) of a saved decomposition, after :func:`check_loadable`.
+def check_behaviour_alpha(path: Path, behaviour_alpha: float) -> None:
+    """Refuse alpha_b != 0 when the directory's behaviour stream is withheld (its tensors are missing)."""
+    from libortho.behaviour_io import BEHAVIOUR_TENSORS, has_behaviour
 
-    At alpha = 0 the ortho stream is not even read (the switch), so no "locked" warning is due.
+    if not (math.isfinite(behaviour_alpha) and 0.0 <= behaviour_alpha <= 1.0):
+        raise ValueError(f"behaviour alpha must be a number in [0, 1] (0 = unedited, 1 = edit applied), "
+                         f"got {behaviour_alpha}")
+    if behaviour_alpha != 0.0 and has_behaviour(path) and not (path / BEHAVIOUR_TENSORS).is_file():
+        raise FileNotFoundError(f"{path / BEHAVIOUR_TENSORS} is missing (withheld): the behaviour stream runs only "
+                                f"at alpha_b 0, not {behaviour_alpha:g}")
+
+
+def load_checked(path: Path, alpha: float, behaviour_alpha: float = 1.0) -> tuple[Any, Any]:
+    """(model at ``alpha`` and ``behaviour_alpha``, tokenizer) of a saved decomposition, after the checks.
+
+    At alpha = 0 the ortho stream is not even read (the switch), so no "locked" warning is due; the
+    behaviour stream (if the directory has one) is read only at alpha_b != 0.
     """
     from libortho.checkpoint import load
 
     path = Path(path)
     check_loadable(path, alpha)
-    model, tok = load(path, alpha=alpha, load_ortho=alpha != 0.0)
+    check_behaviour_alpha(path, behaviour_alpha)
+    model, tok = load(path, alpha=alpha, load_ortho=alpha != 0.0, behaviour_alpha=behaviour_alpha,
+                      load_behaviour=behaviour_alpha != 0.0)
     if tok is None:
         raise FileNotFoundError(f"{path} has no usable tokenizer (tokenizer files missing or unreadable)")
     return model, tok
 
 
-def generate_text(path: Path, prompt: str, alpha: float, max_new_tokens: int = 40) -> str:
-    """Greedy continuation of ``prompt`` from a saved decomposition at ``alpha``."""
+def generate_text(path: Path, prompt: str, alpha: float, max_new_tokens: int = 40,
+                  behaviour_alpha: float = 1.0) -> str:
+    """Greedy continuation of ``prompt`` from a saved decomposition at ``alpha`` (and ``behaviour_alpha``)."""
     alpha = check_alpha(alpha)
     check_positive("max_new_tokens", max_new_tokens)
     if not prompt:
         raise ValueError("the prompt is empty: give some text to continue")
-    model, tok = load_checked(Path(path), alpha)
+    model, tok = load_checked(Path(path), alpha, behaviour_alpha)
     return greedy(model, tok, prompt, max_new_tokens)
 
 
@@ -267,7 +283,13 @@ def describe(path: Path) -> dict[str, Any]:
     counts: dict[str, int] = {}
     for r in rows:
         counts[r["kernel"]] = counts.get(r["kernel"], 0) + 1
+    from libortho.behaviour_io import read_behaviour
+
+    beh = read_behaviour(path, load=False)
+    behaviour = None if beh is None else {"sites": len(beh.sites), "withheld": not (Path(path) / beh.manifest[
+        "file"]["name"]).is_file(), "strengths": sorted({s["strength"] for s in beh.manifest["sites"].values()})}
     return {"path": str(path), "layers": rows, "mlp_memory": mlp_memory, "ortho_loaded": dec.ortho is not None,
+            "behaviour": behaviour,
             "kernels": dict(sorted(counts.items())), "kernel_fallbacks": len(fallbacks),
             "kernel_fallback_reasons": sorted(set(fallbacks.values())),
             "sparse_decode_kernel": "native-csr" if native.library() is not None else f"mkl-csr ({native.status()})",

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 AGGREGATE = -1  # ``direction_layer`` value meaning the seed's S(l)-weighted direction
+PER_LAYER = -2  # ``direction_layer`` value meaning each edited layer's own direction
 
 
 @dataclass(frozen=True)

@@ -41,7 +41,7 @@ from libortho.edit.directions import (
     target_layers,
     unit_rows,
 )
-from libortho.edit.search import EditParams, SearchSpace, run_search
+from libortho.edit.search import PER_LAYER, EditParams, SearchSpace, run_search
 from libortho.eval.behaviour import DEFAULT_MARKERS, first_token_logprobs, greedy_token_ids, kl_rows, logits_fn
 from libortho.eval.behaviour import phrase_logprob as phrase_lp
 from libortho.experiments.ablation_eval import (
@@ -311,7 +311,8 @@ def run_benchmark(name: str, cfg: AblationConfig, out: Path, progress: bool = Tr
                     lambda: search_stage(model, tok, dirs, val, cfg, out, progress))
     methods: dict[str, Any] = {"before": {"figures": before, "params": None}}
     seed_params = EditParams(dirs.layers[0], dirs.layers[-1], 1.0)
-    plans = {"seed_recipe": (seed_params, False)}
+    plans = {"seed_recipe": (seed_params, False),
+             "per_layer": (EditParams(dirs.layers[0], dirs.layers[-1], 1.0, PER_LAYER), False)}
     if paper["chosen"] is not None:
         plans["refusal_direction_selection"] = (EditParams(0, n - 1, 1.0, int(paper["chosen"])), True)
     if search["best"] is not None:

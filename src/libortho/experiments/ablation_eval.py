@@ -19,7 +19,7 @@ from libortho.data.behaviour import neutral_prompts, planted_prompts, refusal_pr
 from libortho.data.prompts import PromptBatch
 from libortho.edit.ablate import behaviour_stream_for
 from libortho.edit.directions import Directions
-from libortho.edit.search import AGGREGATE, EditParams
+from libortho.edit.search import AGGREGATE, PER_LAYER, EditParams
 from libortho.eval.behaviour import (
     continuation_kl,
     first_token_logprobs,
@@ -72,8 +72,13 @@ def subsample(texts: list[str], n: int, seed: int) -> list[str]:
 
 def edit_stream(model: nn.Module, dirs: Directions, params: EditParams, embeddings: bool = False,
                 info: dict[str, Any] | None = None) -> Any:
-    """The behaviour stream of ``params`` (direction: the aggregate or one layer's own)."""
-    u = dirs.direction if params.direction_layer == AGGREGATE else dirs.layer_direction(params.direction_layer)
+    """The behaviour stream of ``params`` (direction: the aggregate, one layer's own, or each layer's own)."""
+    if params.direction_layer == PER_LAYER:
+        u: Any = {layer: dirs.layer_direction(layer) for layer in params.layers}
+    elif params.direction_layer == AGGREGATE:
+        u = dirs.direction
+    else:
+        u = dirs.layer_direction(params.direction_layer)
     return behaviour_stream_for(model, u, params.layers, params.strength, embeddings=embeddings,
                                 info={**params.to_dict(), "embeddings": embeddings, **(info or {})})
 

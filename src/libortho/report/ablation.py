@@ -16,6 +16,7 @@ from libortho.report.plots import _save, plt
 
 GOALS = {"behaviour_before": 0.90, "behaviour_after": 0.03, "kl_first": 0.1, "ppl_rel": 0.01}
 METHOD_NAMES = {"before": "unedited", "seed_recipe": "seed recipe (aggregate, l >= 0.7 L, lambda 1)",
+                "per_layer": "per-layer directions (each layer's own, l >= 0.7 L, lambda 1)",
                 "refusal_direction_selection": "refusal-direction selection (one layer's direction, all layers)",
                 "searched": "Optuna search (window, lambda, direction on validation)"}
 
@@ -35,7 +36,7 @@ def _ppl(p: dict[str, Any]) -> str:
 
 
 def _edit_text(p: dict[str, Any], embeddings: bool) -> str:
-    d = "aggregate" if p["direction_layer"] < 0 else f"layer {p['direction_layer']}"
+    d = {-1: "aggregate", -2: "each layer's own"}.get(p["direction_layer"], f"layer {p['direction_layer']}")
     return (f"layers {p['first']}-{p['last']}, lambda {p['strength']:.2f}, direction {d}"
             + (", + embeddings" if embeddings else ""))
 
