@@ -19,7 +19,7 @@ from __future__ import annotations
 import copy
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -91,6 +91,12 @@ class AblationConfig:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        for f in fields(self):
+            v, want = getattr(self, f.name), type(f.default) if f.default is not MISSING else None
+            if want is bool and not isinstance(v, bool) or want is int and (isinstance(v, bool) or not isinstance(
+                    v, int)) or want is float and (isinstance(v, bool) or not isinstance(v, (int, float))) \
+                    or want is str and not isinstance(v, str) or want is tuple and not isinstance(v, tuple):
+                raise ValueError(f"AblationConfig.{f.name} must be of type {want.__name__}, got {v!r}")
         bad = [b for b in self.benchmarks if b not in BENCHMARKS]
         if bad or not self.benchmarks:
             raise ValueError(f"unknown ablation benchmark(s) {bad} (choose from {', '.join(BENCHMARKS)})")
