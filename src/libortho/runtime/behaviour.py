@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from libortho.runtime.switch import AlphaSwitch
 from libortho.streams.behaviour import BehaviourEdit, BehaviourStream
 
 BEHAVIOUR_CHILD = "behaviour"
@@ -34,12 +35,15 @@ def _out_width(module: nn.Module) -> int | None:
     return None
 
 
-class BehaviourProjection(nn.Module):
+class BehaviourProjection(AlphaSwitch, nn.Module):
     """One site's edit as a module: ``project(y) = y - alpha * strength * u (u^T y)`` in fp32.
 
     ``u`` is a non-persistent buffer (``state_dict`` holds nothing of the stream; saving goes through
     :func:`behaviour_stream`). ``edit=None`` is the withheld state: locked at alpha 0.
     """
+
+    locked_message = WITHHELD_MESSAGE
+    switch_name = "alpha_b"
 
     def __init__(self, edit: BehaviourEdit | None, alpha: float = 1.0) -> None:
         super().__init__()
@@ -51,19 +55,6 @@ class BehaviourProjection(nn.Module):
     @property
     def locked(self) -> bool:
         return self.u is None
-
-    @property
-    def alpha(self) -> float:
-        return self._alpha
-
-    @alpha.setter
-    def alpha(self, value: float) -> None:
-        value = float(value)
-        if not math.isfinite(value):
-            raise ValueError(f"alpha_b must be finite, got {value}")
-        if value != 0.0 and self.locked:
-            raise RuntimeError(WITHHELD_MESSAGE)
-        self._alpha = value
 
     def edit(self) -> BehaviourEdit | None:
         """The stored edit (direction and strength), or None when withheld."""
