@@ -216,8 +216,10 @@ def paper_selection(model: nn.Module, tok: Any, dirs: Directions, val: Validatio
 
 
 def search_stage(model: nn.Module, tok: Any, dirs: Directions, val: Validation, cfg: AblationConfig,
-                 out: Path, progress: bool) -> dict[str, Any]:
-    """The Optuna search on the validation split (resumable: the study lives in ``out/search.db``)."""
+                 out: Path, progress: bool, key: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The Optuna search on the validation split (resumable: the study lives in ``out/search.db``, named by a
+    hash of the stage's ``key``, so a changed configuration starts a study of its own)."""
+    import hashlib
     n = len(decoder_layers(model))
     space = SearchSpace(n, cfg.min_strength, cfg.max_strength, tuple(range(n)))
 
@@ -231,8 +233,9 @@ def search_stage(model: nn.Module, tok: Any, dirs: Directions, val: Validation, 
                   f"dir {r.params.direction_layer:3d} -> behaviour {r.behaviour:.3f} KL {r.kl:.4f}", flush=True)
 
     try:
+        digest = hashlib.sha256(json.dumps(key or {}, sort_keys=True, default=str).encode()).hexdigest()[:16]
         best, records = run_search(evaluate, space, cfg.n_trials, cfg.kl_budget, cfg.seed, out / "search.db",
-                                   progress=show)
+                                   study_name=f"ablation-{digest}", progress=show)
     finally:
         remove_behaviour(model)
     return {"best": None if best is None else {**asdict(best), "params": best.params.to_dict()},
@@ -314,17 +317,26 @@ def run_benchmark(name: str, cfg: AblationConfig, out: Path, progress: bool = Tr
     paper = _stage(out / "stages" / "paper_selection.json", {**search_key, "stage": "paper"},
                    lambda: paper_selection(model, tok, dirs, val, sets, cfg))
     search = _stage(out / "stages" / "search.json", {**search_key, "stage": "search"},
-                    lambda: search_stage(model, tok, dirs, val, cfg, out, progress))
+                    lambda: search_stage(model, tok, dirs, val, cfg, out, progress, {**search_key, "stage": "search"}))
     methods: dict[str, Any] = {"before": {"figures": before, "params": None}}
     seed_params = EditParams(dirs.layers[0], dirs.layers[-1], 1.0)
     plans = {"seed_recipe": (seed_params, False),
              "per_layer": (EditParams(dirs.layers[0], dirs.layers[-1], 1.0, PER_LAYER), False)}
     if paper["chosen"] is not None:
         plans["refusal_direction_selection"] = (EditParams(0, n - 1, 1.0, int(paper["chosen"])), True)
+    plans["aggregate_all_layers"] = (EditParams(0, n - 1, 1.0), True)
     if search["best"] is not None:
         plans["searched"] = (EditParams(**search["best"]["params"]), False)
+        plans["random_direction"] = (EditParams(**search["best"]["params"]), False)
     for method, (params, emb) in plans.items():
-        stream = edit_stream(model, dirs, params, embeddings=emb)
+        if method == "random_direction":  # the control: the searched edit along a random unit direction
+            g = torch.Generator().manual_seed(cfg.seed + 12345)
+            rnd = Directions(torch.randn(dirs.diffs.shape, generator=g), torch.randn(dirs.direction.shape, generator=g),
+                             dirs.layers, dirs.positions)
+            rnd = Directions(rnd.diffs, rnd.direction / rnd.direction.norm(), rnd.layers, rnd.positions)
+            stream = edit_stream(model, rnd, params, embeddings=emb, info={"control": "random direction"})
+        else:
+            stream = edit_stream(model, dirs, params, embeddings=emb)
         figures = _heldout_stage(out, method, {**search_key, "params": params.to_dict(), "embeddings": emb},
                                  model, tok, sets, ctx, cfg, stream)
         methods[method] = {"figures": figures, "params": params.to_dict(), "embeddings": emb}

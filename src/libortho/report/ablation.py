@@ -18,7 +18,9 @@ GOALS = {"behaviour_before": 0.90, "behaviour_after": 0.03, "kl_first": 0.1, "pp
 METHOD_NAMES = {"before": "unedited", "seed_recipe": "seed recipe (aggregate, l >= 0.7 L, lambda 1)",
                 "per_layer": "per-layer directions (each layer's own, l >= 0.7 L, lambda 1)",
                 "refusal_direction_selection": "refusal-direction selection (one layer's direction, all layers)",
-                "searched": "Optuna search (window, lambda, direction on validation)"}
+                "aggregate_all_layers": "aggregate direction at every layer and the embeddings' output (lambda 1)",
+                "searched": "Optuna search (window, lambda, direction on validation)",
+                "random_direction": "control: the searched edit along a random direction"}
 
 
 def _pct(r: dict[str, Any]) -> str:
@@ -129,6 +131,24 @@ def candidates_figure(name: str, bench: dict[str, Any], path: Path, kl_budget: f
     return _save(fig, path)
 
 
+def reading(name: str, bench: dict[str, Any], kl_budget: float) -> str:
+    """What the figures say, computed: which edits meet every goal, and the search's trade-off."""
+    methods = [k for k in bench["methods"] if k not in ("before", "random_direction")]
+    full = [METHOD_NAMES.get(k, k).split(" (")[0] for k in methods if all(goal_checks(bench, k).values())]
+    trials = bench["search"]["trials"]
+    text = (f"Reading ({name}): " + (f"{', '.join(full)} met every goal." if full else "no edit met every goal."))
+    if trials:
+        low = min(trials, key=lambda t: (t["behaviour"], t["kl"]))
+        feas = [t for t in trials if t["kl"] <= kl_budget]
+        text += (f" Over {len(trials)} search trials the lowest validation behaviour rate was "
+                 f"{100 * low['behaviour']:.1f}% at first-token KL {low['kl']:.3f}")
+        if feas:
+            best = min(feas, key=lambda t: (t["behaviour"], t["kl"]))
+            text += f"; within the KL budget {kl_budget:g} it was {100 * best['behaviour']:.1f}% (KL {best['kl']:.3f})"
+        text += "."
+    return text
+
+
 def build_blocks(result: dict[str, Any], figs: Path) -> list[Block]:
     cfg = result["config"]
     blocks: list[Block] = [Heading(f"Targeted orthogonal ablation: {cfg['model']}", 1), Para(
@@ -147,6 +167,7 @@ def build_blocks(result: dict[str, Any], figs: Path) -> list[Block]:
                            f"{json.dumps({k: v for k, v in bench['model'].items() if k != 'losses'})}."))
         blocks.append(method_table(name, bench))
         blocks.append(goal_table(name, bench))
+        blocks.append(Para(reading(name, bench, cfg["kl_budget"])))
         ch = bench["checks"]
         blocks.append(Para(f"Stream checks: alpha_b = 0 bit-identical to the unedited model: "
                            f"**{ch['alpha0_bit_identical']}**; stream vs weight edit: max |logit diff| "
