@@ -160,3 +160,25 @@ def test_composes_with_base_and_ortho_switches(tmp_path) -> None:
     torch.testing.assert_close(_logits(back), want, atol=1e-4, rtol=1e-4)
     back0, _ = libortho.load(tmp_path / "d", alpha=1.0, base_dtype=torch.float32, behaviour_alpha=0.0)
     torch.testing.assert_close(_logits(back0), outs[1.0], atol=1e-4, rtol=1e-4)
+
+
+def test_info_and_cli_checks_see_the_behaviour_stream(tmp_path) -> None:
+    from libortho.workflows import check_behaviour_alpha, describe
+
+    model = _model()
+    cfg = DecomposeConfig(quant=QuantConfig(bits=4, group_size=32, method="rtn"),
+                          select=SelectConfig(selector="magnitude", rho=0.05))
+    libortho.decompose(model, None, cfg, progress=False)
+    libortho.save(model, tmp_path)
+    assert describe(tmp_path)["behaviour"] is None
+    write_behaviour(tmp_path, _stream(model, 0.5))
+    info = describe(tmp_path)["behaviour"]
+    assert info == {"sites": 4, "withheld": False, "strengths": [0.5]}
+    check_behaviour_alpha(tmp_path, 1.0)
+    (tmp_path / BEHAVIOUR_TENSORS).unlink()
+    assert describe(tmp_path)["behaviour"]["withheld"] is True
+    check_behaviour_alpha(tmp_path, 0.0)  # the unedited model can still run
+    with pytest.raises(FileNotFoundError, match="withheld"):
+        check_behaviour_alpha(tmp_path, 1.0)
+    with pytest.raises(ValueError, match="behaviour alpha"):
+        check_behaviour_alpha(tmp_path, 2.0)
