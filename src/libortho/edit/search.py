@@ -44,12 +44,13 @@ class EditParams:
 @dataclass(frozen=True)
 class SearchSpace:
     """Bounds of the search: strengths in ``[min_strength, max_strength]``; directions searched over
-    the aggregate and layers ``direction_layers`` (empty: the aggregate only)."""
+    the aggregate, layers ``direction_layers`` and (``per_layer``) each edited layer's own direction."""
 
     n_layers: int
     min_strength: float = 0.25
     max_strength: float = 2.0
     direction_layers: tuple[int, ...] = ()
+    per_layer: bool = False  # also offer "each edited layer's own direction"
 
     def __post_init__(self) -> None:
         if self.n_layers < 1 or not 0 < self.min_strength < self.max_strength:
@@ -64,8 +65,9 @@ def suggest(trial: Any, space: SearchSpace) -> EditParams:
         first, last = last, first
     strength = trial.suggest_float("strength", space.min_strength, space.max_strength)
     direction = AGGREGATE
-    if space.direction_layers:
-        direction = trial.suggest_categorical("direction_layer", [AGGREGATE, *space.direction_layers])
+    choices = [AGGREGATE, *([PER_LAYER] if space.per_layer else []), *space.direction_layers]
+    if len(choices) > 1:
+        direction = trial.suggest_categorical("direction_layer", choices)
     return EditParams(first, last, strength, int(direction))
 
 

@@ -221,7 +221,7 @@ def search_stage(model: nn.Module, tok: Any, dirs: Directions, val: Validation, 
     hash of the stage's ``key``, so a changed configuration starts a study of its own)."""
     import hashlib
     n = len(decoder_layers(model))
-    space = SearchSpace(n, cfg.min_strength, cfg.max_strength, tuple(range(n)))
+    space = SearchSpace(n, cfg.min_strength, cfg.max_strength, tuple(range(n)), per_layer=True)
 
     def evaluate(p: EditParams) -> tuple[float, float]:
         with_edit(model, edit_stream(model, dirs, p))
@@ -316,8 +316,10 @@ def run_benchmark(name: str, cfg: AblationConfig, out: Path, progress: bool = Tr
                                         "max_strength", "candidate_max_fraction")}
     paper = _stage(out / "stages" / "paper_selection.json", {**search_key, "stage": "paper"},
                    lambda: paper_selection(model, tok, dirs, val, sets, cfg))
-    search = _stage(out / "stages" / "search.json", {**search_key, "stage": "search"},
-                    lambda: search_stage(model, tok, dirs, val, cfg, out, progress, {**search_key, "stage": "search"}))
+    space_key = {**search_key, "stage": "search",
+                 "space": "window, strength; direction: aggregate, per-layer, a layer's"}
+    search = _stage(out / "stages" / "search.json", space_key,
+                    lambda: search_stage(model, tok, dirs, val, cfg, out, progress, space_key))
     methods: dict[str, Any] = {"before": {"figures": before, "params": None}}
     seed_params = EditParams(dirs.layers[0], dirs.layers[-1], 1.0)
     plans = {"seed_recipe": (seed_params, False),
