@@ -164,3 +164,25 @@ def test_select_layer_direction_filters_then_minimises() -> None:
     assert [c.kept for c in cands] == [True, False, True, False]
     chosen, _ = select_layer_direction(4, lambda i: (0.0, 1.0), kl_max=0.1)
     assert chosen is None
+
+
+def test_per_layer_stream_uses_each_layers_own_direction() -> None:
+    from libortho.edit.directions import Directions
+    from libortho.edit.search import AGGREGATE, PER_LAYER, EditParams
+    from libortho.experiments.ablation_eval import edit_stream
+
+    model = _tiny()
+    d = model.config.hidden_size
+    diffs = torch.randn(2, d, generator=torch.Generator().manual_seed(4))
+    dirs = Directions(diffs, aggregate_direction(diffs, [1]), (1,), "last")
+    per = edit_stream(model, dirs, EditParams(0, 1, 0.5, PER_LAYER))
+    for layer in (0, 1):
+        for w in ("self_attn.o_proj", "mlp.down_proj"):
+            e = per.edits[f"model.layers.{layer}.{w}"]
+            torch.testing.assert_close(e.direction, diffs[layer] / diffs[layer].norm())
+            assert e.strength == 0.5
+    agg = edit_stream(model, dirs, EditParams(0, 1, 1.0, AGGREGATE))
+    assert all(torch.equal(e.direction, dirs.direction) for e in agg.edits.values())
+    one = edit_stream(model, dirs, EditParams(1, 1, 1.0, 0))
+    assert set(one.edits) == {"model.layers.1.self_attn.o_proj", "model.layers.1.mlp.down_proj"}
+    torch.testing.assert_close(one.edits["model.layers.1.mlp.down_proj"].direction, diffs[0] / diffs[0].norm())
