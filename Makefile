@@ -8,7 +8,7 @@ export LIBORTHO_CACHE ?= $(HOME)/.cache/libortho
 export TOKENIZERS_PARALLELISM := false
 export HF_HUB_OFFLINE := 1
 
-.PHONY: setup assets test demo bench lint clean realistic peers-venv peers
+.PHONY: setup assets test demo bench lint clean realistic ablation peers-venv peers
 
 $(STAMP): requirements.lock pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -49,6 +49,13 @@ realistic: assets
 	mkdir -p docs/results/kill_switch_smollm2
 	cp runs/kill-switch-smollm2-135m/result.json docs/results/kill_switch_smollm2/result.json
 	$(PY) -m libortho.cli report docs/results/kill_switch_smollm2/result.json
+
+# Targeted orthogonal ablation on SmolLM2 (~1 h on 2 cores; stages resume): the report goes to docs/results/.
+ablation: assets
+	$(PY) -m libortho.cli experiment ablation --out runs/ablation-smollm2
+	mkdir -p docs/results/ablation_smollm2
+	cp runs/ablation-smollm2/result.json docs/results/ablation_smollm2/result.json
+	$(PY) -m libortho.cli report docs/results/ablation_smollm2/result.json
 
 bench: assets
 	$(PY) bench/run_all.py

@@ -240,3 +240,20 @@ def test_experiment_ablation_runs_reports_and_resumes(tmp_path) -> None:
     assert again["search"]["trials"] == bench["search"]["trials"]
     assert again["methods"] == bench["methods"]
     print(f"experiment ablation on tiny: first run {first_s:.1f} s, cached rerun {second_s:.1f} s")
+    res = runner.invoke(app, ["report", str(run / "result.json"), "--out", str(tmp_path / "rep")])
+    assert res.exit_code == 0, (res.output, res.exception)
+    assert "Benchmark: planted" in (tmp_path / "rep" / "report.md").read_text()
+
+
+def test_report_command_renders_an_ablation_result(tmp_path) -> None:
+    """`libortho report` knows ablation results: one without its benchmarks is refused in one line."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from libortho.cli import app
+
+    bad = tmp_path / "r.json"
+    bad.write_text(json.dumps({"experiment": "ablation"}))
+    res = CliRunner().invoke(app, ["report", str(bad)])
+    assert res.exit_code == 2 and "nor an ablation one" in res.output

@@ -486,11 +486,12 @@ def _result_json(path: Path) -> dict[str, Any]:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"{path} is not valid JSON: {err}") from err
-    need = {"kill_switch": "summary", "separation": "seeds"}
+    need = {"kill_switch": "summary", "separation": "seeds", "ablation": "benchmarks"}
     kind = data.get("experiment") if isinstance(data, dict) else None
     if kind not in need or need[kind] not in data:
-        raise ValueError(f"{path} is not a kill-switch result.json nor a separation one "
-                         "(needs 'experiment': 'kill_switch' with 'summary', or 'separation' with 'seeds')")
+        raise ValueError(f"{path} is not a kill-switch result.json nor a separation one nor an ablation one (needs "
+                         "'experiment': 'kill_switch' with 'summary', 'separation' with 'seeds', or 'ablation' with "
+                         "'benchmarks')")
     return data
 
 
@@ -502,6 +503,12 @@ def report(result: Annotated[Path, typer.Argument(help="an experiment's result.j
         data = _result_json(result)
         if out is not None and out.exists() and not out.is_dir():
             raise FileExistsError(f"{out} exists and is a file, not a directory: give a folder for --out")
+        if data["experiment"] == "ablation":
+            from libortho.report.ablation import render_ablation_report
+
+            paths = render_ablation_report(result, out)
+            typer.echo(f"report: {paths['markdown']}\n        {paths['html']}")
+            return
         if data["experiment"] == "separation":
             from libortho.report.separation import compact_table, load_separation, render_separation_report
 
