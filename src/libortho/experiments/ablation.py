@@ -345,9 +345,26 @@ def run_benchmark(name: str, cfg: AblationConfig, out: Path, progress: bool = Tr
     check_params = EditParams(**search["best"]["params"]) if search["best"] is not None else seed_params
     checks = _stage(out / "stages" / "checks.json", {**search_key, "stage": "checks", "params": check_params.to_dict()},
                     lambda: stream_checks(model, tok, dirs, check_params, sets.neutral["heldout"][:32], 8))
+    census = _stage(out / "stages" / "marker_census.json", {**base_key, "stage": "marker_census"},
+                    lambda: marker_census(model, tok, sets, cfg))
     return {"model": model_info, "phrase": phrase, "markers": list(cfg.markers), "sets": sets.sizes(),
             "n_layers": n, "aggregation_layers": list(dirs.layers), "profile": projection_profile(dirs, mu_a, mu_b),
-            "paper_selection": paper, "search": search, "methods": methods, "checks": checks, "corpus": corpus}
+            "paper_selection": paper, "search": search, "methods": methods, "checks": checks, "corpus": corpus,
+            "marker_census": census}
+
+
+def marker_census(model: nn.Module, tok: Any, sets: PromptSets, cfg: AblationConfig) -> dict[str, Any]:
+    """Which marker fires how often in the unedited model's held-out replies to A and to B (is the marker
+    rate the behaviour, or words that also occur in ordinary replies?)."""
+    from libortho.eval.behaviour import greedy_continuations, marker_hits
+
+    remove_behaviour(model)
+    out: dict[str, Any] = {}
+    for side, prompts in (("a", sets.a["heldout"]), ("b", sets.b["heldout"])):
+        texts = greedy_continuations(model, tok, prompts, cfg.max_new_tokens, cfg.batch_size)
+        out[side] = {m: sum(marker_hits(texts, (m,))) for m in cfg.markers}
+        out[f"{side}_hit_examples"] = [t for t, h in zip(texts, marker_hits(texts, cfg.markers), strict=True) if h][:8]
+    return out
 
 
 def run_ablation(cfg: AblationConfig, out: str | Path, progress: bool = True) -> dict[str, Any]:

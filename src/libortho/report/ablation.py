@@ -168,6 +168,15 @@ def build_blocks(result: dict[str, Any], figs: Path) -> list[Block]:
         blocks.append(method_table(name, bench))
         blocks.append(goal_table(name, bench))
         blocks.append(Para(reading(name, bench, cfg["kl_budget"])))
+        census = bench.get("marker_census")
+        if census is not None:
+            rows = [[f"`{m}`", str(census["a"][m]), str(census["b"][m])] for m in census["a"]
+                    if census["a"][m] or census["b"][m]]
+            blocks.append(Table(["marker", "held-out A replies", "held-out B replies"], rows,
+                                f"{name}: which markers fire in the unedited model's replies"))
+            if census["b_hit_examples"]:
+                blocks.append(Para("Unedited replies to B prompts that a marker counts: "
+                                   + " / ".join(f"`{t.strip()[:100]}`" for t in census["b_hit_examples"][:4])))
         ch = bench["checks"]
         blocks.append(Para(f"Stream checks: alpha_b = 0 bit-identical to the unedited model: "
                            f"**{ch['alpha0_bit_identical']}**; stream vs weight edit: max |logit diff| "
