@@ -288,11 +288,12 @@ def _ablation_method(bench: dict[str, Any], key: str) -> str:
     from libortho.report.ablation import METHOD_NAMES, goal_checks
 
     f = bench["methods"][key]["figures"]
-    met = sum(bool(v) for v in goal_checks(bench, key).values())
+    checks = [v for v in goal_checks(bench, key).values() if v is not None]
+    met = f"{sum(checks)}/{len(checks)}"
     return (f"{METHOD_NAMES[key].split(' (')[0]}: {100 * f['behaviour']['rate']:.1f}% "
             f"[{100 * f['behaviour']['ci'][0]:.1f}, {100 * f['behaviour']['ci'][1]:.1f}], false behaviour "
             f"{100 * f['false_behaviour']['rate']:.1f}%, first-token KL {f['kl_first']['mean']:.3f}, PPL "
-            f"{100 * f['ppl']['rel_change']:+.2f}% ({met}/4 goals)")
+            f"{100 * f['ppl']['rel_change']:+.2f}% ({met} goals met)")
 
 
 def ablation_lines(res: dict[str, Any], link: str) -> list[str]:

@@ -133,11 +133,11 @@ def test_weight_edit_refuses_tied_embeddings_and_quantized_layers() -> None:
     u = torch.randn(model.config.hidden_size)
     stream = behaviour_stream_for(model, u, [0], embeddings=True)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    if model.get_output_embeddings().weight is model.get_input_embeddings().weight:
-        with pytest.raises(ValueError, match="tied to lm_head"):
-            apply_weight_edit(model, stream)
-        # nothing was edited before the refusal
-        assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    with pytest.raises(ValueError, match="tied to lm_head"):
+        apply_weight_edit(model, stream)
+    # nothing was edited before the refusal
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
     class Quantized(nn.Module):
         out_features = model.config.hidden_size
@@ -186,3 +186,24 @@ def test_per_layer_stream_uses_each_layers_own_direction() -> None:
     one = edit_stream(model, dirs, EditParams(1, 1, 1.0, 0))
     assert set(one.edits) == {"model.layers.1.self_attn.o_proj", "model.layers.1.mlp.down_proj"}
     torch.testing.assert_close(one.edits["model.layers.1.mlp.down_proj"].direction, diffs[0] / diffs[0].norm())
+
+
+def test_memory_neurons_are_inside_the_projection() -> None:
+    """With memory neurons on an MLP the site is the MLP itself, so what the neurons write is projected too."""
+    from libortho.runtime.memory_mlp import attach_neurons
+    from libortho.streams import NeuronMemory
+
+    model = _tiny()
+    mlp = model.model.layers[1].mlp
+    d, g = model.config.hidden_size, torch.Generator().manual_seed(3)
+    attach_neurons(model, "model.layers.1.mlp", NeuronMemory.from_weights(
+        torch.randn(4, d, generator=g), torch.randn(4, d, generator=g), torch.randn(d, 4, generator=g), "silu"),
+        alpha=1.0)
+    sites = writer_sites(model, [1])
+    assert sites == ["model.layers.1.self_attn.o_proj", "model.layers.1.mlp"]
+    u = torch.randn(d, generator=g)
+    attach_behaviour(model, behaviour_stream_for(model, u, [1]))
+    x = torch.randn(2, 5, d, generator=g)
+    with torch.no_grad():
+        y = mlp(x)
+    assert float((y @ (u / u.norm())).abs().max()) < 1e-4  # neurons included: nothing left along u

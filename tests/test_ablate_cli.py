@@ -257,3 +257,42 @@ def test_report_command_renders_an_ablation_result(tmp_path) -> None:
     bad.write_text(json.dumps({"experiment": "ablation"}))
     res = CliRunner().invoke(app, ["report", str(bad)])
     assert res.exit_code == 2 and "nor an ablation one" in res.output
+
+
+def test_split_prompts_holds_out_the_same_templates_in_both_sets() -> None:
+    from libortho.behaviour_edit import split_prompts
+    from libortho.data.prompts import Prompt
+
+    a = [Prompt(f"a {s} {t}", f"t{t}") for t in range(8) for s in range(3)]
+    b = [Prompt(f"b {s} {t}", f"t{t}") for t in range(8) for s in range(3)]
+    da, ha, db, hb = split_prompts(a, b, 0.25, seed=1)
+    tmpl = {p.text: p.template for p in a + b}
+    held = {tmpl[x] for x in ha} | {tmpl[x] for x in hb}
+    assert {tmpl[x] for x in ha} == {tmpl[x] for x in hb} and len(held) == 2
+    assert not held & ({tmpl[x] for x in da} | {tmpl[x] for x in db})  # no held-out template finds the direction
+    # without templates, matched sets of equal length are split by the same indices
+    a2, b2 = [Prompt(f"a{i}") for i in range(10)], [Prompt(f"b{i}") for i in range(10)]
+    _, ha2, _, hb2 = split_prompts(a2, b2, 0.3, seed=0)
+    assert [x[1:] for x in ha2] == [x[1:] for x in hb2] and len(ha2) == 3
+
+
+def test_hf_stream_output_loads_edited_and_decompose_refuses_it(ablated) -> None:
+    """`load_model` attaches a behaviour stream saved beside HF weights; decompose will not silently drop it."""
+    from libortho.models.load import load_model
+    from libortho.runtime.behaviour import behaviour_sites
+
+    out = ablated / "stream"
+    model, _ = load_model(str(out))
+    assert len(behaviour_sites(model)) == 2 and all(p.alpha == 1.0 for p in behaviour_sites(model).values())
+    res = runner.invoke(app, ["decompose", str(out), str(out.parent / "dec"), "--n-calib", "2", "--seq-len", "16"])
+    assert res.exit_code == 2 and "carries a behaviour stream" in res.output
+
+
+def test_experiment_refuses_a_run_dir_of_other_prompts(tmp_path) -> None:
+    from libortho.experiments.ablation import check_prompt_guard
+
+    check_prompt_guard(tmp_path, "planted")
+    check_prompt_guard(tmp_path, "planted")  # same texts: resumes
+    (tmp_path / "prompts.sha256").write_text("0" * 64 + "\n")
+    with pytest.raises(ValueError, match="other planted prompt texts"):
+        check_prompt_guard(tmp_path, "planted")

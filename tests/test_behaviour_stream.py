@@ -143,13 +143,21 @@ def test_composes_with_base_and_ortho_switches(tmp_path) -> None:
         set_alpha(dec, a)
         outs[a] = _logits(dec)
     attach_behaviour(dec, stream)
+    seen: dict[str, torch.Tensor] = {}
+    hooks = [dec.get_submodule(n).register_forward_hook(lambda m, a, o, n=n: seen.__setitem__(n, o))
+             for n in stream.edits]
     for a in (0.0, 1.0):
         set_alpha(dec, a)  # the ortho switch does not touch the behaviour sites
+        _logits(dec)
+        for n, e in stream.edits.items():  # at strength 1 every site writes nothing along u, whatever ortho does
+            assert float((seen[n].float() @ e.direction).abs().max()) < 1e-3, (a, n)
         assert all(p.alpha == 1.0 for p in behaviour_sites(dec).values())
         on = _logits(dec)
         with behaviour_scope(dec, 0.0):
             assert torch.equal(_logits(dec), outs[a])
         assert not torch.allclose(on, outs[a])
+    for h in hooks:
+        h.remove()
     # save the decomposition and its behaviour stream; both come back, switches independent
     set_alpha(dec, 1.0)
     want = _logits(dec)
@@ -182,3 +190,18 @@ def test_info_and_cli_checks_see_the_behaviour_stream(tmp_path) -> None:
         check_behaviour_alpha(tmp_path, 1.0)
     with pytest.raises(ValueError, match="behaviour alpha"):
         check_behaviour_alpha(tmp_path, 2.0)
+
+
+def test_save_writes_an_attached_stream_and_dtype_casts_keep_it_fp32(tmp_path) -> None:
+    model = _model()
+    cfg = DecomposeConfig(quant=QuantConfig(bits=4, group_size=32, method="rtn"),
+                          select=SelectConfig(selector="magnitude", rho=0.05))
+    libortho.decompose(model, None, cfg, progress=False)
+    stream = _stream(model, 0.7)
+    attach_behaviour(model, stream)
+    libortho.save(model, tmp_path / "d")
+    back = read_behaviour(tmp_path / "d")
+    assert back is not None and set(back.stream.edits) == set(stream.edits)
+    model.to(torch.bfloat16)
+    assert all(p.u.dtype == torch.float32 for p in behaviour_sites(model).values())
+    assert behaviour_stream(model) is not None  # still unit-norm fp32 directions

@@ -12,6 +12,7 @@ parts are written to ``ablation.json`` in the output and returned.
 from __future__ import annotations
 
 import random
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -22,24 +23,41 @@ from libortho.manifest import MANIFEST
 REPORT = "ablation.json"
 
 
-def split_prompts(prompts: list[Prompt], held_out_fraction: float, seed: int) -> tuple[list[str], list[str]]:
-    """(direction texts, held-out texts): whole templates held out when every prompt names one, else rows."""
+def split_prompts(a: list[Prompt], b: list[Prompt], held_out_fraction: float, seed: int
+                  ) -> tuple[list[str], list[str], list[str], list[str]]:
+    """(direction A, held-out A, direction B, held-out B), split jointly so the two sets stay matched.
+
+    When every prompt names a template, whole templates are held out, chosen once from the union of
+    A's and B's templates (a held-out template is in neither set's direction part); otherwise matched
+    sets of equal length are split by one shuffled index list, and unequal ones row by row.
+    """
     if not 0 < held_out_fraction < 1:
         raise ValueError(f"held_out_fraction must be in (0, 1), got {held_out_fraction}")
     rng = random.Random(seed)
-    templates = sorted({p.template for p in prompts})
-    if all(p.template for p in prompts) and len(templates) >= 2:
+    both = a + b
+    templates = sorted({p.template for p in both})
+    if all(p.template for p in both) and len(templates) >= 2:
         k = min(len(templates) - 1, max(1, round(held_out_fraction * len(templates))))
-        held = set(rng.sample(templates, k))
-        return [p.text for p in prompts if p.template not in held], [p.text for p in prompts if p.template in held]
-    if len(prompts) < 2:
+        held_t = set(rng.sample(templates, k))
+        out = []
+        for side in (a, b):
+            out += [[p.text for p in side if p.template not in held_t], [p.text for p in side if p.template in held_t]]
+        if not all(out):
+            raise ValueError("holding out whole templates left a set without direction or held-out prompts: "
+                             "give each set prompts of several templates (or drop the template field)")
+        return out[0], out[1], out[2], out[3]
+    if min(len(a), len(b)) < 2:
         raise ValueError("a prompt set needs at least 2 prompts (one to find the direction, one to check it)")
-    idx = list(range(len(prompts)))
-    rng.shuffle(idx)
-    k = min(len(prompts) - 1, max(1, round(held_out_fraction * len(prompts))))
-    held = set(idx[:k])
-    return ([p.text for i, p in enumerate(prompts) if i not in held],
-            [p.text for i, p in enumerate(prompts) if i in held])
+    out = []
+    order = list(range(max(len(a), len(b))))
+    rng.shuffle(order)
+    for side in (a, b):
+        idx = [i for i in order if i < len(side)]
+        k = min(len(side) - 1, max(1, round(held_out_fraction * len(side))))
+        held = set(idx[:k])
+        out += [[p.text for i, p in enumerate(side) if i not in held],
+                [p.text for i, p in enumerate(side) if i in held]]
+    return out[0], out[1], out[2], out[3]
 
 
 def _is_decomposition(spec: str) -> bool:
@@ -91,12 +109,13 @@ def ablate_and_save(model_spec: str, with_path: Path, without_path: Path, out: P
         raise ValueError(f"--positions must be last or post_instruction, got {positions!r}")
     if per_layer and direction_layer is not None:
         raise ValueError("give --per-layer or --direction-layer, not both")
+    if direction_layer is not None and direction_layer < 0:
+        raise ValueError(f"--direction-layer must be >= 0, got {direction_layer}")
     pa, pb = check_ablate_inputs(model_spec, with_path, without_path, out, stream, overwrite, strength, min_fraction)
-    dir_a, held_a = split_prompts(pa, held_out_fraction, seed)
-    dir_b, held_b = split_prompts(pb, held_out_fraction, seed + 1)
+    dir_a, held_a, dir_b, held_b = split_prompts(pa, pb, held_out_fraction, seed)
     import torch
 
-    from libortho.behaviour_io import write_behaviour
+    from libortho.behaviour_io import BEHAVIOUR_MANIFEST, BEHAVIOUR_TENSORS, write_behaviour
     from libortho.edit.ablate import apply_weight_edit, behaviour_stream_for
     from libortho.edit.directions import decoder_layers, find_directions
     from libortho.eval.behaviour import DEFAULT_MARKERS
@@ -104,10 +123,13 @@ def ablate_and_save(model_spec: str, with_path: Path, without_path: Path, out: P
 
     markers = tuple(markers or DEFAULT_MARKERS)
     model, tok = _load(model_spec)
-    dirs = find_directions(model, tok, dir_a, dir_b, min_fraction, positions)  # type: ignore[arg-type]
+    if tok is None:
+        raise FileNotFoundError(f"{model_spec} has no usable tokenizer: ablate needs one to read the prompts")
+    remove_behaviour(model)  # a stream already saved with the source is not part of the model the edit reads
     n = len(decoder_layers(model))
-    if direction_layer is not None and not 0 <= direction_layer < n:
+    if direction_layer is not None and direction_layer >= n:
         raise ValueError(f"--direction-layer must be in 0..{n - 1}, got {direction_layer}")
+    dirs = find_directions(model, tok, dir_a, dir_b, min_fraction, positions)  # type: ignore[arg-type]
     u: Any = dirs.direction if direction_layer is None else dirs.layer_direction(direction_layer)
     if per_layer:
         u = {layer: dirs.layer_direction(layer) for layer in dirs.layers}
@@ -122,11 +144,10 @@ def ablate_and_save(model_spec: str, with_path: Path, without_path: Path, out: P
                "layers": list(dirs.layers), "strength": strength, "held_out": {"before": before, "after": after},
                "markers": list(markers), "out": str(out)}
     with atomic_directory(out) as tmp:
-        if _is_decomposition(model_spec):
-            from libortho.checkpoint import save
-
-            remove_behaviour(model)
-            save(model, tmp, tokenizer=tok, provenance={"ablation": info}, overwrite=True)
+        if _is_decomposition(model_spec):  # its files as they are (manifest, config, provenance), plus the stream
+            shutil.copytree(model_spec, tmp, dirs_exist_ok=True)
+            for old in (BEHAVIOUR_TENSORS, BEHAVIOUR_MANIFEST, REPORT):
+                (tmp / old).unlink(missing_ok=True)
             write_behaviour(tmp, edit, {"source": model_spec})
         else:
             remove_behaviour(model)

@@ -97,3 +97,20 @@ def read_behaviour(path: str | Path, load: bool = True, verify: bool = True) -> 
     except (SafetensorError, OSError, KeyError, ValueError, TypeError) as err:
         raise CorruptDecompositionError(f"{f} does not hold the stream {BEHAVIOUR_MANIFEST} describes: {err}") from err
     return BehaviourFile(stream, sites, m)
+
+
+def attach_saved_behaviour(model: Any, path: str | Path, alpha: float = 1.0, load: bool = True,
+                           verify: bool = True) -> int:
+    """Attach the behaviour stream saved in directory ``path`` (a decomposition or an HF checkpoint).
+
+    Returns the number of sites (0 when ``path`` declares none). A withheld stream (manifest without its
+    tensor file, or ``load=False``) attaches locked at alpha_b = 0: the unedited model.
+    """
+    from libortho.runtime.behaviour import attach_behaviour
+
+    found = read_behaviour(path, load=load, verify=verify)
+    if found is None:
+        return 0
+    if found.withheld:
+        return attach_behaviour(model, None, sites=list(found.sites))
+    return attach_behaviour(model, found.stream, alpha=alpha)

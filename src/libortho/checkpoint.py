@@ -18,6 +18,7 @@ from accelerate import init_empty_weights
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from libortho.behaviour_io import attach_saved_behaviour  # noqa: F401  (re-exported)
 from libortho.io import REST, CorruptDecompositionError, Decomposition, read_decomposition, write_decomposition
 from libortho.models.load import load_tokenizer
 from libortho.runtime import (
@@ -61,7 +62,8 @@ def split_state(model: nn.Module) -> tuple[dict, dict, dict[str, torch.Tensor]]:
 def save(model: nn.Module, out_dir: str | Path, config: dict[str, Any] | None = None,
          tokenizer: Any = None, provenance: dict[str, Any] | None = None,
          include_ortho: bool = True, overwrite: bool = False) -> Path:
-    """Write ``model`` (already decomposed) as base/ortho/rest safetensors + manifest, atomically."""
+    """Write ``model`` (already decomposed) as base/ortho/rest safetensors + manifest, atomically; an attached
+    behaviour stream is written beside them (``behaviour.safetensors`` + ``behaviour.json``)."""
     base, ortho, rest = split_state(model)
     if not base:
         raise ValueError("model has no OrthoLinear layers: run libortho.decompose first")
@@ -72,9 +74,16 @@ def save(model: nn.Module, out_dir: str | Path, config: dict[str, Any] | None = 
             tokenizer.save_pretrained(tmp)
             extra = {p.name: p for p in Path(tmp).iterdir() if p.is_file()}
         hf_config = model.config.to_dict() if hasattr(model, "config") else None
-        return write_decomposition(out_dir, base, ortho if include_ortho else None, rest,
-                                   config=config or {}, provenance=prov, extra_files=extra,
-                                   hf_config=hf_config, overwrite=overwrite)
+        out = write_decomposition(out_dir, base, ortho if include_ortho else None, rest,
+                                  config=config or {}, provenance=prov, extra_files=extra,
+                                  hf_config=hf_config, overwrite=overwrite)
+    from libortho.behaviour_io import write_behaviour
+    from libortho.runtime.behaviour import behaviour_stream
+
+    edits = behaviour_stream(model)
+    if edits is not None:  # the behaviour stream travels with the decomposition, as its own (withholdable) pair
+        write_behaviour(out, edits, {"saved_with": "libortho.save"})
+    return out
 
 
 def _hf_config(path: Path) -> Any:
@@ -132,24 +141,6 @@ def _attach_neurons(model: nn.Module, dec: Decomposition) -> None:
             attach_neurons(model, name, stream, alpha=0.0)
         except ValueError as err:
             raise CorruptDecompositionError(f"{dec.path}: memory neurons at {name!r} do not fit: {err}") from err
-
-
-def attach_saved_behaviour(model: nn.Module, path: str | Path, alpha: float = 1.0, load: bool = True,
-                           verify: bool = True) -> int:
-    """Attach the behaviour stream saved in directory ``path`` (a decomposition or an HF checkpoint).
-
-    Returns the number of sites (0 when ``path`` declares none). A withheld stream (manifest without its
-    tensor file, or ``load=False``) attaches locked at alpha_b = 0: the unedited model.
-    """
-    from libortho.behaviour_io import read_behaviour
-    from libortho.runtime.behaviour import attach_behaviour
-
-    found = read_behaviour(path, load=load, verify=verify)
-    if found is None:
-        return 0
-    if found.withheld:
-        return attach_behaviour(model, None, sites=list(found.sites))
-    return attach_behaviour(model, found.stream, alpha=alpha)
 
 
 def load(path: str | Path, alpha: float = 1.0, load_ortho: bool = True, verify: bool = True,

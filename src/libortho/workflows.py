@@ -105,6 +105,12 @@ def decompose_and_save(model_spec: str, out: Path, cfg: DecomposeConfig, calib_s
         if not any(d.strip() for d in load_corpus(src)):
             raise ValueError(f"calibration source {src} is empty: nothing to calibrate on")
     model, tok = load_model(model_spec, require_tokenizer=True)
+    from libortho.runtime.behaviour import behaviour_sites
+
+    if behaviour_sites(model):
+        raise ValueError(f"{model_spec} carries a behaviour stream: decompose would drop it with the linears it "
+                         "hooks; decompose the unedited checkpoint, then add the stream with `libortho ablate "
+                         "OUT --stream`")
     calib = calibration_blocks(calib_sources, tok, n_blocks=n_calib, block_len=seq_len, seed=seed)
     result = decompose(model, calib, cfg, progress=progress)
     prov = {"source_model": model_spec, "calibration": {"sources": calib_sources, "n": n_calib,

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from libortho.edit.directions import decoder_layers
+from libortho.runtime.memory_mlp import MEMORY_CHILD
 from libortho.streams.behaviour import BehaviourEdit, BehaviourStream
 
 WRITERS = ("self_attn.o_proj", "mlp.down_proj")  # the matrices that write into the residual stream
@@ -31,20 +32,23 @@ def project_out(W: torch.Tensor, u: torch.Tensor, strength: float = 1.0) -> torc
     """``W - strength * u (u^T W)`` for ``W (d_out, ...)`` and unit ``u (d_out,)``, computed in fp32."""
     if W.shape[0] != u.numel():
         raise ValueError(f"direction has {u.numel()} entries, the matrix writes {W.shape[0]} features")
-    W32, u32 = W.float(), u.float().reshape(-1)
+    W32, u32 = W.float(), u.to(W.device).float().reshape(-1)
     return (W32 - strength * torch.outer(u32, u32 @ W32.reshape(W32.shape[0], -1)).reshape(W32.shape)).to(W.dtype)
 
 
 def project_out_rows(y: torch.Tensor, u: torch.Tensor, strength: float = 1.0) -> torch.Tensor:
     """``y - strength * (y u) u^T`` along the last axis of ``y`` (the output-side form of :func:`project_out`)."""
-    u32 = u.float().reshape(-1)
+    u32 = u.to(y.device).float().reshape(-1)
     y32 = y.float()
     return (y32 - strength * (y32 @ u32).unsqueeze(-1) * u32).to(y.dtype)
 
 
 def writer_sites(model: nn.Module, layers: Sequence[int], writers: Sequence[str] = WRITERS,
                  embeddings: bool = False) -> list[str]:
-    """Qualified names of the residual writers of ``layers`` (and ``model.embed_tokens`` when asked)."""
+    """Qualified names of the residual writers of ``layers`` (and ``model.embed_tokens`` when asked).
+
+    An MLP that carries memory neurons (a ``memory`` child whose output its forward hook adds) is named
+    itself instead of its ``down_proj``, so the projection sees everything the MLP writes."""
     blocks = decoder_layers(model)
     prefix = next(n for n, m in model.named_modules() if m is blocks)
     names = {n for n, _ in model.named_modules()}
@@ -59,6 +63,9 @@ def writer_sites(model: nn.Module, layers: Sequence[int], writers: Sequence[str]
             name = f"{prefix}.{layer}.{w}"
             if name not in names:
                 raise ValueError(f"{name!r} is not a module of this model (writers {tuple(writers)})")
+            parent = name.rpartition(".")[0]
+            if f"{parent}.{MEMORY_CHILD}" in names:  # memory neurons write beside down_proj: edit the MLP's sum
+                name = parent
             out.append(name)
     return out
 

@@ -16,7 +16,7 @@ configuration under ``out/<benchmark>/``:
 
 from __future__ import annotations
 
-import copy
+import hashlib
 import json
 import time
 from dataclasses import MISSING, asdict, dataclass, field, fields
@@ -26,20 +26,19 @@ from typing import Any
 import torch
 from torch import nn
 
-from libortho.atomic import atomic_write_json
+from libortho.atomic import atomic_write_file, atomic_write_json, atomic_write_text
 from libortho.data import load_corpus, token_blocks
 from libortho.data.behaviour import PLANTED_PHRASE, REFUSAL_PHRASE, planted_prompts
 from libortho.data.corpora import default_general_corpus
 from libortho.data.prompts import encode_prompt, encode_text, pad_id
 from libortho.data.records import IGNORE, TokenRows
-from libortho.edit.ablate import apply_weight_edit, select_layer_direction
+from libortho.edit.ablate import select_layer_direction
 from libortho.edit.directions import (
     Directions,
     aggregate_direction,
     decoder_layers,
     residual_means,
     target_layers,
-    unit_rows,
 )
 from libortho.edit.search import PER_LAYER, EditParams, SearchSpace, run_search
 from libortho.eval.behaviour import DEFAULT_MARKERS, first_token_logprobs, greedy_token_ids, kl_rows, logits_fn
@@ -50,12 +49,15 @@ from libortho.experiments.ablation_eval import (
     benchmark_sets,
     edit_stream,
     heldout_figures,
+    marker_census,
+    projection_profile,
+    stream_checks,
     subsample,
     with_edit,
 )
 from libortho.experiments.store import cached_model
 from libortho.models.load import load_model
-from libortho.runtime.behaviour import behaviour_scope, remove_behaviour
+from libortho.runtime.behaviour import remove_behaviour
 from libortho.train.loop import TrainConfig, train
 
 BENCHMARKS = ("planted", "refusal")
@@ -104,6 +106,16 @@ class AblationConfig:
             raise ValueError("need n_trials >= 1, kl_budget > 0 and n_validation >= 1")
         if not 0 <= self.min_fraction < 1 or self.positions not in ("last", "post_instruction"):
             raise ValueError("min_fraction must be in [0, 1) and positions 'last' or 'post_instruction'")
+        small = {k: getattr(self, k) for k in ("plant_steps", "plant_batch", "distill_tokens", "search_new_tokens",
+                                               "max_new_tokens", "kl_tokens", "batch_size") if getattr(self, k) < 1}
+        if small or self.ppl_blocks < 2 or self.ppl_len < 2:
+            raise ValueError(f"counts must be >= 1 (ppl_blocks, ppl_len >= 2), got {small or self.ppl_blocks}")
+        if not 0 < self.min_strength < self.max_strength or not 0 < self.candidate_max_fraction <= 1:
+            raise ValueError("need 0 < min_strength < max_strength and candidate_max_fraction in (0, 1]")
+        if not self.markers or not all(isinstance(m, str) and m.strip() for m in self.markers):
+            raise ValueError("markers must be a non-empty tuple of non-empty strings")
+        if not self.plant_lr > 0:
+            raise ValueError(f"plant_lr must be > 0, got {self.plant_lr}")
 
     def key(self, *names: str) -> dict[str, Any]:
         d = asdict(self)
@@ -160,11 +172,42 @@ def planted_model(cfg: AblationConfig, out: Path, progress: bool) -> tuple[nn.Mo
     return model.eval(), tok, info
 
 
+def prompt_digest(name: str) -> str:
+    """SHA-256 of every prompt text a benchmark uses (all splits, fine-tuning included, neutral prompts) and
+    its phrase: stage keys count prompts, this guards their content."""
+    from libortho.data.behaviour import neutral_prompts, refusal_prompts
+
+    h = hashlib.sha256()
+    make = planted_prompts if name == "planted" else refusal_prompts
+    splits = ("finetune", "direction", "validation", "heldout") if name == "planted" else \
+        ("direction", "validation", "heldout")
+    for split in splits:
+        for side in make(split):
+            h.update("\n".join(p.text for p in side).encode())
+    for split in ("validation", "heldout"):
+        h.update("\n".join(p.text for p in neutral_prompts(split)).encode())
+    h.update((PLANTED_PHRASE if name == "planted" else REFUSAL_PHRASE).encode())
+    return h.hexdigest()
+
+
+def check_prompt_guard(out: Path, name: str) -> None:
+    """Refuse to resume a run directory whose cached stages were measured on other prompt texts."""
+    guard = out / "prompts.sha256"
+    digest = prompt_digest(name)
+    if guard.is_file() and guard.read_text().strip() != digest:
+        raise ValueError(f"{out} holds stages measured on other {name} prompt texts (prompts.sha256 differs): "
+                         "give a new --out")
+    if not guard.is_file():
+        atomic_write_text(guard, digest + "\n")
+
+
 def find_benchmark_directions(model: nn.Module, tok: Any, sets: PromptSets, cfg: AblationConfig,
                               out: Path) -> tuple[Directions, torch.Tensor, torch.Tensor]:
     """Means of the direction split's A and B prompts (cached), their difference and the aggregate."""
     path = out / "directions.pt"
-    key = {"stage": "directions", "sets": sets.sizes(), **cfg.key("positions", "min_fraction", "model")}
+    key = {"stage": "directions", "sets": sets.sizes(), "prompts": prompt_digest(sets.name),
+           **cfg.key("positions", "min_fraction", "model", "plant_steps", "plant_lr", "plant_batch", "distill_tokens",
+                     "seed")}
     if path.is_file():
         saved = torch.load(path)
         if saved.get("key") == json.loads(json.dumps(key)):
@@ -176,18 +219,11 @@ def find_benchmark_directions(model: nn.Module, tok: Any, sets: PromptSets, cfg:
     if saved is None:
         mu_a = residual_means(model, tok, sets.a["direction"], cfg.positions, cfg.batch_size)
         mu_b = residual_means(model, tok, sets.b["direction"], cfg.positions, cfg.batch_size)
-        torch.save({"key": json.loads(json.dumps(key)), "mu_a": mu_a, "mu_b": mu_b}, path)
+        obj = {"key": json.loads(json.dumps(key)), "mu_a": mu_a, "mu_b": mu_b}
+        atomic_write_file(path, lambda tmp: torch.save(obj, tmp), suffix=".pt.tmp")
     diffs = mu_a - mu_b
     layers = target_layers(diffs.shape[0], cfg.min_fraction)
     return Directions(diffs, aggregate_direction(diffs, layers), tuple(layers), cfg.positions), mu_a, mu_b
-
-
-def projection_profile(dirs: Directions, mu_a: torch.Tensor, mu_b: torch.Tensor) -> dict[str, list[float]]:
-    """Per layer: ``S(l)``, the projections of mu_A and mu_B on the aggregate direction, and the cosine
-    of each layer's own direction with the aggregate (the plot of the direction across depth)."""
-    u = dirs.direction
-    return {"score": dirs.scores, "proj_a": (mu_a @ u).tolist(), "proj_b": (mu_b @ u).tolist(),
-            "cos_aggregate": (unit_rows(dirs.diffs) @ u).tolist()}
 
 
 def _behaviour_score(model: nn.Module, tok: Any, prompts: list[str], phrase: str, batch: int) -> float:
@@ -219,7 +255,6 @@ def search_stage(model: nn.Module, tok: Any, dirs: Directions, val: Validation, 
                  out: Path, progress: bool, key: dict[str, Any] | None = None) -> dict[str, Any]:
     """The Optuna search on the validation split (resumable: the study lives in ``out/search.db``, named by a
     hash of the stage's ``key``, so a changed configuration starts a study of its own)."""
-    import hashlib
     n = len(decoder_layers(model))
     space = SearchSpace(n, cfg.min_strength, cfg.max_strength, tuple(range(n)), per_layer=True)
 
@@ -242,34 +277,6 @@ def search_stage(model: nn.Module, tok: Any, dirs: Directions, val: Validation, 
             "trials": [{**asdict(r), "params": r.params.to_dict()} for r in records]}
 
 
-def stream_checks(model: nn.Module, tok: Any, dirs: Directions, params: EditParams, prompts: list[str],
-                  batch: int) -> dict[str, Any]:
-    """alpha_b = 0 is bit-identical to no stream; the stream at alpha_b = 1 equals the weight edit."""
-    from libortho.data.prompts import prompt_batches
-
-    rows = [encode_prompt(tok, p) for p in prompts]
-    batches = list(prompt_batches(rows, pad_id(tok), batch))
-    fn = logits_fn(model)
-    remove_behaviour(model)
-    plain = [fn(b) for b in batches]
-    stream = edit_stream(model, dirs, params)
-    with_edit(model, stream)
-    with behaviour_scope(model, 0.0):
-        off = [fn(b) for b in batches]
-    on = [fn(b) for b in batches]
-    remove_behaviour(model)
-    edited = copy.deepcopy(model)
-    apply_weight_edit(edited, stream)
-    weights = [logits_fn(edited)(b) for b in batches]
-    diff = max(float((a - b).abs().max()) for a, b in zip(on, weights, strict=True))
-    scale = max(float(a.abs().max()) for a in on)
-    agree = sum(int((a[:, -1].argmax(-1) == b[:, -1].argmax(-1)).sum()) for a, b in zip(on, weights, strict=True))
-    return {"alpha0_bit_identical": all(torch.equal(a, b) for a, b in zip(plain, off, strict=True)),
-            "stream_vs_weights_max_abs_logit_diff": diff, "logit_scale": scale,
-            "stream_vs_weights_next_token_agreement": agree / len(rows), "prompts": len(rows),
-            "params": params.to_dict()}
-
-
 def _heldout_stage(out: Path, name: str, key: dict[str, Any], model: nn.Module, tok: Any, sets: PromptSets,
                    ctx: dict[str, Any], cfg: AblationConfig, stream: Any = None) -> dict[str, Any]:
     """Held-out figures of one method (its stream attached for the measurement only), cached by ``key``."""
@@ -289,6 +296,7 @@ def run_benchmark(name: str, cfg: AblationConfig, out: Path, progress: bool = Tr
     """Every stage of one benchmark; returns its result entry."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "stages").mkdir(exist_ok=True)
+    check_prompt_guard(out, name)
     if name == "planted":
         model, tok, model_info = planted_model(cfg, out, progress)
         phrase = PLANTED_PHRASE
@@ -346,31 +354,19 @@ def run_benchmark(name: str, cfg: AblationConfig, out: Path, progress: bool = Tr
     checks = _stage(out / "stages" / "checks.json", {**search_key, "stage": "checks", "params": check_params.to_dict()},
                     lambda: stream_checks(model, tok, dirs, check_params, sets.neutral["heldout"][:32], 8))
     census = _stage(out / "stages" / "marker_census.json", {**base_key, "stage": "marker_census"},
-                    lambda: marker_census(model, tok, sets, cfg))
+                    lambda: marker_census(model, tok, sets, cfg.max_new_tokens, cfg.batch_size))
     return {"model": model_info, "phrase": phrase, "markers": list(cfg.markers), "sets": sets.sizes(),
             "n_layers": n, "aggregation_layers": list(dirs.layers), "profile": projection_profile(dirs, mu_a, mu_b),
             "paper_selection": paper, "search": search, "methods": methods, "checks": checks, "corpus": corpus,
             "marker_census": census}
 
 
-def marker_census(model: nn.Module, tok: Any, sets: PromptSets, cfg: AblationConfig) -> dict[str, Any]:
-    """Which marker fires how often in the unedited model's held-out replies to A and to B (is the marker
-    rate the behaviour, or words that also occur in ordinary replies?)."""
-    from libortho.eval.behaviour import greedy_continuations, marker_hits
-
-    remove_behaviour(model)
-    out: dict[str, Any] = {}
-    for side, prompts in (("a", sets.a["heldout"]), ("b", sets.b["heldout"])):
-        texts = greedy_continuations(model, tok, prompts, cfg.max_new_tokens, cfg.batch_size)
-        out[side] = {m: sum(marker_hits(texts, (m,))) for m in cfg.markers}
-        out[f"{side}_hit_examples"] = [t for t, h in zip(texts, marker_hits(texts, cfg.markers), strict=True) if h][:8]
-    return out
-
-
 def run_ablation(cfg: AblationConfig, out: str | Path, progress: bool = True) -> dict[str, Any]:
     """Run every benchmark of ``cfg`` (resuming cached stages) and write ``out/result.json``."""
+    from libortho.data.corpora import check_source
     from libortho.experiments.kill_switch import environment
 
+    check_source(cfg.corpus or default_general_corpus())  # an unknown corpus is refused before any fine-tuning
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     result = {"experiment": "ablation", "config": asdict(cfg), "environment": environment(), "benchmarks": {}}

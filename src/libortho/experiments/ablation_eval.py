@@ -7,6 +7,7 @@ between the model with and without its edit.
 
 from __future__ import annotations
 
+import copy
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -16,9 +17,9 @@ import torch
 from torch import nn
 
 from libortho.data.behaviour import neutral_prompts, planted_prompts, refusal_prompts
-from libortho.data.prompts import PromptBatch
-from libortho.edit.ablate import behaviour_stream_for
-from libortho.edit.directions import Directions
+from libortho.data.prompts import PromptBatch, encode_prompt, pad_id
+from libortho.edit.ablate import apply_weight_edit, behaviour_stream_for
+from libortho.edit.directions import Directions, unit_rows
 from libortho.edit.search import AGGREGATE, PER_LAYER, EditParams
 from libortho.eval.behaviour import (
     continuation_kl,
@@ -158,4 +159,52 @@ def heldout_figures(model: nn.Module, tok: Any, sets: PromptSets, ref_continuati
         out["ppl"].update({"ref_ppl": ref_ppl, "rel_change": ppl.ppl / ref_ppl - 1,
                            "diff_ci": [d.low, d.high], "diff": d.estimate})
     out["block_nll"] = list(ppl.block_nll)
+    return out
+
+
+def projection_profile(dirs: Directions, mu_a: torch.Tensor, mu_b: torch.Tensor) -> dict[str, list[float]]:
+    """Per layer: ``S(l)``, the projections of mu_A and mu_B on the aggregate direction, and the cosine
+    of each layer's own direction with the aggregate (the plot of the direction across depth)."""
+    u = dirs.direction
+    return {"score": dirs.scores, "proj_a": (mu_a @ u).tolist(), "proj_b": (mu_b @ u).tolist(),
+            "cos_aggregate": (unit_rows(dirs.diffs) @ u).tolist()}
+
+
+def stream_checks(model: nn.Module, tok: Any, dirs: Directions, params: EditParams, prompts: list[str],
+                  batch: int) -> dict[str, Any]:
+    """alpha_b = 0 is bit-identical to no stream; the stream at alpha_b = 1 equals the weight edit."""
+    from libortho.data.prompts import prompt_batches
+
+    rows = [encode_prompt(tok, p) for p in prompts]
+    batches = list(prompt_batches(rows, pad_id(tok), batch))
+    fn = logits_fn(model)
+    remove_behaviour(model)
+    plain = [fn(b) for b in batches]
+    stream = edit_stream(model, dirs, params)
+    with_edit(model, stream)
+    with behaviour_scope(model, 0.0):
+        off = [fn(b) for b in batches]
+    on = [fn(b) for b in batches]
+    remove_behaviour(model)
+    edited = copy.deepcopy(model)
+    apply_weight_edit(edited, stream)
+    weights = [logits_fn(edited)(b) for b in batches]
+    diff = max(float((a - b).abs().max()) for a, b in zip(on, weights, strict=True))
+    scale = max(float(a.abs().max()) for a in on)
+    agree = sum(int((a[:, -1].argmax(-1) == b[:, -1].argmax(-1)).sum()) for a, b in zip(on, weights, strict=True))
+    return {"alpha0_bit_identical": all(torch.equal(a, b) for a, b in zip(plain, off, strict=True)),
+            "stream_vs_weights_max_abs_logit_diff": diff, "logit_scale": scale,
+            "stream_vs_weights_next_token_agreement": agree / len(rows), "prompts": len(rows),
+            "params": params.to_dict()}
+
+
+def marker_census(model: nn.Module, tok: Any, sets: PromptSets, new_tokens: int, batch_size: int) -> dict[str, Any]:
+    """Which marker fires how often in the unedited model's held-out replies to A and to B (is the marker
+    rate the behaviour, or words that also occur in ordinary replies?)."""
+    remove_behaviour(model)
+    out: dict[str, Any] = {}
+    for side, prompts in (("a", sets.a["heldout"]), ("b", sets.b["heldout"])):
+        texts = greedy_continuations(model, tok, prompts, new_tokens, batch_size)
+        out[side] = {m: sum(marker_hits(texts, (m,))) for m in sets.markers}
+        out[f"{side}_hit_examples"] = [t for t, h in zip(texts, marker_hits(texts, sets.markers), strict=True) if h][:8]
     return out

@@ -100,7 +100,7 @@ def _own_memory(model: nn.Module, path: Path) -> None:
     """
     from safetensors.torch import load as load_bytes
 
-    files = sorted(path.glob("*.safetensors"))
+    files = sorted(f for f in path.glob("*.safetensors") if f.name != "behaviour.safetensors")
     if len(files) != 1:
         return  # sharded or non-safetensors checkpoints: left as transformers loaded them
     state = load_bytes(files[0].read_bytes())
@@ -126,6 +126,11 @@ def load_model(spec: str | Path, dtype: torch.dtype = torch.float32,
         raise FileNotFoundError(f"{path} has no tokenizer files ({', '.join(TOKENIZER_FILES)}): "
                                 "copy the model's tokenizer into it")
     model = _load_causal_lm(path, gguf_file, dtype)
+    if gguf_file is None:
+        from libortho.behaviour_io import attach_saved_behaviour
+
+        if attach_saved_behaviour(model, path):  # an ablation kept as a stream beside the weights
+            log.info("%s: behaviour stream attached (alpha_b = 1 unless withheld)", path)
     tok = load_tokenizer(path, gguf_file)
     if require_tokenizer and tok is None:
         raise ValueError(f"the tokenizer in {path} could not be loaded (see the warning above)")

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from libortho.atomic import atomic_write_text
+from libortho.data.behaviour import REFUSAL_PHRASE
 from libortho.report.document import Block, Figure, Heading, Para, Table, to_html, to_markdown
 from libortho.report.plots import _save, plt
 
@@ -44,13 +45,14 @@ def _edit_text(p: dict[str, Any], embeddings: bool) -> str:
 
 
 def goal_checks(bench: dict[str, Any], method: str) -> dict[str, bool | None]:
-    """The issue's goals for one method of one benchmark, from the measured figures."""
+    """The issue's goals for one method of one benchmark, from the measured figures (None: not a goal there)."""
     before = bench["methods"]["before"]["figures"]
     m = bench["methods"].get(method)
     if m is None:
         return {}
     f = m["figures"]
-    return {"behaviour_before_ge_90": before["behaviour"]["rate"] >= GOALS["behaviour_before"],
+    planted = bench.get("phrase") != REFUSAL_PHRASE  # the model's own refusals: the issue asks for the base rate
+    return {"behaviour_before_ge_90": before["behaviour"]["rate"] >= GOALS["behaviour_before"] if planted else None,
             "behaviour_after_le_3": f["behaviour"]["rate"] <= GOALS["behaviour_after"],
             "kl_first_le_0.1": f["kl_first"]["mean"] <= GOALS["kl_first"],
             "ppl_within_1pct": f["ppl"].get("rel_change", 0.0) <= GOALS["ppl_rel"]}
@@ -77,7 +79,8 @@ def goal_table(name: str, bench: dict[str, Any]) -> Table:
         if key == "before":
             continue
         checks = goal_checks(bench, key)
-        rows.append([METHOD_NAMES.get(key, key)] + ["met" if v else "missed" for v in checks.values()])
+        rows.append([METHOD_NAMES.get(key, key)] + ["n/a" if v is None else "met" if v else "missed"
+                                                    for v in checks.values()])
     return Table(["method", "behaviour before >= 90%", "after <= 3%", "KL first <= 0.1", "PPL within +1%"], rows,
                  f"{name}: the issue's goals, computed from the figures above")
 
@@ -134,7 +137,8 @@ def candidates_figure(name: str, bench: dict[str, Any], path: Path, kl_budget: f
 def reading(name: str, bench: dict[str, Any], kl_budget: float) -> str:
     """What the figures say, computed: which edits meet every goal, and the search's trade-off."""
     methods = [k for k in bench["methods"] if k not in ("before", "random_direction")]
-    full = [METHOD_NAMES.get(k, k).split(" (")[0] for k in methods if all(goal_checks(bench, k).values())]
+    full = [METHOD_NAMES.get(k, k).split(" (")[0] for k in methods
+            if all(v is not False for v in goal_checks(bench, k).values())]
     trials = bench["search"]["trials"]
     text = (f"Reading ({name}): " + (f"{', '.join(full)} met every goal." if full else "no edit met every goal."))
     if trials:

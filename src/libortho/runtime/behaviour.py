@@ -56,6 +56,14 @@ class BehaviourProjection(AlphaSwitch, nn.Module):
     def locked(self) -> bool:
         return self.u is None
 
+    def _apply(self, fn: Any, recurse: bool = True) -> BehaviourProjection:
+        """``.to(device)`` moves the direction; a dtype change (``model.to(torch.bfloat16)``) leaves it fp32."""
+        u = self.u
+        super()._apply(fn, recurse)
+        if u is not None and self.u is not None and self.u.dtype != torch.float32:
+            self.u = u.to(device=self.u.device, dtype=torch.float32)
+        return self
+
     def edit(self) -> BehaviourEdit | None:
         """The stored edit (direction and strength), or None when withheld."""
         return None if self.u is None else BehaviourEdit(self.u.detach().float().clone(), self.strength)
