@@ -50,7 +50,7 @@ realistic: assets
 	cp runs/kill-switch-smollm2-135m/result.json docs/results/kill_switch_smollm2/result.json
 	$(PY) -m libortho.cli report docs/results/kill_switch_smollm2/result.json
 
-# Targeted orthogonal ablation on SmolLM2 (~1 h on 2 cores; stages resume): the report goes to docs/results/.
+# Targeted orthogonal ablation on SmolLM2 (~1.5 h on 2 cores; stages resume): the report goes to docs/results/.
 ablation: assets
 	$(PY) -m libortho.cli experiment ablation --out runs/ablation-smollm2
 	mkdir -p docs/results/ablation_smollm2
