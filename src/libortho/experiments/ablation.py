@@ -277,6 +277,29 @@ def search_stage(model: nn.Module, tok: Any, dirs: Directions, val: Validation, 
             "trials": [{**asdict(r), "params": r.params.to_dict()} for r in records]}
 
 
+def method_plans(dirs: Directions, n_layers: int, paper_layer: int | None, best: dict[str, Any] | None
+                 ) -> dict[str, tuple[EditParams, bool]]:
+    """The edits measured on held-out prompts: name -> (params, whether the embeddings' output is edited too)."""
+    first, last = dirs.layers[0], dirs.layers[-1]
+    plans = {"seed_recipe": (EditParams(first, last, 1.0), False),
+             "per_layer": (EditParams(first, last, 1.0, PER_LAYER), False)}
+    if paper_layer is not None:
+        plans["refusal_direction_selection"] = (EditParams(0, n_layers - 1, 1.0, int(paper_layer)), True)
+    plans["aggregate_all_layers"] = (EditParams(0, n_layers - 1, 1.0), True)
+    if best is not None:
+        plans["searched"] = (EditParams(**best["params"]), False)
+        plans["random_direction"] = (EditParams(**best["params"]), False)
+    return plans
+
+
+def random_directions(dirs: Directions, seed: int) -> Directions:
+    """Random per-layer vectors and a random unit aggregate of ``dirs``' shapes (the control's directions)."""
+    g = torch.Generator().manual_seed(seed)
+    diffs = torch.randn(dirs.diffs.shape, generator=g)
+    u = torch.randn(dirs.direction.shape, generator=g)
+    return Directions(diffs, u / u.norm(), dirs.layers, dirs.positions)
+
+
 def _heldout_stage(out: Path, name: str, key: dict[str, Any], model: nn.Module, tok: Any, sets: PromptSets,
                    ctx: dict[str, Any], cfg: AblationConfig, stream: Any = None) -> dict[str, Any]:
     """Held-out figures of one method (its stream attached for the measurement only), cached by ``key``."""
@@ -329,24 +352,12 @@ def run_benchmark(name: str, cfg: AblationConfig, out: Path, progress: bool = Tr
     search = _stage(out / "stages" / "search.json", space_key,
                     lambda: search_stage(model, tok, dirs, val, cfg, out, progress, space_key))
     methods: dict[str, Any] = {"before": {"figures": before, "params": None}}
-    seed_params = EditParams(dirs.layers[0], dirs.layers[-1], 1.0)
-    plans = {"seed_recipe": (seed_params, False),
-             "per_layer": (EditParams(dirs.layers[0], dirs.layers[-1], 1.0, PER_LAYER), False)}
-    if paper["chosen"] is not None:
-        plans["refusal_direction_selection"] = (EditParams(0, n - 1, 1.0, int(paper["chosen"])), True)
-    plans["aggregate_all_layers"] = (EditParams(0, n - 1, 1.0), True)
-    if search["best"] is not None:
-        plans["searched"] = (EditParams(**search["best"]["params"]), False)
-        plans["random_direction"] = (EditParams(**search["best"]["params"]), False)
+    plans = method_plans(dirs, n, paper["chosen"], search["best"])
+    seed_params = plans["seed_recipe"][0]
     for method, (params, emb) in plans.items():
-        if method == "random_direction":  # the control: the searched edit along a random unit direction
-            g = torch.Generator().manual_seed(cfg.seed + 12345)
-            rnd = Directions(torch.randn(dirs.diffs.shape, generator=g), torch.randn(dirs.direction.shape, generator=g),
-                             dirs.layers, dirs.positions)
-            rnd = Directions(rnd.diffs, rnd.direction / rnd.direction.norm(), rnd.layers, rnd.positions)
-            stream = edit_stream(model, rnd, params, embeddings=emb, info={"control": "random direction"})
-        else:
-            stream = edit_stream(model, dirs, params, embeddings=emb)
+        rnd = method == "random_direction"  # the control: the searched edit along a random unit direction
+        stream = edit_stream(model, random_directions(dirs, cfg.seed + 12345) if rnd else dirs, params,
+                             embeddings=emb, info={"control": "random direction"} if rnd else None)
         figures = _heldout_stage(out, method, {**search_key, "params": params.to_dict(), "embeddings": emb},
                                  model, tok, sets, ctx, cfg, stream)
         methods[method] = {"figures": figures, "params": params.to_dict(), "embeddings": emb}
