@@ -289,11 +289,11 @@ def _ablation_method(bench: dict[str, Any], key: str) -> str:
 
     f = bench["methods"][key]["figures"]
     checks = [v for v in goal_checks(bench, key).values() if v is not None]
-    met = f"{sum(checks)}/{len(checks)}"
+    met = "a control, not judged" if key == "random_direction" else f"{sum(checks)}/{len(checks)} goals met"
     return (f"{METHOD_NAMES[key].split(' (')[0]}: {100 * f['behaviour']['rate']:.1f}% "
             f"[{100 * f['behaviour']['ci'][0]:.1f}, {100 * f['behaviour']['ci'][1]:.1f}], false behaviour "
             f"{100 * f['false_behaviour']['rate']:.1f}%, first-token KL {f['kl_first']['mean']:.3f}, PPL "
-            f"{100 * f['ppl']['rel_change']:+.2f}% ({met} goals met)")
+            f"{100 * f['ppl']['rel_change']:+.2f}% ({met})")
 
 
 def ablation_lines(res: dict[str, Any], link: str) -> list[str]:
@@ -304,7 +304,9 @@ def ablation_lines(res: dict[str, Any], link: str) -> list[str]:
         ch = bench["checks"]
         out.append(f"- **Ablation, {name}** ([report]({link}), {res['config']['model']}, "
                    f"{before['n']} held-out prompts a set): behaviour rate unedited {100 * before['rate']:.1f}% "
-                   f"[{100 * before['ci'][0]:.1f}, {100 * before['ci'][1]:.1f}]; "
+                   f"[{100 * before['ci'][0]:.1f}, {100 * before['ci'][1]:.1f}] on A, "
+                   f"{100 * bench['methods']['before']['figures']['false_behaviour']['rate']:.1f}% on the matched "
+                   "B prompts (the markers' false-positive floor); "
                    + "; ".join(_ablation_method(bench, k) for k in bench["methods"] if k != "before")
                    + f". Behaviour stream at alpha_b = 0 bit-identical: {ch['alpha0_bit_identical']}; stream vs "
                    f"weight edit max |logit diff| {ch['stream_vs_weights_max_abs_logit_diff']:.1e}.")
