@@ -470,6 +470,58 @@ def ablation(
     typer.echo(f"result: {out / 'result.json'}\nreport: {paths['markdown']}\n        {paths['html']}")
 
 
+def _overrides(config: Path | None, cls: type) -> dict[str, Any]:
+    """The fields a ``--config`` JSON file sets for the dataclass ``cls`` (``model`` comes from its option)."""
+    fields = _config_file(config) if config is not None else {}
+    known = set(cls.__dataclass_fields__) - {"model"}
+    unknown = sorted(set(fields) - known)
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} field(s) {unknown} in {config} (known: {', '.join(sorted(known))})")
+    return fields
+
+
+@experiment_app.command("lattice")
+def lattice(
+    model: Annotated[str, typer.Option(help="smollm2-135m, tiny, or a HF directory")] = "smollm2-135m",
+    out: Annotated[Path, typer.Option(help="output folder (stages are cached there and resumed)")]
+    = Path("runs/lattice-smollm2"),
+    config: Annotated[Path | None, typer.Option(help="JSON file of LatticeConfig fields to override")] = None,
+    quiet: bool = False,
+) -> None:
+    """GPTQ as Babai on a real model: the bound per layer, column orders on perplexity, LLL on Hessian blocks."""
+    with _input_errors():
+        if out.exists() and not out.is_dir():
+            raise FileExistsError(f"{out} exists and is a file, not a directory: give a folder for --out")
+        from libortho.experiments.lattice import LatticeConfig, run_lattice
+        from libortho.report.lattice import render_lattice_report
+
+        cfg = LatticeConfig(model=model, **_overrides(config, LatticeConfig))
+        run_lattice(cfg, out, progress=not quiet)
+        paths = render_lattice_report(out / "result.json")
+    typer.echo(f"result: {out / 'result.json'}\nreport: {paths['markdown']}\n        {paths['html']}")
+
+
+@experiment_app.command("genius")
+def genius(
+    model: Annotated[str, typer.Option(help="smollm2-135m, tiny, or a HF directory")] = "smollm2-135m",
+    out: Annotated[Path, typer.Option(help="output folder (evaluations are cached there and resumed)")]
+    = Path("runs/genius-smollm2"),
+    config: Annotated[Path | None, typer.Option(help="JSON file of GeniusConfig fields to override")] = None,
+    quiet: bool = False,
+) -> None:
+    """Reasoning probe at FP32, pure INT4/3/2 and INT3/2 + ortho stream (seed 002's "saving the genius")."""
+    with _input_errors():
+        if out.exists() and not out.is_dir():
+            raise FileExistsError(f"{out} exists and is a file, not a directory: give a folder for --out")
+        from libortho.experiments.genius import GeniusConfig, run_genius
+        from libortho.report.genius import render_genius_report
+
+        cfg = GeniusConfig(model=model, **_overrides(config, GeniusConfig))
+        run_genius(cfg, out, progress=not quiet)
+        paths = render_genius_report(out / "result.json")
+    typer.echo(f"result: {out / 'result.json'}\nreport: {paths['markdown']}\n        {paths['html']}")
+
+
 def _print_table(t: Any) -> None:
     """A report table on the terminal (at least 120 columns wide, also when piped to a file)."""
     table = Table(*t.header, title=t.caption, title_justify="left")
@@ -486,13 +538,29 @@ def _result_json(path: Path) -> dict[str, Any]:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"{path} is not valid JSON: {err}") from err
-    need = {"kill_switch": "summary", "separation": "seeds", "ablation": "benchmarks"}
+    need = {"kill_switch": "summary", "separation": "seeds", "ablation": "benchmarks", "lattice": "runs",
+            "genius": "evals"}
     kind = data.get("experiment") if isinstance(data, dict) else None
     if kind not in need or need[kind] not in data:
-        raise ValueError(f"{path} is not a kill-switch result.json nor a separation one nor an ablation one (needs "
-                         "'experiment': 'kill_switch' with 'summary', 'separation' with 'seeds', or 'ablation' with "
-                         "'benchmarks')")
+        raise ValueError(f"{path} is not an experiment's result.json (needs 'experiment': 'kill_switch' with "
+                         "'summary', 'separation' with 'seeds', 'ablation' with 'benchmarks', 'lattice' with 'runs' or "
+                         "'genius' with 'evals')")
     return data
+
+
+def _renderer(kind: str) -> Any:
+    """The report renderer of an experiment kind that has no terminal table."""
+    if kind == "ablation":
+        from libortho.report.ablation import render_ablation_report
+
+        return render_ablation_report
+    if kind == "lattice":
+        from libortho.report.lattice import render_lattice_report
+
+        return render_lattice_report
+    from libortho.report.genius import render_genius_report
+
+    return render_genius_report
 
 
 @app.command()
@@ -503,10 +571,8 @@ def report(result: Annotated[Path, typer.Argument(help="an experiment's result.j
         data = _result_json(result)
         if out is not None and out.exists() and not out.is_dir():
             raise FileExistsError(f"{out} exists and is a file, not a directory: give a folder for --out")
-        if data["experiment"] == "ablation":
-            from libortho.report.ablation import render_ablation_report
-
-            paths = render_ablation_report(result, out)
+        if data["experiment"] in ("ablation", "lattice", "genius"):
+            paths = _renderer(data["experiment"])(result, out)
             typer.echo(f"report: {paths['markdown']}\n        {paths['html']}")
             return
         if data["experiment"] == "separation":

@@ -53,7 +53,9 @@ class QuantConfig:
     chosen per group (min-max, MSE-optimal clipping search, HQQ-style proximal zero refinement);
     method: round-to-nearest or GPTQ error feedback; damp: GPTQ damping as a fraction of mean
     diag(H) (raised automatically when Cholesky fails); block_size: GPTQ lazy-update block;
-    act_order: quantize columns by decreasing diag(H) (groups stay static, in original order).
+    act_order: quantize columns by decreasing diag(H) (groups stay static, in original order);
+    min_pivot: quantize columns in the lattice view's greedy order instead, smallest nearest-plane
+    pivot first (:mod:`libortho.quant.order`; groups static too). At most one of the two.
 
     Defaults: GPTQ on the HQQ grid with act-order, chosen on a validation corpus (python-docs) among
     min-max, MSE and HQQ grids with and without act-order and joint outlier selection, and judged on
@@ -68,8 +70,21 @@ class QuantConfig:
     damp: float = 0.01
     block_size: int = 128
     act_order: bool = True
+    min_pivot: bool = False
+
+    @property
+    def order(self) -> str:
+        """The column order GPTQ uses: ``natural``, ``act`` or ``min_pivot``."""
+        return "min_pivot" if self.min_pivot else "act" if self.act_order else "natural"
+
+    @property
+    def static_groups(self) -> bool:
+        """Whether group grids are fit once on the original columns (any order but the natural one)."""
+        return self.order != "natural"
 
     def __post_init__(self) -> None:
+        if self.act_order and self.min_pivot:
+            raise ValueError("act_order and min_pivot are two column orders: min_pivot=True needs act_order=False")
         if self.bits not in SUPPORTED_BITS:
             raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {self.bits}")
         if self.group_size < 1:

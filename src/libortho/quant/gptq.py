@@ -15,6 +15,12 @@ onto later columns, which compensate only the entries that stay quantized. They 
 ortho stream's support with their in-loop residuals (count near the budget; the selector trims or
 fills it exactly). The base codes on them are the refit grid's: at alpha = 0 those entries are
 clipped and uncompensated, so joint selection trades alpha = 0 quality for alpha = 1 quality.
+
+Lattice view (:mod:`libortho.quant.babai`): GPTQ is Babai's nearest-plane algorithm on the lattice of
+the damped Hessian, so ``2 * info["loss"]`` (the error ``sum_r e_r H e_r^T``) is at most
+``info["babai_bound"] = 1/4 sum_k D_k sum_r s_rk^2`` (pivots ``D_k = 1 / U_kk^2``) when no entry is
+clipped; ``info["clipped"]`` counts the entries whose nearest code left ``[0, 2^b - 1]``.
+Column orders (natural, act-order, min-pivot): :mod:`libortho.quant.order`.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from libortho.quant.grid import (
     fit_grid,
     fit_group_params,
 )
+from libortho.quant.order import column_order
 
 
 def prepare_hessian(W: torch.Tensor, H: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -129,18 +136,17 @@ def gptq_quantize(W: torch.Tensor, cfg: QuantConfig, H: torch.Tensor, outliers: 
     ng = (d_in + g - 1) // g
     scales = torch.zeros(d_out, ng, dtype=dtype)
     zeros = torch.zeros(d_out, ng, dtype=dtype)
-    perm = torch.arange(d_in)
-    if cfg.act_order:
-        perm = torch.argsort(torch.diagonal(H), descending=True, stable=True)
+    static = cfg.static_groups
+    perm = column_order(H, cfg.order, cfg.damp)
     t_chol = time.perf_counter()
-    U, damp = inverse_cholesky(H[perm][:, perm] if cfg.act_order else H, cfg.damp)
+    U, damp = inverse_cholesky(H[perm][:, perm] if static else H, cfg.damp)
     t_chol = time.perf_counter() - t_chol
     if joint:
         hinv = torch.empty(d_in, dtype=dtype)
         hinv[perm] = (U * U).sum(0)  # diag of the damped H^-1 = U^T U, in column order
         tau = _outlier_threshold(W, cfg, hinv, outliers, parts)
         pre = torch.zeros(d_out, d_in, dtype=torch.bool)  # outliers marked at grid fits, column order
-    if cfg.act_order:
+    if static:
         if joint:  # static groups: fit on the original columns, outliers out of the fit
             for j in range(0, d_in, g):
                 s, z, pre[:, j:j + g] = _fit_without(W[:, j:j + g], hinv[j:j + g], tau, cfg)
@@ -154,6 +160,7 @@ def gptq_quantize(W: torch.Tensor, cfg: QuantConfig, H: torch.Tensor, outliers: 
         pre_n = pre.numpy()
     codes = torch.zeros(d_out, d_in, dtype=dtype)
     losses = torch.zeros(d_out, d_in, dtype=dtype)
+    clipped = 0  # entries whose nearest code fell outside [0, 2^b - 1]: there the Babai bound fails
     order = perm.tolist()
     codes_n, losses_n, scales_n, zeros_n = codes.numpy(), losses.numpy(), scales.numpy(), zeros.numpy()
     for i1 in range(0, d_in, cfg.block_size):
@@ -166,7 +173,7 @@ def gptq_quantize(W: torch.Tensor, cfg: QuantConfig, H: torch.Tensor, outliers: 
         for i in range(i2 - i1):
             col = order[i1 + i]
             grp = col // g
-            if not cfg.act_order and col % g == 0:
+            if not static and col % g == 0:
                 cur = _group_columns(W, W1, Err1, U, i1, i, min(col + g, d_in))
                 if joint:
                     s, z, pre[:, col:col + cur.shape[1]] = _fit_without(cur, hinv[col:col + cur.shape[1]], tau, cfg)
@@ -175,7 +182,9 @@ def gptq_quantize(W: torch.Tensor, cfg: QuantConfig, H: torch.Tensor, outliers: 
                 scales[:, grp], zeros[:, grp] = s, z
             s, z = scales_n[:, grp], zeros_n[:, grp]
             w, d = W1n[:, i], U1n[i, i]
-            c = np.clip(np.round(w / s + z), 0, maxq)  # quantize_with_params
+            c = np.round(w / s + z)
+            clipped += int(np.count_nonzero((c < 0) | (c > maxq)))
+            c = np.clip(c, 0, maxq)  # quantize_with_params
             err = (w - (c - z) * s) / d  # (w - dequantize_with_params(c, s, z)) / d
             if joint:  # outliers stay exact in the ortho stream: nothing to compensate
                 keep = pre_n[:, col]
@@ -189,8 +198,12 @@ def gptq_quantize(W: torch.Tensor, cfg: QuantConfig, H: torch.Tensor, outliers: 
     inv = torch.argsort(perm)
     codes, losses = codes[:, inv], losses[:, inv]
     col_losses = losses.sum(0).float()
-    info = {"method": "gptq", "damp": damp, "act_order": cfg.act_order, "dead_columns": int(dead.sum()),
-            "losses": col_losses, "row_losses": losses.sum(1).float(), "loss": float(col_losses.sum()),
+    pivots = 1.0 / torch.diagonal(U).double() ** 2  # nearest-plane pivot D_k of the k-th processed column
+    step_sq = (scales[:, perm // g].double() ** 2).sum(0)  # sum over rows of s^2 at that column
+    info = {"method": "gptq", "damp": damp, "act_order": cfg.act_order, "order": cfg.order,
+            "dead_columns": int(dead.sum()), "losses": col_losses, "row_losses": losses.sum(1).float(),
+            "loss": float(col_losses.sum()), "clipped": clipped,
+            "babai_bound": float(0.25 * (pivots * step_sq).sum()),
             "time_s": time.perf_counter() - t0,
             "cholesky_s": t_chol}
     if joint:

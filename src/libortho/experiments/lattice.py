@@ -1,0 +1,252 @@
+"""``libortho experiment lattice``: GPTQ as Babai on a real model -- bounds, column orders, LLL (seed 004).
+
+Stages, each cached as JSON under ``out/`` by configuration (a re-run resumes where it stopped):
+
+1. ``fp32``: perplexity of the unquantized model on held-out blocks (per-block NLLs kept);
+2. ``quant-b{bits}-{order}``: the base stream alone (no ortho stream), GPTQ with the given column
+   order, sequential calibration; perplexity at alpha = 0, and per stage of linears sharing one
+   Hessian: the measured lattice error ``sum_r e_r H e_r^T`` (``2 x`` GPTQ's loss), Babai's bound
+   ``1/4 sum_k D_k sum_r s_rk^2`` and the entries whose code was clipped (where the bound stops
+   holding). The first of these runs also saves W and H of the layers the lattice stages study;
+3. ``babai``: on those real layers, explicit nearest plane (:func:`libortho.quant.babai.babai_quantize`)
+   against GPTQ with one group per row, clipped (both) and unclipped (Babai alone, with its bound);
+4. ``lll``: per layer and block dimension, the columns GPTQ's act-order takes first, per-channel
+   grid: Gram-Schmidt profiles, bound and nearest-plane error before and after LLL (delta 0.99),
+   unclipped and clipped (:func:`libortho.quant.lll.reduce_and_compare`).
+
+``result.json`` holds the configuration, the environment and every stage; the report
+(:mod:`libortho.report.lattice`) is rendered from it.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from libortho.atomic import atomic_write_json
+from libortho.config import DecomposeConfig, QuantConfig
+from libortho.curvature.damping import damped
+from libortho.data import calibration_blocks, load_corpus, token_blocks
+from libortho.eval.perplexity import perplexity
+from libortho.eval.stats import paired_bootstrap_ppl_diff
+from libortho.quant.babai import babai_quantize
+from libortho.quant.gptq import gptq_quantize
+from libortho.quant.grid import fit_grid
+from libortho.quant.lll import reduce_and_compare
+from libortho.quant.order import ORDERS, column_order
+
+RESULT_FILE = "result.json"
+INPUTS_FILE = "lattice_inputs.pt"
+
+
+@dataclass(frozen=True)
+class LatticeConfig:
+    """Every knob of the lattice experiment (defaults: the SmolLM2 run in docs/results/geoq_smollm2)."""
+
+    model: str = "smollm2-135m"
+    bits: tuple[int, ...] = (4, 3)
+    group_size: int = 64
+    grid: str = "minmax"
+    orders: tuple[str, ...] = ORDERS
+    calib: tuple[str, ...] = ("shakespeare",)
+    n_calib: int = 128
+    eval_corpus: str = "fortunes"
+    n_eval: int = 32
+    seq_len: int = 512
+    damp: float = 0.01
+    layers: tuple[str, ...] = ("model.layers.0.self_attn.q_proj", "model.layers.14.self_attn.o_proj",
+                               "model.layers.14.mlp.gate_proj", "model.layers.29.mlp.down_proj")
+    lll_dims: tuple[int, ...] = (64, 128, 256)
+    lll_bits: int = 4
+    lll_delta: float = 0.99
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, list):
+                object.__setattr__(self, f.name, tuple(v))
+        bad = [o for o in self.orders if o not in ORDERS]
+        if bad or not self.orders:
+            raise ValueError(f"unknown column order(s) {bad or '(none)'}; available: {', '.join(ORDERS)}")
+        if not self.bits:
+            raise ValueError("bits: give at least one code width")
+        for b in (*self.bits, self.lll_bits):
+            QuantConfig(bits=b)  # refuses unsupported widths with its own message
+        if any(d < 2 or d > 256 for d in self.lll_dims):
+            raise ValueError(f"lll_dims must lie in [2, 256] (fpylll on a laptop), got {self.lll_dims}")
+        if not 0.25 < self.lll_delta <= 1:
+            raise ValueError(f"lll_delta must be in (0.25, 1], got {self.lll_delta}")
+        for name in ("n_calib", "n_eval", "seq_len", "group_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+    def quant(self, bits: int, order: str) -> QuantConfig:
+        """The base quantizer of one run."""
+        return QuantConfig(bits=bits, group_size=self.group_size, grid=self.grid, method="gptq", damp=self.damp,
+                           act_order=order == "act", min_pivot=order == "min_pivot")
+
+    def data_key(self) -> dict[str, Any]:
+        """What every stage's numbers depend on besides its own knobs."""
+        return {k: getattr(self, k) for k in ("model", "calib", "n_calib", "eval_corpus", "n_eval", "seq_len")}
+
+
+def _cached(path: Path, key: dict[str, Any], build: Callable[[], dict[str, Any]], log: Callable[[str], None]
+            ) -> dict[str, Any]:
+    """The stage stored at ``path`` under ``key``, or ``build()``'s (stored atomically with its key)."""
+    key = json.loads(json.dumps(key, default=str))
+    if path.is_file():
+        stored = json.loads(path.read_text())
+        if stored.get("key") == key:
+            log(f"{path.stem}: cached")
+            return stored["value"]
+    t0 = time.perf_counter()
+    value = build()
+    value["wall_s"] = time.perf_counter() - t0
+    atomic_write_json(path, {"key": key, "value": value})
+    log(f"{path.stem}: {value['wall_s']:.0f} s")
+    return value
+
+
+def _ppl_entry(model: torch.nn.Module, evals: torch.Tensor) -> dict[str, Any]:
+    r = perplexity(model, evals, batch_size=4)
+    return {"ppl": r.ppl, "nll": r.nll, "tokens": r.tokens, "block_nll": list(r.block_nll)}
+
+
+def stage_rows(records: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per group of linears quantized together (they share one Hessian and one GPTQ run)."""
+    rows: dict[int, dict[str, Any]] = {}
+    for name, rec in records.items():
+        row = rows.get(id(rec.hessian))
+        if row is None:
+            info = rec.quant_info
+            rows[id(rec.hessian)] = {"layers": [name], "d_in": int(rec.weight.shape[1]),
+                                     "rows": int(rec.weight.shape[0]), "error": 2 * float(info["loss"]),
+                                     "bound": float(info["babai_bound"]), "clipped": int(info["clipped"])}
+        else:
+            row["layers"].append(name)
+            row["rows"] += int(rec.weight.shape[0])
+    for row in rows.values():
+        row["clipped_fraction"] = row["clipped"] / (row["rows"] * row["d_in"])
+    return list(rows.values())
+
+
+def run_quantized(cfg: LatticeConfig, bits: int, order: str, load: Callable[[], tuple[Any, Any]],
+                  calib: torch.Tensor, evals: torch.Tensor, inputs_path: Path | None) -> dict[str, Any]:
+    """Decompose (base stream only) with one order and width; PPL at alpha = 0 and per-stage lattice figures."""
+    from libortho.pipeline import decompose
+
+    model, _ = load()
+    res = decompose(model, calib, DecomposeConfig(quant=cfg.quant(bits, order), ortho=False), keep_records=True,
+                    progress=False)
+    if inputs_path is not None:
+        torch.save({n: {"W": res.records[n].weight.clone(), "H": res.records[n].hessian.clone()}
+                    for n in cfg.layers}, inputs_path)
+    rows = stage_rows(res.records)
+    return {"bits": bits, "order": order, "decompose_s": res.stats["wall_s"], "stages": rows,
+            "alpha0": _ppl_entry(model, evals)}
+
+
+def babai_check(W: torch.Tensor, H: torch.Tensor, cfg: LatticeConfig) -> dict[str, Any]:
+    """Explicit nearest plane against GPTQ on one real layer, one group per row (static grid), act-order."""
+    q = QuantConfig(bits=cfg.lll_bits, group_size=W.shape[1], grid=cfg.grid, damp=cfg.damp, act_order=True)
+    t0 = time.perf_counter()
+    g = gptq_quantize(W.double(), q, H)
+    t_gptq = time.perf_counter() - t0
+    boxed = babai_quantize(W, H, q, clip=True)
+    t_babai = time.perf_counter() - t0 - t_gptq
+    free = babai_quantize(W, H, q, clip=False)
+    Qg = g.dequantize().double()
+    return {"shape": list(W.shape), "relative_difference": float((Qg - boxed.Q).norm() / boxed.Q.norm()),
+            "codes_differing": int((g.codes.double() != boxed.codes).sum()),
+            "gptq_clipped": int(g.info["clipped"]), "babai_clipped": boxed.clipped,
+            "gptq_error": 2 * float(g.info["loss"]), "babai_error": float(boxed.row_error.sum()),
+            "bound": float(boxed.row_bound.sum()), "unclipped_error": float(free.row_error.sum()),
+            "unclipped_outside_box": free.clipped,
+            "unclipped_rows_within_bound": float((free.row_error <= free.row_bound * (1 + 1e-9)).double().mean()),
+            "gptq_s": t_gptq, "babai_s": t_babai}
+
+
+def lll_block(W: torch.Tensor, H: torch.Tensor, dim: int, cfg: LatticeConfig) -> dict[str, Any]:
+    """LLL on the block of the ``dim`` columns act-order takes first (per-channel grid, damped H)."""
+    q = QuantConfig(bits=cfg.lll_bits, group_size=W.shape[1], grid=cfg.grid, damp=cfg.damp, act_order=True)
+    W = W.double()
+    s, z = (t.double()[:, 0] for t in fit_grid(W, q))
+    cols = column_order(H, "act", cfg.damp)[:dim]
+    Hd = damped(H.double(), cfg.damp)[cols][:, cols]
+    y = W[:, cols] / s[:, None] + z[:, None]
+    return {"columns": cols.tolist(), **reduce_and_compare(Hd, y, s, 2**cfg.lll_bits - 1, cfg.lll_delta).to_dict()}
+
+
+def ppl_comparisons(runs: dict[str, dict[str, Any]], cfg: LatticeConfig) -> list[dict[str, Any]]:
+    """Paired-bootstrap PPL differences between orders at each width (same evaluation blocks)."""
+    out = []
+    for bits in cfg.bits:
+        for i, a in enumerate(cfg.orders):
+            for b in cfg.orders[i + 1:]:
+                ra, rb = runs[f"b{bits}-{a}"]["alpha0"], runs[f"b{bits}-{b}"]["alpha0"]
+                iv = paired_bootstrap_ppl_diff(ra["block_nll"], rb["block_nll"])
+                out.append({"bits": bits, "a": a, "b": b, "diff": iv.estimate, "low": iv.low, "high": iv.high,
+                            "p": iv.p_value})
+    return out
+
+
+def run_lattice(cfg: LatticeConfig, out: str | Path, progress: bool = True) -> dict[str, Any]:
+    """Run (or resume) every stage and write ``out/result.json``."""
+    from libortho.experiments.kill_switch import environment
+    from libortho.models import load_model
+
+    out = Path(out)
+
+    def log(msg: str) -> None:
+        if progress:
+            print(f"[lattice {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+    def load() -> tuple[Any, Any]:
+        torch.manual_seed(0)
+        return load_model(cfg.model)
+
+    model, tok = load()
+    modules = dict(model.named_modules())
+    missing = [n for n in cfg.layers if not isinstance(modules.get(n), torch.nn.Linear)]
+    if missing:
+        raise ValueError(f"layers {missing} are not linear layers of {cfg.model}")
+    out.mkdir(parents=True, exist_ok=True)
+    calib = calibration_blocks(list(cfg.calib), tok, n_blocks=cfg.n_calib, block_len=cfg.seq_len, seed=0)
+    evals = token_blocks(load_corpus(cfg.eval_corpus), tok, block_len=cfg.seq_len, n_blocks=cfg.n_eval, seed=1,
+                         split="heldout")
+    base_key = cfg.data_key()
+    result: dict[str, Any] = {"experiment": "lattice", "config": asdict(cfg), "environment": environment()}
+    result["fp32"] = _cached(out / "fp32.json", base_key, lambda m=model: _ppl_entry(m, evals), log)
+    del model
+    runs: dict[str, dict[str, Any]] = {}
+    inputs_path = out / INPUTS_FILE
+    first = (cfg.bits[0], cfg.orders[0])
+    for bits in cfg.bits:
+        for order in cfg.orders:
+            key = {**base_key, "quant": asdict(cfg.quant(bits, order))}
+            save_inputs = (bits, order) == first and not inputs_path.is_file()
+            path = out / f"quant-b{bits}-{order}.json"
+            if save_inputs and path.is_file():
+                path.unlink()  # its decomposition is the one that saves the layers' W and H
+            runs[f"b{bits}-{order}"] = _cached(
+                path, key, lambda b=bits, o=order, s=save_inputs: run_quantized(
+                    cfg, b, o, load, calib, evals, inputs_path if s else None), log)
+    result["runs"] = runs
+    result["ppl_comparisons"] = ppl_comparisons(runs, cfg)
+    inputs = torch.load(inputs_path)
+    lkey = {**base_key, "quant": asdict(cfg.quant(*first)), "bits": cfg.lll_bits, "grid": cfg.grid,
+            "damp": cfg.damp}
+    result["babai"] = {n: _cached(out / f"babai-{n}.json", lkey, lambda n=n: babai_check(inputs[n]["W"],
+                                                                                        inputs[n]["H"], cfg), log)
+                       for n in cfg.layers}
+    result["lll"] = {n: {str(d): _cached(out / f"lll-{n}-{d}.json", {**lkey, "delta": cfg.lll_delta},
+                                         lambda n=n, d=d: lll_block(inputs[n]["W"], inputs[n]["H"], d, cfg), log)
+                         for d in cfg.lll_dims} for n in cfg.layers}
+    atomic_write_json(out / RESULT_FILE, result)
+    return result

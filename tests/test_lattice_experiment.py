@@ -1,0 +1,93 @@
+"""The lattice experiment end to end on the tiny model: stages, cache, claims recomputed, CLI, refusals."""
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from libortho.cli import app
+from libortho.experiments.lattice import LatticeConfig, run_lattice
+from libortho.report.lattice import claims, render_lattice_report
+
+TINY = {"bits": [4], "n_calib": 8, "n_eval": 4, "seq_len": 64, "group_size": 16, "lll_dims": [16, 32],
+        "layers": ["model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"]}
+
+
+@pytest.fixture(scope="module")
+def lattice_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("lattice")
+    return out, run_lattice(LatticeConfig(model="tiny", **TINY), out, progress=False)
+
+
+def test_every_stage_is_there_and_babai_matches_gptq_on_real_layers(lattice_run) -> None:
+    out, r = lattice_run
+    assert set(r["runs"]) == {"b4-natural", "b4-act", "b4-min_pivot"}
+    for run in r["runs"].values():
+        names = [n for s in run["stages"] for n in s["layers"]]
+        assert len(names) == len(set(names)) == 2 * 7  # every linear of both blocks, once
+        assert all(s["error"] > 0 and s["bound"] > 0 for s in run["stages"])
+        assert len(run["alpha0"]["block_nll"]) == 4
+    for v in r["babai"].values():
+        assert v["relative_difference"] <= 1e-6 and v["gptq_clipped"] == v["babai_clipped"]
+        assert v["unclipped_rows_within_bound"] == 1.0
+    for per in r["lll"].values():
+        assert set(per) == {"16", "32"}
+        for b in per.values():
+            assert len(b["gs_before"]) == b["dim"] and b["error_before"] <= b["bound_before"]
+    assert len(r["ppl_comparisons"]) == 3
+    assert json.loads((out / "result.json").read_text())["experiment"] == "lattice"
+
+
+def test_a_second_run_reuses_every_stage(lattice_run, capsys) -> None:
+    out, r = lattice_run
+    stamps = {p.name: p.stat().st_mtime_ns for p in out.glob("*.json") if p.name != "result.json"}
+    again = run_lattice(LatticeConfig(model="tiny", **TINY), out, progress=True)
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.json") if p.name != "result.json"} == stamps
+    assert "cached" in capsys.readouterr().out
+    assert again["runs"]["b4-act"]["alpha0"]["ppl"] == r["runs"]["b4-act"]["alpha0"]["ppl"]
+
+
+def test_claims_are_recomputed_from_the_figures(lattice_run) -> None:
+    _, r = lattice_run
+    assert claims(r)[0]["holds"] is True
+    broken = json.loads(json.dumps(r))
+    next(iter(broken["babai"].values()))["relative_difference"] = 1e-3
+    assert claims(broken)[0]["holds"] is False
+    order = [c for c in claims(broken) if "min-pivot order beats act" in c["claim"]][0]
+    comp = [c for c in broken["ppl_comparisons"] if c["a"] == "act" and c["b"] == "min_pivot"][0]
+    assert order["holds"] == (comp["low"] > 0)
+
+
+def test_report_renders_markdown_html_and_figures(lattice_run, tmp_path: Path) -> None:
+    out, _ = lattice_run
+    paths = render_lattice_report(out / "result.json", tmp_path)
+    md = paths["markdown"].read_text()
+    assert "Claims and measurements" in md and "min-pivot" in md and "LLL on Hessian blocks" in md
+    assert (tmp_path / "figures" / "bound.png").stat().st_size > 0
+    assert (tmp_path / "figures" / "profiles.png").stat().st_size > 0
+    assert paths["html"].read_text().startswith("<!DOCTYPE html>")
+
+
+@pytest.mark.parametrize("fields,message", [
+    ({"orders": ["natural", "random"]}, "unknown column order"),
+    ({"lll_dims": [512]}, "lll_dims must lie in"),
+    ({"bits": [5]}, "bits must be one of"),
+    ({"lll_delta": 0.1}, "lll_delta must be in"),
+])
+def test_config_refuses_bad_values(fields, message) -> None:
+    with pytest.raises(ValueError, match=message):
+        LatticeConfig(model="tiny", **fields)
+
+
+def test_cli_refuses_unknown_fields_and_foreign_layers_before_any_work(tmp_path: Path) -> None:
+    runner = CliRunner()
+    (tmp_path / "c.json").write_text(json.dumps({"n_calib": 2, "colour": 1}))
+    res = runner.invoke(app, ["experiment", "lattice", "--model", "tiny", "--out", str(tmp_path / "o"),
+                              "--config", str(tmp_path / "c.json")])
+    assert res.exit_code != 0 and "unknown LatticeConfig field(s) ['colour']" in res.output
+    (tmp_path / "c.json").write_text(json.dumps({"layers": ["model.layers.0.mlp", "model.layers.9.q"]}))
+    res = runner.invoke(app, ["experiment", "lattice", "--model", "tiny", "--out", str(tmp_path / "o"),
+                              "--config", str(tmp_path / "c.json")])
+    assert res.exit_code != 0 and "are not linear layers" in res.output
+    assert not list((tmp_path / "o").glob("*.json"))  # nothing computed, nothing written
