@@ -8,7 +8,7 @@ export LIBORTHO_CACHE ?= $(HOME)/.cache/libortho
 export TOKENIZERS_PARALLELISM := false
 export HF_HUB_OFFLINE := 1
 
-.PHONY: setup assets test demo bench lint clean realistic ablation peers-venv peers
+.PHONY: setup assets test demo bench lint clean realistic ablation lattice genius peers-venv peers
 
 $(STAMP): requirements.lock pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -56,6 +56,20 @@ ablation: assets
 	mkdir -p docs/results/ablation_smollm2
 	cp runs/ablation-smollm2/result.json docs/results/ablation_smollm2/result.json
 	$(PY) -m libortho.cli report docs/results/ablation_smollm2/result.json
+
+# GPTQ as Babai on SmolLM2: bound per layer, column orders on perplexity, LLL on Hessian blocks (stages resume).
+lattice: assets
+	$(PY) -m libortho.cli experiment lattice --out runs/lattice-smollm2
+	mkdir -p docs/results/geoq_smollm2/lattice
+	cp runs/lattice-smollm2/result.json docs/results/geoq_smollm2/lattice/result.json
+	$(PY) -m libortho.cli report docs/results/geoq_smollm2/lattice/result.json
+
+# "Saving the genius": the reasoning probe at FP32, INT4/3/2 and INT3/2 + ortho stream (evaluations resume).
+genius: assets
+	$(PY) -m libortho.cli experiment genius --out runs/genius-smollm2
+	mkdir -p docs/results/genius_smollm2
+	cp runs/genius-smollm2/result.json docs/results/genius_smollm2/result.json
+	$(PY) -m libortho.cli report docs/results/genius_smollm2/result.json
 
 bench: assets
 	$(PY) bench/run_all.py

@@ -11,6 +11,7 @@ from what the committed JSON renders to, so a changed result cannot leave the fr
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 from pathlib import Path
@@ -352,6 +353,12 @@ def render_block(results: Path) -> str:
     abl = _load(results / "ablation_smollm2" / "result.json")
     if abl is not None:
         lines += ablation_lines(abl, "docs/results/ablation_smollm2/report.md")
+    for kind in ("lattice", "genius"):  # seed 002/004: their report modules render their own line
+        folder = {"lattice": "geoq_smollm2/lattice", "genius": "genius_smollm2"}[kind]
+        res = _load(results / folder / "result.json")
+        if res is not None:
+            module = importlib.import_module(f"libortho.report.{kind}")
+            lines += module.readme_lines(res, f"docs/results/{folder}/report.md")
     ex = _load(results / "exposure_check" / "result.json")
     if ex is not None and "conclusion" in ex:
         lines += exposure_lines(ex, "docs/results/exposure_check/report.md")

@@ -105,8 +105,12 @@ def test_unclipped_error_never_exceeds_the_bound_but_clipping_can() -> None:
     cfg = QuantConfig(bits=2, group_size=24, grid="minmax", act_order=False)
     free = babai_quantize(W, H, cfg, clip=False)
     assert free.clipped > 0 and bool((free.row_error <= free.row_bound * (1 + 1e-12)).all())
-    boxed = babai_quantize(W, H, cfg, clip=True)
-    assert bool((boxed.row_error > boxed.row_bound).any())  # with the box the guarantee is gone
+    # two strongly coupled inputs: the first column's rounding error, pushed onto the second, sends it past
+    # the grid's end; clipped there, that row's error exceeds its bound
+    H2 = torch.tensor([[1.0, 0.98], [0.98, 1.0]], dtype=torch.float64)
+    W2 = torch.rand(2000, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64) * 2 - 1
+    boxed = babai_quantize(W2, H2, QuantConfig(bits=2, group_size=2, grid="minmax", act_order=False), clip=True)
+    assert boxed.clipped > 0 and bool((boxed.row_error > boxed.row_bound).any())  # with the box the guarantee is gone
 
 
 def test_gptq_reports_the_bound_it_keeps_per_layer() -> None:

@@ -18,7 +18,7 @@ from libortho.eval.stats import clopper_pearson, mcnemar_exact
 from libortho.report.document import Block, Figure, Heading, Para, Table, to_html, to_markdown
 from libortho.report.plots import _save, plt
 
-COMMAND = "libortho experiment genius --out runs/genius-smollm2"
+COMMAND = "make genius"
 CHANCE = 1 / N_CHOICES
 GOAL_RETENTION, GOAL_RHO, PROBE_FLOOR = 0.8, 0.02, 0.40
 
@@ -155,3 +155,14 @@ def render_genius_report(result_path: str | Path, out_dir: str | Path | None = N
     md = atomic_write_text(out / "report.md", to_markdown(blocks, out))
     page = atomic_write_text(out / "report.html", to_html(blocks, f"libortho genius: {result['config']['model']}"))
     return {"markdown": md, "html": page, "figures": out / "figures"}
+
+
+def readme_lines(result: dict[str, Any], link: str) -> list[str]:
+    """The README results block's line: the probe's validity, every condition, the goal's verdict."""
+    s = summary(result)
+    verdict = {True: "holds", False: "does not hold", None: "reported"}
+    conds = "; ".join(f"{n} {r['choice']['acc']:.1%} (exact {r['exact']['acc']:.1%}, {r['bits']:.2f} bits/param)"
+                      for n, r in s.items())
+    return [f"- **Saving the genius** ([report]({link}), {result['config']['model']}, {len(result['problems'])} "
+            f"held-out reasoning items, four-way choice, chance 25%): {conds}. "
+            + "; ".join(f"{c['claim']}: {verdict[c['holds']]}" for c in claims(result)) + "."]
