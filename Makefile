@@ -8,7 +8,7 @@ export LIBORTHO_CACHE ?= $(HOME)/.cache/libortho
 export TOKENIZERS_PARALLELISM := false
 export HF_HUB_OFFLINE := 1
 
-.PHONY: setup assets test demo bench lint clean realistic ablation lattice genius peers-venv peers
+.PHONY: setup assets test demo bench lint clean realistic ablation lattice genius census peers-venv peers
 
 $(STAMP): requirements.lock pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -70,6 +70,13 @@ genius: assets
 	mkdir -p docs/results/genius_smollm2
 	cp runs/genius-smollm2/result.json docs/results/genius_smollm2/result.json
 	$(PY) -m libortho.cli report docs/results/genius_smollm2/result.json
+
+# Outlier census on the separation benchmark's fine-tuned SmolLM2 (the model and every group cached; resumes).
+census: assets
+	$(PY) -m libortho.cli experiment census --out runs/census-smollm2
+	mkdir -p docs/results/geoq_smollm2/census
+	cp runs/census-smollm2/result.json docs/results/geoq_smollm2/census/result.json
+	$(PY) -m libortho.cli report docs/results/geoq_smollm2/census/result.json
 
 bench: assets
 	$(PY) bench/run_all.py

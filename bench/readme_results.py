@@ -353,8 +353,8 @@ def render_block(results: Path) -> str:
     abl = _load(results / "ablation_smollm2" / "result.json")
     if abl is not None:
         lines += ablation_lines(abl, "docs/results/ablation_smollm2/report.md")
-    for kind in ("lattice", "genius"):  # seed 002/004: their report modules render their own line
-        folder = {"lattice": "geoq_smollm2/lattice", "genius": "genius_smollm2"}[kind]
+    for kind, folder in (("lattice", "geoq_smollm2/lattice"), ("census", "geoq_smollm2/census"),
+                         ("genius", "genius_smollm2")):  # seeds 002/004: their report modules render their own line
         res = _load(results / folder / "result.json")
         if res is not None:
             module = importlib.import_module(f"libortho.report.{kind}")

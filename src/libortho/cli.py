@@ -522,6 +522,27 @@ def genius(
     typer.echo(f"result: {out / 'result.json'}\nreport: {paths['markdown']}\n        {paths['html']}")
 
 
+@experiment_app.command("census")
+def census(
+    model: Annotated[str, typer.Option(help="smollm2-135m, tiny, or a HF directory")] = "smollm2-135m",
+    out: Annotated[Path, typer.Option(help="output folder (the fine-tuned model and every group are cached there)")]
+    = Path("runs/census-smollm2"),
+    config: Annotated[Path | None, typer.Option(help="JSON file of CensusConfig fields to override")] = None,
+    quiet: bool = False,
+) -> None:
+    """Outlier census: functional (dPPL) and sensitive (dAUC) groups, their geometry, a 2-D map (seed 004)."""
+    with _input_errors():
+        if out.exists() and not out.is_dir():
+            raise FileExistsError(f"{out} exists and is a file, not a directory: give a folder for --out")
+        from libortho.experiments.census import CensusConfig, run_census
+        from libortho.report.census import render_census_report
+
+        cfg = CensusConfig(model=model, **_overrides(config, CensusConfig))
+        run_census(cfg, out, progress=not quiet)
+        paths = render_census_report(out / "result.json")
+    typer.echo(f"result: {out / 'result.json'}\nreport: {paths['markdown']}\n        {paths['html']}")
+
+
 def _print_table(t: Any) -> None:
     """A report table on the terminal (at least 120 columns wide, also when piped to a file)."""
     table = Table(*t.header, title=t.caption, title_justify="left")
@@ -539,12 +560,12 @@ def _result_json(path: Path) -> dict[str, Any]:
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"{path} is not valid JSON: {err}") from err
     need = {"kill_switch": "summary", "separation": "seeds", "ablation": "benchmarks", "lattice": "runs",
-            "genius": "evals"}
+            "genius": "evals", "census": "records"}
     kind = data.get("experiment") if isinstance(data, dict) else None
     if kind not in need or need[kind] not in data:
         raise ValueError(f"{path} is not an experiment's result.json (needs 'experiment': 'kill_switch' with "
-                         "'summary', 'separation' with 'seeds', 'ablation' with 'benchmarks', 'lattice' with 'runs' or "
-                         "'genius' with 'evals')")
+                         "'summary', 'separation' with 'seeds', 'ablation' with 'benchmarks', 'lattice' with 'runs', "
+                         "'genius' with 'evals' or 'census' with 'records')")
     return data
 
 
@@ -558,6 +579,10 @@ def _renderer(kind: str) -> Any:
         from libortho.report.lattice import render_lattice_report
 
         return render_lattice_report
+    if kind == "census":
+        from libortho.report.census import render_census_report
+
+        return render_census_report
     from libortho.report.genius import render_genius_report
 
     return render_genius_report
@@ -571,7 +596,7 @@ def report(result: Annotated[Path, typer.Argument(help="an experiment's result.j
         data = _result_json(result)
         if out is not None and out.exists() and not out.is_dir():
             raise FileExistsError(f"{out} exists and is a file, not a directory: give a folder for --out")
-        if data["experiment"] in ("ablation", "lattice", "genius"):
+        if data["experiment"] in ("ablation", "lattice", "genius", "census"):
             paths = _renderer(data["experiment"])(result, out)
             typer.echo(f"report: {paths['markdown']}\n        {paths['html']}")
             return

@@ -100,6 +100,10 @@ class PrivacyHarness:
         """Each record's mean NLL per secret token."""
         return np.array([float(-stats.logp[i][a - 1:b - 1].mean()) for i, (a, b) in enumerate(spans)])
 
+    def mia(self, model: nn.Module) -> dict[str, dict[str, float]]:
+        """Every record-level attack's ROC summary (and ``secret_loss``'s): no exposure, no perplexity."""
+        return self._mia(model)[0]
+
     def _mia(self, model: nn.Module) -> tuple[dict[str, Any], float, float, dict[str, Any]]:
         """Record-level attacks, plus ``secret_loss`` (minus the secret tokens' mean NLL, given the record)."""
         m = token_stats(model, self.member_rows, self.pad, batch_size=self.cfg.batch_size)

@@ -66,6 +66,69 @@ def greedy_answers(model: nn.Module, tokenizer: Any, prompts: Sequence[str], max
     return out
 
 
+@torch.no_grad()
+def shared_prompt_scores(model: nn.Module, tokenizer: Any, prompts: Sequence[str], choices: Sequence[Sequence[int]],
+                         max_new_tokens: int = 0, batch_size: int = 32) -> tuple[list[list[float]], list[str]]:
+    """:func:`choice_scores` (and, with ``max_new_tokens``, :func:`greedy_answers`) from one pass over each prompt.
+
+    The prompt batch runs once with a KV cache; the greedy reply continues from it; the cache is then cut
+    back to the prompt, repeated once per candidate, and every candidate's tokens run in one more pass.
+    Candidates are right-padded after the prompt, so padding never precedes a scored token.
+    """
+    pad = pad_id(tokenizer)
+    n_c = len(choices[0]) if choices else 0
+    if any(len(c) != n_c for c in choices):
+        raise ValueError("every prompt needs the same number of candidates")
+    scores: list[list[float]] = []
+    replies: list[str] = []
+    for s in range(0, len(prompts), batch_size):
+        ids, mask, pos = left_pad([_encode(tokenizer, p) for p in prompts[s:s + batch_size]], pad)
+        out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
+        cache, first = out.past_key_values, out.logits[:, -1].float().log_softmax(-1)
+        last = pos[:, -1]
+        if max_new_tokens:
+            replies += _greedy_from(model, tokenizer, cache, first, mask, last, max_new_tokens)
+            cache.crop(-(max_new_tokens - 1))  # back to the prompt: the greedy steps appended n - 1 tokens
+        conts = [[_encode(tokenizer, f" {c}\n") for c in cs] for cs in choices[s:s + batch_size]]
+        flat = [c for cs in conts for c in cs]
+        L = max(len(c) for c in flat)
+        cont = torch.full((len(flat), L), pad, dtype=torch.long)
+        cmask = torch.zeros((len(flat), L), dtype=torch.long)
+        for i, c in enumerate(flat):
+            cont[i, :len(c)], cmask[i, :len(c)] = torch.tensor(c), 1
+        cache.batch_repeat_interleave(n_c)
+        rep = torch.repeat_interleave
+        logp = model(input_ids=cont, attention_mask=torch.cat([rep(mask, n_c, 0), cmask], 1),
+                     position_ids=rep(last, n_c)[:, None] + 1 + torch.arange(L)[None, :], past_key_values=cache,
+                     use_cache=True).logits.float().log_softmax(-1)
+        first = rep(first, n_c, 0)
+        for j in range(len(conts)):
+            row = []
+            for k, c in enumerate(conts[j]):
+                i = j * n_c + k
+                lp = first[i, c[0]] + sum(logp[i, t - 1, c[t]] for t in range(1, len(c)))
+                row.append(float(lp))
+            scores.append(row)
+    return scores, replies
+
+
+def _greedy_from(model: nn.Module, tokenizer: Any, cache: Any, logp: torch.Tensor, mask: torch.Tensor,
+                 last: torch.Tensor, n: int) -> list[str]:
+    """Greedy continuation of a prompt batch whose cache and last log-probs are given (the cache grows)."""
+    toks = []
+    nxt = logp.argmax(-1)
+    for step in range(n):
+        toks.append(nxt)
+        if step == n - 1:
+            break
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+        out = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=(last + 1 + step)[:, None],
+                    past_key_values=cache, use_cache=True)
+        nxt = out.logits[:, -1].argmax(-1)
+    gen = torch.stack(toks, 1)
+    return [tokenizer.decode(g, skip_special_tokens=True) for g in gen]
+
+
 def mismatched(problems: Sequence[Problem]) -> list[Problem]:
     """For each item, the next item of the same family (cyclically): the control's question."""
     by_family: dict[str, list[int]] = {}
@@ -83,16 +146,15 @@ def score_probe(model: nn.Module, tokenizer: Any, problems: Sequence[Problem], s
     """Per-item correctness on the probe: ``choice`` (and ``exact``, ``control`` when asked), plus the replies."""
     prompts = [probe_prompt(p, shots[p.family]) for p in problems]
     cands = [answer_choices(p) for p in problems]
-    sc = choice_scores(model, tokenizer, prompts, cands, batch_size)
+    sc, replies = shared_prompt_scores(model, tokenizer, prompts, cands, 8 if exact else 0, batch_size)
     out: dict[str, Any] = {"choice": [c[max(range(len(c)), key=s.__getitem__)] == p.answer
                                       for p, c, s in zip(problems, cands, sc, strict=True)]}
     if control:
         ctl = [probe_prompt(q, shots[q.family]) for q in mismatched(problems)]
-        sc = choice_scores(model, tokenizer, ctl, cands, batch_size)
+        sc, _ = shared_prompt_scores(model, tokenizer, ctl, cands, 0, batch_size)
         out["control"] = [c[max(range(len(c)), key=s.__getitem__)] == p.answer
                           for p, c, s in zip(problems, cands, sc, strict=True)]
     if exact:
-        replies = greedy_answers(model, tokenizer, prompts, batch_size=batch_size)
         out["exact"] = [parse_answer(r) == p.answer for p, r in zip(problems, replies, strict=True)]
         out["replies"] = replies
     return out

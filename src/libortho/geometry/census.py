@@ -11,7 +11,8 @@ twice by callbacks the experiment supplies:
   precision inside an otherwise quantized model.
 
 The seed's thresholds are ``delta_ppl >= 0.3`` and ``delta_auc >= 0.1``; beside them the census
-derives permutation-null thresholds from the random groups (the 95th percentile of their deltas), since
+derives permutation-null thresholds from the random groups (a delta must exceed the 95th percentile of
+theirs), since
 quantizing a whole model moves AUC by only a few hundredths and 0.1 may be out of reach.
 
 Geometric features per group (pure functions of W and H): magnitude (mean ``|w|`` over the layer's
@@ -116,9 +117,14 @@ def null_threshold(null_deltas: list[float], level: float = 0.95) -> float:
     return float(np.quantile(np.asarray(null_deltas, dtype=float), level))
 
 
-def classify(delta_ppl: float, delta_auc: float, ppl_threshold: float, auc_threshold: float) -> str:
-    """``functional``, ``sensitive``, ``both`` or ``neither`` under the given thresholds."""
-    f, s = delta_ppl >= ppl_threshold, delta_auc >= auc_threshold
+def classify(delta_ppl: float, delta_auc: float, ppl_threshold: float, auc_threshold: float,
+             strict: bool = False) -> str:
+    """``functional``, ``sensitive``, ``both`` or ``neither`` under the given thresholds (``strict``: the delta
+    must exceed the threshold, as for a null quantile, which random groups themselves reach)."""
+    if strict:
+        f, s = delta_ppl > ppl_threshold, delta_auc > auc_threshold
+    else:
+        f, s = delta_ppl >= ppl_threshold, delta_auc >= auc_threshold
     return "both" if f and s else "functional" if f else "sensitive" if s else "neither"
 
 
@@ -185,7 +191,8 @@ def label_census(records: list[dict[str, Any]]) -> dict[str, Any]:
     feats = np.array([[r[f] for f in FEATURES] for r in outliers]) if outliers else np.zeros((0, len(FEATURES)))
     out: dict[str, Any] = {"records": records, "thresholds": thresholds, "labels": {}, "separation": {}}
     for name, t in thresholds.items():
-        labels = [classify(r["delta_ppl"], r["delta_auc"], t["ppl"], t["auc"]) for r in outliers]
+        labels = [classify(r["delta_ppl"], r["delta_auc"], t["ppl"], t["auc"], strict=name == "null")
+                  for r in outliers]
         out["labels"][name] = labels
         both_kinds = [(f, lab) for f, lab in zip(feats, labels, strict=True) if lab in ("functional", "sensitive")]
         out["separation"][name] = separation_scores(np.array([f for f, _ in both_kinds]).reshape(-1, len(FEATURES)),
