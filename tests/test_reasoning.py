@@ -15,7 +15,7 @@ from libortho.data.reasoning import (
     reasoning_problems,
     shots_by_family,
 )
-from libortho.eval.reasoning import choice_scores, greedy_answers, mismatched, score_probe
+from libortho.eval.reasoning import choice_scores, greedy_answers, mismatched, score_probe, shared_prompt_scores
 from libortho.models import load_model
 
 
@@ -88,14 +88,29 @@ def test_batched_choice_scores_equal_one_at_a_time(tiny) -> None:
         assert g == pytest.approx([_reference_score(model, tok, pr, c) for c in cs], abs=1e-4)
 
 
+def test_shared_prompt_pass_equals_separate_scoring_and_decoding(tiny) -> None:
+    model, tok = tiny
+    probs = reasoning_problems(7, seed=2)
+    shots = shots_by_family(2)
+    prompts = [probe_prompt(p, shots[p.family]) for p in probs]
+    cands = [answer_choices(p) for p in probs]
+    want = choice_scores(model, tok, prompts, cands, batch_size=5)
+    for n_new in (0, 1, 6):  # the greedy reply grows the cache; the candidates must see the prompt alone
+        got, replies = shared_prompt_scores(model, tok, prompts, cands, n_new, batch_size=3)
+        for g, w in zip(got, want, strict=True):
+            assert g == pytest.approx(w, abs=1e-4)
+        assert len(replies) == (len(prompts) if n_new else 0)
+    assert replies == greedy_answers(model, tok, prompts, max_new_tokens=6, batch_size=4)
+
+
 def test_score_probe_marks_the_highest_scoring_candidate(tiny, monkeypatch) -> None:
     model, tok = tiny
     probs = reasoning_problems(8, seed=5)
     shots = shots_by_family(1)
     rng = random.Random(0)
     fake = [[rng.random() for _ in range(4)] for _ in probs]
-    monkeypatch.setattr("libortho.eval.reasoning.choice_scores", lambda *a, **k: fake)
-    monkeypatch.setattr("libortho.eval.reasoning.greedy_answers", lambda m, t, ps, **k: [f" {p.answer}" for p in probs])
+    monkeypatch.setattr("libortho.eval.reasoning.shared_prompt_scores",
+                        lambda m, t, ps, cs, n, b: (fake, [f" {p.answer}" for p in probs] if n else []))
     out = score_probe(model, tok, probs, shots, control=True)
     want = [answer_choices(p)[max(range(4), key=s.__getitem__)] == p.answer for p, s in zip(probs, fake, strict=True)]
     assert out["choice"] == want and out["control"] == want and all(out["exact"])
