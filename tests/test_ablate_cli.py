@@ -256,7 +256,7 @@ def test_report_command_renders_an_ablation_result(tmp_path) -> None:
     bad = tmp_path / "r.json"
     bad.write_text(json.dumps({"experiment": "ablation"}))
     res = CliRunner().invoke(app, ["report", str(bad)])
-    assert res.exit_code == 2 and "nor an ablation one" in res.output
+    assert res.exit_code == 2 and "is not an experiment's result.json" in res.output
 
 
 def test_split_prompts_holds_out_the_same_templates_in_both_sets() -> None:

@@ -15,7 +15,6 @@ Goal (the issue's): INT3 + ortho at rho <= 2% keeps >= 80% of FP32 accuracy (fou
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
@@ -29,6 +28,7 @@ from libortho.config import SUPPORTED_BITS, DecomposeConfig, QuantConfig, Select
 from libortho.data import calibration_blocks
 from libortho.data.reasoning import FAMILIES, reasoning_problems, shots_by_family
 from libortho.eval.reasoning import score_probe
+from libortho.experiments.store import cached_json
 
 RESULT_FILE = "result.json"
 
@@ -81,30 +81,22 @@ class GeniusConfig:
         return {k: getattr(self, k) for k in ("model", "n_items", "n_shots", "families", "probe_seed")}
 
 
-def _cached(path: Path, key: dict[str, Any], build: Callable[[], dict[str, Any]], log: Callable[[str], None]
-            ) -> dict[str, Any]:
-    """The evaluation stored at ``path`` under ``key``, or ``build()``'s, stored atomically with its key."""
-    key = json.loads(json.dumps(key, default=str))
-    if path.is_file():
-        stored = json.loads(path.read_text())
-        if stored.get("key") == key:
-            log(f"{path.stem}: cached")
-            return stored["value"]
-    t0 = time.perf_counter()
-    value = build()
-    value["wall_s"] = time.perf_counter() - t0
-    atomic_write_json(path, {"key": key, "value": value})
-    log(f"{path.stem}: choice {sum(value['choice']) / len(value['choice']):.3f}  "
-        f"exact {sum(value['exact']) / len(value['exact']):.3f}  ({value['wall_s']:.0f} s)")
-    return value
-
-
 def conditions(cfg: GeniusConfig) -> list[tuple[str, int | None, float | None]]:
     """(name, bits, rho) of every evaluated model: FP32, pure widths, widths with the ortho stream."""
     out: list[tuple[str, int | None, float | None]] = [("fp32", None, None)]
     out += [(f"int{b}", b, None) for b in cfg.pure_bits]
     out += [(f"int{b}+ortho{r:g}", b, r) for b in cfg.ortho_bits for r in cfg.rhos]
     return out
+
+
+def _describe(value: dict[str, Any]) -> str:
+    return (f"choice {sum(value['choice']) / len(value['choice']):.3f}  "
+            f"exact {sum(value['exact']) / len(value['exact']):.3f}")
+
+
+def _cached(path: Path, key: dict[str, Any], build: Callable[[], dict[str, Any]], log: Callable[[str], None]
+            ) -> dict[str, Any]:
+    return cached_json(path, key, build, log, _describe)
 
 
 def _width_evals(cfg: GeniusConfig, bits: int, tok: Any, evaluate: Callable[[torch.nn.Module], dict[str, Any]],

@@ -20,7 +20,6 @@ Stages, each cached as JSON under ``out/`` by configuration (a re-run resumes wh
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
@@ -35,6 +34,7 @@ from libortho.curvature.damping import damped
 from libortho.data import calibration_blocks, load_corpus, token_blocks
 from libortho.eval.perplexity import perplexity
 from libortho.eval.stats import paired_bootstrap_ppl_diff
+from libortho.experiments.store import cached_json
 from libortho.quant.babai import babai_quantize
 from libortho.quant.gptq import gptq_quantize
 from libortho.quant.grid import fit_grid
@@ -94,23 +94,6 @@ class LatticeConfig:
     def data_key(self) -> dict[str, Any]:
         """What every stage's numbers depend on besides its own knobs."""
         return {k: getattr(self, k) for k in ("model", "calib", "n_calib", "eval_corpus", "n_eval", "seq_len")}
-
-
-def _cached(path: Path, key: dict[str, Any], build: Callable[[], dict[str, Any]], log: Callable[[str], None]
-            ) -> dict[str, Any]:
-    """The stage stored at ``path`` under ``key``, or ``build()``'s (stored atomically with its key)."""
-    key = json.loads(json.dumps(key, default=str))
-    if path.is_file():
-        stored = json.loads(path.read_text())
-        if stored.get("key") == key:
-            log(f"{path.stem}: cached")
-            return stored["value"]
-    t0 = time.perf_counter()
-    value = build()
-    value["wall_s"] = time.perf_counter() - t0
-    atomic_write_json(path, {"key": key, "value": value})
-    log(f"{path.stem}: {value['wall_s']:.0f} s")
-    return value
 
 
 def _ppl_entry(model: torch.nn.Module, evals: torch.Tensor) -> dict[str, Any]:
@@ -222,7 +205,7 @@ def run_lattice(cfg: LatticeConfig, out: str | Path, progress: bool = True) -> d
                          split="heldout")
     base_key = cfg.data_key()
     result: dict[str, Any] = {"experiment": "lattice", "config": asdict(cfg), "environment": environment()}
-    result["fp32"] = _cached(out / "fp32.json", base_key, lambda m=model: _ppl_entry(m, evals), log)
+    result["fp32"] = cached_json(out / "fp32.json", base_key, lambda m=model: _ppl_entry(m, evals), log)
     del model
     runs: dict[str, dict[str, Any]] = {}
     inputs_path = out / INPUTS_FILE
@@ -234,7 +217,7 @@ def run_lattice(cfg: LatticeConfig, out: str | Path, progress: bool = True) -> d
             path = out / f"quant-b{bits}-{order}.json"
             if save_inputs and path.is_file():
                 path.unlink()  # its decomposition is the one that saves the layers' W and H
-            runs[f"b{bits}-{order}"] = _cached(
+            runs[f"b{bits}-{order}"] = cached_json(
                 path, key, lambda b=bits, o=order, s=save_inputs: run_quantized(
                     cfg, b, o, load, calib, evals, inputs_path if s else None), log)
     result["runs"] = runs
@@ -242,10 +225,10 @@ def run_lattice(cfg: LatticeConfig, out: str | Path, progress: bool = True) -> d
     inputs = torch.load(inputs_path)
     lkey = {**base_key, "quant": asdict(cfg.quant(*first)), "bits": cfg.lll_bits, "grid": cfg.grid,
             "damp": cfg.damp}
-    result["babai"] = {n: _cached(out / f"babai-{n}.json", lkey, lambda n=n: babai_check(inputs[n]["W"],
+    result["babai"] = {n: cached_json(out / f"babai-{n}.json", lkey, lambda n=n: babai_check(inputs[n]["W"],
                                                                                         inputs[n]["H"], cfg), log)
                        for n in cfg.layers}
-    result["lll"] = {n: {str(d): _cached(out / f"lll-{n}-{d}.json", {**lkey, "delta": cfg.lll_delta},
+    result["lll"] = {n: {str(d): cached_json(out / f"lll-{n}-{d}.json", {**lkey, "delta": cfg.lll_delta},
                                          lambda n=n, d=d: lll_block(inputs[n]["W"], inputs[n]["H"], d, cfg), log)
                          for d in cfg.lll_dims} for n in cfg.layers}
     atomic_write_json(out / RESULT_FILE, result)

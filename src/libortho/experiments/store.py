@@ -64,3 +64,22 @@ def cached_model(path: str | Path, key: dict[str, Any], build: Callable[[], tupl
         model.save_pretrained(tmp)
         atomic_write_json(tmp / META, {"key": _canonical(key), "info": info})
     return model.eval(), info
+
+
+def cached_json(path: Path, key: dict[str, Any], build: Callable[[], dict[str, Any]],
+                log: Callable[[str], None] = lambda _: None,
+                describe: Callable[[dict[str, Any]], str] | None = None) -> dict[str, Any]:
+    """A stage's JSON value stored at ``path`` under ``key``, or ``build()``'s (``wall_s`` added), stored atomically
+    with its key. ``log`` hears "cached" or the build's time (and ``describe(value)`` when given)."""
+    key = _canonical(key)
+    if path.is_file():
+        stored = json.loads(path.read_text())
+        if stored.get("key") == key:
+            log(f"{path.stem}: cached")
+            return stored["value"]
+    t0 = time.perf_counter()
+    value = build()
+    value["wall_s"] = time.perf_counter() - t0
+    atomic_write_json(path, {"key": key, "value": value})
+    log(f"{path.stem}: {describe(value) + '  ' if describe else ''}({value['wall_s']:.0f} s)")
+    return value
