@@ -79,17 +79,23 @@ def shared_prompt_scores(model: nn.Module, tokenizer: Any, prompts: Sequence[str
     n_c = len(choices[0]) if choices else 0
     if any(len(c) != n_c for c in choices):
         raise ValueError("every prompt needs the same number of candidates")
-    scores: list[list[float]] = []
-    replies: list[str] = []
-    for s in range(0, len(prompts), batch_size):
-        ids, mask, pos = left_pad([_encode(tokenizer, p) for p in prompts[s:s + batch_size]], pad)
+    rows = [_encode(tokenizer, p) for p in prompts]
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))  # batches of similar length: little padding
+    scores: list[list[float]] = [[] for _ in rows]
+    replies: list[str] = [""] * len(rows) if max_new_tokens else []
+    for s in range(0, len(order), batch_size):
+        idx = order[s:s + batch_size]
+        ids, mask, pos = left_pad([rows[i] for i in idx], pad)
         out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
         cache, first = out.past_key_values, out.logits[:, -1].float().log_softmax(-1)
         last = pos[:, -1]
         if max_new_tokens:
-            replies += _greedy_from(model, tokenizer, cache, first, mask, last, max_new_tokens)
-            cache.crop(-(max_new_tokens - 1))  # back to the prompt: the greedy steps appended n - 1 tokens
-        conts = [[_encode(tokenizer, f" {c}\n") for c in cs] for cs in choices[s:s + batch_size]]
+            for i, r in zip(idx, _greedy_from(model, tokenizer, cache, first, mask, last, max_new_tokens),
+                            strict=True):
+                replies[i] = r
+            if max_new_tokens > 1:  # back to the prompt: the greedy steps appended n - 1 tokens
+                cache.crop(-(max_new_tokens - 1))
+        conts = [[_encode(tokenizer, f" {c}\n") for c in choices[i]] for i in idx]
         flat = [c for cs in conts for c in cs]
         L = max(len(c) for c in flat)
         cont = torch.full((len(flat), L), pad, dtype=torch.long)
@@ -108,7 +114,7 @@ def shared_prompt_scores(model: nn.Module, tokenizer: Any, prompts: Sequence[str
                 i = j * n_c + k
                 lp = first[i, c[0]] + sum(logp[i, t - 1, c[t]] for t in range(1, len(c)))
                 row.append(float(lp))
-            scores.append(row)
+            scores[idx[j]] = row
     return scores, replies
 
 
