@@ -91,3 +91,27 @@ def test_cli_refuses_unknown_fields_and_foreign_layers_before_any_work(tmp_path:
                               "--config", str(tmp_path / "c.json")])
     assert res.exit_code != 0 and "are not linear layers" in res.output
     assert not list((tmp_path / "o").glob("*.json"))  # nothing computed, nothing written
+
+
+def test_stage_error_is_the_whole_stacked_matrix_error_under_the_damped_hessian() -> None:
+    import torch
+
+    from libortho.config import DecomposeConfig, QuantConfig
+    from libortho.curvature.damping import damped
+    from libortho.experiments.lattice import stage_rows
+    from libortho.models import load_model
+    from libortho.pipeline import decompose
+
+    model, _ = load_model("tiny")
+    calib = torch.randint(0, 200, (4, 32), generator=torch.Generator().manual_seed(0))
+    res = decompose(model, calib, DecomposeConfig(quant=QuantConfig(group_size=16, grid="minmax", act_order=False),
+                                                  ortho=False), keep_records=True, progress=False, max_blocks=1)
+    rows = stage_rows(res.records)
+    assert sorted(len(r["layers"]) for r in rows) == [1, 1, 2, 3]  # o, down; gate+up; q+k+v
+    for r in rows:
+        H = damped(res.records[r["layers"][0]].hessian.double(), res.records[r["layers"][0]].quant_info["damp"])
+        direct = 0.0
+        for n in r["layers"]:
+            E = res.records[n].base.dequantize(torch.float64) - res.records[n].weight.double()
+            direct += float(((E @ H) * E).sum())
+        assert r["error"] == pytest.approx(direct, rel=1e-3)

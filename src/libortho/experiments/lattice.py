@@ -102,19 +102,23 @@ def _ppl_entry(model: torch.nn.Module, evals: torch.Tensor) -> dict[str, Any]:
 
 
 def stage_rows(records: dict[str, Any]) -> list[dict[str, Any]]:
-    """One row per group of linears quantized together (they share one Hessian and one GPTQ run)."""
+    """One row per group of linears quantized together (they share one Hessian and one GPTQ run).
+
+    The bound and the clipped count are the joint run's (stacked rows); each linear's ``loss`` is its own
+    rows' share, so the group's error is their sum.
+    """
     rows: dict[int, dict[str, Any]] = {}
     for name, rec in records.items():
-        row = rows.get(id(rec.hessian))
-        if row is None:
-            info = rec.quant_info
-            rows[id(rec.hessian)] = {"layers": [name], "d_in": int(rec.weight.shape[1]),
-                                     "rows": int(rec.weight.shape[0]), "error": 2 * float(info["loss"]),
-                                     "bound": float(info["babai_bound"]), "clipped": int(info["clipped"])}
-        else:
-            row["layers"].append(name)
-            row["rows"] += int(rec.weight.shape[0])
+        info = rec.quant_info
+        row = rows.setdefault(id(rec.hessian), {"layers": [], "d_in": int(rec.weight.shape[1]), "rows": 0,
+                                                "error": 0.0, "bound": float(info["babai_bound"]),
+                                                "clipped": int(info["clipped"])})
+        row["layers"].append(name)
+        row["rows"] += int(rec.weight.shape[0])
+        row["error"] += 2 * float(info["loss"])
     for row in rows.values():
+        if row["rows"] != int(records[row["layers"][0]].quant_info.get("joint_rows", row["rows"])):
+            raise ValueError(f"stage {row['layers']}: the joint run had other rows than its linears")
         row["clipped_fraction"] = row["clipped"] / (row["rows"] * row["d_in"])
     return list(rows.values())
 
@@ -212,7 +216,7 @@ def run_lattice(cfg: LatticeConfig, out: str | Path, progress: bool = True) -> d
     first = (cfg.bits[0], cfg.orders[0])
     for bits in cfg.bits:
         for order in cfg.orders:
-            key = {**base_key, "quant": asdict(cfg.quant(bits, order))}
+            key = {**base_key, "quant": asdict(cfg.quant(bits, order)), "stage_rows": 2}
             save_inputs = (bits, order) == first and not inputs_path.is_file()
             path = out / f"quant-b{bits}-{order}.json"
             if save_inputs and path.is_file():
