@@ -8,7 +8,7 @@ export LIBORTHO_CACHE ?= $(HOME)/.cache/libortho
 export TOKENIZERS_PARALLELISM := false
 export HF_HUB_OFFLINE := 1
 
-.PHONY: setup assets test demo bench lint clean realistic ablation lattice genius census peers-venv peers
+.PHONY: setup assets test demo bench lint clean realistic ablation lattice genius census dual-dp peers-venv peers
 
 $(STAMP): requirements.lock pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -77,6 +77,13 @@ census: assets
 	mkdir -p docs/results/geoq_smollm2/census
 	cp runs/census-smollm2/result.json docs/results/geoq_smollm2/census/result.json
 	$(PY) -m libortho.cli report docs/results/geoq_smollm2/census/result.json
+
+# Dual DP, noise arm: Gaussian noise on the ortho stream only vs on all weights (points cached; resumes).
+dual-dp: assets
+	$(PY) -m libortho.cli experiment dual-dp --out runs/dual-dp-smollm2
+	mkdir -p docs/results/dual_dp_smollm2/noise
+	cp runs/dual-dp-smollm2/result.json docs/results/dual_dp_smollm2/noise/result.json
+	$(PY) -m libortho.cli report docs/results/dual_dp_smollm2/noise/result.json
 
 bench: assets
 	$(PY) bench/run_all.py

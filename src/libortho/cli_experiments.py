@@ -253,3 +253,19 @@ def census(
 
     _run_and_report(out, lambda: CensusConfig(model=model, **_overrides(config, CensusConfig)), run_census,
                     render_census_report, quiet)
+
+
+@experiment_app.command("dual-dp")
+def dual_dp(
+    model: Annotated[str, typer.Option(help="smollm2-135m, tiny, or a HF directory")] = "smollm2-135m",
+    out: Annotated[Path, typer.Option(help="output folder (the fine-tuned model and every point are cached there)")]
+    = Path("runs/dual-dp-smollm2"),
+    config: Annotated[Path | None, typer.Option(help="JSON file of NoiseSweepConfig fields to override")] = None,
+    quiet: bool = False,
+) -> None:
+    """Dual DP, noise arm: Gaussian noise on the ortho stream only vs on all weights, utility vs leakage."""
+    from libortho.experiments.dual_dp import NoiseSweepConfig, run_noise_sweep
+    from libortho.report.dual_dp import render_dual_dp_report
+
+    _run_and_report(out, lambda: NoiseSweepConfig(model=model, **_overrides(config, NoiseSweepConfig)),
+                    run_noise_sweep, render_dual_dp_report, quiet)

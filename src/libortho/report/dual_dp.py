@@ -1,0 +1,96 @@
+"""Report of the dual-DP noise sweep: utility against leakage for noise on the memory stream vs on all weights.
+
+The comparison is recomputed from ``result.json`` (:func:`frontier`): for each arm, the best general
+perplexity among its points whose leakage is at or below a level, at every level the points reach.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from libortho.atomic import atomic_write_text
+from libortho.report.document import Block, Figure, Heading, Para, Table, to_html, to_markdown
+from libortho.report.plots import _save, plt
+
+COMMAND = "make dual-dp"
+ARM_NAMES = {"none": "no noise (Q + O)", "ortho": "noise on the ortho stream only", "all": "noise on every weight"}
+
+
+def _leak(m: dict[str, Any]) -> float:
+    """The leakage figure the comparison uses: mean exposure of the member canaries (bits)."""
+    return float(m["exposure"]["mean"])
+
+
+def frontier(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """At each exposure level a point reaches: per arm, the lowest general PPL with exposure <= that level."""
+    pts = list(result["points"].values())
+    levels = sorted({_leak(p["metrics"]) for p in pts})
+    rows = []
+    for lev in levels:
+        row: dict[str, Any] = {"exposure_at_most": lev}
+        for arm in ("ortho", "all"):
+            ok = [p["metrics"]["ppl_general"] for p in pts if p["arm"] in (arm, "none") and _leak(p["metrics"]) <= lev]
+            row[arm] = min(ok) if ok else None
+        rows.append(row)
+    return rows
+
+
+def curve_figure(result: dict[str, Any], path: Path) -> Path:
+    """General perplexity against member exposure, one curve per arm (sigma annotated)."""
+    fig, ax = plt.subplots(figsize=(5.6, 4.0))
+    pts = list(result["points"].values())
+    base = next(p for p in pts if p["arm"] == "none")
+    for arm, marker in (("ortho", "o-"), ("all", "s-")):
+        arm_pts = [base, *sorted((p for p in pts if p["arm"] == arm), key=lambda p: p["sigma"])]
+        ax.plot([_leak(p["metrics"]) for p in arm_pts], [p["metrics"]["ppl_general"] for p in arm_pts], marker,
+                label=ARM_NAMES[arm])
+        for p in arm_pts[1:]:
+            ax.annotate(f"{p['sigma']:g}", (_leak(p["metrics"]), p["metrics"]["ppl_general"]), fontsize=7,
+                        textcoords="offset points", xytext=(3, 3))
+    ax.set(xlabel="member exposure (bits, mean)", ylabel="general perplexity", yscale="log")
+    ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def build_blocks(result: dict[str, Any], fig_dir: Path) -> list[Block]:
+    """The report's blocks (figures written to ``fig_dir``)."""
+    fig_dir.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for p in result["points"].values():
+        m = p["metrics"]
+        best_mia = max(v["auc"] for k, v in m["mia"].items())
+        rows.append([ARM_NAMES[p["arm"]], f"{p['sigma']:g}", f"{m['extraction']['rate']:.3f}",
+                     f"{m['exposure']['mean']:.2f}", f"{best_mia:.3f}", f"{m['ppl_domain']:.2f}",
+                     f"{m['ppl_general']:.2f}"])
+    fr = frontier(result)
+    return [
+        Heading(f"Dual DP, noise arm: memory-only vs all-weight Gaussian noise ({result['config']['model']})", 1),
+        Para("Seed 002 (section 5.5) proposes noise where memory lives and none where skill lives. The kill-switch "
+             "benchmark's fine-tuned model is decomposed (GPTQ base + ortho stream) and turned back into dense "
+             "weights Q + O; Gaussian noise goes on the ortho stream's entries only (sigma in units of each layer's "
+             "ortho RMS) or on every weight (sigma in units of each layer's weight RMS). No (eps, delta) is claimed "
+             f"for this noise: it is uncalibrated. Reproduce with `{COMMAND}`."),
+        Table(["arm", "sigma", "extraction", "exposure (bits)", "best MIA AUC", "domain PPL", "general PPL"], rows),
+        Table(["exposure at most", "best general PPL, ortho-only noise", "best general PPL, all-weight noise"],
+              [[f"{r['exposure_at_most']:.2f}", "-" if r["ortho"] is None else f"{r['ortho']:.2f}",
+                "-" if r["all"] is None else f"{r['all']:.2f}"] for r in fr],
+              caption="At equal measured leakage (member exposure), the utility each arm keeps"),
+        Figure(curve_figure(result, fig_dir / "curves.png"), "General perplexity against member exposure"),
+    ]
+
+
+def render_dual_dp_report(result_path: str | Path, out_dir: str | Path | None = None) -> dict[str, Path]:
+    """Figures, ``report.md`` and ``report.html`` for a noise-sweep ``result.json``."""
+    result_path = Path(result_path)
+    if not result_path.is_file():
+        raise FileNotFoundError(f"result file {result_path} not found")
+    result = json.loads(result_path.read_text())
+    if result.get("experiment") != "dual_dp_noise" or "points" not in result:
+        raise ValueError(f"{result_path} is not a dual-DP noise result ('experiment': 'dual_dp_noise' with points)")
+    out = Path(out_dir) if out_dir is not None else result_path.parent
+    blocks = build_blocks(result, out / "figures")
+    md = atomic_write_text(out / "report.md", to_markdown(blocks, out))
+    page = atomic_write_text(out / "report.html", to_html(blocks, f"libortho dual DP: {result['config']['model']}"))
+    return {"markdown": md, "html": page, "figures": out / "figures"}
