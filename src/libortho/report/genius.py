@@ -158,11 +158,20 @@ def render_genius_report(result_path: str | Path, out_dir: str | Path | None = N
 
 
 def readme_lines(result: dict[str, Any], link: str) -> list[str]:
-    """The README results block's line: the probe's validity, every condition, the goal's verdict."""
+    """The README results block's line: every condition's accuracy, the goal's verdicts, the paired tests."""
     s = summary(result)
-    verdict = {True: "holds", False: "does not hold", None: "reported"}
-    conds = "; ".join(f"{n} {r['choice']['acc']:.1%} (exact {r['exact']['acc']:.1%}, {r['bits']:.2f} bits/param)"
-                      for n, r in s.items())
+    conds = ", ".join(f"{n} {r['choice']['acc']:.1%}" for n, r in s.items())
+    goals = [c for c in claims(result) if c["holds"] is not None]
+    ps = [r["vs_pure"] for r in s.values() if "vs_pure" in r]
+    fp = s["fp32"]["choice"]
     return [f"- **Saving the genius** ([report]({link}), {result['config']['model']}, {len(result['problems'])} "
-            f"held-out reasoning items, four-way choice, chance 25%): {conds}. "
-            + "; ".join(f"{c['claim']}: {verdict[c['holds']]}" for c in claims(result)) + "."]
+            f"held-out reasoning items, four-way choice, chance 25%; exact match in the report): {conds}. "
+            f"FP32 {fp['acc']:.1%} [{fp['ci'][0]:.1%}, {fp['ci'][1]:.1%}]. With the ortho stream against the same "
+            f"width without it: McNemar p {min(ps):.2f}-{max(ps):.2f}. "
+            + "; ".join(_verdict_text(c) for c in goals) + "."]
+
+
+def _verdict_text(c: dict[str, Any]) -> str:
+    """A claim's verdict, with the retention figures where the claim is the retention goal."""
+    text = f"{c['claim'][0].upper()}{c['claim'][1:]}: {'holds' if c['holds'] else 'does not hold'}"
+    return f"{text} ({c['measured'].split(';')[1].strip()})" if "keeps" in c["claim"] else text
