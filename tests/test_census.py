@@ -119,7 +119,9 @@ def test_group_kinds_pick_what_they_say() -> None:
     mag = make_group("l", "magnitude", W, H, 4)
     assert set(W[mag.rows, mag.cols].abs().tolist()) == set(torch.topk(W.abs().flatten(), 4).values.tolist())
     ch = make_group("l", "channel", W, H, 4)
-    assert ch.size == D_OUT and set(ch.cols.tolist()) == {int(torch.argmax(torch.diagonal(H)))}
+    col = int(torch.argmax(torch.diagonal(H)))
+    assert ch.size == 4 and set(ch.cols.tolist()) == {col}
+    assert set(ch.rows.tolist()) == set(torch.topk(W[:, col].abs(), 4).indices.tolist())
     sal = make_group("l", "saliency", W, H, 4)
     hinv = torch.linalg.inv(H + 0.01 * torch.diagonal(H).mean() * torch.eye(D_IN, dtype=torch.float64)).diagonal()
     want = torch.topk((W**2 / hinv).flatten(), 4).indices

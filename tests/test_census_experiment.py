@@ -29,7 +29,8 @@ def test_groups_measured_labelled_and_mapped(census_run) -> None:
     kinds = [x["kind"] for x in r["records"]]
     assert kinds.count("random") == 3 and len(kinds) == 2 * 3 + 3  # 2 sites x 3 kinds + the null
     chans = [x for x in r["records"] if x["kind"] == "channel"]
-    assert len({x["size"] for x in chans}) == 1 and chans[0]["size"] > 8  # a whole input channel: every output row
+    assert all(x["size"] == 8 for x in r["records"])  # every kind the null's size: like compared with like
+    assert len(chans) == 2
     assert len(r["labels"]["seed"]) == len(r["labels"]["null"]) == 6 and len(r["map"]["xy"]) == 6
     assert set(r["thresholds"]) == {"seed", "null"}
     for x in r["records"]:

@@ -10,7 +10,8 @@ Stages, each cached as JSON under ``out/`` by configuration (a re-run resumes wh
    holding). The first of these runs also saves W and H of the layers the lattice stages study;
 3. ``babai``: on those real layers, explicit nearest plane (:func:`libortho.quant.babai.babai_quantize`)
    against GPTQ with one group per row, clipped (both) and unclipped (Babai alone, with its bound);
-4. ``lll``: per layer and block dimension, the columns GPTQ's act-order takes first, per-channel
+4. ``lll``: per layer and block dimension, the columns GPTQ's act-order takes first (the basis in that
+   order reversed, so nearest plane on it is GPTQ's act-order on the block), per-channel
    grid: Gram-Schmidt profiles, bound and nearest-plane error before and after LLL (delta 0.99),
    unclipped and clipped (:func:`libortho.quant.lll.reduce_and_compare`).
 
@@ -164,7 +165,9 @@ def lll_block(W: torch.Tensor, H: torch.Tensor, dim: int, cfg: LatticeConfig) ->
     q = QuantConfig(bits=cfg.lll_bits, group_size=W.shape[1], grid=cfg.grid, damp=cfg.damp, act_order=True)
     W = W.double()
     s, z = (t.double()[:, 0] for t in fit_grid(W, q))
-    cols = column_order(H, "act", cfg.damp)[:dim]
+    # the basis runs in act-order *reversed*: Babai fixes the last basis vector first, so its steps then go in
+    # GPTQ's act-order and nearest plane on the unreduced basis is GPTQ on the block
+    cols = column_order(H, "act", cfg.damp)[:dim].flip(0)
     Hd = damped(H.double(), cfg.damp)[cols][:, cols]
     y = W[:, cols] / s[:, None] + z[:, None]
     return {"columns": cols.tolist(), **reduce_and_compare(Hd, y, s, 2**cfg.lll_bits - 1, cfg.lll_delta).to_dict()}
@@ -232,7 +235,8 @@ def run_lattice(cfg: LatticeConfig, out: str | Path, progress: bool = True) -> d
     result["babai"] = {n: cached_json(out / f"babai-{n}.json", lkey, lambda n=n: babai_check(inputs[n]["W"],
                                                                                         inputs[n]["H"], cfg), log)
                        for n in cfg.layers}
-    result["lll"] = {n: {str(d): cached_json(out / f"lll-{n}-{d}.json", {**lkey, "delta": cfg.lll_delta},
+    llkey = {**lkey, "delta": cfg.lll_delta, "basis": "act reversed"}
+    result["lll"] = {n: {str(d): cached_json(out / f"lll-{n}-{d}.json", llkey,
                                          lambda n=n, d=d: lll_block(inputs[n]["W"], inputs[n]["H"], d, cfg), log)
                          for d in cfg.lll_dims} for n in cfg.layers}
     atomic_write_json(out / RESULT_FILE, result)

@@ -2,8 +2,9 @@
 whether the two kinds are geometrically apart.
 
 A group is a set of entries of one linear layer, chosen by magnitude (largest ``|w|``), by saliency
-(largest OBS cost of removal ``w^2 / [H^-1]_jj``), by channel (the input channel with the most
-activation energy, ``argmax H_jj``, all its rows) or at random (the null). Each group is measured
+(largest OBS cost of removal ``w^2 / [H^-1]_jj``), by channel (the largest ``|w|`` of the input channel
+with the most activation energy, ``argmax H_jj``) or at random (the null); all of the same size, so the
+null compares like with like. Each group is measured
 twice by callbacks the experiment supplies:
 
 * functional: ``delta_ppl`` -- perplexity points lost when the group is removed (zeroed);
@@ -79,7 +80,7 @@ def make_group(layer: str, kind: str, W: torch.Tensor, H: torch.Tensor, k: int, 
         rows, cols = _top(W**2 / hinv[None, :], k)
     elif kind == "channel":
         col = int(torch.argmax(torch.diagonal(H)))
-        rows = torch.arange(W.shape[0])
+        rows = torch.topk(W[:, col].abs(), min(k, W.shape[0])).indices
         cols = torch.full_like(rows, col)
     else:
         idx = torch.randperm(W.numel(), generator=generator)[:min(k, W.numel())]

@@ -7,7 +7,8 @@ is left of a record in them is noise rather than a rounded copy. :func:`dithered
 * ``noise = 0`` is round-to-nearest (bit for bit :func:`libortho.quant.rtn.rtn_quantize`);
 * ``noise = 1`` is stochastic rounding, unbiased for entries inside the grid: ``E[Q] = W``;
 * ``noise > 1`` adds dither beyond a step, the privacy knob (the error variance grows as ``noise^2 / 12``
-  steps squared plus the rounding's).
+  steps squared plus the rounding's). Unbiasedness holds at integer ``noise`` only (uniform dither's
+  characteristic function vanishes at the integers); at other values a small bias remains.
 
 The grid is the configuration's own (fit on ``W``); codes are clamped to ``[0, 2^b - 1]``.
 """
