@@ -149,7 +149,7 @@ def test_cli_dispatch(tmp_path: Path) -> None:
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"experiment": "other"}))
     res = runner.invoke(app, ["report", str(bad)])
-    assert res.exit_code != 0 and "nor a separation one" in res.output
+    assert res.exit_code != 0 and "is not an experiment's result.json" in res.output
 
 
 def test_training_cost_comes_from_the_benchmark_json_one_folder_up(tmp_path: Path) -> None:
