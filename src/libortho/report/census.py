@@ -6,15 +6,13 @@ recomputed here (:func:`claims`).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from libortho.atomic import atomic_write_text
 from libortho.geometry.census import FEATURES, SEED_AUC_THRESHOLD, SEED_PPL_THRESHOLD
-from libortho.report.document import Block, Figure, Heading, Para, Table, to_html, to_markdown
+from libortho.report.document import Block, Figure, Heading, Para, Table, render_result
 from libortho.report.plots import _save, plt
 
 COMMAND = "make census"
@@ -141,17 +139,7 @@ def build_blocks(result: dict[str, Any], fig_dir: Path) -> list[Block]:
 
 def render_census_report(result_path: str | Path, out_dir: str | Path | None = None) -> dict[str, Path]:
     """Figures, ``report.md`` and ``report.html`` for a census ``result.json``."""
-    result_path = Path(result_path)
-    if not result_path.is_file():
-        raise FileNotFoundError(f"result file {result_path} not found")
-    result = json.loads(result_path.read_text())
-    if result.get("experiment") != "census" or "records" not in result:
-        raise ValueError(f"{result_path} is not a census result ('experiment': 'census' with records)")
-    out = Path(out_dir) if out_dir is not None else result_path.parent
-    blocks = build_blocks(result, out / "figures")
-    md = atomic_write_text(out / "report.md", to_markdown(blocks, out))
-    page = atomic_write_text(out / "report.html", to_html(blocks, f"libortho census: {result['config']['model']}"))
-    return {"markdown": md, "html": page, "figures": out / "figures"}
+    return render_result(result_path, out_dir, "census", "records", "a census", build_blocks)
 
 
 def readme_lines(result: dict[str, Any], link: str) -> list[str]:

@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import base64
 import html
+import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -103,3 +106,23 @@ def to_html(blocks: list[Block], title: str) -> str:
             body.append(f"<pre>{html.escape(b.text)}</pre>")
     return (f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
             f"<style>{CSS}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
+
+
+def render_result(result_path: str | Path, out_dir: str | Path | None, experiment: str, needs: str, label: str,
+                  build_blocks: Callable[[dict[str, Any], Path], list[Block]]) -> dict[str, Path]:
+    """Read an experiment's ``result.json`` (refused unless its ``experiment`` and ``needs`` key are there), build
+    its blocks (figures under ``out/figures``), write ``report.md`` and ``report.html`` atomically."""
+    from libortho.atomic import atomic_write_text
+
+    result_path = Path(result_path)
+    if not result_path.is_file():
+        raise FileNotFoundError(f"result file {result_path} not found")
+    result = json.loads(result_path.read_text())
+    if not isinstance(result, dict) or result.get("experiment") != experiment or needs not in result:
+        raise ValueError(f"{result_path} is not {label} result ('experiment': '{experiment}' with {needs})")
+    out = Path(out_dir) if out_dir is not None else result_path.parent
+    blocks = build_blocks(result, out / "figures")
+    md = atomic_write_text(out / "report.md", to_markdown(blocks, out))
+    title = f"libortho {experiment}: {result['config']['model']}"
+    page = atomic_write_text(out / "report.html", to_html(blocks, title))
+    return {"markdown": md, "html": page, "figures": out / "figures"}

@@ -6,12 +6,10 @@ perplexity among its points whose leakage is at or below a level, at every level
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
-from libortho.atomic import atomic_write_text
-from libortho.report.document import Block, Figure, Heading, Para, Table, to_html, to_markdown
+from libortho.report.document import Block, Figure, Heading, Para, Table, render_result
 from libortho.report.plots import _save, plt
 
 COMMAND = "make dual-dp"
@@ -83,14 +81,4 @@ def build_blocks(result: dict[str, Any], fig_dir: Path) -> list[Block]:
 
 def render_dual_dp_report(result_path: str | Path, out_dir: str | Path | None = None) -> dict[str, Path]:
     """Figures, ``report.md`` and ``report.html`` for a noise-sweep ``result.json``."""
-    result_path = Path(result_path)
-    if not result_path.is_file():
-        raise FileNotFoundError(f"result file {result_path} not found")
-    result = json.loads(result_path.read_text())
-    if result.get("experiment") != "dual_dp_noise" or "points" not in result:
-        raise ValueError(f"{result_path} is not a dual-DP noise result ('experiment': 'dual_dp_noise' with points)")
-    out = Path(out_dir) if out_dir is not None else result_path.parent
-    blocks = build_blocks(result, out / "figures")
-    md = atomic_write_text(out / "report.md", to_markdown(blocks, out))
-    page = atomic_write_text(out / "report.html", to_html(blocks, f"libortho dual DP: {result['config']['model']}"))
-    return {"markdown": md, "html": page, "figures": out / "figures"}
+    return render_result(result_path, out_dir, "dual_dp_noise", "points", "a dual-DP noise", build_blocks)

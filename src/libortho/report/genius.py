@@ -6,16 +6,14 @@ Accuracies, intervals, retention and verdicts are recomputed from the per-item r
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from libortho.atomic import atomic_write_text
 from libortho.data.reasoning import N_CHOICES
 from libortho.eval.stats import clopper_pearson, mcnemar_exact
-from libortho.report.document import Block, Figure, Heading, Para, Table, to_html, to_markdown
+from libortho.report.document import Block, Figure, Heading, Para, Table, render_result
 from libortho.report.plots import _save, plt
 
 COMMAND = "make genius"
@@ -171,17 +169,7 @@ def build_blocks(result: dict[str, Any], fig_dir: Path) -> list[Block]:
 
 def render_genius_report(result_path: str | Path, out_dir: str | Path | None = None) -> dict[str, Path]:
     """Figures, ``report.md`` and ``report.html`` for a genius ``result.json``."""
-    result_path = Path(result_path)
-    if not result_path.is_file():
-        raise FileNotFoundError(f"result file {result_path} not found")
-    result = json.loads(result_path.read_text())
-    if result.get("experiment") != "genius" or "evals" not in result:
-        raise ValueError(f"{result_path} is not a genius result ('experiment': 'genius' with evals)")
-    out = Path(out_dir) if out_dir is not None else result_path.parent
-    blocks = build_blocks(result, out / "figures")
-    md = atomic_write_text(out / "report.md", to_markdown(blocks, out))
-    page = atomic_write_text(out / "report.html", to_html(blocks, f"libortho genius: {result['config']['model']}"))
-    return {"markdown": md, "html": page, "figures": out / "figures"}
+    return render_result(result_path, out_dir, "genius", "evals", "a genius", build_blocks)
 
 
 def readme_lines(result: dict[str, Any], link: str) -> list[str]:

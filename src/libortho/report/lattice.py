@@ -6,15 +6,13 @@ tables are drawn from the same file.
 
 from __future__ import annotations
 
-import json
 import statistics
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from libortho.atomic import atomic_write_text
-from libortho.report.document import Block, Figure, Heading, Para, Table, to_html, to_markdown
+from libortho.report.document import Block, Figure, Heading, Para, Table, render_result
 from libortho.report.plots import _save, plt
 
 COMMAND = "make lattice"
@@ -218,17 +216,7 @@ def build_blocks(result: dict[str, Any], fig_dir: Path) -> list[Block]:
 
 def render_lattice_report(result_path: str | Path, out_dir: str | Path | None = None) -> dict[str, Path]:
     """Figures, ``report.md`` and ``report.html`` for a lattice ``result.json``."""
-    result_path = Path(result_path)
-    if not result_path.is_file():
-        raise FileNotFoundError(f"result file {result_path} not found")
-    result = json.loads(result_path.read_text())
-    if result.get("experiment") != "lattice" or "runs" not in result:
-        raise ValueError(f"{result_path} is not a lattice result ('experiment': 'lattice' with runs)")
-    out = Path(out_dir) if out_dir is not None else result_path.parent
-    blocks = build_blocks(result, out / "figures")
-    md = atomic_write_text(out / "report.md", to_markdown(blocks, out))
-    page = atomic_write_text(out / "report.html", to_html(blocks, f"libortho lattice: {result['config']['model']}"))
-    return {"markdown": md, "html": page, "figures": out / "figures"}
+    return render_result(result_path, out_dir, "lattice", "runs", "a lattice", build_blocks)
 
 
 def readme_lines(result: dict[str, Any], link: str) -> list[str]:
