@@ -115,3 +115,16 @@ def test_stage_error_is_the_whole_stacked_matrix_error_under_the_damped_hessian(
             E = res.records[n].base.dequantize(torch.float64) - res.records[n].weight.double()
             direct += float(((E @ H) * E).sum())
         assert r["error"] == pytest.approx(direct, rel=1e-3)
+
+
+def test_saved_layer_inputs_follow_the_calibration(tmp_path: Path) -> None:
+    """W and H saved for the Babai and LLL stages are made again when what they depend on changes."""
+    small = {**TINY, "orders": ["natural"], "lll_dims": [8]}
+    run_lattice(LatticeConfig(model="tiny", **small), tmp_path, progress=False)
+    first = (tmp_path / "lattice_inputs.pt").stat().st_mtime_ns
+    run_lattice(LatticeConfig(model="tiny", **small), tmp_path, progress=False)
+    assert (tmp_path / "lattice_inputs.pt").stat().st_mtime_ns == first  # same configuration: reused
+    r = run_lattice(LatticeConfig(model="tiny", **{**small, "n_calib": 6}), tmp_path, progress=False)
+    assert (tmp_path / "lattice_inputs.pt").stat().st_mtime_ns != first  # another calibration: made again
+    assert json.loads((tmp_path / "lattice_inputs.json").read_text())["n_calib"] == 6
+    assert all(v["relative_difference"] <= 1e-6 for v in r["babai"].values())

@@ -21,6 +21,7 @@ Stages, each cached as JSON under ``out/`` by configuration (a re-run resumes wh
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
@@ -44,6 +45,7 @@ from libortho.quant.order import ORDERS, column_order
 
 RESULT_FILE = "result.json"
 INPUTS_FILE = "lattice_inputs.pt"
+INPUTS_KEY_FILE = "lattice_inputs.json"  # what the saved W and H were made under
 
 
 @dataclass(frozen=True)
@@ -215,18 +217,24 @@ def run_lattice(cfg: LatticeConfig, out: str | Path, progress: bool = True) -> d
     result["fp32"] = cached_json(out / "fp32.json", base_key, lambda m=model: _ppl_entry(m, evals), log)
     del model
     runs: dict[str, dict[str, Any]] = {}
-    inputs_path = out / INPUTS_FILE
+    inputs_path, inputs_key_path = out / INPUTS_FILE, out / INPUTS_KEY_FILE
     first = (cfg.bits[0], cfg.orders[0])
+    inputs_key = json.loads(json.dumps({**base_key, "quant": asdict(cfg.quant(*first)), "layers": list(cfg.layers)},
+                                       sort_keys=True, default=str))
+    stale = not (inputs_path.is_file() and inputs_key_path.is_file()
+                 and json.loads(inputs_key_path.read_text()) == inputs_key)
     for bits in cfg.bits:
         for order in cfg.orders:
             key = {**base_key, "quant": asdict(cfg.quant(bits, order)), "stage_rows": 2}
-            save_inputs = (bits, order) == first and not inputs_path.is_file()
+            save_inputs = (bits, order) == first and stale
             path = out / f"quant-b{bits}-{order}.json"
             if save_inputs and path.is_file():
                 path.unlink()  # its decomposition is the one that saves the layers' W and H
             runs[f"b{bits}-{order}"] = cached_json(
                 path, key, lambda b=bits, o=order, s=save_inputs: run_quantized(
                     cfg, b, o, load, calib, evals, inputs_path if s else None), log)
+            if save_inputs:  # the key last: W and H without it are stale
+                atomic_write_json(inputs_key_path, inputs_key)
     result["runs"] = runs
     result["ppl_comparisons"] = ppl_comparisons(runs, cfg)
     inputs = torch.load(inputs_path)
