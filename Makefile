@@ -50,40 +50,34 @@ realistic: assets
 	cp runs/kill-switch-smollm2-135m/result.json docs/results/kill_switch_smollm2/result.json
 	$(PY) -m libortho.cli report docs/results/kill_switch_smollm2/result.json
 
+# Run an experiment (its stages resume from the run folder), copy its result.json under docs/results/, render it:
+# $(call publish,EXPERIMENT,RUN_DIR,RESULT_DIR)
+define publish
+	$(PY) -m libortho.cli experiment $(1) --out $(2)
+	mkdir -p $(3)
+	cp $(2)/result.json $(3)/result.json
+	$(PY) -m libortho.cli report $(3)/result.json
+endef
+
 # Targeted orthogonal ablation on SmolLM2 (~1.5 h on 2 cores; stages resume): the report goes to docs/results/.
 ablation: assets
-	$(PY) -m libortho.cli experiment ablation --out runs/ablation-smollm2
-	mkdir -p docs/results/ablation_smollm2
-	cp runs/ablation-smollm2/result.json docs/results/ablation_smollm2/result.json
-	$(PY) -m libortho.cli report docs/results/ablation_smollm2/result.json
+	$(call publish,ablation,runs/ablation-smollm2,docs/results/ablation_smollm2)
 
 # GPTQ as Babai on SmolLM2: bound per layer, column orders on perplexity, LLL on Hessian blocks (stages resume).
 lattice: assets
-	$(PY) -m libortho.cli experiment lattice --out runs/lattice-smollm2
-	mkdir -p docs/results/geoq_smollm2/lattice
-	cp runs/lattice-smollm2/result.json docs/results/geoq_smollm2/lattice/result.json
-	$(PY) -m libortho.cli report docs/results/geoq_smollm2/lattice/result.json
+	$(call publish,lattice,runs/lattice-smollm2,docs/results/geoq_smollm2/lattice)
 
 # "Saving the genius": the reasoning probe at FP32, INT4/3/2 and INT3/2 + ortho stream (evaluations resume).
 genius: assets
-	$(PY) -m libortho.cli experiment genius --out runs/genius-smollm2
-	mkdir -p docs/results/genius_smollm2
-	cp runs/genius-smollm2/result.json docs/results/genius_smollm2/result.json
-	$(PY) -m libortho.cli report docs/results/genius_smollm2/result.json
+	$(call publish,genius,runs/genius-smollm2,docs/results/genius_smollm2)
 
 # Outlier census on the separation benchmark's fine-tuned SmolLM2 (the model and every group cached; resumes).
 census: assets
-	$(PY) -m libortho.cli experiment census --out runs/census-smollm2
-	mkdir -p docs/results/geoq_smollm2/census
-	cp runs/census-smollm2/result.json docs/results/geoq_smollm2/census/result.json
-	$(PY) -m libortho.cli report docs/results/geoq_smollm2/census/result.json
+	$(call publish,census,runs/census-smollm2,docs/results/geoq_smollm2/census)
 
 # Dual DP, noise arm: Gaussian noise on the ortho stream only vs on all weights (points cached; resumes).
 dual-dp: assets
-	$(PY) -m libortho.cli experiment dual-dp --out runs/dual-dp-smollm2
-	mkdir -p docs/results/dual_dp_smollm2/noise
-	cp runs/dual-dp-smollm2/result.json docs/results/dual_dp_smollm2/noise/result.json
-	$(PY) -m libortho.cli report docs/results/dual_dp_smollm2/noise/result.json
+	$(call publish,dual-dp,runs/dual-dp-smollm2,docs/results/dual_dp_smollm2/noise)
 
 bench: assets
 	$(PY) bench/run_all.py

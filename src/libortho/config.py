@@ -7,7 +7,7 @@ configuration with :func:`dataclasses.asdict` and a saved decomposition can be r
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
 
 SUPPORTED_BITS = (2, 3, 4, 8)
@@ -227,3 +227,12 @@ def fields_from_dict(cls: type, d: dict[str, Any], what: str,
         if isinstance(kw.get(key), dict):
             kw[key] = typ(**{k: tuple(v) if isinstance(v, list) else v for k, v in kw[key].items()})
     return kw
+
+
+def lists_to_tuples(obj: Any) -> None:
+    """In a frozen dataclass's ``__post_init__``: turn list fields (as JSON config files give them) into tuples,
+    so configurations stay hashable and compare equal however they were written."""
+    for f in fields(obj):
+        v = getattr(obj, f.name)
+        if isinstance(v, list):
+            object.__setattr__(obj, f.name, tuple(v))

@@ -19,7 +19,7 @@ from __future__ import annotations
 import copy
 import json
 import time
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,7 @@ import torch
 from rich.console import Console
 
 from libortho.atomic import atomic_write_json
+from libortho.config import lists_to_tuples
 from libortho.eval.perplexity import perplexity
 from libortho.geometry.census import FEATURES, KINDS, OutlierGroup, embed_2d, label_census, make_group
 from libortho.streams.ortho import SparseOrtho
@@ -54,10 +55,7 @@ class CensusConfig:
     separation: dict[str, Any] = field(default_factory=dict)  # overrides of the separation preset (tests)
 
     def __post_init__(self) -> None:
-        for f in fields(self):
-            v = getattr(self, f.name)
-            if isinstance(v, list):
-                object.__setattr__(self, f.name, tuple(v))
+        lists_to_tuples(self)
         bad = [k for k in self.kinds if k not in KINDS or k == "random"]
         if bad or not self.kinds:
             raise ValueError(f"unknown outlier kinds {bad or '(none)'}; available: magnitude, saliency, channel")

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,7 @@ from rich.console import Console
 from torch import nn
 
 from libortho.atomic import atomic_write_json
+from libortho.config import lists_to_tuples
 from libortho.experiments.store import cached_json
 
 RESULT_FILE = "result.json"
@@ -45,10 +46,7 @@ class NoiseSweepConfig:
     kill_switch: dict[str, Any] = field(default_factory=dict)  # overrides of the kill-switch preset (tests)
 
     def __post_init__(self) -> None:
-        for f in fields(self):
-            v = getattr(self, f.name)
-            if isinstance(v, list):
-                object.__setattr__(self, f.name, tuple(v))
+        lists_to_tuples(self)
         for name in ("ortho_sigmas", "all_sigmas"):
             vals = getattr(self, name)
             if not vals or any(not s > 0 for s in vals):

@@ -17,14 +17,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from libortho.atomic import atomic_write_json
-from libortho.config import SUPPORTED_BITS, DecomposeConfig, QuantConfig, SelectConfig
+from libortho.config import SUPPORTED_BITS, DecomposeConfig, QuantConfig, SelectConfig, lists_to_tuples
 from libortho.data import calibration_blocks
 from libortho.data.reasoning import FAMILIES, reasoning_problems, shots_by_family
 from libortho.eval.reasoning import score_probe
@@ -53,10 +53,7 @@ class GeniusConfig:
     batch_size: int = 32
 
     def __post_init__(self) -> None:
-        for f in fields(self):
-            v = getattr(self, f.name)
-            if isinstance(v, list):
-                object.__setattr__(self, f.name, tuple(v))
+        lists_to_tuples(self)
         for b in (*self.pure_bits, *self.ortho_bits):
             if b not in SUPPORTED_BITS:
                 raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {b}")

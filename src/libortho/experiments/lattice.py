@@ -24,14 +24,14 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from libortho.atomic import atomic_write_json
-from libortho.config import DecomposeConfig, QuantConfig
+from libortho.config import DecomposeConfig, QuantConfig, lists_to_tuples
 from libortho.curvature.damping import damped
 from libortho.data import calibration_blocks, load_corpus, token_blocks
 from libortho.eval.perplexity import perplexity
@@ -70,10 +70,7 @@ class LatticeConfig:
     lll_delta: float = 0.99
 
     def __post_init__(self) -> None:
-        for f in fields(self):
-            v = getattr(self, f.name)
-            if isinstance(v, list):
-                object.__setattr__(self, f.name, tuple(v))
+        lists_to_tuples(self)
         bad = [o for o in self.orders if o not in ORDERS]
         if bad or not self.orders:
             raise ValueError(f"unknown column order(s) {bad or '(none)'}; available: {', '.join(ORDERS)}")
