@@ -8,7 +8,7 @@ export LIBORTHO_CACHE ?= $(HOME)/.cache/libortho
 export TOKENIZERS_PARALLELISM := false
 export HF_HUB_OFFLINE := 1
 
-.PHONY: setup assets test demo bench lint clean realistic ablation lattice genius census dual-dp peers-venv peers
+.PHONY: setup assets test demo bench lint clean realistic ablation lattice genius census dual-dp geoq peers-venv peers
 
 $(STAMP): requirements.lock pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -50,10 +50,14 @@ realistic: assets
 	cp runs/kill-switch-smollm2-135m/result.json docs/results/kill_switch_smollm2/result.json
 	$(PY) -m libortho.cli report docs/results/kill_switch_smollm2/result.json
 
+# the kill-switch benchmark's fine-tuned SmolLM2, trained once for dual-dp and geoq
+KS_MODELS := runs/kill-switch-smollm2-models
+
 # Run an experiment (its stages resume from the run folder), copy its result.json under docs/results/, render it:
-# $(call publish,EXPERIMENT,RUN_DIR,RESULT_DIR)
+# $(call publish,EXPERIMENT,RUN_DIR,RESULT_DIR[,EXTRA_OPTIONS])
+
 define publish
-	$(PY) -m libortho.cli experiment $(1) --out $(2)
+	$(PY) -m libortho.cli experiment $(1) --out $(2) $(4)
 	mkdir -p $(3)
 	cp $(2)/result.json $(3)/result.json
 	$(PY) -m libortho.cli report $(3)/result.json
@@ -77,7 +81,11 @@ census: assets
 
 # Dual DP, noise arm: Gaussian noise on the ortho stream only vs on all weights (points cached; resumes).
 dual-dp: assets
-	$(call publish,dual-dp,runs/dual-dp-smollm2,docs/results/dual_dp_smollm2/noise)
+	$(call publish,dual-dp,runs/dual-dp-smollm2,docs/results/dual_dp_smollm2/noise,--models-dir $(KS_MODELS))
+
+# Geometry-aware randomised quantization vs uniform INT4 at equal bits, on the kill-switch benchmark (arms cached).
+geoq: assets
+	$(call publish,geoq,runs/geoq-smollm2,docs/results/geoq_smollm2/geoq,--models-dir $(KS_MODELS))
 
 bench: assets
 	$(PY) bench/run_all.py

@@ -228,13 +228,11 @@ def _result_json(path: Path) -> dict[str, Any]:
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"{path} is not valid JSON: {err}") from err
     need = {"kill_switch": "summary", "separation": "seeds", "ablation": "benchmarks", "lattice": "runs",
-            "genius": "evals", "census": "records",
-            "dual_dp_noise": "points"}
+            "genius": "evals", "census": "records", "dual_dp_noise": "points", "geoq": "arms"}
     kind = data.get("experiment") if isinstance(data, dict) else None
     if kind not in need or need[kind] not in data:
-        raise ValueError(f"{path} is not an experiment's result.json (needs 'experiment': 'kill_switch' with "
-                         "'summary', 'separation' with 'seeds', 'ablation' with 'benchmarks', 'lattice' with 'runs', "
-                         "'genius' with 'evals', 'census' with 'records' or 'dual_dp_noise' with 'points')")
+        kinds = ", ".join(f"'{k}' with '{v}'" for k, v in need.items())
+        raise ValueError(f"{path} is not an experiment's result.json (needs 'experiment' as one of: {kinds})")
     return data
 
 
@@ -256,6 +254,10 @@ def _renderer(kind: str) -> Any:
         from libortho.report.dual_dp import render_dual_dp_report
 
         return render_dual_dp_report
+    if kind == "geoq":
+        from libortho.report.geoq import render_geoq_report
+
+        return render_geoq_report
     from libortho.report.genius import render_genius_report
 
     return render_genius_report
@@ -269,7 +271,7 @@ def report(result: Annotated[Path, typer.Argument(help="an experiment's result.j
         data = _result_json(result)
         if out is not None and out.exists() and not out.is_dir():
             raise FileExistsError(f"{out} exists and is a file, not a directory: give a folder for --out")
-        if data["experiment"] in ("ablation", "lattice", "genius", "census", "dual_dp_noise"):
+        if data["experiment"] not in ("separation", "kill_switch"):
             paths = _renderer(data["experiment"])(result, out)
             typer.echo(f"report: {paths['markdown']}\n        {paths['html']}")
             return

@@ -261,11 +261,33 @@ def dual_dp(
     out: Annotated[Path, typer.Option(help="output folder (the fine-tuned model and every point are cached there)")]
     = Path("runs/dual-dp-smollm2"),
     config: Annotated[Path | None, typer.Option(help="JSON file of NoiseSweepConfig fields to override")] = None,
+    models_dir: Annotated[str, typer.Option(help="where the fine-tuned model is cached (default OUT/models); "
+                                                 "dual-dp and geoq can share one")] = "",
     quiet: bool = False,
 ) -> None:
     """Dual DP, noise arm: Gaussian noise on the ortho stream only vs on all weights, utility vs leakage."""
     from libortho.experiments.dual_dp import NoiseSweepConfig, run_noise_sweep
     from libortho.report.dual_dp import render_dual_dp_report
 
-    _run_and_report(out, lambda: NoiseSweepConfig(model=model, **_overrides(config, NoiseSweepConfig)),
+    _run_and_report(out, lambda: NoiseSweepConfig(model=model, models_dir=models_dir,
+                                                        **_overrides(config, NoiseSweepConfig)),
                     run_noise_sweep, render_dual_dp_report, quiet)
+
+
+@experiment_app.command("geoq")
+def geoq(
+    model: Annotated[str, typer.Option(help="smollm2-135m, tiny, or a HF directory")] = "smollm2-135m",
+    out: Annotated[Path, typer.Option(help="output folder (every arm's evaluation is cached there)")]
+    = Path("runs/geoq-smollm2"),
+    config: Annotated[Path | None, typer.Option(help="JSON file of GeoQuantConfig fields to override")] = None,
+    models_dir: Annotated[str, typer.Option(help="where the fine-tuned model is cached (default OUT/models); "
+                                                 "dual-dp and geoq can share one")] = "",
+    quiet: bool = False,
+) -> None:
+    """Geometry-aware randomised quantization vs uniform INT4 at equal bits, on the kill-switch benchmark (seed 004)."""
+    from libortho.experiments.geoq import GeoQuantConfig, run_geoq
+    from libortho.report.geoq import render_geoq_report
+
+    _run_and_report(out, lambda: GeoQuantConfig(model=model, models_dir=models_dir,
+                                                      **_overrides(config, GeoQuantConfig)), run_geoq,
+                    render_geoq_report, quiet)

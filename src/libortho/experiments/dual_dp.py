@@ -43,6 +43,7 @@ class NoiseSweepConfig:
     ortho_sigmas: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0, 4.0)
     all_sigmas: tuple[float, ...] = (0.01, 0.03, 0.1, 0.3)
     seed: int = 0
+    models_dir: str = ""  # where the fine-tuned model is cached ("" = out/models); a location, not a knob
     kill_switch: dict[str, Any] = field(default_factory=dict)  # overrides of the kill-switch preset (tests)
 
     def __post_init__(self) -> None:
@@ -98,32 +99,17 @@ def noisy_model(ft: nn.Module, parts: dict[str, tuple[torch.Tensor, torch.Tensor
 
 def run_noise_sweep(cfg: NoiseSweepConfig, out: str | Path, progress: bool = True) -> dict[str, Any]:
     """Fine-tune (cached), decompose, measure every (arm, sigma) point, write ``out/result.json``."""
-    from libortho.eval.harness import PrivacyHarness
     from libortho.experiments.config import check_inputs, preset
-    from libortho.experiments.kill_switch import (
-        _decomposed,
-        _finetuned,
-        _load_pre_and_tokenizer,
-        _tiny_pre_loader,
-        build_data,
-        environment,
-    )
+    from libortho.experiments.kill_switch import _decomposed, environment, prepare_benchmark
 
     out = Path(out)
     kcfg = replace(preset(cfg.model), seed=cfg.seed, **cfg.kill_switch)
     check_inputs(kcfg)
     console = Console(stderr=True, quiet=not progress)
     say = lambda msg: console.print(f"[cyan]dual-dp[/] {msg}", highlight=False)  # noqa: E731
-    torch.manual_seed(kcfg.seed)
-    load_pre, tok = _load_pre_and_tokenizer(kcfg)
-    data = build_data(kcfg, tok)
     out.mkdir(parents=True, exist_ok=True)
-    work = out / "models"
-    if load_pre is None:
-        load_pre, _ = _tiny_pre_loader(kcfg, data, work, False, say)
-    harness = PrivacyHarness(tok, data.members, data.nonmembers, data.domain_eval, data.general_eval, kcfg.harness)
-    harness.set_reference(load_pre())
-    ft, ft_info = _finetuned(kcfg, data, load_pre, work, False)
+    bench = prepare_benchmark(kcfg, Path(cfg.models_dir) if cfg.models_dir else out / "models", say)
+    data, harness, ft, ft_info = bench.data, bench.harness, bench.ft, bench.ft_info
     t0 = time.perf_counter()
     dec, dec_info = _decomposed(ft, kcfg, data, ortho=True, method="gptq")
     parts = effective_parts(dec)

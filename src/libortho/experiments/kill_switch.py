@@ -277,3 +277,30 @@ def _unlearned(run: _Runner, ft: nn.Module, cfg: KillSwitchConfig, data: KillSwi
                  "npo": f"NPO (beta={cfg.unlearn.beta:g})", "retrain": "Retrain w/o private"}.get(name, name)
         run.measure(name, model, label, "unlearning", info)
         del model
+
+
+@dataclass
+class Benchmark:
+    """The kill-switch benchmark ready for other experiments: its config, data, harness (reference model set),
+    the fine-tuned model and a loader of the model before fine-tuning."""
+
+    config: KillSwitchConfig
+    data: KillSwitchData
+    harness: PrivacyHarness
+    ft: nn.Module
+    ft_info: dict[str, Any]
+    load_pre: Callable[[], nn.Module]
+
+
+def prepare_benchmark(cfg: KillSwitchConfig, models_dir: Path, say: Callable[[str], None]) -> Benchmark:
+    """Data, harness and the fine-tuned model of ``cfg`` (trained once, cached under ``models_dir``)."""
+    torch.manual_seed(cfg.seed)
+    load_pre, tok = _load_pre_and_tokenizer(cfg)
+    data = build_data(cfg, tok)
+    if load_pre is None:
+        load_pre, _ = _tiny_pre_loader(cfg, data, models_dir, False, say)
+    harness = PrivacyHarness(tok, data.members, data.nonmembers, data.domain_eval, data.general_eval, cfg.harness)
+    harness.set_reference(load_pre())
+    ft, ft_info = _finetuned(cfg, data, load_pre, models_dir, False)
+    say(f"fine-tuned model {'reused' if ft_info.get('reused') else 'trained'} ({ft_info['wall_s']:.0f} s)")
+    return Benchmark(cfg, data, harness, ft, ft_info, load_pre)
