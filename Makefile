@@ -8,7 +8,7 @@ export LIBORTHO_CACHE ?= $(HOME)/.cache/libortho
 export TOKENIZERS_PARALLELISM := false
 export HF_HUB_OFFLINE := 1
 
-.PHONY: setup assets test demo bench lint clean realistic ablation lattice genius census dual-dp geoq peers-venv peers
+.PHONY: setup assets test demo bench lint clean realistic ablation lattice genius census dual-dp dual-dp-sgd dual-dp-sgd-smollm2 geoq peers-venv peers
 
 $(STAMP): requirements.lock pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -82,6 +82,13 @@ census: assets
 # Dual DP, noise arm: Gaussian noise on the ortho stream only vs on all weights (points cached; resumes).
 dual-dp: assets
 	$(call publish,dual-dp,runs/dual-dp-smollm2,docs/results/dual_dp_smollm2/noise,--models-dir $(KS_MODELS))
+
+# Dual DP, DP-SGD arms: the epsilon sweep on the tiny model, and two epsilons on SmolLM2 (points cached; resumes).
+dual-dp-sgd: assets
+	$(call publish,dual-dp-sgd,runs/dual-dp-sgd-tiny,docs/results/dual_dp_tiny/dpsgd,--model tiny)
+
+dual-dp-sgd-smollm2: assets
+	$(call publish,dual-dp-sgd,runs/dual-dp-sgd-smollm2,docs/results/dual_dp_smollm2/dpsgd,--model smollm2-135m --models-dir $(KS_MODELS))
 
 # Geometry-aware randomised quantization vs uniform INT4 at equal bits, on the kill-switch benchmark (arms cached).
 geoq: assets

@@ -228,7 +228,8 @@ def _result_json(path: Path) -> dict[str, Any]:
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"{path} is not valid JSON: {err}") from err
     need = {"kill_switch": "summary", "separation": "seeds", "ablation": "benchmarks", "lattice": "runs",
-            "genius": "evals", "census": "records", "dual_dp_noise": "points", "geoq": "arms"}
+            "genius": "evals", "census": "records", "dual_dp_noise": "points", "geoq": "arms",
+            "dual_dp_sgd": "points"}
     kind = data.get("experiment") if isinstance(data, dict) else None
     if kind not in need or need[kind] not in data:
         kinds = ", ".join(f"'{k}' with '{v}'" for k, v in need.items())
@@ -258,6 +259,10 @@ def _renderer(kind: str) -> Any:
         from libortho.report.geoq import render_geoq_report
 
         return render_geoq_report
+    if kind == "dual_dp_sgd":
+        from libortho.report.dual_dp_sgd import render_dpsgd_report
+
+        return render_dpsgd_report
     from libortho.report.genius import render_genius_report
 
     return render_genius_report

@@ -291,3 +291,25 @@ def geoq(
     _run_and_report(out, lambda: GeoQuantConfig(model=model, models_dir=models_dir,
                                                       **_overrides(config, GeoQuantConfig)), run_geoq,
                     render_geoq_report, quiet)
+
+
+@experiment_app.command("dual-dp-sgd")
+def dual_dp_sgd(
+    model: Annotated[str, typer.Option(help="tiny (the epsilon sweep), smollm2-135m, or a HF directory")] = "tiny",
+    out: Annotated[Path, typer.Option(help="output folder (models and every point are cached there)")]
+    = Path("runs/dual-dp-sgd-tiny"),
+    config: Annotated[Path | None, typer.Option(help="JSON file of DPSGDSweepConfig fields to override")] = None,
+    models_dir: Annotated[str, typer.Option(help="where the fine-tuned models are cached (default OUT/models)")] = "",
+    quiet: bool = False,
+) -> None:
+    """Dual DP, DP-SGD arms: memory neurons only vs all linears after a public fine-tune vs all rows private."""
+    from dataclasses import asdict
+
+    from libortho.experiments.dual_dp_sgd import DPSGDSweepConfig, run_dpsgd_sweep, sweep_preset
+    from libortho.report.dual_dp_sgd import render_dpsgd_report
+
+    def make() -> DPSGDSweepConfig:
+        return DPSGDSweepConfig(**{**asdict(sweep_preset(model)), "models_dir": models_dir,
+                                   **_overrides(config, DPSGDSweepConfig)})
+
+    _run_and_report(out, make, run_dpsgd_sweep, render_dpsgd_report, quiet)

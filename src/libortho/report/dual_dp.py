@@ -21,15 +21,16 @@ def _leak(m: dict[str, Any]) -> float:
     return float(m["exposure"]["mean"])
 
 
-def frontier(result: dict[str, Any]) -> list[dict[str, Any]]:
-    """At each exposure level a point reaches: per arm, the lowest general PPL with exposure <= that level."""
-    pts = list(result["points"].values())
-    levels = sorted({_leak(p["metrics"]) for p in pts})
+def frontier(points: list[dict[str, Any]], arms: tuple[str, ...], shared: tuple[str, ...] = (),
+             utility: str = "ppl_general") -> list[dict[str, Any]]:
+    """At each exposure level a point reaches: per arm, the lowest ``utility`` (a perplexity) among its points and
+    the ``shared`` ones (e.g. the noiseless start) with exposure at or below that level."""
+    levels = sorted({_leak(p["metrics"]) for p in points})
     rows = []
     for lev in levels:
         row: dict[str, Any] = {"exposure_at_most": lev}
-        for arm in ("ortho", "all"):
-            ok = [p["metrics"]["ppl_general"] for p in pts if p["arm"] in (arm, "none") and _leak(p["metrics"]) <= lev]
+        for arm in arms:
+            ok = [p["metrics"][utility] for p in points if p["arm"] in (arm, *shared) and _leak(p["metrics"]) <= lev]
             row[arm] = min(ok) if ok else None
         rows.append(row)
     return rows
@@ -62,7 +63,7 @@ def build_blocks(result: dict[str, Any], fig_dir: Path) -> list[Block]:
         rows.append([ARM_NAMES[p["arm"]], f"{p['sigma']:g}", f"{m['extraction']['rate']:.3f}",
                      f"{m['exposure']['mean']:.2f}", f"{best_mia:.3f}", f"{m['ppl_domain']:.2f}",
                      f"{m['ppl_general']:.2f}"])
-    fr = frontier(result)
+    fr = frontier(list(result["points"].values()), ("ortho", "all"), ("none",))
     return [
         Heading(f"Dual DP, noise arm: memory-only vs all-weight Gaussian noise ({result['config']['model']})", 1),
         Para("Seed 002 (section 5.5) proposes noise where memory lives and none where skill lives. The kill-switch "

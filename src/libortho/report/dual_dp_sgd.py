@@ -1,0 +1,116 @@
+"""Report of the DP-SGD arms of dual DP: public skill against leakage, at equal epsilon and at equal exposure.
+
+Everything is recomputed from ``result.json``. Public skill is the domain perplexity (the public
+fine-tuning text, held out); leakage is the member canaries' mean exposure. The goal (issue 12) holds
+when, at every exposure level that all arms reach, the memory-only arm's best domain perplexity is
+lower than both baselines' (:func:`goal_check`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from libortho.report.document import Block, Figure, Heading, Para, Table, render_result
+from libortho.report.dual_dp import _leak, frontier
+from libortho.report.plots import _save, plt
+
+COMMAND = "make dual-dp-sgd"
+ARM_NAMES = {"memory": "DP-SGD on memory neurons only", "public_then_private": "public FT, then DP-SGD on all linears",
+             "full": "DP-SGD on all linears, all rows", "ft": "FP fine-tuned (no DP)", "public": "public rows only"}
+UTILITY = "ppl_domain"
+
+
+def _dp_points(result: dict[str, Any]) -> list[dict[str, Any]]:
+    return [p for p in result["points"].values() if p["arm"] in result["config"]["arms"]]
+
+
+def goal_check(result: dict[str, Any]) -> dict[str, Any]:
+    """Exposure levels every arm reaches, and at how many of them memory-only keeps the lowest domain PPL."""
+    arms = tuple(result["config"]["arms"])
+    rows = [r for r in frontier(_dp_points(result), arms, utility=UTILITY) if all(r[a] is not None for a in arms)]
+    wins = [r for r in rows if "memory" in arms and all(r["memory"] < r[a] for a in arms if a != "memory")]
+    return {"levels": len(rows), "memory_wins": len(wins), "holds": bool(rows) and len(wins) == len(rows)}
+
+
+def _eps(x: float | None) -> str:
+    return "inf" if x is None else f"{x:.2f}"
+
+
+def point_rows(result: dict[str, Any]) -> list[list[str]]:
+    """One row per measured model."""
+    kmax = str(max(c["repeats"] for c in result["data"]["canaries"] if c["member"]))
+    rows = []
+    for p in result["points"].values():
+        m, dp = p["metrics"], p.get("dp", {})
+        group = p.get("group_privacy", {}).get(kmax)
+        hits = sum(bool(c["extracted"]) for c in m["per_canary"])
+        rows.append([ARM_NAMES.get(p["arm"], p["arm"]), "-" if p["arm"] in ("ft", "public") else _eps(p["eps"]),
+                     _eps(dp.get("eps")) if dp else "-", f"{dp['sigma']:.3f}" if dp else "-",
+                     "-" if group is None else f"{group['eps']:.1f} / {group['delta']:.1e}",
+                     f"{hits}/{len(m['per_canary'])}", f"{m['exposure']['mean']:.2f}",
+                     f"{max(v['auc'] for v in m['mia'].values()):.3f}", f"{m['ppl_domain']:.2f}",
+                     f"{m['ppl_general']:.2f}", f"{m['nonmember_private_nll']:.3f}"])
+    return rows
+
+
+def curve_figure(result: dict[str, Any], path: Path) -> Path:
+    """Domain perplexity against member exposure, one curve per arm (target epsilon annotated)."""
+    fig, ax = plt.subplots(figsize=(5.8, 4.2))
+    for arm, marker in (("memory", "o-"), ("public_then_private", "s-"), ("full", "^-")):
+        pts = sorted((p for p in _dp_points(result) if p["arm"] == arm),
+                     key=lambda p: float("inf") if p["eps"] is None else p["eps"])
+        if not pts:
+            continue
+        ax.plot([_leak(p["metrics"]) for p in pts], [p["metrics"][UTILITY] for p in pts], marker,
+                label=ARM_NAMES[arm])
+        for p in pts:
+            ax.annotate(_eps(p["eps"]).replace(".00", ""), (_leak(p["metrics"]), p["metrics"][UTILITY]), fontsize=7,
+                        textcoords="offset points", xytext=(3, 3))
+    for ref, c in (("ft", "black"), ("public", "tab:green")):
+        if ref in result["points"]:
+            m = result["points"][ref]["metrics"]
+            ax.scatter([_leak(m)], [m[UTILITY]], color=c, marker="*", s=80, label=ARM_NAMES[ref], zorder=3)
+    ax.set(xlabel="member exposure (bits, mean)", ylabel="domain (public) perplexity")
+    ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def build_blocks(result: dict[str, Any], fig_dir: Path) -> list[Block]:
+    """The report's blocks (figures written to ``fig_dir``)."""
+    fig_dir.mkdir(parents=True, exist_ok=True)
+    cfg = result["config"]
+    arms = tuple(cfg["arms"])
+    fr = frontier(_dp_points(result), arms, utility=UTILITY)
+    goal = goal_check(result)
+    kmax = max(c["repeats"] for c in result["data"]["canaries"] if c["member"])
+    verdict = (f"**Goal (memory-only DP keeps more public skill than both baselines at equal leakage): "
+               f"{'met' if goal['holds'] else 'missed'}** - memory-only has the lowest domain perplexity at "
+               f"{goal['memory_wins']} of the {goal['levels']} exposure levels all arms reach.")
+    return [
+        Heading(f"Dual DP, DP-SGD arms ({cfg['model']})", 1),
+        Para("Seed 002 (section 5.5) proposes noise only where memory lives. Three ways to learn the private rows "
+             "of the kill-switch benchmark under DP-SGD (Poisson sampling, per-row clipping at "
+             f"{cfg['clip']:g}, {cfg['steps']} steps of expected batch {cfg['expected_batch']:g}, Adam lr "
+             f"{cfg['lr']:g}; opacus' RDP accountant): memory neurons only ({cfg['memory_neurons']} per MLP) on top "
+             "of a public fine-tune; every decoder linear on top of the same public fine-tune; every decoder linear "
+             "from the model before fine-tuning on public and private rows together. Norms and embeddings are "
+             f"frozen. Reproduce with `{COMMAND}`."),
+        Para(f"Accounting: a row is the privacy unit, delta = 1/(10 N) for the N rows an arm trains on. A canary "
+             f"repeated k times sits in up to k rows, so it is protected only at the group level (k eps, k e^((k-1) "
+             f"eps) delta); the table gives it for the most repeated canaries (k = {kmax}), where the guarantee is "
+             "weak or void at every epsilon here."),
+        Table(["model", "target eps", "eps spent", "sigma", f"group eps / delta (k={kmax})", "extracted",
+               "exposure (bits)", "best MIA AUC", "domain PPL", "general PPL", "held-out record NLL"],
+              point_rows(result)),
+        Table(["exposure at most", *[f"best domain PPL, {ARM_NAMES[a]}" for a in arms]],
+              [[f"{r['exposure_at_most']:.2f}", *["-" if r[a] is None else f"{r[a]:.2f}" for a in arms]] for r in fr],
+              caption="At equal measured leakage (member exposure), the public skill each arm keeps"),
+        Para(verdict),
+        Figure(curve_figure(result, fig_dir / "curves.png"), "Domain perplexity against member exposure"),
+    ]
+
+
+def render_dpsgd_report(result_path: str | Path, out_dir: str | Path | None = None) -> dict[str, Path]:
+    """Figures, ``report.md`` and ``report.html`` for a DP-SGD sweep ``result.json``."""
+    return render_result(result_path, out_dir, "dual_dp_sgd", "points", "a DP-SGD sweep", build_blocks)

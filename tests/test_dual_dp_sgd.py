@@ -1,0 +1,44 @@
+"""Dual DP, DP-SGD arms end to end on the tiny model: arms, accounting, cache, report."""
+
+from pathlib import Path
+
+import pytest
+
+from libortho.experiments.dual_dp_sgd import DPSGDSweepConfig, run_dpsgd_sweep
+from libortho.report.dual_dp_sgd import goal_check, render_dpsgd_report
+from libortho.train.loop import TrainConfig
+
+TINY = {"public_blocks": 16, "canaries_per_kind": 1, "pretrain_blocks": 32, "calib_blocks": 4,
+        "pretrain": TrainConfig(lr=2e-3, steps=2, batch_size=8), "finetune": TrainConfig(lr=3e-3, steps=2)}
+
+
+def test_config_refusals() -> None:
+    with pytest.raises(ValueError, match="unknown DP arms"):
+        DPSGDSweepConfig(arms=("noise",))
+    with pytest.raises(ValueError, match="eps"):
+        DPSGDSweepConfig(eps=(0.0,))
+    assert DPSGDSweepConfig(eps=(2.0,), arms=("memory", "full")).points() == [
+        ("memory", 2.0), ("memory", None), ("full", 2.0), ("full", None)]
+
+
+def test_sweep_end_to_end(tmp_path: Path) -> None:
+    cfg = DPSGDSweepConfig(eps=(4.0,), steps=3, expected_batch=4, memory_neurons=4, kill_switch=TINY)
+    r = run_dpsgd_sweep(cfg, tmp_path, progress=False)
+    pts = r["points"]
+    assert list(pts) == ["ft", "public", "memory:4", "memory:inf", "public_then_private:4",
+                         "public_then_private:inf", "full:4", "full:inf"]
+    n_priv, n_pub = r["data"]["private_rows"], r["data"]["public_rows"]
+    for key in ("memory:4", "public_then_private:4"):
+        assert pts[key]["dp"]["rows"] == n_priv and pts[key]["dp"]["delta"] == pytest.approx(1 / (10 * n_priv))
+        assert pts[key]["dp"]["eps"] <= 4.0 + 1e-6
+    assert pts["full:4"]["dp"]["rows"] == n_priv + n_pub
+    assert pts["memory:4"]["dp"]["trained_params"] < pts["public_then_private:4"]["dp"]["trained_params"]
+    assert pts["memory:inf"]["dp"]["sigma"] == 0 and pts["memory:inf"]["group_privacy"] == {}
+    k = max(c["repeats"] for c in r["data"]["canaries"] if c["member"])
+    g = pts["memory:4"]["group_privacy"][str(k)]
+    assert g["eps"] == pytest.approx(k * pts["memory:4"]["dp"]["eps"])
+    again = run_dpsgd_sweep(cfg, tmp_path, progress=False)  # every point cached
+    assert again["points"] == pts
+    assert goal_check(r)["levels"] >= 0
+    text = render_dpsgd_report(tmp_path / "result.json")["markdown"].read_text()
+    assert "DP-SGD on memory neurons only" in text and "Goal" in text and "curves.png" in text
