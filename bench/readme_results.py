@@ -354,7 +354,9 @@ def render_block(results: Path) -> str:
     if abl is not None:
         lines += ablation_lines(abl, "docs/results/ablation_smollm2/report.md")
     for kind, folder in (("lattice", "geoq_smollm2/lattice"), ("census", "geoq_smollm2/census"),
-                         ("genius", "genius_smollm2")):  # seeds 002/004: their report modules render their own line
+                         ("geoq", "geoq_smollm2/geoq"), ("genius", "genius_smollm2"),
+                         ("dual_dp", "dual_dp_smollm2/noise"), ("dual_dp_sgd", "dual_dp_tiny/dpsgd"),
+                         ("dual_dp_sgd", "dual_dp_smollm2/dpsgd")):  # seeds 002/004: each report renders its line
         res = _load(results / folder / "result.json")
         if res is not None:
             module = importlib.import_module(f"libortho.report.{kind}")

@@ -9,6 +9,7 @@ from libortho.config import DecomposeConfig, QuantConfig, SelectConfig
 from libortho.experiments.dual_dp import NoiseSweepConfig, effective_parts, noisy_model, run_noise_sweep
 from libortho.models import load_model
 from libortho.pipeline import decompose
+from libortho.report.dual_dp import readme_lines
 from libortho.train.loop import TrainConfig
 
 
@@ -65,3 +66,5 @@ def test_sweep_end_to_end_and_refusals(tmp_path: Path) -> None:
         assert {"extraction", "exposure", "mia", "ppl_general"} <= set(pt["metrics"])
     again = run_noise_sweep(cfg, tmp_path, progress=False)  # every point cached
     assert again["points"] == r["points"]
+    (line,) = readme_lines(r, "docs/x.md")
+    assert "docs/x.md" in line and "no (eps, delta) claimed" in line

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from libortho.experiments.dual_dp_sgd import DPSGDSweepConfig, run_dpsgd_sweep
-from libortho.report.dual_dp_sgd import goal_check, render_dpsgd_report
+from libortho.report.dual_dp_sgd import goal_check, readme_lines, render_dpsgd_report
 from libortho.train.loop import TrainConfig
 
 TINY = {"public_blocks": 16, "canaries_per_kind": 1, "pretrain_blocks": 32, "calib_blocks": 4,
@@ -42,3 +42,5 @@ def test_sweep_end_to_end(tmp_path: Path) -> None:
     assert goal_check(r)["levels"] >= 0
     text = render_dpsgd_report(tmp_path / "result.json")["markdown"].read_text()
     assert "DP-SGD on memory neurons only" in text and "Goal" in text and "curves.png" in text
+    (line,) = readme_lines(r, "docs/x.md")
+    assert "eps 4: memory" in line and "full" in line and ("met" in line or "missed" in line)

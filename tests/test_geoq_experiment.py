@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from libortho.experiments.geoq import GeoQuantConfig, run_geoq
-from libortho.report.geoq import comparisons, render_geoq_report
+from libortho.report.geoq import comparisons, readme_lines, render_geoq_report
 from libortho.train.loop import TrainConfig
 
 TINY = {"public_blocks": 16, "canaries_per_kind": 1, "pretrain_blocks": 32, "calib_blocks": 4,
@@ -49,3 +49,5 @@ def test_geoq_end_to_end(tmp_path: Path) -> None:
     paths = render_geoq_report(tmp_path / "result.json")
     text = paths["markdown"].read_text()
     assert "uniform INT4 GPTQ" in text and "regions by update, noise 1" in text and "leak_vs_ppl.png" in text
+    (line,) = readme_lines(r, "docs/x.md")
+    assert "docs/x.md" in line and f"{base['bits_per_param']:.2f} bits/param" in line and "of 2 arms" in line

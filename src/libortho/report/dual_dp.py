@@ -83,3 +83,17 @@ def build_blocks(result: dict[str, Any], fig_dir: Path) -> list[Block]:
 def render_dual_dp_report(result_path: str | Path, out_dir: str | Path | None = None) -> dict[str, Path]:
     """Figures, ``report.md`` and ``report.html`` for a noise-sweep ``result.json``."""
     return render_result(result_path, out_dir, "dual_dp_noise", "points", "a dual-DP noise", build_blocks)
+
+
+def readme_lines(result: dict[str, Any], link: str) -> list[str]:
+    """The README results block's line."""
+    rows = [r for r in frontier(list(result["points"].values()), ("ortho", "all"), ("none",))
+            if r["ortho"] is not None and r["all"] is not None]
+    wins = sum(r["ortho"] < r["all"] for r in rows)
+    ties = sum(r["ortho"] == r["all"] for r in rows)
+    none = result["points"]["none:0"]["metrics"]
+    return [f"- **Dual DP, Gaussian noise** ([report]({link}), {result['config']['model']}): from Q + O (exposure "
+            f"{_leak(none):.2f} bits, general PPL {none['ppl_general']:.2f}), at the {len(rows)} exposure levels "
+            f"both arms reach, noise on the ortho stream only keeps the lower general PPL at {wins}, ties at "
+            f"{ties} (the noiseless start), and all-weight noise wins at {len(rows) - wins - ties}; uncalibrated "
+            "noise, no (eps, delta) claimed."]

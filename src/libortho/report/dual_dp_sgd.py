@@ -114,3 +114,16 @@ def build_blocks(result: dict[str, Any], fig_dir: Path) -> list[Block]:
 def render_dpsgd_report(result_path: str | Path, out_dir: str | Path | None = None) -> dict[str, Path]:
     """Figures, ``report.md`` and ``report.html`` for a DP-SGD sweep ``result.json``."""
     return render_result(result_path, out_dir, "dual_dp_sgd", "points", "a DP-SGD sweep", build_blocks)
+
+
+def readme_lines(result: dict[str, Any], link: str) -> list[str]:
+    """The README results block's line."""
+    goal = goal_check(result)
+    parts = []
+    for e in result["config"]["eps"]:
+        cells = [f"{a} {p['metrics']['ppl_domain']:.1f}/{_leak(p['metrics']):.1f}" for a in result["config"]["arms"]
+                 for p in _dp_points(result) if p["arm"] == a and p["eps"] == e]
+        parts.append(f"eps {e:g}: " + ", ".join(cells))
+    return [f"- **Dual DP, DP-SGD** ([report]({link}), {result['config']['model']}; domain PPL / exposure bits): "
+            + "; ".join(parts) + f". Goal (memory-only keeps the most public skill at equal exposure): "
+            f"{'met' if goal['holds'] else 'missed'} ({goal['memory_wins']} of {goal['levels']} levels)."]

@@ -158,3 +158,21 @@ def build_blocks(result: dict[str, Any], fig_dir: Path) -> list[Block]:
 def render_geoq_report(result_path: str | Path, out_dir: str | Path | None = None) -> dict[str, Path]:
     """Figures, ``report.md`` and ``report.html`` for a geometry-aware quantization ``result.json``."""
     return render_result(result_path, out_dir, "geoq", "arms", "a geometry-aware quantization", build_blocks)
+
+
+def readme_lines(result: dict[str, Any], link: str) -> list[str]:
+    """The README results block's line."""
+    mid = result["config"]["widths"][1]
+    base = result["arms"][f"uniform-int{mid}"]
+    comps = comparisons(result)
+    best = min(comps, key=lambda c: c["d_exposure"].estimate) if comps else None
+    held = [c["arm"] for c in comps if c["claim_holds"]]
+    text = (f"- **Geometry-aware randomised quantization** ([report]({link}), {result['config']['model']}, "
+            f"kill-switch benchmark): uniform INT{mid} {base['bits_per_param']:.2f} bits/param, exposure "
+            f"{base['metrics']['exposure']['mean']:.2f} bits, general PPL {base['metrics']['ppl_general']:.2f}")
+    if best is not None:
+        text += (f"; lowest-exposure regional arm {best['arm']}: exposure {_ci(best['d_exposure'])}, general PPL "
+                 f"{_ci(best['d_ppl_general'])} (paired, vs INT{mid})")
+    text += (f"; seed's claim (less leakage, no PPL loss, equal bits) holds for {len(held)} of {len(comps)} arms"
+             + (f" ({', '.join(held)})." if held else "."))
+    return [text]
