@@ -76,8 +76,25 @@ def build_blocks(result: dict[str, Any], fig_dir: Path) -> list[Block]:
               [[f"{r['exposure_at_most']:.2f}", "-" if r["ortho"] is None else f"{r['ortho']:.2f}",
                 "-" if r["all"] is None else f"{r['all']:.2f}"] for r in fr],
               caption="At equal measured leakage (member exposure), the utility each arm keeps"),
+        Table(["seed's claim", "measured", "baseline", "command"], [claim_row(result)],
+              caption="Claimed, measured, baseline"),
         Figure(curve_figure(result, fig_dir / "curves.png"), "General perplexity against member exposure"),
     ]
+
+
+def contest(result: dict[str, Any]) -> tuple[int, int, int]:
+    """At the exposure levels both arms reach: (levels, ortho-only noise has the lower general PPL, ties)."""
+    rows = [r for r in frontier(list(result["points"].values()), ("ortho", "all"), ("none",))
+            if r["ortho"] is not None and r["all"] is not None]
+    return len(rows), sum(r["ortho"] < r["all"] for r in rows), sum(r["ortho"] == r["all"] for r in rows)
+
+
+def claim_row(result: dict[str, Any]) -> list[str]:
+    """Seed 002's dual-DP claim beside what the sweep measured."""
+    levels, wins, _ = contest(result)
+    return ["noise on the memory stream only protects privacy at less utility cost than noise on every weight",
+            f"ortho-only noise has the lower general PPL at {wins} of {levels} exposure levels both arms reach",
+            "noise on every weight of Q + O, same harness", f"`{COMMAND}`"]
 
 
 def render_dual_dp_report(result_path: str | Path, out_dir: str | Path | None = None) -> dict[str, Path]:
@@ -87,13 +104,10 @@ def render_dual_dp_report(result_path: str | Path, out_dir: str | Path | None = 
 
 def readme_lines(result: dict[str, Any], link: str) -> list[str]:
     """The README results block's line."""
-    rows = [r for r in frontier(list(result["points"].values()), ("ortho", "all"), ("none",))
-            if r["ortho"] is not None and r["all"] is not None]
-    wins = sum(r["ortho"] < r["all"] for r in rows)
-    ties = sum(r["ortho"] == r["all"] for r in rows)
+    levels, wins, ties = contest(result)
     none = result["points"]["none:0"]["metrics"]
     return [f"- **Dual DP, Gaussian noise** ([report]({link}), {result['config']['model']}): from Q + O (exposure "
-            f"{_leak(none):.2f} bits, general PPL {none['ppl_general']:.2f}), at the {len(rows)} exposure levels "
+            f"{_leak(none):.2f} bits, general PPL {none['ppl_general']:.2f}), at the {levels} exposure levels "
             f"both arms reach, noise on the ortho stream only keeps the lower general PPL at {wins}, ties at "
-            f"{ties} (the noiseless start), and all-weight noise wins at {len(rows) - wins - ties}; uncalibrated "
+            f"{ties} (the noiseless start), and all-weight noise wins at {levels - wins - ties}; uncalibrated "
             "noise, no (eps, delta) claimed."]
