@@ -52,6 +52,7 @@ class DPSGDSweepConfig:
     expected_batch: float = 16.0
     clip: float = 1.0
     lr: float = 1e-3
+    memory_lr: float | None = None  # the memory neurons' Adam lr (None: lr); new neurons start at zero output
     seed: int = 0
     models_dir: str = ""  # where the fine-tuned models are cached ("" = out/models); a location, not a knob
     kill_switch: dict[str, Any] = field(default_factory=dict)  # overrides of the kill-switch preset (tests)
@@ -73,12 +74,12 @@ class DPSGDSweepConfig:
 
 
 def sweep_preset(model: str) -> DPSGDSweepConfig:
-    """The defaults for ``model``: the tiny model's epsilon sweep, or two epsilons on a real model (SmolLM2: about
-    70 private rows of 128 tokens, one backward per drawn row, so fewer and smaller steps)."""
+    """The defaults for ``model``: the tiny model's epsilon sweep, or two epsilons and the non-private reference on a
+    real model (SmolLM2: 31 private rows of 128 tokens, one backward per drawn row, so few steps)."""
     if model == "tiny":
         return DPSGDSweepConfig()
-    return DPSGDSweepConfig(model=model, eps=(4.0, 64.0), nonprivate=False, memory_neurons=32, steps=40,
-                            expected_batch=8.0, lr=2e-4)
+    return DPSGDSweepConfig(model=model, eps=(4.0, 64.0), nonprivate=True, memory_neurons=32, steps=40,
+                            expected_batch=8.0, lr=2e-4, memory_lr=2e-3)
 
 
 def decoder_linear_weights(model: nn.Module) -> list[nn.Parameter]:
@@ -96,7 +97,8 @@ def _train_point(arm: str, eps: float | None, cfg: DPSGDSweepConfig, bench: Any,
     from libortho.train.memory import MemoryContext, attach_neurons, memory_parameters
 
     d = bench.data
-    dcfg = DPSGDConfig(steps=cfg.steps, expected_batch=cfg.expected_batch, clip=cfg.clip, lr=cfg.lr, eps=eps,
+    lr = cfg.memory_lr if arm == "memory" and cfg.memory_lr is not None else cfg.lr
+    dcfg = DPSGDConfig(steps=cfg.steps, expected_batch=cfg.expected_batch, clip=cfg.clip, lr=lr, eps=eps,
                        seed=cfg.seed)
     if arm == "full":
         model, rows = bench.load_pre(), mixture(d.public, d.private, cfg.seed)
@@ -154,7 +156,7 @@ def run_dpsgd_sweep(cfg: DPSGDSweepConfig, out: str | Path, progress: bool = Tru
         points[name] = {"arm": name, "eps": None, "metrics": cached_json(
             out / "points" / f"{name}.json", {"kill_switch": kcfg.to_dict(), "ref": name},
             lambda m=model: bench.harness.evaluate(m, progress=False), say)}
-    dp_keys = ("memory_neurons", "steps", "expected_batch", "clip", "lr", "seed")
+    dp_keys = ("memory_neurons", "steps", "expected_batch", "clip", "lr", "memory_lr", "seed")
     for arm, eps in cfg.points():
         def build(arm: str = arm, eps: float | None = eps) -> dict[str, Any]:
             t0 = time.perf_counter()
