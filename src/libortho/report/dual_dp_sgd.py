@@ -92,7 +92,8 @@ def build_blocks(result: dict[str, Any], fig_dir: Path) -> list[Block]:
         Para("Seed 002 (section 5.5) proposes noise only where memory lives. Three ways to learn the private rows "
              "of the kill-switch benchmark under DP-SGD (Poisson sampling, per-row clipping at "
              f"{cfg['clip']:g}, {cfg['steps']} steps of expected batch {cfg['expected_batch']:g}, Adam lr "
-             f"{cfg['lr']:g}, {cfg.get('memory_lr') or cfg['lr']:g} for the memory neurons; opacus' RDP accountant): memory neurons only ({cfg['memory_neurons']} per MLP) on top "
+             f"{cfg['lr']:g}, {cfg.get('memory_lr') or cfg['lr']:g} for the memory neurons; opacus' RDP accountant): "
+             f"memory neurons only ({cfg['memory_neurons']} per MLP) on top "
              "of a public fine-tune; every decoder linear on top of the same public fine-tune; every decoder linear "
              "from the model before fine-tuning on public and private rows together. Norms and embeddings are "
              f"frozen. Reproduce with `{COMMAND}`."),
