@@ -19,12 +19,11 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from rich.console import Console
 from torch import nn
 
 from libortho.atomic import atomic_write_json
@@ -99,16 +98,11 @@ def noisy_model(ft: nn.Module, parts: dict[str, tuple[torch.Tensor, torch.Tensor
 
 def run_noise_sweep(cfg: NoiseSweepConfig, out: str | Path, progress: bool = True) -> dict[str, Any]:
     """Fine-tune (cached), decompose, measure every (arm, sigma) point, write ``out/result.json``."""
-    from libortho.experiments.config import check_inputs, preset
-    from libortho.experiments.kill_switch import _decomposed, environment, prepare_benchmark
+    from libortho.experiments.kill_switch import _decomposed, benchmark_config, environment, open_benchmark
 
     out = Path(out)
-    kcfg = replace(preset(cfg.model), seed=cfg.seed, **cfg.kill_switch)
-    check_inputs(kcfg)
-    console = Console(stderr=True, quiet=not progress)
-    say = lambda msg: console.print(f"[cyan]dual-dp[/] {msg}", highlight=False)  # noqa: E731
-    out.mkdir(parents=True, exist_ok=True)
-    bench = prepare_benchmark(kcfg, Path(cfg.models_dir) if cfg.models_dir else out / "models", say)
+    kcfg = benchmark_config(cfg.model, cfg.seed, cfg.kill_switch)
+    bench, _, say = open_benchmark(kcfg, out, cfg.models_dir, "dual-dp", progress)
     data, harness, ft, ft_info = bench.data, bench.harness, bench.ft, bench.ft_info
     t0 = time.perf_counter()
     dec, dec_info = _decomposed(ft, kcfg, data, ortho=True, method="gptq")

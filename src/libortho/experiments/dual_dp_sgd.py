@@ -24,11 +24,10 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console
 from torch import nn
 
 from libortho.atomic import atomic_write_json
@@ -126,18 +125,12 @@ def _group_levels(eps: float | None, delta: float | None, repeats: list[int]) ->
 def run_dpsgd_sweep(cfg: DPSGDSweepConfig, out: str | Path, progress: bool = True) -> dict[str, Any]:
     """Public fine-tune (cached), every (arm, eps) DP-SGD run and its evaluation (cached), ``out/result.json``."""
     from libortho.data.records import mixture
-    from libortho.experiments.config import check_inputs, preset
-    from libortho.experiments.kill_switch import environment, prepare_benchmark
+    from libortho.experiments.kill_switch import benchmark_config, environment, open_benchmark
     from libortho.train.loop import train
 
     out = Path(out)
-    kcfg = replace(preset(cfg.model), seed=cfg.seed, **cfg.kill_switch)
-    check_inputs(kcfg)
-    console = Console(stderr=True, quiet=not progress)
-    say = lambda msg: console.print(f"[cyan]dual-dp-sgd[/] {msg}", highlight=False)  # noqa: E731
-    out.mkdir(parents=True, exist_ok=True)
-    models = Path(cfg.models_dir) if cfg.models_dir else out / "models"
-    bench = prepare_benchmark(kcfg, models, say)
+    kcfg = benchmark_config(cfg.model, cfg.seed, cfg.kill_switch)
+    bench, models, say = open_benchmark(kcfg, out, cfg.models_dir, "dual-dp-sgd", progress)
     d = bench.data
 
     def build_public() -> tuple[nn.Module, dict[str, Any]]:

@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from rich.console import Console
 from torch import nn
 
 from libortho.atomic import atomic_write_json
@@ -131,22 +130,17 @@ def _pre_weights(load_pre: Any, names: list[str]) -> dict[str, torch.Tensor]:
 def run_geoq(cfg: GeoQuantConfig, out: str | Path, progress: bool = True) -> dict[str, Any]:
     """Fine-tune (cached), collect the layer Hessians, quantize and measure every arm, write ``out/result.json``."""
     from libortho.config import DecomposeConfig
-    from libortho.experiments.config import check_inputs, preset
-    from libortho.experiments.kill_switch import environment, prepare_benchmark
+    from libortho.experiments.kill_switch import benchmark_config, environment, open_benchmark
     from libortho.pipeline import decompose
     from libortho.workflows import bits_summary
 
     out = Path(out)
-    kcfg = replace(preset(cfg.model), seed=cfg.seed, **cfg.kill_switch)
+    kcfg = benchmark_config(cfg.model, cfg.seed, cfg.kill_switch)
     kcfg = replace(kcfg, harness=replace(kcfg.harness, keep_scores=True))  # the report's paired intervals
-    check_inputs(kcfg)
     if kcfg.quant.order != "natural" or kcfg.quant.bits != cfg.widths[1]:
         raise ValueError(f"the kill-switch quantizer must run in the natural order at {cfg.widths[1]} bits "
                          f"(the uniform baseline), got order {kcfg.quant.order!r}, {kcfg.quant.bits} bits")
-    console = Console(stderr=True, quiet=not progress)
-    say = lambda msg: console.print(f"[cyan]geoq[/] {msg}", highlight=False)  # noqa: E731
-    out.mkdir(parents=True, exist_ok=True)
-    bench = prepare_benchmark(kcfg, Path(cfg.models_dir) if cfg.models_dir else out / "models", say)
+    bench, _, say = open_benchmark(kcfg, out, cfg.models_dir, "geoq", progress)
     t0 = time.perf_counter()
     res = decompose(copy.deepcopy(bench.ft), bench.data.calibration,
                     DecomposeConfig(quant=kcfg.quant, select=kcfg.select, ortho=True), keep_records=True,

@@ -292,6 +292,25 @@ class Benchmark:
     load_pre: Callable[[], nn.Module]
 
 
+def benchmark_config(model: str, seed: int, overrides: dict[str, Any]) -> KillSwitchConfig:
+    """The kill-switch preset of ``model`` at ``seed`` with ``overrides``, its model and corpora checked by name."""
+    from libortho.experiments.config import check_inputs, preset
+
+    cfg = replace(preset(model), seed=seed, **overrides)
+    check_inputs(cfg)
+    return cfg
+
+
+def open_benchmark(cfg: KillSwitchConfig, out: Path, models_dir: str, label: str,
+                   progress: bool) -> tuple[Benchmark, Path, Callable[[str], None]]:
+    """:func:`prepare_benchmark` for an experiment writing to ``out``: (benchmark, models folder, progress printer)."""
+    console = Console(stderr=True, quiet=not progress)
+    say = lambda msg: console.print(f"[cyan]{label}[/] {msg}", highlight=False)  # noqa: E731
+    out.mkdir(parents=True, exist_ok=True)
+    models = Path(models_dir) if models_dir else out / "models"
+    return prepare_benchmark(cfg, models, say), models, say
+
+
 def prepare_benchmark(cfg: KillSwitchConfig, models_dir: Path, say: Callable[[str], None]) -> Benchmark:
     """Data, harness and the fine-tuned model of ``cfg`` (trained once, cached under ``models_dir``)."""
     torch.manual_seed(cfg.seed)
