@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from libortho.experiments.census import CensusConfig, run_census
-from libortho.report.census import claims, render_census_report
+from libortho.report.census import claims, feature_correlations, render_census_report
 from libortho.train.loop import TrainConfig
 
 SMALL = {"public_blocks": 16, "members": 6, "nonmembers": 12, "repeats": 4, "pretrain_blocks": 64,
@@ -51,8 +51,13 @@ def test_report_and_claims(census_run, tmp_path: Path) -> None:
     cl = claims(r)
     assert len(cl) == 6 and all(c["holds"] in (True, False, None) for c in cl)
     paths = render_census_report(out / "result.json", tmp_path)
-    assert "Claims and measurements" in paths["markdown"].read_text()
+    text = paths["markdown"].read_text()
+    assert "Claims and measurements" in text and "Resolution: the AUC compares" in text
     assert (tmp_path / "figures" / "map.png").stat().st_size > 0
+    corr = {c["feature"]: c for c in feature_correlations(r)}
+    assert set(corr) == {"magnitude", "curvature", "alignment", "kurtosis"}
+    planted = {**r, "records": [{**x, "magnitude": x["delta_ppl"]} for x in r["records"]]}  # monotone in dPPL
+    assert feature_correlations(planted)[0]["delta_ppl"][0] == pytest.approx(1.0)
 
 
 def test_config_refusals() -> None:

@@ -124,6 +124,7 @@ def build_blocks(result: dict[str, Any], fig_dir: Path) -> list[Block]:
         Para(f"Baselines: FP fine-tuned general PPL {base['ppl_ft']:.3f}; `{att}` AUC FP fine-tuned "
              f"{base['mia_ft'][att]['auc']:.3f}, whole model at INT4 {base['mia_int4'][att]['auc']:.3f} (quantizing "
              f"everything moves it by {base['mia_int4'][att]['auc'] - base['mia_ft'][att]['auc']:+.3f})."),
+        Para(_resolution(result, att)),
         Heading("Claims and measurements"),
         Table(["claim", "measured", "holds"],
               [[c["claim"], c["measured"], "n/a" if c["holds"] is None else ("yes" if c["holds"] else "**no**")]
@@ -133,6 +134,7 @@ def build_blocks(result: dict[str, Any], fig_dir: Path) -> list[Block]:
         Table(["thresholds", "kind", *COLORS], label_rows, caption="Labels per kind"),
         Figure(scatter_figure(result, fig_dir / "deltas.png"), "Each group's two effects and the thresholds"),
         Figure(map_figure(result, fig_dir / "map.png"), "2-D map of the outlier groups' geometric features"),
+        feature_table(result),
         _top(result["records"], "delta_ppl"), _top(result["records"], "delta_auc"),
     ]
 
@@ -142,10 +144,48 @@ def render_census_report(result_path: str | Path, out_dir: str | Path | None = N
     return render_result(result_path, out_dir, "census", "records", "a census", build_blocks)
 
 
+def feature_correlations(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """Spearman correlation (and p-value) of each geometric feature with dPPL and with dAUC over every group."""
+    from scipy.stats import spearmanr
+
+    recs = result["records"]
+    out = []
+    for f in FEATURES:
+        x = [r[f] for r in recs]
+        row: dict[str, Any] = {"feature": f}
+        for key in ("delta_ppl", "delta_auc"):
+            rho, p = spearmanr(x, [r[key] for r in recs])
+            row[key] = (float(rho), float(p))
+        out.append(row)
+    return out
+
+
+def feature_table(result: dict[str, Any]) -> Table:
+    """Which geometric features track each effect, whatever the labels (all groups, random ones included)."""
+    return Table(["feature", "Spearman rho with dPPL (p)", "Spearman rho with dAUC (p)"],
+                 [[r["feature"], *[f"{r[k][0]:+.2f} ({r[k][1]:.2g})" for k in ("delta_ppl", "delta_auc")]]
+                  for r in feature_correlations(result)],
+                 caption=f"Rank correlation of the features with the two effects over all {len(result['records'])} "
+                         "groups: a feature that marks sensitive weights apart from functional ones would track dAUC "
+                         "but not dPPL")
+
+
+def _resolution(result: dict[str, Any], att: str) -> str:
+    """How fine a dAUC can be (one member/non-member pair of the AUC's n_m x n_n) beside the largest measured."""
+    roc = result["baselines"]["mia_int4"][att]
+    pairs = roc["n_members"] * roc["n_nonmembers"]
+    top = max(r["delta_auc"] for r in result["records"])
+    return (f"Resolution: the AUC compares {roc['n_members']} member with {roc['n_nonmembers']} non-member "
+            f"records, so one pair changing order moves it by {1 / pairs:.1e}. The largest dAUC of any group, "
+            f"{top:+.4f}, is {top * pairs:.0f} such pairs; the seed's threshold would be "
+            f"{SEED_AUC_THRESHOLD * pairs:,.0f}.")
+
+
 def readme_lines(result: dict[str, Any], link: str) -> list[str]:
     """The README results block's line."""
     verdict = {True: "holds", False: "does not hold", None: "not measurable"}
     return [f"- **Outlier census** ([report]({link}), {result['config']['model']}, "
             f"{len(result['labels']['seed'])} outlier groups + "
             f"{sum(r['kind'] == 'random' for r in result['records'])} random): "
-            + "; ".join(f"{c['claim']}: {c['measured']} ({verdict[c['holds']]})" for c in claims(result)) + "."]
+            + "; ".join(f"{c['claim']}: {c['measured']} ({verdict[c['holds']]})" for c in claims(result))
+            + f". {_resolution(result, result['config']['attack'])}"]
