@@ -51,3 +51,27 @@ def test_geoq_end_to_end(tmp_path: Path) -> None:
     assert "uniform INT4 GPTQ" in text and "regions by update, noise 1" in text and "leak_vs_ppl.png" in text
     (line,) = readme_lines(r, "docs/x.md")
     assert "docs/x.md" in line and f"{base['bits_per_param']:.2f} bits/param" in line and "of 2 arms" in line
+    assert "beaten on both leakage and PPL" in line and all(isinstance(c["dominated_by"], list) for c in comps)
+
+
+def _fake_arm(sens, exposure: float, ppl_nll: float, bits: float, noise: float = 0.0) -> dict:
+    return {"sensitivity": sens, "noise": noise, "seed": 0, "bits": 4, "bits_per_param": bits,
+            "metrics": {"exposure": {"mean": exposure}, "ppl_general": 2.718281828 ** ppl_nll,
+                        "per_canary": [{"exposure": exposure + d, "extracted": False} for d in (-0.5, 0.0, 0.5)],
+                        "mia_scores": {"reference": {"members": [1.0, 2.0], "nonmembers": [0.0, 1.5]}},
+                        "block_nll_general": [ppl_nll - 0.1, ppl_nll + 0.1],
+                        "block_nll_domain": [ppl_nll - 0.1, ppl_nll + 0.1]}}
+
+
+def test_comparisons_flag_arms_a_uniform_width_beats_on_both_axes() -> None:
+    result = {"config": {"widths": [3, 4, 5]}, "arms": {
+        "uniform-int4": _fake_arm(None, 9.0, 4.0, 4.5), "uniform-int3": _fake_arm(None, 5.0, 5.0, 3.5),
+        "geo-a": _fake_arm("update", 7.0, 5.5, 4.52, 1.0),   # more exposure and PPL than INT3: dominated
+        "geo-b": _fake_arm("update", 4.0, 5.5, 4.52, 2.0),   # less exposure than INT3: not dominated
+        "geo-c": _fake_arm("random", 7.0, 4.5, 4.52, 1.0)}}  # lower PPL than INT3, less exposure than INT4
+    comps = {c["arm"]: c for c in comparisons(result)}
+    assert comps["geo-a"]["dominated_by"] == ["uniform-int3"]
+    assert comps["geo-b"]["dominated_by"] == [] and comps["geo-c"]["dominated_by"] == []
+    assert comps["geo-a"]["vs_random"].estimate == pytest.approx(0.0)  # against geo-c: same noise and seed
+    assert comps["geo-b"]["vs_random"] is None  # no random-region arm at noise 2
+    assert comps["geo-b"]["d_exposure"].estimate == pytest.approx(-5.0)
