@@ -119,7 +119,7 @@ def scatter_figure(result: dict[str, Any], path: Path) -> Path:
         ax.scatter(m["exposure"]["mean"], m["ppl_general"], color=c, s=22)
         ax.annotate(name, (m["exposure"]["mean"], m["ppl_general"]), fontsize=6, textcoords="offset points",
                     xytext=(3, 2))
-    ax.set(xlabel="member exposure (bits, mean)", ylabel="general perplexity")
+    ax.set(xlabel="member exposure (bits, mean)", ylabel="general perplexity", yscale="log")
     return _save(fig, path)
 
 
@@ -148,6 +148,12 @@ def build_blocks(result: dict[str, Any], fig_dir: Path) -> list[Block]:
              f"compensated by GPTQ in the later columns. Reproduce with `{COMMAND}`."),
         Table(["model", "bits / param", "extracted", "exposure (bits)", f"MIA AUC ({ATTACK})", "domain PPL",
                "general PPL"], arm_rows(result)),
+        Para(f"Every quantized row is computed here the same way: regional GPTQ (with one width and no noise it is "
+             f"GPTQ, a test) on this run's layer Hessians, evaluated as dense fp32 weights. The kill-switch report's "
+             f"INT{mid} GPTQ model is not the same computation (its selector's calibration was public, and it runs "
+             f"through the INT4 kernel with bf16 activations), so its figures differ from the uniform INT{mid} row; "
+             f"compare within this table. One dither seed per arm: the intervals cover canaries, records and "
+             f"evaluation blocks, not the dither draw."),
         Table(["arm", f"exposure - INT{mid}", f"AUC - INT{mid}", f"general PPL - INT{mid}",
                "exposure - random regions", "dominated by (fewer bits, less exposure, lower PPL)", "seed's claim"],
               claim_rows(comps),
