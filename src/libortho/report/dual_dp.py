@@ -73,7 +73,7 @@ def build_blocks(result: dict[str, Any], fig_dir: Path) -> list[Block]:
              f"for this noise: it is uncalibrated. Reproduce with `{COMMAND}`."),
         Table(["arm", "sigma", "extraction", "exposure (bits)", "best MIA AUC", "domain PPL", "general PPL"], rows),
         Table(["exposure at most", "best general PPL, ortho-only noise", "best general PPL, all-weight noise"],
-              [[f"{r['exposure_at_most']:.2f}", "-" if r["ortho"] is None else f"{r['ortho']:.2f}",
+              [[f"{r['exposure_at_most']:.3f}", "-" if r["ortho"] is None else f"{r['ortho']:.2f}",
                 "-" if r["all"] is None else f"{r['all']:.2f}"] for r in fr],
               caption="At equal measured leakage (member exposure), the utility each arm keeps"),
         Table(["seed's claim", "measured", "baseline", "command"], [claim_row(result)],

@@ -105,7 +105,7 @@ def build_blocks(result: dict[str, Any], fig_dir: Path) -> list[Block]:
                "exposure (bits)", "best MIA AUC", "domain PPL", "general PPL", "held-out record NLL"],
               point_rows(result)),
         Table(["exposure at most", *[f"best domain PPL, {ARM_NAMES[a]}" for a in arms]],
-              [[f"{r['exposure_at_most']:.2f}", *["-" if r[a] is None else f"{r[a]:.2f}" for a in arms]] for r in fr],
+              [[f"{r['exposure_at_most']:.3f}", *["-" if r[a] is None else f"{r[a]:.2f}" for a in arms]] for r in fr],
               caption="At equal measured leakage (member exposure), the public skill each arm keeps"),
         Para(verdict),
         Figure(curve_figure(result, fig_dir / "curves.png"), "Domain perplexity against member exposure"),
