@@ -43,7 +43,7 @@ class DPSGDSweepConfig:
     """The sweep's knobs (defaults: the tiny-model epsilon sweep in docs/results/dual_dp_tiny/dpsgd)."""
 
     model: str = "tiny"
-    eps: tuple[float, ...] = (1.0, 4.0, 16.0, 64.0)
+    eps: tuple[float, ...] = (1.0, 4.0, 16.0)
     nonprivate: bool = True
     arms: tuple[str, ...] = ARMS
     memory_neurons: int = 32
