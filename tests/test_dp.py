@@ -41,7 +41,9 @@ def test_analytic_sigma_is_tight_and_below_the_classical_bound(eps: float, delta
 
 
 def test_group_privacy_and_delta_budget() -> None:
-    assert group_privacy(0.5, 1e-6, 1) == (0.5, 1e-6)
+    assert group_privacy(0.5, 1e-6, 1)[0] == 0.5 and group_privacy(0.5, 1e-6, 1)[1] == pytest.approx(1e-6)
+    assert group_privacy(16.0, 1e-5, 64) == (1024.0, 1.0)  # k e^{(k-1) eps} delta overflows: no guarantee left
+    assert group_privacy(1.0, 1e-5, 12)[1] == 1.0  # 12 e^11 1e-5 > 1: capped, not a probability above 1
     e, d = group_privacy(0.5, 1e-6, 4)
     assert e == 2.0 and d == pytest.approx(4 * math.exp(1.5) * 1e-6)
     assert max_delta(1000) == 1e-4

@@ -52,10 +52,16 @@ def classical_gaussian_sigma(eps: float, delta: float, sensitivity: float = 1.0)
 
 
 def group_privacy(eps: float, delta: float, k: int) -> tuple[float, float]:
-    """(eps, delta) for groups of ``k`` records: ``(k eps, k e^{(k-1) eps} delta)``."""
+    """(eps, delta) for groups of ``k`` records: ``(k eps, min(1, k e^{(k-1) eps} delta))``.
+
+    A delta of 1 is no guarantee at all; the bound is computed in log space, so a large ``k eps`` gives 1 rather
+    than an overflow."""
     if k < 1:
         raise ValueError(f"group size must be >= 1, got {k}")
-    return k * eps, k * math.exp((k - 1) * eps) * delta
+    if delta <= 0:
+        return k * eps, 0.0
+    log_delta = math.log(k) + (k - 1) * eps + math.log(delta)
+    return k * eps, 1.0 if log_delta >= 0 else math.exp(log_delta)
 
 
 def max_delta(n_records: int) -> float:
