@@ -33,6 +33,18 @@ def goal_check(result: dict[str, Any]) -> dict[str, Any]:
     return {"levels": len(rows), "memory_wins": len(wins), "holds": bool(rows) and len(wins) == len(rows)}
 
 
+def learned_line(result: dict[str, Any]) -> str:
+    """What each arm learned of the private task: held-out (non-member) record NLL per epsilon, beside the public-only
+    model's; an arm that keeps public skill by learning nothing would show the public-only value."""
+    pub = result["points"].get("public", {}).get("metrics", {}).get("nonmember_private_nll")
+    parts = []
+    for e in result["config"]["eps"]:
+        cells = [f"{p['arm']} {p['metrics']['nonmember_private_nll']:.2f}" for p in _dp_points(result) if p["eps"] == e]
+        parts.append(f"eps {e:g}: " + ", ".join(cells))
+    head = "Held-out record NLL (what was learned of the private rows' distribution; lower is more)"
+    return head + (f", public-only model {pub:.2f}" if pub is not None else "") + ": " + "; ".join(parts) + "."
+
+
 def _eps(x: float | None) -> str:
     return "inf" if x is None else f"{x:.2f}"
 
@@ -107,7 +119,7 @@ def build_blocks(result: dict[str, Any], fig_dir: Path) -> list[Block]:
         Table(["exposure at most", *[f"best domain PPL, {ARM_NAMES[a]}" for a in arms]],
               [[f"{r['exposure_at_most']:.3f}", *["-" if r[a] is None else f"{r[a]:.2f}" for a in arms]] for r in fr],
               caption="At equal measured leakage (member exposure), the public skill each arm keeps"),
-        Para(verdict),
+        Para(verdict + " " + learned_line(result)),
         Figure(curve_figure(result, fig_dir / "curves.png"), "Domain perplexity against member exposure"),
     ]
 
@@ -127,4 +139,5 @@ def readme_lines(result: dict[str, Any], link: str) -> list[str]:
         parts.append(f"eps {e:g}: " + ", ".join(cells))
     return [f"- **Dual DP, DP-SGD** ([report]({link}), {result['config']['model']}; domain PPL / exposure bits): "
             + "; ".join(parts) + f". Goal (memory-only keeps the most public skill at equal exposure): "
-            f"{'met' if goal['holds'] else 'missed'} ({goal['memory_wins']} of {goal['levels']} levels)."]
+            f"{'met' if goal['holds'] else 'missed'} ({goal['memory_wins']} of {goal['levels']} levels). "
+            + learned_line(result)]
