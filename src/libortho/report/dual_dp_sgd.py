@@ -110,9 +110,9 @@ def build_blocks(result: dict[str, Any], fig_dir: Path) -> list[Block]:
              "from the model before fine-tuning on public and private rows together. Norms and embeddings are "
              f"frozen. Reproduce with `{COMMAND}`."),
         Para(f"Accounting: a row is the privacy unit, delta = 1/(10 N) for the N rows an arm trains on. A canary "
-             f"repeated k times sits in up to k rows, so it is protected only at the group level (k eps, min(1, k e^((k-1) "
-             f"eps) delta)); the table gives it for the most repeated canaries (k = {kmax}), where the guarantee is "
-             "weak or void at every epsilon here."),
+             f"repeated k times sits in up to k rows, so it is protected only at the group level (k eps, "
+             f"min(1, k e^((k-1) eps) delta)); the table gives it for the most repeated canaries (k = {kmax}), "
+             "where the guarantee is weak or void at every epsilon here."),
         Table(["model", "target eps", "eps spent", "sigma", f"group eps / delta (k={kmax})", "extracted",
                "exposure (bits)", "best MIA AUC", "domain PPL", "general PPL", "held-out record NLL"],
               point_rows(result)),
