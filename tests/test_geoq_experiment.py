@@ -22,12 +22,13 @@ def test_config_refuses_bad_knobs() -> None:
         GeoQuantConfig(sensitivities=("saliency",))
     arms = GeoQuantConfig(noises=(0.0, 2.0), sensitivities=("update", "random"), dither_seeds=(0, 1)).arms()
     names = [a.name for a in arms]
-    assert names == ["uniform-int4", "uniform-int3", "geo-update-n0", "geo-update-n2-s0", "geo-update-n2-s1",
-                     "geo-random-n0-s0", "geo-random-n0-s1", "geo-random-n2-s0", "geo-random-n2-s1"]
+    assert names == ["uniform-int4", "uniform-int3", "geo-update-n0", "geo-update-n2", "geo-update-n2-s1",
+                     "geo-random-n0", "geo-random-n0-s1", "geo-random-n2", "geo-random-n2-s1"]
 
 
 def test_geoq_end_to_end(tmp_path: Path) -> None:
-    cfg = GeoQuantConfig(model="tiny", noises=(1.0,), sensitivities=("update", "random"), kill_switch=TINY)
+    cfg = GeoQuantConfig(model="tiny", noises=(1.0,), sensitivities=("update", "random"), dither_seeds=(0,),
+                         kill_switch=TINY)
     r = run_geoq(cfg, tmp_path, progress=False)
     arms = r["arms"]
     assert list(arms) == ["ft", "pre", "uniform-int4", "uniform-int3", "geo-update-n1", "geo-random-n1"]
@@ -75,3 +76,18 @@ def test_comparisons_flag_arms_a_uniform_width_beats_on_both_axes() -> None:
     assert comps["geo-a"]["vs_random"].estimate == pytest.approx(0.0)  # against geo-c: same noise and seed
     assert comps["geo-b"]["vs_random"] is None  # no random-region arm at noise 2
     assert comps["geo-b"]["d_exposure"].estimate == pytest.approx(-5.0)
+
+
+def test_seed_spread_pairs_the_seeds_of_one_plan() -> None:
+    from libortho.report.geoq import seed_spread
+
+    a, b = _fake_arm("update", 7.0, 5.0, 4.52, 1.0), _fake_arm("update", 5.0, 5.2, 4.52, 1.0)
+    b["seed"] = 1
+    result = {"config": {"widths": [3, 4, 5], "dither_seeds": [0, 1]}, "arms": {
+        "uniform-int4": _fake_arm(None, 9.0, 4.0, 4.5), "geo-update-n1": a, "geo-update-n1-s1": b,
+        "geo-update-n2": _fake_arm("update", 3.0, 6.0, 4.52, 2.0)}}  # one seed only: no spread row
+    (row,) = seed_spread(result)
+    assert (row["sensitivity"], row["noise"], row["seeds"]) == ("update", 1.0, [0, 1])
+    assert row["exposure"] == [7.0, 5.0]
+    gap = row["max_exposure_gap"]  # seed 0 minus seed 1 on the same canaries: exactly 2 on each
+    assert gap.estimate == pytest.approx(2.0) and gap.low == pytest.approx(2.0) and gap.high == pytest.approx(2.0)

@@ -59,7 +59,7 @@ class GeoQuantConfig:
     frac: float = 0.125
     noises: tuple[float, ...] = (0.0, 1.0, 2.0)
     sensitivities: tuple[str, ...] = ("update", "private_curvature", "random")
-    dither_seeds: tuple[int, ...] = (0,)
+    dither_seeds: tuple[int, ...] = (0, 1)  # two draws of every random plan: the dither's own variance
     seed: int = 0
     models_dir: str = ""  # where the fine-tuned model is cached ("" = out/models); a location, not a knob
     kill_switch: dict[str, Any] = field(default_factory=dict)  # overrides of the kill-switch preset (tests)
@@ -79,14 +79,16 @@ class GeoQuantConfig:
 
     def arms(self) -> list[Arm]:
         """Uniform middle and low widths, then every (sensitivity, noise, seed) plan; a seed only matters where
-        something is random (noise > 0 or random regions), so other plans run once."""
+        something is random (noise > 0 or random regions), so other plans run once. The first dither seed's arm
+        keeps the untagged name (``geo-update-n1``) and later seeds add ``-s<seed>``, so adding a seed to a
+        finished run reuses its cached arms."""
         lo, mid, _ = self.widths
         out = [Arm(f"uniform-int{mid}", None, mid, 0.0, 0), Arm(f"uniform-int{lo}", None, lo, 0.0, 0)]
         for s in self.sensitivities:
             for n in self.noises:
                 random = n > 0 or s == "random"
                 for seed in self.dither_seeds if random else self.dither_seeds[:1]:
-                    tag = f"-s{seed}" if random and len(self.dither_seeds) > 1 else ""
+                    tag = f"-s{seed}" if random and seed != self.dither_seeds[0] else ""
                     out.append(Arm(f"geo-{s}-n{n:g}{tag}", s, mid, n, seed))
         return out
 

@@ -155,7 +155,9 @@ def embed_2d(features: np.ndarray, seed: int = 0) -> tuple[np.ndarray, str]:
     try:
         import umap  # type: ignore[import-not-found]
 
-        return umap.UMAP(n_components=2, random_state=seed, n_neighbors=min(15, len(X) - 1)).fit_transform(X), "umap"
+        # a fixed random_state makes UMAP single-threaded; say so rather than let it warn
+        reducer = umap.UMAP(n_components=2, random_state=seed, n_jobs=1, n_neighbors=min(15, len(X) - 1))
+        return reducer.fit_transform(X), "umap"
     except ImportError:
         from sklearn.manifold import TSNE
 

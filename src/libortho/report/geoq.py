@@ -87,24 +87,47 @@ def _ci(iv: Interval | None, fmt: str = "+.2f") -> str:
     return f"{iv.estimate:{fmt}} [{iv.low:{fmt}}, {iv.high:{fmt}}]"
 
 
-def _label(name: str, arm: dict[str, Any]) -> str:
+def _label(name: str, arm: dict[str, Any], seeds: tuple[int, ...] | list[int] = (0,)) -> str:
     if name in ("ft", "pre"):
         return {"ft": "FP fine-tuned", "pre": "before fine-tuning"}[name]
     if arm["sensitivity"] is None:
         return f"uniform INT{arm['bits']} GPTQ"
-    seed = f", seed {arm['seed']}" if "-s" in name else ""
+    random = arm["noise"] > 0 or arm["sensitivity"] == "random"
+    seed = f", seed {arm['seed']}" if random and len(seeds) > 1 else ""
     return f"regions by {arm['sensitivity']}, noise {arm['noise']:g}{seed}"
+
+
+def seed_spread(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """For every (sensitivity, noise) plan drawn with more than one dither seed: each seed's exposure and general
+    perplexity, and the largest seed-to-seed exposure difference with its paired interval (same canaries).
+
+    This is the variance the per-arm intervals leave out: they resample canaries, records and blocks of one
+    quantized model, not the dither draw that made it."""
+    plans: dict[tuple[str, float], list[dict[str, Any]]] = {}
+    for arm in result["arms"].values():
+        if arm.get("sensitivity") is not None:
+            plans.setdefault((arm["sensitivity"], arm["noise"]), []).append(arm)
+    rows = []
+    for (sens, noise), arms in plans.items():
+        if len(arms) < 2:
+            continue
+        exp = [a["metrics"]["exposure"]["mean"] for a in arms]
+        hi, lo = arms[int(np.argmax(exp))], arms[int(np.argmin(exp))]
+        rows.append({"sensitivity": sens, "noise": noise, "seeds": [a["seed"] for a in arms], "exposure": exp,
+                     "ppl_general": [a["metrics"]["ppl_general"] for a in arms],
+                     "max_exposure_gap": exposure_diff(hi, lo)})
+    return rows
 
 
 def arm_rows(result: dict[str, Any]) -> list[list[str]]:
     """One row per measured model."""
-    rows = []
+    rows, seeds = [], result["config"]["dither_seeds"]
     for name, arm in result["arms"].items():
         m = arm["metrics"]
         n = len(m["per_canary"])
         hits = sum(bool(c["extracted"]) for c in m["per_canary"])
         bits = f"{arm['bits_per_param']:.3f}" if "bits_per_param" in arm else "32 (FP)"
-        rows.append([_label(name, arm), bits, f"{hits}/{n}", f"{m['exposure']['mean']:.2f}",
+        rows.append([_label(name, arm, seeds), bits, f"{hits}/{n}", f"{m['exposure']['mean']:.2f}",
                      f"{m['mia'][ATTACK]['auc']:.3f}", f"{m['ppl_domain']:.2f}", f"{m['ppl_general']:.2f}"])
     return rows
 
@@ -136,6 +159,16 @@ def build_blocks(result: dict[str, Any], fig_dir: Path) -> list[Block]:
     lo, mid, hi = cfg["widths"]
     comps = comparisons(result)
     held = [c["arm"] for c in comps if c["claim_holds"]]
+    spread = seed_spread(result)
+    spread_blocks: list[Block] = []
+    if spread:
+        spread_blocks.append(Table(
+            ["plan", "dither seeds", "exposure per seed", "general PPL per seed",
+             "largest exposure gap between seeds (paired)"],
+            [[f"regions by {r['sensitivity']}, noise {r['noise']:g}", ", ".join(map(str, r["seeds"])),
+              ", ".join(f"{e:.2f}" for e in r["exposure"]), ", ".join(f"{p:.2f}" for p in r["ppl_general"]),
+              _ci(r["max_exposure_gap"])] for r in spread],
+            caption="The dither draw's own variance: the same plan quantized with different random seeds."))
     return [
         Heading(f"Geometry-aware randomised quantization ({cfg['model']})", 1),
         Para(f"Seed 004's claim: {SEED_CLAIM}. Measured on the kill-switch benchmark (the model fine-tuned on public "
@@ -152,8 +185,10 @@ def build_blocks(result: dict[str, Any], fig_dir: Path) -> list[Block]:
              f"GPTQ, a test) on this run's layer Hessians, evaluated as dense fp32 weights. The kill-switch report's "
              f"INT{mid} GPTQ model is not the same computation (its selector's calibration was public, and it runs "
              f"through the INT4 kernel with bf16 activations), so its figures differ from the uniform INT{mid} row; "
-             f"compare within this table. One dither seed per arm: the intervals cover canaries, records and "
-             f"evaluation blocks, not the dither draw."),
+             f"compare within this table. The intervals below cover canaries, records and evaluation blocks, not "
+             f"the dither draw: " + (f"the {len(spread)} plans drawn with {len(cfg['dither_seeds'])} dither seeds "
+                                      f"show that draw's spread in the last table." if spread else
+                                      "one dither seed per arm, so that variance is not measured.")),
         Table(["arm", f"exposure - INT{mid}", f"AUC - INT{mid}", f"general PPL - INT{mid}",
                "exposure - random regions", "dominated by (fewer bits, less exposure, lower PPL)", "seed's claim"],
               claim_rows(comps),
@@ -166,6 +201,7 @@ def build_blocks(result: dict[str, Any], fig_dir: Path) -> list[Block]:
              + f" {sum(bool(c['dominated_by']) for c in comps)} of {len(comps)} regional arms are beaten on both "
                f"exposure and general perplexity by a uniform GPTQ width at no more bits per parameter."),
         Figure(scatter_figure(result, fig_dir / "leak_vs_ppl.png"), "General perplexity against member exposure"),
+        *spread_blocks,
     ]
 
 
