@@ -68,3 +68,14 @@ def test_sweep_end_to_end_and_refusals(tmp_path: Path) -> None:
     assert again["points"] == r["points"]
     (line,) = readme_lines(r, "docs/x.md")
     assert "docs/x.md" in line and "no (eps, delta) claimed" in line
+
+
+def test_exposure_interval_resamples_the_canaries() -> None:
+    from libortho.report.dual_dp import exposure_interval
+
+    m = {"per_canary": [{"exposure": e} for e in (1.0, 2.0, 3.0, 10.0)]}
+    ci = exposure_interval(m)
+    assert ci.estimate == pytest.approx(4.0)
+    assert 1.0 <= ci.low < 4.0 < ci.high <= 10.0
+    same = exposure_interval({"per_canary": [{"exposure": 5.0}] * 4})
+    assert same.low == same.high == pytest.approx(5.0)

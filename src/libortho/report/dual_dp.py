@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from libortho.eval.stats import Interval, bootstrap_mean
 from libortho.report.document import Block, Figure, Heading, Para, Table, render_result
 from libortho.report.plots import _save, plt
 
@@ -19,6 +20,11 @@ ARM_NAMES = {"none": "no noise (Q + O)", "ortho": "noise on the ortho stream onl
 def _leak(m: dict[str, Any]) -> float:
     """The leakage figure the comparison uses: mean exposure of the member canaries (bits)."""
     return float(m["exposure"]["mean"])
+
+
+def exposure_interval(m: dict[str, Any]) -> Interval:
+    """Mean member exposure with a 95% bootstrap interval over the canaries."""
+    return bootstrap_mean([c["exposure"] for c in m["per_canary"]])
 
 
 def frontier(points: list[dict[str, Any]], arms: tuple[str, ...], shared: tuple[str, ...] = (),
@@ -60,10 +66,12 @@ def build_blocks(result: dict[str, Any], fig_dir: Path) -> list[Block]:
     for p in result["points"].values():
         m = p["metrics"]
         best_mia = max(v["auc"] for k, v in m["mia"].items())
+        ci = exposure_interval(m)
         rows.append([ARM_NAMES[p["arm"]], f"{p['sigma']:g}", f"{m['extraction']['rate']:.3f}",
-                     f"{m['exposure']['mean']:.2f}", f"{best_mia:.3f}", f"{m['ppl_domain']:.2f}",
-                     f"{m['ppl_general']:.2f}"])
+                     f"{m['exposure']['mean']:.2f} [{ci.low:.2f}, {ci.high:.2f}]", f"{best_mia:.3f}",
+                     f"{m['ppl_domain']:.2f}", f"{m['ppl_general']:.2f}"])
     fr = frontier(list(result["points"].values()), ("ortho", "all"), ("none",))
+    n_canaries = len(next(iter(result["points"].values()))["metrics"]["per_canary"])
     return [
         Heading(f"Dual DP, noise arm: memory-only vs all-weight Gaussian noise ({result['config']['model']})", 1),
         Para("Seed 002 (section 5.5) proposes noise where memory lives and none where skill lives. The kill-switch "
@@ -71,7 +79,10 @@ def build_blocks(result: dict[str, Any], fig_dir: Path) -> list[Block]:
              "weights Q + O; Gaussian noise goes on the ortho stream's entries only (sigma in units of each layer's "
              "ortho RMS) or on every weight (sigma in units of each layer's weight RMS). No (eps, delta) is claimed "
              f"for this noise: it is uncalibrated. Reproduce with `{COMMAND}`."),
-        Table(["arm", "sigma", "extraction", "exposure (bits)", "best MIA AUC", "domain PPL", "general PPL"], rows),
+        Table(["arm", "sigma", "extraction", "exposure (bits) [95% CI]", "best MIA AUC", "domain PPL", "general PPL"],
+              rows, caption=f"Exposure intervals resample the {n_canaries} member canaries (bootstrap of the mean); "
+                            "two points whose intervals overlap are not told apart by this benchmark's leakage "
+                            "measure, and the equal-leakage table below ranks them anyway."),
         Table(["exposure at most", "best general PPL, ortho-only noise", "best general PPL, all-weight noise"],
               [[f"{r['exposure_at_most']:.3f}", "-" if r["ortho"] is None else f"{r['ortho']:.2f}",
                 "-" if r["all"] is None else f"{r['all']:.2f}"] for r in fr],
