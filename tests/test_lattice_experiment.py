@@ -36,6 +36,11 @@ def test_every_stage_is_there_and_babai_matches_gptq_on_real_layers(lattice_run)
         for b in per.values():
             assert len(b["gs_before"]) == b["dim"] and b["error_before"] <= b["bound_before"]
     assert len(r["ppl_comparisons"]) == 3
+    (rep,) = r["calib_replicates"].values()  # the default: act and min-pivot again on calibration draw 1
+    assert set(rep["runs"]) == {"b4-act", "b4-min_pivot"} and len(rep["ppl_comparisons"]) == 1
+    # another calibration set gives another quantized model: the replicate is not the main run read twice
+    assert rep["runs"]["b4-act"]["alpha0"]["block_nll"] != r["runs"]["b4-act"]["alpha0"]["block_nll"]
+    assert (out / "quant-b4-min_pivot-calib1.json").is_file()
     assert json.loads((out / "result.json").read_text())["experiment"] == "lattice"
 
 
@@ -57,6 +62,10 @@ def test_claims_are_recomputed_from_the_figures(lattice_run) -> None:
     order = [c for c in claims(broken) if "min-pivot order beats act" in c["claim"]][0]
     comp = [c for c in broken["ppl_comparisons"] if c["a"] == "act" and c["b"] == "min_pivot"][0]
     assert order["holds"] == (comp["low"] > 0)
+    rep = [c for c in claims(broken) if "calibration draw 1" in c["claim"]]
+    assert len(rep) == 1 and "min-pivot order beats act" in rep[0]["claim"]
+    broken["calib_replicates"]["1"]["ppl_comparisons"][0].update(diff=2.0, low=1.0, high=3.0)
+    assert [c for c in claims(broken) if "calibration draw 1" in c["claim"]][0]["holds"] is True
 
 
 def test_report_renders_markdown_html_and_figures(lattice_run, tmp_path: Path) -> None:
@@ -64,6 +73,7 @@ def test_report_renders_markdown_html_and_figures(lattice_run, tmp_path: Path) -
     paths = render_lattice_report(out / "result.json", tmp_path)
     md = paths["markdown"].read_text()
     assert "Claims and measurements" in md and "min-pivot" in md and "LLL on Hessian blocks" in md
+    assert "The order comparison on another calibration draw" in md
     assert (tmp_path / "figures" / "bound.png").stat().st_size > 0
     assert (tmp_path / "figures" / "profiles.png").stat().st_size > 0
     assert paths["html"].read_text().startswith("<!DOCTYPE html>")
@@ -74,6 +84,9 @@ def test_report_renders_markdown_html_and_figures(lattice_run, tmp_path: Path) -
     ({"lll_dims": [512]}, "lll_dims must lie in"),
     ({"bits": [5]}, "bits must be one of"),
     ({"lll_delta": 0.1}, "lll_delta must be in"),
+    ({"replicate_calib_seeds": [0]}, "not 0"),
+    ({"replicate_orders": ["act"]}, "at least two orders"),
+    ({"replicate_orders": ["act", "best"]}, "unknown column order"),
 ])
 def test_config_refuses_bad_values(fields, message) -> None:
     with pytest.raises(ValueError, match=message):

@@ -13,7 +13,9 @@ Stages, each cached as JSON under ``out/`` by configuration (a re-run resumes wh
 4. ``lll``: per layer and block dimension, the columns GPTQ's act-order takes first (the basis in that
    order reversed, so nearest plane on it is GPTQ's act-order on the block), per-channel
    grid: Gram-Schmidt profiles, bound and nearest-plane error before and after LLL (delta 0.99),
-   unclipped and clipped (:func:`libortho.quant.lll.reduce_and_compare`).
+   unclipped and clipped (:func:`libortho.quant.lll.reduce_and_compare`);
+5. ``quant-b{bits}-{order}-calib{seed}``: the ``replicate_orders`` runs again on other calibration draws, so
+   the order ranking is seen under a second calibration set, not only under resampled evaluation blocks.
 
 ``result.json`` holds the configuration, the environment and every stage; the report
 (:mod:`libortho.report.lattice`) is rendered from it.
@@ -68,14 +70,23 @@ class LatticeConfig:
     lll_dims: tuple[int, ...] = (64, 128, 256)
     lll_bits: int = 4
     lll_delta: float = 0.99
+    # the order comparison again on other calibration draws (seeds of calibration_blocks; the main draw is 0):
+    # a PPL interval over evaluation blocks says nothing of how much one calibration set decides the ranking
+    replicate_calib_seeds: tuple[int, ...] = (1,)
+    replicate_orders: tuple[str, ...] = ("act", "min_pivot")
 
     def __post_init__(self) -> None:
         lists_to_tuples(self)
-        bad = [o for o in self.orders if o not in ORDERS]
+        bad = [o for o in (*self.orders, *self.replicate_orders) if o not in ORDERS]
         if bad or not self.orders:
             raise ValueError(f"unknown column order(s) {bad or '(none)'}; available: {', '.join(ORDERS)}")
         if not self.bits:
             raise ValueError("bits: give at least one code width")
+        if 0 in self.replicate_calib_seeds or len(set(self.replicate_calib_seeds)) < len(self.replicate_calib_seeds):
+            raise ValueError(f"replicate_calib_seeds must be distinct and not 0 (the main draw), "
+                             f"got {self.replicate_calib_seeds}")
+        if self.replicate_calib_seeds and len(self.replicate_orders) < 2:
+            raise ValueError(f"replicate_orders: give at least two orders to compare, got {self.replicate_orders}")
         for b in (*self.bits, self.lll_bits):
             QuantConfig(bits=b)  # refuses unsupported widths with its own message
         if any(d < 2 or d > 256 for d in self.lll_dims):
@@ -172,12 +183,15 @@ def lll_block(W: torch.Tensor, H: torch.Tensor, dim: int, cfg: LatticeConfig) ->
     return {"columns": cols.tolist(), **reduce_and_compare(Hd, y, s, 2**cfg.lll_bits - 1, cfg.lll_delta).to_dict()}
 
 
-def ppl_comparisons(runs: dict[str, dict[str, Any]], cfg: LatticeConfig) -> list[dict[str, Any]]:
-    """Paired-bootstrap PPL differences between orders at each width (same evaluation blocks)."""
+def ppl_comparisons(runs: dict[str, dict[str, Any]], cfg: LatticeConfig,
+                    orders: tuple[str, ...] | None = None) -> list[dict[str, Any]]:
+    """Paired-bootstrap PPL differences between ``orders`` (default: the config's) at each width (same evaluation
+    blocks)."""
+    orders = cfg.orders if orders is None else orders
     out = []
     for bits in cfg.bits:
-        for i, a in enumerate(cfg.orders):
-            for b in cfg.orders[i + 1:]:
+        for i, a in enumerate(orders):
+            for b in orders[i + 1:]:
                 ra, rb = runs[f"b{bits}-{a}"]["alpha0"], runs[f"b{bits}-{b}"]["alpha0"]
                 iv = paired_bootstrap_ppl_diff(ra["block_nll"], rb["block_nll"])
                 out.append({"bits": bits, "a": a, "b": b, "diff": iv.estimate, "low": iv.low, "high": iv.high,
@@ -234,6 +248,17 @@ def run_lattice(cfg: LatticeConfig, out: str | Path, progress: bool = True) -> d
                 atomic_write_json(inputs_key_path, inputs_key)
     result["runs"] = runs
     result["ppl_comparisons"] = ppl_comparisons(runs, cfg)
+    replicates: dict[str, Any] = {}
+    for seed in cfg.replicate_calib_seeds:
+        calib_s = calibration_blocks(list(cfg.calib), tok, n_blocks=cfg.n_calib, block_len=cfg.seq_len, seed=seed)
+        runs_s = {f"b{b}-{o}": cached_json(
+            out / f"quant-b{b}-{o}-calib{seed}.json",
+            {**base_key, "calib_seed": seed, "quant": asdict(cfg.quant(b, o)), "stage_rows": 2},
+            lambda b=b, o=o, c=calib_s: run_quantized(cfg, b, o, load, c, evals, None), log)
+            for b in cfg.bits for o in cfg.replicate_orders}
+        replicates[str(seed)] = {"runs": runs_s, "ppl_comparisons": ppl_comparisons(runs_s, cfg,
+                                                                                     cfg.replicate_orders)}
+    result["calib_replicates"] = replicates
     inputs = torch.load(inputs_path)
     lkey = {**base_key, "quant": asdict(cfg.quant(*first)), "bits": cfg.lll_bits, "grid": cfg.grid,
             "damp": cfg.damp}
