@@ -44,3 +44,23 @@ def test_sweep_end_to_end(tmp_path: Path) -> None:
     assert "DP-SGD on memory neurons only" in text and "Goal" in text and "curves.png" in text
     (line,) = readme_lines(r, "docs/x.md")
     assert "eps 4: memory" in line and "full" in line and ("met" in line or "missed" in line)
+
+
+def _pt(arm: str, eps: float | None, ppl: float, exposures: tuple[float, ...]) -> dict:
+    mean = sum(exposures) / len(exposures)
+    return {"arm": arm, "eps": eps, "metrics": {"ppl_domain": ppl, "exposure": {"mean": mean},
+                                               "per_canary": [{"exposure": e} for e in exposures]}}
+
+
+def test_equal_eps_names_the_arm_with_the_lowest_domain_ppl_per_budget() -> None:
+    from libortho.report.dual_dp_sgd import equal_eps
+
+    pts = [_pt("memory", 1.0, 6.0, (1.0, 2.0)), _pt("full", 1.0, 8.0, (1.0, 1.0)),
+           _pt("memory", 4.0, 9.0, (2.0, 4.0)), _pt("full", 4.0, 7.0, (3.0, 3.0)),
+           _pt("memory", None, 5.0, (9.0, 9.0)), _pt("full", None, 4.0, (9.0, 9.0))]  # no DP: not a budget
+    result = {"config": {"arms": ["memory", "full"], "eps": [1.0, 4.0]},
+              "points": {f"{p['arm']}:{p['eps']}": p for p in pts}}
+    rows = equal_eps(result)
+    assert [(r["eps"], r["best"]) for r in rows] == [(1.0, "memory"), (4.0, "full")]
+    assert rows[1]["arms"]["memory"]["exposure"].estimate == pytest.approx(3.0)
+    assert rows[0]["arms"]["full"]["exposure"].low == rows[0]["arms"]["full"]["exposure"].high == 1.0

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from libortho.report.document import Block, Figure, Heading, Para, Table, render_result
-from libortho.report.dual_dp import _leak, frontier
+from libortho.report.dual_dp import _leak, exposure_interval, frontier
 from libortho.report.plots import _save, plt
 
 COMMAND = "make dual-dp-sgd"
@@ -31,6 +31,21 @@ def goal_check(result: dict[str, Any]) -> dict[str, Any]:
     rows = [r for r in frontier(_dp_points(result), arms, utility=UTILITY) if all(r[a] is not None for a in arms)]
     wins = [r for r in rows if "memory" in arms and all(r["memory"] < r[a] for a in arms if a != "memory")]
     return {"levels": len(rows), "memory_wins": len(wins), "holds": bool(rows) and len(wins) == len(rows)}
+
+
+def equal_eps(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per target epsilon (the finite ones; the budget every arm was given): each arm's domain PPL, exposure
+    with its 95% bootstrap interval over the canaries, and which arm keeps the lowest domain PPL."""
+    arms = tuple(result["config"]["arms"])
+    rows = []
+    for e in result["config"]["eps"]:
+        pts = {p["arm"]: p for p in _dp_points(result) if p["eps"] == e}
+        if not all(a in pts for a in arms):
+            continue
+        cells = {a: {"ppl_domain": pts[a]["metrics"][UTILITY], "exposure": exposure_interval(pts[a]["metrics"])}
+                 for a in arms}
+        rows.append({"eps": e, "arms": cells, "best": min(arms, key=lambda a: cells[a]["ppl_domain"])})
+    return rows
 
 
 def learned_line(result: dict[str, Any]) -> str:
@@ -96,9 +111,11 @@ def build_blocks(result: dict[str, Any], fig_dir: Path) -> list[Block]:
     fr = frontier(_dp_points(result), arms, utility=UTILITY)
     goal = goal_check(result)
     kmax = max(c["repeats"] for c in result["data"]["canaries"] if c["member"])
+    eq = equal_eps(result)
     verdict = (f"**Goal (memory-only DP keeps more public skill than both baselines at equal leakage): "
                f"{'met' if goal['holds'] else 'missed'}** - memory-only has the lowest domain perplexity at "
-               f"{goal['memory_wins']} of the {goal['levels']} exposure levels all arms reach.")
+               f"{goal['memory_wins']} of the {goal['levels']} exposure levels all arms reach; at equal epsilon, "
+               f"at {sum(r['best'] == 'memory' for r in eq)} of {len(eq)}.")
     return [
         Heading(f"Dual DP, DP-SGD arms ({cfg['model']})", 1),
         Para("Seed 002 (section 5.5) proposes noise only where memory lives. Three ways to learn the private rows "
@@ -116,9 +133,17 @@ def build_blocks(result: dict[str, Any], fig_dir: Path) -> list[Block]:
         Table(["model", "target eps", "eps spent", "sigma", f"group eps / delta (k={kmax})", "extracted",
                "exposure (bits)", "best MIA AUC", "domain PPL", "general PPL", "held-out record NLL"],
               point_rows(result)),
+        Table(["target eps", *[f"{ARM_NAMES[a]}: domain PPL / exposure [95% CI]" for a in arms],
+               "lowest domain PPL"],
+              [[f"{r['eps']:g}", *[f"{r['arms'][a]['ppl_domain']:.2f} / {r['arms'][a]['exposure'].estimate:.2f} "
+                                   f"[{r['arms'][a]['exposure'].low:.2f}, {r['arms'][a]['exposure'].high:.2f}]"
+                                   for a in arms], ARM_NAMES[r["best"]]] for r in eq],
+              caption="At equal epsilon (each arm's own rows are its privacy unit); exposure intervals resample "
+                      "the member canaries"),
         Table(["exposure at most", *[f"best domain PPL, {ARM_NAMES[a]}" for a in arms]],
               [[f"{r['exposure_at_most']:.3f}", *["-" if r[a] is None else f"{r[a]:.2f}" for a in arms]] for r in fr],
-              caption="At equal measured leakage (member exposure), the public skill each arm keeps"),
+              caption="At equal measured leakage (member exposure), the public skill each arm keeps; the levels are "
+                      "point estimates, and levels closer than the exposure intervals above are not told apart"),
         Para(verdict + " " + learned_line(result)),
         Figure(curve_figure(result, fig_dir / "curves.png"), "Domain perplexity against member exposure"),
     ]
@@ -131,7 +156,7 @@ def render_dpsgd_report(result_path: str | Path, out_dir: str | Path | None = No
 
 def readme_lines(result: dict[str, Any], link: str) -> list[str]:
     """The README results block's line."""
-    goal = goal_check(result)
+    goal, eq = goal_check(result), equal_eps(result)
     parts = []
     for e in result["config"]["eps"]:
         cells = [f"{a} {p['metrics']['ppl_domain']:.1f}/{_leak(p['metrics']):.1f}" for a in result["config"]["arms"]
@@ -139,5 +164,6 @@ def readme_lines(result: dict[str, Any], link: str) -> list[str]:
         parts.append(f"eps {e:g}: " + ", ".join(cells))
     return [f"- **Dual DP, DP-SGD** ([report]({link}), {result['config']['model']}; domain PPL / exposure bits): "
             + "; ".join(parts) + f". Goal (memory-only keeps the most public skill at equal exposure): "
-            f"{'met' if goal['holds'] else 'missed'} ({goal['memory_wins']} of {goal['levels']} levels). "
+            f"{'met' if goal['holds'] else 'missed'} ({goal['memory_wins']} of {goal['levels']} levels); at equal "
+            f"epsilon memory-only has the lowest domain PPL at {sum(r['best'] == 'memory' for r in eq)} of {len(eq)}. "
             + learned_line(result)]
