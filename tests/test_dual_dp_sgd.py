@@ -64,3 +64,10 @@ def test_equal_eps_names_the_arm_with_the_lowest_domain_ppl_per_budget() -> None
     assert [(r["eps"], r["best"]) for r in rows] == [(1.0, "memory"), (4.0, "full")]
     assert rows[1]["arms"]["memory"]["exposure"].estimate == pytest.approx(3.0)
     assert rows[0]["arms"]["full"]["exposure"].low == rows[0]["arms"]["full"]["exposure"].high == 1.0
+
+
+def test_report_names_the_target_that_reproduces_it() -> None:
+    from libortho.report.dual_dp_sgd import command
+
+    assert command({"config": {"model": "tiny"}}) == "make dual-dp-sgd"
+    assert command({"config": {"model": "smollm2-135m"}}) == "make dual-dp-sgd-smollm2"

@@ -15,7 +15,12 @@ from libortho.report.document import Block, Figure, Heading, Para, Table, render
 from libortho.report.dual_dp import _leak, exposure_interval, frontier
 from libortho.report.plots import _save, plt
 
-COMMAND = "make dual-dp-sgd"
+COMMAND = "make dual-dp-sgd"  # the tiny epsilon sweep; SmolLM2 runs through make dual-dp-sgd-smollm2
+
+
+def command(result: dict[str, Any]) -> str:
+    """The make target that reproduces ``result`` (the tiny sweep or the SmolLM2 run)."""
+    return COMMAND if result["config"]["model"] == "tiny" else f"{COMMAND}-smollm2"
 ARM_NAMES = {"memory": "DP-SGD on memory neurons only", "public_then_private": "public FT, then DP-SGD on all linears",
              "full": "DP-SGD on all linears, all rows", "ft": "FP fine-tuned (no DP)", "public": "public rows only"}
 UTILITY = "ppl_domain"
@@ -125,7 +130,7 @@ def build_blocks(result: dict[str, Any], fig_dir: Path) -> list[Block]:
              f"memory neurons only ({cfg['memory_neurons']} per MLP) on top "
              "of a public fine-tune; every decoder linear on top of the same public fine-tune; every decoder linear "
              "from the model before fine-tuning on public and private rows together. Norms and embeddings are "
-             f"frozen. Reproduce with `{COMMAND}`."),
+             f"frozen. Reproduce with `{command(result)}`."),
         Para(f"Accounting: a row is the privacy unit, delta = 1/(10 N) for the N rows an arm trains on. A canary "
              f"repeated k times sits in up to k rows, so it is protected only at the group level (k eps, "
              f"min(1, k e^((k-1) eps) delta)); the table gives it for the most repeated canaries (k = {kmax}), "
