@@ -44,6 +44,8 @@ def test_sweep_end_to_end(tmp_path: Path) -> None:
     assert "DP-SGD on memory neurons only" in text and "Goal" in text and "curves.png" in text
     (line,) = readme_lines(r, "docs/x.md")
     assert "eps 4: memory" in line and "full" in line and ("met" in line or "missed" in line)
+    pub = pts["public"]["metrics"]["ppl_domain"]
+    assert f"the public fine-tune alone: domain PPL {pub:.2f}" in line and "carry no interval" in line
 
 
 def _pt(arm: str, eps: float | None, ppl: float, exposures: tuple[float, ...]) -> dict:

@@ -53,6 +53,21 @@ def equal_eps(result: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
+def _reference_line(result: dict[str, Any]) -> str:
+    """The public-only model's figures (what 'learned nothing private' looks like) and whether the domain-PPL
+    gaps between arms carry an interval."""
+    pub = result["points"].get("public")
+    text = ""
+    if pub is not None:
+        m = pub["metrics"]
+        text = (f"Reference, the public fine-tune alone: domain PPL {m[UTILITY]:.2f}, exposure "
+                f"{_leak(m):.2f} bits.")
+    if not all("block_nll_domain" in p["metrics"] for p in _dp_points(result)):
+        text += (" The domain-PPL gaps between arms are point estimates: this run kept no per-block NLLs, so "
+                 "they carry no interval.")
+    return text.strip()
+
+
 def learned_line(result: dict[str, Any]) -> str:
     """What each arm learned of the private task: held-out (non-member) record NLL per epsilon, beside the public-only
     model's; an arm that keeps public skill by learning nothing would show the public-only value."""
@@ -149,7 +164,7 @@ def build_blocks(result: dict[str, Any], fig_dir: Path) -> list[Block]:
               [[f"{r['exposure_at_most']:.3f}", *["-" if r[a] is None else f"{r[a]:.2f}" for a in arms]] for r in fr],
               caption="At equal measured leakage (member exposure), the public skill each arm keeps; the levels are "
                       "point estimates, and levels closer than the exposure intervals above are not told apart"),
-        Para(verdict + " " + learned_line(result)),
+        Para(verdict + " " + _reference_line(result) + " " + learned_line(result)),
         Figure(curve_figure(result, fig_dir / "curves.png"), "Domain perplexity against member exposure"),
     ]
 
@@ -171,4 +186,4 @@ def readme_lines(result: dict[str, Any], link: str) -> list[str]:
             + "; ".join(parts) + f". Goal (memory-only keeps the most public skill at equal exposure): "
             f"{'met' if goal['holds'] else 'missed'} ({goal['memory_wins']} of {goal['levels']} levels); at equal "
             f"epsilon memory-only has the lowest domain PPL at {sum(r['best'] == 'memory' for r in eq)} of {len(eq)}. "
-            + learned_line(result)]
+            + _reference_line(result) + " " + learned_line(result)]
