@@ -133,7 +133,8 @@ def build_blocks(result: dict[str, Any], fig_dir: Path) -> list[Block]:
                                               for n, t in result["thresholds"].items()]),
         Table(["thresholds", "kind", *COLORS], label_rows, caption="Labels per kind"),
         Figure(scatter_figure(result, fig_dir / "deltas.png"), "Each group's two effects and the thresholds"),
-        Figure(map_figure(result, fig_dir / "map.png"), "2-D map of the outlier groups' geometric features"),
+        Figure(map_figure(result, fig_dir / "map.png"),
+               f"2-D map ({result['map']['method'].upper()}) of the outlier groups' geometric features"),
         feature_table(result),
         _top(result["records"], "delta_ppl"), _top(result["records"], "delta_auc"),
     ]
