@@ -91,3 +91,7 @@ def test_seed_spread_pairs_the_seeds_of_one_plan() -> None:
     assert row["exposure"] == [7.0, 5.0]
     gap = row["max_exposure_gap"]  # seed 0 minus seed 1 on the same canaries: exactly 2 on each
     assert gap.estimate == pytest.approx(2.0) and gap.low == pytest.approx(2.0) and gap.high == pytest.approx(2.0)
+    from libortho.report.geoq import spread_sentence
+
+    assert "up to 2.00 bits (regions by update, noise 1)" in spread_sentence([row])
+    assert "excludes zero for 1 of 1 plans" in spread_sentence([row])
