@@ -45,7 +45,10 @@ def test_sweep_end_to_end(tmp_path: Path) -> None:
     (line,) = readme_lines(r, "docs/x.md")
     assert "eps 4: memory" in line and "full" in line and ("met" in line or "missed" in line)
     pub = pts["public"]["metrics"]["ppl_domain"]
-    assert f"the public fine-tune alone: domain PPL {pub:.2f}" in line and "carry no interval" in line
+    assert f"the public fine-tune alone: domain PPL {pub:.2f}" in line
+    # every point keeps per-block NLLs, so the equal-epsilon gaps carry paired intervals
+    assert all(len(p["metrics"]["block_nll_domain"]) > 1 for p in pts.values())
+    assert "carry no interval" not in line and "eps 4 full" in line and "of 2 comparisons" in line
 
 
 def _pt(arm: str, eps: float | None, ppl: float, exposures: tuple[float, ...]) -> dict:
@@ -73,3 +76,23 @@ def test_report_names_the_target_that_reproduces_it() -> None:
 
     assert command({"config": {"model": "tiny"}}) == "make dual-dp-sgd"
     assert command({"config": {"model": "smollm2-135m"}}) == "make dual-dp-sgd-smollm2"
+
+
+def test_gap_line_counts_significant_gaps_in_both_directions() -> None:
+    from libortho.report.dual_dp_sgd import equal_eps, gap_line
+
+    def with_blocks(p: dict, nll: list[float]) -> dict:
+        p["metrics"]["block_nll_domain"] = nll
+        return p
+
+    mem = [1.0, 1.1, 0.9, 1.0]
+    pts = [with_blocks(_pt("memory", 1.0, 2.7, (1.0, 2.0)), mem),
+           with_blocks(_pt("full", 1.0, 7.4, (1.0, 1.0)), [x + 1.0 for x in mem]),        # worse on every block
+           with_blocks(_pt("public_then_private", 1.0, 1.0, (1.0, 1.0)), [x - 1.0 for x in mem])]  # better
+    result = {"config": {"arms": ["memory", "full", "public_then_private"], "eps": [1.0]},
+              "points": {p["arm"]: p for p in pts}}
+    line = gap_line(equal_eps(result))
+    assert "significantly better in 1 and significantly worse in 1 of 2 comparisons" in line
+    assert "eps 1 full +" in line and "eps 1 public_then_private -" in line
+    del pts[1]["metrics"]["block_nll_domain"]
+    assert "of 1 comparisons" in gap_line(equal_eps(result))

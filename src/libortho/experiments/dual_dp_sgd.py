@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -130,6 +130,7 @@ def run_dpsgd_sweep(cfg: DPSGDSweepConfig, out: str | Path, progress: bool = Tru
 
     out = Path(out)
     kcfg = benchmark_config(cfg.model, cfg.seed, cfg.kill_switch)
+    kcfg = replace(kcfg, harness=replace(kcfg.harness, keep_scores=True))  # per-block NLLs: paired PPL intervals
     bench, models, say = open_benchmark(kcfg, out, cfg.models_dir, "dual-dp-sgd", progress)
     d = bench.data
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from libortho.eval.stats import Interval, paired_bootstrap_ppl_diff
 from libortho.report.document import Block, Figure, Heading, Para, Table, render_result
 from libortho.report.dual_dp import _leak, exposure_interval, frontier
 from libortho.report.plots import _save, plt
@@ -38,6 +39,15 @@ def goal_check(result: dict[str, Any]) -> dict[str, Any]:
     return {"levels": len(rows), "memory_wins": len(wins), "holds": bool(rows) and len(wins) == len(rows)}
 
 
+def _domain_gap(a: dict[str, Any], memory: dict[str, Any] | None) -> Interval | None:
+    """Domain PPL of ``a`` minus the memory arm's, paired over the same evaluation blocks (None where the run kept
+    no per-block NLLs, or ``a`` is the memory arm)."""
+    if memory is None or a is memory or "block_nll_domain" not in a["metrics"] \
+            or "block_nll_domain" not in memory["metrics"]:
+        return None
+    return paired_bootstrap_ppl_diff(a["metrics"]["block_nll_domain"], memory["metrics"]["block_nll_domain"])
+
+
 def equal_eps(result: dict[str, Any]) -> list[dict[str, Any]]:
     """Per target epsilon (the finite ones; the budget every arm was given): each arm's domain PPL, exposure
     with its 95% bootstrap interval over the canaries, and which arm keeps the lowest domain PPL."""
@@ -47,10 +57,31 @@ def equal_eps(result: dict[str, Any]) -> list[dict[str, Any]]:
         pts = {p["arm"]: p for p in _dp_points(result) if p["eps"] == e}
         if not all(a in pts for a in arms):
             continue
-        cells = {a: {"ppl_domain": pts[a]["metrics"][UTILITY], "exposure": exposure_interval(pts[a]["metrics"])}
-                 for a in arms}
+        cells = {a: {"ppl_domain": pts[a]["metrics"][UTILITY], "exposure": exposure_interval(pts[a]["metrics"]),
+                     "vs_memory": _domain_gap(pts[a], pts.get("memory"))} for a in arms}
         rows.append({"eps": e, "arms": cells, "best": min(arms, key=lambda a: cells[a]["ppl_domain"])})
     return rows
+
+
+def _eq_cell(c: dict[str, Any]) -> str:
+    e, gap = c["exposure"], c["vs_memory"]
+    text = f"{c['ppl_domain']:.2f} / {e.estimate:.2f} [{e.low:.2f}, {e.high:.2f}]"
+    return text if gap is None else text + f" {{{gap.estimate:+.2f} [{gap.low:+.2f}, {gap.high:+.2f}]}}"
+
+
+def gap_line(eq: list[dict[str, Any]]) -> str:
+    """At equal epsilon, each baseline's domain PPL minus memory-only's with its paired interval ('' when the run
+    kept no per-block NLLs): positive means memory-only keeps more public skill."""
+    cells = [f"eps {r['eps']:g} {a} {g.estimate:+.2f} [{g.low:+.2f}, {g.high:+.2f}]"
+             for r in eq for a, c in r["arms"].items() if (g := c["vs_memory"]) is not None]
+    if not cells:
+        return ""
+    gaps = [c["vs_memory"] for r in eq for c in r["arms"].values() if c["vs_memory"] is not None]
+    better = sum(g.low > 0 for g in gaps)
+    worse = sum(g.high < 0 for g in gaps)
+    return (f"Domain PPL of each baseline minus memory-only's at equal epsilon (paired over evaluation blocks): "
+            f"{'; '.join(cells)}; memory-only is significantly better in {better} and significantly worse in "
+            f"{worse} of {len(gaps)} comparisons.")
 
 
 def _reference_line(result: dict[str, Any]) -> str:
@@ -155,16 +186,15 @@ def build_blocks(result: dict[str, Any], fig_dir: Path) -> list[Block]:
               point_rows(result)),
         Table(["target eps", *[f"{ARM_NAMES[a]}: domain PPL / exposure [95% CI]" for a in arms],
                "lowest domain PPL"],
-              [[f"{r['eps']:g}", *[f"{r['arms'][a]['ppl_domain']:.2f} / {r['arms'][a]['exposure'].estimate:.2f} "
-                                   f"[{r['arms'][a]['exposure'].low:.2f}, {r['arms'][a]['exposure'].high:.2f}]"
-                                   for a in arms], ARM_NAMES[r["best"]]] for r in eq],
+              [[f"{r['eps']:g}", *[_eq_cell(r["arms"][a]) for a in arms], ARM_NAMES[r["best"]]] for r in eq],
               caption="At equal epsilon (each arm's own rows are its privacy unit); exposure intervals resample "
-                      "the member canaries"),
+                      "the member canaries; where the run kept per-block NLLs, each baseline's domain PPL minus "
+                      "memory-only's follows in braces (paired bootstrap over the evaluation blocks)"),
         Table(["exposure at most", *[f"best domain PPL, {ARM_NAMES[a]}" for a in arms]],
               [[f"{r['exposure_at_most']:.3f}", *["-" if r[a] is None else f"{r[a]:.2f}" for a in arms]] for r in fr],
               caption="At equal measured leakage (member exposure), the public skill each arm keeps; the levels are "
                       "point estimates, and levels closer than the exposure intervals above are not told apart"),
-        Para(verdict + " " + _reference_line(result) + " " + learned_line(result)),
+        Para(" ".join(t for t in (verdict, gap_line(eq), _reference_line(result), learned_line(result)) if t)),
         Figure(curve_figure(result, fig_dir / "curves.png"), "Domain perplexity against member exposure"),
     ]
 
@@ -186,4 +216,4 @@ def readme_lines(result: dict[str, Any], link: str) -> list[str]:
             + "; ".join(parts) + f". Goal (memory-only keeps the most public skill at equal exposure): "
             f"{'met' if goal['holds'] else 'missed'} ({goal['memory_wins']} of {goal['levels']} levels); at equal "
             f"epsilon memory-only has the lowest domain PPL at {sum(r['best'] == 'memory' for r in eq)} of {len(eq)}. "
-            + _reference_line(result) + " " + learned_line(result)]
+            + " ".join(t for t in (gap_line(eq), _reference_line(result), learned_line(result)) if t)]
