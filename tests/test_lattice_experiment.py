@@ -66,6 +66,14 @@ def test_claims_are_recomputed_from_the_figures(lattice_run) -> None:
     assert len(rep) == 1 and "min-pivot order beats act" in rep[0]["claim"]
     broken["calib_replicates"]["1"]["ppl_comparisons"][0].update(diff=2.0, low=1.0, high=3.0)
     assert [c for c in claims(broken) if "calibration draw 1" in c["claim"]][0]["holds"] is True
+    from libortho.report.lattice import replicate_verdict
+
+    comp.update(diff=2.0, low=1.0, high=3.0)  # draw 0 agrees with draw 1
+    assert "the same significant ranking on every draw" in replicate_verdict(broken)
+    comp.update(diff=-2.0, low=-3.0, high=-1.0)
+    assert "significant rankings in opposite directions" in replicate_verdict(broken)
+    comp.update(diff=0.5, low=-1.0, high=2.0)
+    assert "no ranking that holds on every draw" in replicate_verdict(broken)
 
 
 def test_report_renders_markdown_html_and_figures(lattice_run, tmp_path: Path) -> None:

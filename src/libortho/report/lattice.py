@@ -104,7 +104,28 @@ def _replicate_table(result: dict[str, Any]) -> list[Block]:
                  "nothing of how much the single calibration set decided the ranking. These runs repeat the "
                  "closest contest on calibration sets drawn with other seeds (same corpus, size and evaluation "
                  "blocks); their paired differences are in the claims table."),
-            Table(["calibration draw", "width", "column order", "PPL (alpha = 0)", "PPL on draw 0"], rows)]
+            Table(["calibration draw", "width", "column order", "PPL (alpha = 0)", "PPL on draw 0"], rows),
+            Para(replicate_verdict(result))]
+
+
+def replicate_verdict(result: dict[str, Any]) -> str:
+    """Per width, whether the replicated contest ranks the orders the same way on every calibration draw: the
+    ranking holds only where every draw's paired interval excludes zero with one sign."""
+    draws = {"0": result["ppl_comparisons"], **{s: r["ppl_comparisons"]
+                                              for s, r in result.get("calib_replicates", {}).items()}}
+    rep = next(iter(result.get("calib_replicates", {}).values()), None)
+    parts = []
+    for c0 in rep["ppl_comparisons"] if rep else []:
+        cells = [next(c for c in comps if (c["bits"], c["a"], c["b"]) == (c0["bits"], c0["a"], c0["b"]))
+                 for comps in draws.values()]
+        signs = {1 if c["low"] > 0 else -1 if c["high"] < 0 else 0 for c in cells}
+        verdict = ("the same significant ranking on every draw" if len(signs) == 1 and 0 not in signs else
+                   "significant rankings in opposite directions" if {1, -1} <= signs else
+                   "no ranking that holds on every draw")
+        parts.append(f"INT{c0['bits']} PPL({c0['a']}) - PPL({c0['b']}) by draw: "
+                     + ", ".join(f"{d} {c['diff']:+.2f} [{c['low']:+.2f}, {c['high']:+.2f}]"
+                                 for d, c in zip(draws, cells, strict=True)) + f": {verdict}")
+    return "; ".join(parts) + "." if parts else ""
 
 
 def _lll_claims(result: dict[str, Any]) -> list[dict[str, Any]]:
@@ -249,10 +270,8 @@ def readme_lines(result: dict[str, Any], link: str) -> list[str]:
     ppl = ", ".join(f"INT{r['bits']} {r['order']} {r['alpha0']['ppl']:.2f}" for r in result["runs"].values())
     orders = "; ".join(f"INT{c['bits']} PPL({c['a']}) - PPL(min-pivot) {c['diff']:+.2f} [{c['low']:+.2f}, "
                        f"{c['high']:+.2f}]" for c in result["ppl_comparisons"] if c["b"] == "min_pivot")
-    for seed, rep in result.get("calib_replicates", {}).items():
-        orders += "; on calibration draw " + seed + ": " + "; ".join(
-            f"INT{c['bits']} PPL({c['a']}) - PPL(min-pivot) {c['diff']:+.2f} [{c['low']:+.2f}, {c['high']:+.2f}]"
-            for c in rep["ppl_comparisons"] if c["b"] == "min_pivot")
+    if result.get("calib_replicates"):
+        orders += ". Across calibration draws: " + replicate_verdict(result).rstrip(".")
     lll = _lll_claims(result)
     return [f"- **GPTQ as Babai, column orders, LLL** ([report]({link}), {cfg['model']}, GPTQ g{cfg['group_size']} "
             f"{cfg['grid']} grid): explicit nearest plane equals our GPTQ on {len(babai)} real layers (max relative "
