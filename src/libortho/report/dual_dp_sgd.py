@@ -18,13 +18,14 @@ from libortho.report.plots import _save, plt
 
 COMMAND = "make dual-dp-sgd"  # the tiny epsilon sweep; SmolLM2 runs through make dual-dp-sgd-smollm2
 
+ARM_NAMES = {"memory": "DP-SGD on memory neurons only", "public_then_private": "public FT, then DP-SGD on all linears",
+             "full": "DP-SGD on all linears, all rows", "ft": "FP fine-tuned (no DP)", "public": "public rows only"}
+UTILITY = "ppl_domain"
+
 
 def command(result: dict[str, Any]) -> str:
     """The make target that reproduces ``result`` (the tiny sweep or the SmolLM2 run)."""
     return COMMAND if result["config"]["model"] == "tiny" else f"{COMMAND}-smollm2"
-ARM_NAMES = {"memory": "DP-SGD on memory neurons only", "public_then_private": "public FT, then DP-SGD on all linears",
-             "full": "DP-SGD on all linears, all rows", "ft": "FP fine-tuned (no DP)", "public": "public rows only"}
-UTILITY = "ppl_domain"
 
 
 def _dp_points(result: dict[str, Any]) -> list[dict[str, Any]]:
@@ -72,11 +73,11 @@ def _eq_cell(c: dict[str, Any]) -> str:
 def gap_line(eq: list[dict[str, Any]]) -> str:
     """At equal epsilon, each baseline's domain PPL minus memory-only's with its paired interval ('' when the run
     kept no per-block NLLs): positive means memory-only keeps more public skill."""
-    cells = [f"eps {r['eps']:g} {a} {g.estimate:+.2f} [{g.low:+.2f}, {g.high:+.2f}]"
-             for r in eq for a, c in r["arms"].items() if (g := c["vs_memory"]) is not None]
-    if not cells:
+    named = [(r["eps"], a, c["vs_memory"]) for r in eq for a, c in r["arms"].items() if c["vs_memory"] is not None]
+    if not named:
         return ""
-    gaps = [c["vs_memory"] for r in eq for c in r["arms"].values() if c["vs_memory"] is not None]
+    cells = [f"eps {e:g} {a} {g.estimate:+.2f} [{g.low:+.2f}, {g.high:+.2f}]" for e, a, g in named]
+    gaps = [g for _, _, g in named]
     better = sum(g.low > 0 for g in gaps)
     worse = sum(g.high < 0 for g in gaps)
     return (f"Domain PPL of each baseline minus memory-only's at equal epsilon (paired over evaluation blocks): "
